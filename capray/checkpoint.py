@@ -1,0 +1,99 @@
+"""Checkpoint layout shared by training (writer) and captioning/evaluation (readers).
+
+A checkpoint is a directory (local or s3://) holding:
+  model.weights.h5   Keras weights (HDF5 arrays, no code)
+  optimizer.npz      Adam slots, loaded with allow_pickle=False
+  tokenizer.json     vocabulary and padded length
+  config.yaml        the resolved training config, credentials removed
+  state.json         epoch, step and the metrics reported with it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from capray import storage
+from capray.config import from_yaml, to_yaml
+from capray.text import Tokenizer
+
+# What a model needs; optimizer.npz only matters for resuming training.
+REQUIRED = ("model.weights.h5", "tokenizer.json", "config.yaml", "state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model being built."""
+
+
+def write(directory: str, model: Any, optimizer: Any, tokenizer: Tokenizer, cfg: Any, state: dict) -> None:
+    """Write every checkpoint file into a local directory."""
+    os.makedirs(directory, exist_ok=True)
+    model.save_weights(os.path.join(directory, "model.weights.h5"))
+    np.savez(os.path.join(directory, "optimizer.npz"), *[np.asarray(v.numpy()) for v in optimizer.variables])
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tokenizer.to_json())
+    with open(os.path.join(directory, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(to_yaml(cfg))
+    with open(os.path.join(directory, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+
+
+def restore_optimizer(directory: str, optimizer: Any) -> None:
+    """Load Adam's slots into an optimizer already built for the same variables."""
+    with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as data:
+        values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    if len(values) != len(optimizer.variables):
+        raise CheckpointError(f"optimizer state has {len(values)} arrays, optimizer has {len(optimizer.variables)}")
+    for var, value in zip(optimizer.variables, values):
+        var.assign(value)
+
+
+def check(uri: str, storage_cfg: Any = None) -> None:
+    """Fail fast, before any work starts, unless `uri` holds a complete checkpoint."""
+    if not storage.exists(uri, storage_cfg):
+        raise CheckpointError(f"checkpoint not found: {uri}")
+    missing = [f for f in REQUIRED if not storage.exists(storage.join(uri, f), storage_cfg)]
+    if missing:
+        raise CheckpointError(f"{uri} is not a complete capray checkpoint: missing {', '.join(missing)}")
+
+
+def localize(uri: str, storage_cfg: Any = None) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A local directory with the checkpoint's files (downloaded when `uri` is s3://)."""
+    if not storage.is_remote(uri):
+        return uri, None
+    tmp = tempfile.TemporaryDirectory(prefix="capray-ckpt-")
+    fs, path = storage.filesystem(uri, storage_cfg)
+    pafs.copy_files(path, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp.name, tmp
+
+
+def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
+    """Rebuild the captioning model from a checkpoint: (model, tokenizer, train config, state)."""
+    from capray.model import Captioner  # TensorFlow only when a model is actually needed
+
+    check(uri, storage_cfg)
+    local, tmp = localize(uri, storage_cfg)
+    try:
+        with open(os.path.join(local, "tokenizer.json"), encoding="utf-8") as f:
+            tokenizer = Tokenizer.from_json(f.read())
+        with open(os.path.join(local, "config.yaml"), encoding="utf-8") as f:
+            cfg = from_yaml(f.read())
+        with open(os.path.join(local, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
+        try:
+            model.load_weights(os.path.join(local, "model.weights.h5"))
+        except Exception as e:  # shape mismatches surface as ValueError deep inside Keras
+            raise CheckpointError(
+                f"checkpoint {uri} does not fit a model with vocabulary {tokenizer.vocab_size}, "
+                f"embedding_dim {cfg.model.embedding_dim}, units {cfg.model.units}: {e}"
+            ) from None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return model, tokenizer, cfg, state

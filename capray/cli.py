@@ -1,0 +1,55 @@
+"""The `capray` command: `capray <job> [config.yaml] [key=value ...]`.
+
+The `jobs/*.py` entry points call the same `main`, so `python jobs/train.py configs/demo.yaml`,
+`ray job submit -- python jobs/train.py ...` and `capray train ...` are one code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from capray.config import ConfigError, parse_args, to_yaml
+
+# job -> module whose `run(cfg)` performs it
+JOBS = {
+    "extract": "capray.features",
+    "train": "capray.train",
+    "caption": "capray.infer",
+    "evaluate": "capray.evaluate",
+    "demo": "capray.demo",
+}
+
+
+def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
+    """Parse `[job] [config] [overrides]`, start Ray, run the job; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="capray", description=__doc__.splitlines()[0])
+    if job is None:
+        parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument("config", nargs="*", help="optional YAML file, then key=value overrides")
+    parser.add_argument("--overwrite", action="store_true", help="extract: recompute features already present")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    job = job or args.job
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(args.config + (["extract.overwrite=true"] if args.overwrite else []))
+    except ConfigError as e:
+        print(f"capray: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    from capray.runtime import init_ray
+
+    init_ray(cfg)
+    importlib.import_module(JOBS[job]).run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

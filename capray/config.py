@@ -1,0 +1,276 @@
+"""One config schema for every job: OmegaConf structured dataclasses, YAML on top, dotted overrides.
+
+Defaults live here and only here; `configs/*.yaml` override them and the command line overrides
+those (`capray train configs/demo.yaml train.epochs=3`). Unknown keys and wrong types are errors
+that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    """Which captions/images to use and how to sample and split them."""
+
+    # synthetic | coco | flickr | manifest
+    format: str = "synthetic"
+    # coco: captions_*.json; flickr: captions.csv; manifest: CSV/Parquet with image,caption columns.
+    annotations: str = ""
+    # Folder (or s3:// prefix) that relative image names are resolved against.
+    images: str = ""
+    # Synthetic dataset: number of scenes to generate and the generator seed.
+    synthetic_images: int = 2400
+    synthetic_seed: int = 0
+    # Scenes generated with another seed for the demo's held-out captioning test.
+    synthetic_heldout: int = 300
+    # The seed's sampling: this many captions at random (0 = all), split by image.
+    num_examples: int = 30000
+    val_fraction: float = 0.2
+    seed: int = 42
+
+
+@dataclass
+class TextConfig:
+    """Tokenizer settings (the seed's: top 5,000 words, `<unk>`, `<pad>` = 0)."""
+
+    vocab_size: int = 5000
+    # 0 = pad to the longest training caption.
+    max_length: int = 0
+
+
+@dataclass
+class EncoderConfig:
+    """InceptionV3 backbone: `imagenet` (Keras download/cache), `random` (seeded), or an .h5 path/URI."""
+
+    weights: str = "imagenet"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Show, Attend and Tell decoder sizes and feature normalisation."""
+
+    embedding_dim: int = 256
+    units: int = 512
+    # none | channel. `channel` standardises each of the 2048 feature channels with statistics of
+    # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
+    # scale and need it, ImageNet features do not.
+    feature_norm: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    """Custom-loop training with teacher forcing; batch_size is global (split across workers)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    # constant (the seed's Adam) | cosine (decays to 0 over all epochs: steadier final accuracy).
+    lr_schedule: str = "constant"
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    # Checkpoints kept under storage_path/run_name (the best by val_loss is also kept).
+    num_to_keep: int = 2
+    max_failures: int = 0
+
+
+@dataclass
+class ExtractConfig:
+    """Ray Data feature extraction: an actor pool holding InceptionV3."""
+
+    batch_size: int = 16
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: float = 0.0
+    # float16 halves storage and I/O; float32 keeps every bit.
+    dtype: str = "float16"
+    overwrite: bool = False
+
+
+@dataclass
+class InferConfig:
+    """Bulk captioning: image folder/bucket/manifest in, Parquet out."""
+
+    input: str = ""
+    batch_size: int = 16
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: float = 0.0
+    # 0 = the trained maximum caption length.
+    max_length: int = 0
+    strategy: str = "greedy"
+
+
+@dataclass
+class StorageConfig:
+    """Object storage access. Empty values fall back to the standard AWS environment variables."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    session_token: str = ""
+
+
+@dataclass
+class RayConfig:
+    """Where jobs run and how training scales."""
+
+    # "" = RAY_ADDRESS if set, else a local Ray instance.
+    address: str = ""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
+    local_cpus: int = 0
+
+
+@dataclass
+class Config:
+    """The whole capray configuration."""
+
+    name: str = "capray"
+    # Root of every output: features/, runs/, captions/, split.json (local path or s3:// URI).
+    work_dir: str = "outputs/capray"
+    # Where the caption job writes; "" = <work_dir>/captions.
+    output: str = ""
+    # Checkpoint to caption/evaluate with; "" = the best checkpoint of run `name`.
+    checkpoint: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+_CHOICES = {
+    "data.format": ("synthetic", "coco", "flickr", "manifest"),
+    "model.feature_norm": ("none", "channel"),
+    "extract.dtype": ("float16", "float32"),
+    "infer.strategy": ("greedy",),
+    "train.lr_schedule": ("constant", "cosine"),
+}
+_POSITIVE = (
+    "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
+    "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
+    "infer.min_actors", "infer.max_actors", "ray.num_workers", "data.synthetic_images", "data.synthetic_heldout",
+)
+_NON_NEGATIVE = (
+    "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
+    "extract.num_gpus", "infer.num_gpus", "infer.max_length", "ray.cpus_per_worker", "ray.local_cpus",
+)
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate={cfg.train.learning_rate}: must be > 0")
+    if cfg.extract.min_actors > cfg.extract.max_actors or cfg.infer.min_actors > cfg.infer.max_actors:
+        raise ConfigError("min_actors must not exceed max_actors (extract.*, infer.*)")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file (if any), then dotted `key=value` overrides; validated."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" (key '{key}')" if key else ""
+        raise ConfigError(f"invalid config{where}: {str(e).splitlines()[0]}") from None
+    OmegaConf.set_readonly(cfg, False)
+    _validate(cfg)
+    return cfg
+
+
+def parse_args(argv: Sequence[str]) -> DictConfig:
+    """CLI form: an optional YAML path first, then `key=value` overrides."""
+    argv = list(argv)
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    return load_config(path, argv)
+
+
+def redacted(cfg: DictConfig) -> DictConfig:
+    """A copy with credentials blanked, safe to write next to outputs."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in SECRET_KEYS:
+        if out.storage.get(key):
+            out.storage[key] = ""
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, credentials removed."""
+    return OmegaConf.to_yaml(redacted(cfg))
+
+
+def from_yaml(text: str) -> DictConfig:
+    """Parse a saved config (e.g. from a checkpoint) back through the schema."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid saved config: {str(e).splitlines()[0]}") from None
+
+
+def output_paths(cfg: DictConfig) -> dict[str, str]:
+    """Where each stage reads and writes: everything lives under `work_dir`."""
+    from capray.storage import join
+
+    root = cfg.work_dir
+    return {
+        "data": join(root, "data"),
+        "heldout": join(root, "heldout"),
+        "split": join(root, "split.parquet"),
+        "features": join(root, "features"),
+        "tokenizer": join(root, "tokenizer.json"),
+        "runs": join(root, "runs"),
+        "best": join(root, "runs", cfg.name, "best.json"),
+        "captions": cfg.output or join(root, "captions"),
+    }
+
+
+def save_next_to(cfg: DictConfig, output_dir: str) -> str:
+    """Write the resolved config (no credentials) as `_capray_config.yaml` inside an output folder.
+
+    The leading underscore keeps Parquet readers (pyarrow, Ray Data) from taking it for data.
+    """
+    from capray.storage import join, write_bytes
+
+    uri = join(output_dir, "_capray_config.yaml")
+    write_bytes(uri, to_yaml(cfg).encode("utf-8"), cfg.storage)
+    return uri

@@ -1,0 +1,146 @@
+"""Feature extraction job: images -> InceptionV3 (64, 2048) features as sharded Parquet.
+
+Pipeline (Ray Data): URIs -> read + decode (stateless CPU tasks) -> InceptionV3 in an actor pool
+(model built once per actor; `num_gpus` per actor on GPU clusters) -> Parquet shards. One row per
+image: `image` (URI), `features` (raw bytes of the (64, 2048) array), `dtype`, `shape`, `error`.
+Raw bytes keep the files readable by plain pyarrow/numpy without Ray's tensor extension types.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+from ray.data.expressions import col
+
+from capray import storage
+from capray.images import load_batch
+from capray.model import FEATURE_DIM, NUM_CELLS
+
+log = logging.getLogger(__name__)
+FEATURE_SHAPE = (NUM_CELLS, FEATURE_DIM)
+# Explicit, so that a batch whose `error` values are all null still writes a string column.
+SCHEMA = pa.schema(
+    [
+        ("image", pa.string()),
+        ("features", pa.binary()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("error", pa.string()),
+    ]
+)
+
+
+class FeatureExtractor:
+    """Ray Data callable class: decoded pixels -> InceptionV3 feature rows."""
+
+    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str):
+        from capray.model import ImageEncoder  # TF is imported in the actor, not the driver
+
+        self.encoder = ImageEncoder(weights, seed, storage_cfg)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        ok = np.array([not e for e in batch["error"]])
+        feats = np.zeros((len(ok), *FEATURE_SHAPE), self.dtype)
+        if ok.any():
+            feats[ok] = self.encoder(batch["pixels"][ok]).astype(self.dtype)
+        n = len(ok)
+        return pa.table(
+            {
+                "image": list(batch["image"]),
+                "features": [f.tobytes() if good else b"" for f, good in zip(feats, ok)],
+                "dtype": [self.dtype.name] * n,
+                "shape": [list(FEATURE_SHAPE)] * n,
+                "error": [e or None for e in batch["error"]],
+            },
+            schema=SCHEMA,
+        )
+
+
+def decode_features(column: Iterable[bytes], dtype: str) -> np.ndarray:
+    """Parquet `features` bytes -> (N, 64, 2048) float32 (never unpickles: raw buffers only)."""
+    rows = [np.frombuffer(b, dtype=dtype) for b in column]
+    return np.stack(rows).reshape(-1, *FEATURE_SHAPE).astype(np.float32)
+
+
+def status(features_dir: str, storage_cfg: Any = None) -> tuple[set[str], dict[str, str]]:
+    """Images already extracted under `features_dir`, and the failed ones with their errors."""
+    if not storage.exists(features_dir, storage_cfg):
+        return set(), {}
+    fs, path = storage.filesystem(features_dir, storage_cfg)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image", "error"])
+    done, failed = set(), {}
+    for img, err in zip(table["image"].to_pylist(), table["error"].to_pylist()):
+        if err is None:
+            done.add(img)
+        else:
+            failed[img] = err
+    return done, failed
+
+
+def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
+    """Extract features for `images` into `features_dir`, skipping images already there."""
+    start = time.time()
+    done = set() if cfg.extract.overwrite else status(features_dir, cfg.storage)[0]
+    if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
+        fs, path = storage.filesystem(features_dir, cfg.storage)
+        fs.delete_dir(path)
+    todo = sorted(set(images) - done)
+    summary = {"images": len(set(images)), "skipped": len(set(images) & done), "extracted": 0, "failed": 0}
+    if not todo:
+        log.info("features: nothing to extract, all %d images present in %s", len(done), features_dir)
+        return summary
+    storage_cfg = cfg.storage
+    ds = ray.data.from_items([{"image": uri} for uri in todo])
+    ds = ds.map_batches(partial(load_batch, storage_cfg=storage_cfg), batch_size=cfg.extract.batch_size)
+    ds = ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs=dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype),
+        batch_size=cfg.extract.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),
+        num_gpus=cfg.extract.num_gpus,
+    )
+    fs, path = storage.filesystem(features_dir, storage_cfg)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=256)
+    failed = status(features_dir, storage_cfg)[1]
+    summary["failed"] = len(failed.keys() & set(todo))
+    summary["extracted"] = len(todo) - summary["failed"]
+    summary["seconds"] = round(time.time() - start, 1)
+    summary["images_per_s"] = round(len(todo) / max(summary["seconds"], 1e-9), 1)
+    return summary
+
+
+def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Dataset":
+    """The extracted features as a Ray Dataset (successful rows only)."""
+    fs, path = storage.filesystem(features_dir, storage_cfg)
+    return ray.data.read_parquet(path, filesystem=fs).filter(expr=col("error").is_null())
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """`capray extract`: features for every image of the split (train and validation)."""
+    from capray.config import output_paths, save_next_to
+    from capray.data import prepare_split
+    from capray.synthetic import ensure
+
+    if cfg.data.format == "synthetic":
+        ensure(cfg)
+    train_df, val_df = prepare_split(cfg)
+    images = sorted(set(train_df["image"]) | set(val_df["image"]))
+    out = output_paths(cfg)["features"]
+    print(f"[capray] extracting InceptionV3 features of {len(images)} images -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
+    summary = extract(cfg, images, out)
+    save_next_to(cfg, out)
+    print(
+        f"[capray] extract: {summary['images']} images, {summary['skipped']} already present, "
+        f"{summary['extracted']} extracted, {summary['failed']} failed"
+        + (f", {summary['images_per_s']} images/s" if "images_per_s" in summary else ""),
+        flush=True,
+    )
+    return summary

@@ -1,0 +1,220 @@
+"""Show, Attend and Tell (soft attention) in plain Keras 3: no Ray in this file.
+
+Shapes: B = batch, L = 64 attention cells (8x8 InceptionV3 grid), D = 2048 feature channels,
+E = embedding_dim (256), U = units (512), V = vocabulary size, T = padded caption length.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+IMAGE_SIZE = 299
+NUM_CELLS = 64
+FEATURE_DIM = 2048
+
+
+class BackboneError(RuntimeError):
+    """The InceptionV3 weights could not be loaded."""
+
+
+def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None) -> keras.Model:
+    """InceptionV3 without its classifier: (B, 299, 299, 3) preprocessed -> (B, 8, 8, 2048)."""
+    kwargs = dict(include_top=False, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    if weights == "random":
+        # Every process that builds a random backbone with this seed gets the same weights, so
+        # features extracted in one job match the encoder the caption job rebuilds elsewhere.
+        keras.utils.set_random_seed(seed)
+        return keras.applications.InceptionV3(weights=None, **kwargs)
+    if weights == "imagenet":
+        try:
+            return keras.applications.InceptionV3(weights="imagenet", **kwargs)
+        except Exception as e:  # download/cache failures surface as many exception types
+            raise BackboneError(
+                f"could not load the ImageNet InceptionV3 weights through Keras ({type(e).__name__}: {e}). "
+                "Either give a local or s3:// copy of the no-top weights file with "
+                "encoder.weights=/path/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, "
+                "or use encoder.weights=random for a seeded random backbone."
+            ) from e
+    if not weights.endswith(".h5"):
+        raise BackboneError(f"encoder.weights={weights!r}: expected 'imagenet', 'random' or a path/URI ending in .h5")
+    from capray import storage as st  # local import: storage pulls in pyarrow only when needed
+
+    if not st.exists(weights, storage):
+        raise BackboneError(f"encoder.weights: file not found: {weights}")
+    if st.is_remote(weights):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(weights))
+            with open(local, "wb") as f:
+                f.write(st.read_bytes(weights, storage))
+            return keras.applications.InceptionV3(weights=local, **kwargs)
+    return keras.applications.InceptionV3(weights=weights, **kwargs)
+
+
+class ImageEncoder:
+    """InceptionV3 feature extractor: uint8 RGB images -> (B, 64, 2048) float32 features."""
+
+    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None):
+        self.backbone = build_backbone(weights, seed, storage)
+        self._forward = tf.function(self._features, reduce_retracing=True)
+
+    def _features(self, images: tf.Tensor) -> tf.Tensor:
+        x = keras.applications.inception_v3.preprocess_input(tf.cast(images, tf.float32))
+        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048)
+        return tf.reshape(grid, (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Features of a batch of (B, 299, 299, 3) uint8 images."""
+        return self._forward(tf.convert_to_tensor(images)).numpy()
+
+
+class BahdanauAttention(keras.layers.Layer):
+    """Additive attention: score = V(tanh(W1 f + W2 h)), softmax over the 64 cells."""
+
+    def __init__(self, units: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.W1 = keras.layers.Dense(units)
+        self.W2 = keras.layers.Dense(units)
+        self.V = keras.layers.Dense(1)
+
+    def project(self, features: tf.Tensor) -> tf.Tensor:
+        """W1 f, which does not depend on the step: computed once per caption, not per word."""
+        return self.W1(features)  # (B, 64, U)
+
+    def call(self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        score = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, 64, U)
+        weights = tf.nn.softmax(self.V(score)[..., 0], axis=1)  # (B, 64)
+        context = tf.reduce_sum(weights[..., None] * features, axis=1)  # (B, E)
+        return context, weights
+
+
+class Captioner(keras.Model):
+    """Encoder Dense(E, relu) + Bahdanau attention + GRU(U) decoder with Dense(U), Dense(V) heads."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.vocab_size, self.units = vocab_size, units
+        # Per-channel standardisation of the backbone features; identity unless set from the
+        # training features (model.feature_norm=channel). Stored with the weights.
+        self.feature_mean = self.add_weight(shape=(FEATURE_DIM,), initializer="zeros", trainable=False, name="feature_mean")
+        self.feature_std = self.add_weight(shape=(FEATURE_DIM,), initializer="ones", trainable=False, name="feature_std")
+        self.encoder = keras.layers.Dense(embedding_dim, activation="relu", name="encoder")
+        self.attention = BahdanauAttention(units, name="attention")
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        self.gru = keras.layers.GRUCell(units, recurrent_initializer="glorot_uniform", name="gru")
+        self.fc1 = keras.layers.Dense(units, name="fc1")
+        self.fc2 = keras.layers.Dense(vocab_size, name="fc2")
+
+    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Install per-channel feature statistics (2048,) used to standardise inputs."""
+        self.feature_mean.assign(np.asarray(mean, np.float32))
+        self.feature_std.assign(np.maximum(np.asarray(std, np.float32), 1e-6))
+
+    def encode(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Backbone features (B, 64, 2048) -> encoded (B, 64, E) and attention projection (B, 64, U)."""
+        x = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
+        encoded = self.encoder(x)  # (B, 64, E)
+        return encoded, self.attention.project(encoded)
+
+    def step(self, token: tf.Tensor, encoded: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor):
+        """One decoder step: previous word (B,) and state (B, U) -> GRU output (B, U), state, attention (B, 64)."""
+        context, alpha = self.attention(encoded, projected, hidden)  # (B, E), (B, 64)
+        x = tf.concat([context, self.embedding(token)], axis=-1)  # (B, 2E)
+        # The TF tutorial resets its GRU every step (no initial_state); we carry the state, as
+        # the paper's LSTM does.
+        output, state = self.gru(x, [hidden])
+        return output, state[0], alpha
+
+    def head(self, outputs: tf.Tensor) -> tf.Tensor:
+        """GRU outputs (..., U) -> vocabulary logits (..., V)."""
+        return self.fc2(self.fc1(outputs))
+
+    def call(self, features: tf.Tensor, captions: tf.Tensor, training: bool = False):
+        """Teacher forcing: logits (B, T-1, V) predicting captions[:, 1:] and attention (B, T-1, 64)."""
+        encoded, projected = self.encode(features)
+        batch = tf.shape(captions)[0]
+        steps = tf.shape(captions)[1] - 1
+        inputs = tf.transpose(captions[:, :-1])  # (T-1, B): word t is fed to predict word t+1
+        outs = tf.TensorArray(tf.float32, size=steps)
+        alphas = tf.TensorArray(tf.float32, size=steps)
+
+        # Explicit while_loop: Keras 3 runs `call` without AutoGraph, and a graph loop keeps the
+        # traced step the same size for any caption length.
+        def body(t, hidden, outs, alphas):
+            output, hidden, alpha = self.step(inputs[t], encoded, projected, hidden)
+            return t + 1, hidden, outs.write(t, output), alphas.write(t, alpha)
+
+        _, _, outs, alphas = tf.while_loop(
+            lambda t, *_: t < steps, body, (tf.constant(0), tf.zeros((batch, self.units)), outs, alphas)
+        )
+        outputs = tf.transpose(outs.stack(), [1, 0, 2])  # (B, T-1, U)
+        # fc1/fc2 do not feed back into the recurrence, so they run once on all steps.
+        return self.head(outputs), tf.transpose(alphas.stack(), [1, 0, 2])  # (B, T-1, V), (B, T-1, 64)
+
+    def build_all(self, max_length: int = 3) -> "Captioner":
+        """Create every weight (Keras builds lazily) so weights can be saved, loaded or mirrored."""
+        self(tf.zeros((1, NUM_CELLS, FEATURE_DIM)), tf.zeros((1, max_length), tf.int32))
+        return self
+
+    def greedy(self, features: tf.Tensor, max_steps: int, start_id: int = 2, end_id: int = 3):
+        """Batched greedy decoding until every caption has emitted `<end>` or max_steps words.
+
+        Returns tokens (B, max_steps) int32 (0 after `<end>`), attention (B, max_steps, 64),
+        log-probability (B,) of the emitted tokens and lengths (B,) including `<end>`.
+        """
+        encoded, projected = self.encode(features)
+        batch = tf.shape(features)[0]
+        token = tf.fill((batch,), start_id)
+        hidden = tf.zeros((batch, self.units))
+        done = tf.zeros((batch,), tf.bool)
+        log_prob = tf.zeros((batch,))
+        lengths = tf.zeros((batch,), tf.int32)
+        tokens = tf.TensorArray(tf.int32, size=max_steps, element_shape=(None,))
+        alphas = tf.TensorArray(tf.float32, size=max_steps, element_shape=(None, NUM_CELLS))
+
+        def body(t, token, hidden, done, log_prob, lengths, tokens, alphas):
+            output, hidden, alpha = self.step(token, encoded, projected, hidden)
+            logp = tf.nn.log_softmax(self.head(output))  # (B, V)
+            token = tf.argmax(logp, axis=-1, output_type=tf.int32)  # (B,)
+            live = tf.logical_not(done)
+            log_prob += tf.where(live, tf.gather(logp, token, batch_dims=1), 0.0)
+            lengths += tf.cast(live, tf.int32)
+            tokens = tokens.write(t, tf.where(live, token, 0))
+            alphas = alphas.write(t, tf.where(live[:, None], alpha, 0.0))
+            return t + 1, token, hidden, tf.logical_or(done, token == end_id), log_prob, lengths, tokens, alphas
+
+        def cond(t, token, hidden, done, *_):
+            return tf.logical_and(t < max_steps, tf.logical_not(tf.reduce_all(done)))
+
+        t, _, _, _, log_prob, lengths, tokens, alphas = tf.while_loop(
+            cond, body, (tf.constant(0), token, hidden, done, log_prob, lengths, tokens, alphas)
+        )
+        # Steps not taken (everyone finished early) are zero-filled to a fixed width.
+        pad = max_steps - t
+        tok = tf.pad(tf.transpose(tokens.stack()[:t]), [[0, 0], [0, pad]])  # (B, max_steps)
+        att = tf.pad(tf.transpose(alphas.stack()[:t], [1, 0, 2]), [[0, 0], [0, pad], [0, 0]])  # (B, max_steps, 64)
+        return tok, att, log_prob, lengths
+
+
+def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Masked sparse softmax cross-entropy: (sum over real tokens, number of real tokens).
+
+    Targets are captions[:, 1:]; `<pad>` (0) targets contribute nothing, so extra padding never
+    changes the loss. Callers divide the sum by the (global) batch size.
+    """
+    targets = captions[:, 1:]
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T-1)
+    mask = tf.cast(targets != 0, ce.dtype)
+    return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+
+def make_optimizer(learning_rate: float, schedule: str = "constant", total_steps: int = 0) -> keras.optimizers.Optimizer:
+    """Adam, as in the seed; optionally with the learning rate cosine-decayed over `total_steps`."""
+    if schedule == "cosine":
+        return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)))
+    return keras.optimizers.Adam(learning_rate)

@@ -1,0 +1,25 @@
+"""Connecting to Ray: the one place that decides local instance vs. existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+# Workers import TensorFlow too; keep its C++ banner out of every job log.
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+
+
+def init_ray(cfg: Any) -> None:
+    """Join `ray.address` (or RAY_ADDRESS, e.g. under `ray job submit`), else start Ray locally."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING}
+    if address is None and cfg.ray.local_cpus:
+        kwargs["num_cpus"] = cfg.ray.local_cpus
+    ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True

@@ -1,0 +1,99 @@
+"""Caption tokenizer: the seed's lower-casing and punctuation filter, top-k words, `<pad>` = 0.
+
+Indices: 0 `<pad>`, 1 `<unk>`, 2 `<start>`, 3 `<end>`, then words by descending frequency (ties by
+first appearance, so fitting is deterministic). With `vocab_size=5000` the embedding has 5,001
+rows, as in the seed (its 5,000 top tokens plus `<pad>`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
+SPECIALS = (PAD, UNK, START, END)
+# The seed's Keras Tokenizer filter, minus '<' and '>' so that the special tokens survive.
+FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~\t\n'
+_FILTER_RE = re.compile("[" + re.escape(FILTERS) + "]")
+
+
+def clean(caption: str) -> list[str]:
+    """Lower-case, replace filtered punctuation by spaces, split on whitespace."""
+    return _FILTER_RE.sub(" ", caption.lower()).split()
+
+
+class Tokenizer:
+    """Word-level vocabulary with fixed special tokens and a fixed padded length."""
+
+    def __init__(self, words: Sequence[str], max_length: int):
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.max_length = int(max_length)
+        if self.words[: len(SPECIALS)] != list(SPECIALS):
+            raise ValueError(f"vocabulary must start with {SPECIALS}")
+
+    pad_id, unk_id, start_id, end_id = 0, 1, 2, 3
+
+    @classmethod
+    def fit(cls, captions: Iterable[str], vocab_size: int = 5000, max_length: int = 0) -> "Tokenizer":
+        """Build the vocabulary from training captions; max_length 0 = the longest caption."""
+        counts: Counter[str] = Counter()
+        longest = 0
+        for caption in captions:
+            tokens = clean(caption)
+            counts.update(tokens)
+            longest = max(longest, len(tokens) + 2)
+        for special in SPECIALS:
+            counts.pop(special, None)
+        # Counter.most_common keeps insertion order among equal counts.
+        kept = [w for w, _ in counts.most_common(max(vocab_size - 3, 0))]
+        return cls(list(SPECIALS) + kept, max_length or longest)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of rows of the embedding / columns of the logits (includes `<pad>`)."""
+        return len(self.words)
+
+    def encode(self, caption: str) -> list[int]:
+        """`<start>` words `<end>` as ids (unpadded), truncated to max_length keeping `<end>`."""
+        ids = [self.index.get(w, self.unk_id) for w in clean(caption)]
+        ids = ids[: self.max_length - 2]
+        return [self.start_id, *ids, self.end_id]
+
+    def encode_batch(self, captions: Sequence[str]) -> np.ndarray:
+        """Encode and right-pad with 0 to (len(captions), max_length) int32."""
+        out = np.zeros((len(captions), self.max_length), dtype=np.int32)
+        for row, caption in enumerate(captions):
+            ids = self.encode(caption)
+            out[row, : len(ids)] = ids
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids back to text: stops at `<end>`/`<pad>`, drops `<start>`."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i in (self.end_id, self.pad_id):
+                break
+            if i != self.start_id:
+                words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
+        return " ".join(words)
+
+    def to_json(self) -> str:
+        """Serialise (vocabulary and padded length) for checkpoints."""
+        return json.dumps({"format": "capray-tokenizer/1", "words": self.words, "max_length": self.max_length})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        """Inverse of `to_json`."""
+        data = json.loads(text)
+        if data.get("format") != "capray-tokenizer/1":
+            raise ValueError("not a capray tokenizer file")
+        return cls(data["words"], data["max_length"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and (self.words, self.max_length) == (other.words, other.max_length)

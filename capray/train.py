@@ -1,0 +1,264 @@
+"""Distributed training job: Ray Train TensorflowTrainer + MultiWorkerMirroredStrategy custom loop.
+
+Driver (`train`): fixes the split and tokenizer, builds the Ray datasets that pair every caption
+with its image's features, and launches the trainer. Workers (`train_loop_per_worker`): build the
+model and Adam inside the strategy scope, run the compiled teacher-forced step with
+`strategy.run`, evaluate, and report metrics plus a checkpoint every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.tensorflow import TensorflowTrainer
+
+from capray import checkpoint as ckpt
+from capray import storage
+from capray.config import from_yaml, output_paths, to_yaml
+from capray.features import FEATURE_SHAPE, decode_features, read_features
+from capray.text import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def prepare_tokenizer(cfg: Any, train_captions: list[str]) -> Tokenizer:
+    """Fit the tokenizer on the training captions once; later runs reuse the saved one."""
+    uri = output_paths(cfg)["tokenizer"]
+    if storage.exists(uri, cfg.storage):
+        return Tokenizer.from_json(storage.read_bytes(uri, cfg.storage).decode("utf-8"))
+    tokenizer = Tokenizer.fit(train_captions, cfg.text.vocab_size, cfg.text.max_length)
+    storage.write_bytes(uri, tokenizer.to_json().encode("utf-8"), cfg.storage)
+    return tokenizer
+
+
+def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One row per (image, caption): repeat each image's feature bytes for each of its captions."""
+    feats, caps = [], []
+    for image, blob in zip(batch["image"], batch["features"]):
+        for tokens in captions.get(image, ()):
+            feats.append(blob)
+            caps.append(tokens)
+    width = next(iter(captions.values())).shape[-1] if captions else 0
+    return {
+        "features": np.array(feats, dtype=object),
+        "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
+        "dtype": np.array([batch["dtype"][0]] * len(feats), dtype=object) if len(feats) else np.array([], dtype=object),
+    }
+
+
+def caption_dataset(features: "ray.data.Dataset", df: Any, tokenizer: Tokenizer) -> "ray.data.Dataset":
+    """Features of the images in `df`, one row per caption with its padded token ids."""
+    lookup: dict[str, list[np.ndarray]] = {}
+    for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
+        lookup.setdefault(image, []).append(tokens)
+    grouped = {k: np.stack(v) for k, v in lookup.items()}
+    return features.map_batches(partial(pair_captions, captions=grouped), batch_size=64)
+
+
+def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
+    x = decode_features(batch["features"], batch["dtype"][0]).reshape(-1, FEATURE_SHAPE[1]).astype(np.float64)
+    return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
+
+
+def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every cell of every training image, in one streaming pass."""
+    n, s, ss = 0, 0.0, 0.0
+    for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
+        n += part["n"].sum()
+        s = s + part["s"].sum(0)
+        ss = ss + part["ss"].sum(0)
+    mean = s / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: MultiWorkerMirroredStrategy custom loop over this worker's data shard."""
+    import tensorflow as tf
+
+    from capray.model import Captioner, caption_loss, make_optimizer
+
+    cfg = from_yaml(config["cfg"])
+    tokenizer = Tokenizer.from_json(config["tokenizer"])
+    # Per-epoch progress bars from every worker would drown the epoch lines printed below.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    global_batch = cfg.train.batch_size
+    if global_batch % world:
+        raise ValueError(f"train.batch_size={global_batch} must be divisible by ray.num_workers={world}")
+    local_batch = global_batch // world
+    tf.keras.utils.set_random_seed(cfg.train.shuffle_seed)
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
+        total_steps = cfg.train.epochs * (config["train_captions"] // global_batch)
+        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, total_steps)
+        optimizer.build(model.trainable_variables)
+    if config.get("feature_mean") is not None:
+        model.set_feature_stats(np.array(config["feature_mean"]), np.array(config["feature_std"]))
+
+    start_epoch, step = 0, 0
+    resume = ray.train.get_checkpoint()
+    if resume:
+        with resume.as_directory() as d:
+            model.load_weights(os.path.join(d, "model.weights.h5"))
+            ckpt.restore_optimizer(d, optimizer)
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+        start_epoch, step = state["epoch"], state["step"]
+        if rank == 0:
+            print(f"[capray] resuming from epoch {start_epoch} (step {step})", flush=True)
+
+    signature = (
+        tf.TensorSpec((local_batch, *FEATURE_SHAPE), tf.float32),
+        tf.TensorSpec((local_batch, tokenizer.max_length), tf.int32),
+    )
+
+    def replica_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            logits, _ = model(features, captions, training=True)
+            loss_sum, tokens = caption_loss(captions, logits)
+            # Scaled by the global batch: the all-reduced sum of gradients is the global mean.
+            loss = loss_sum / global_batch
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss_sum, tokens
+
+    @tf.function(input_signature=signature)
+    def train_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss_sum, tokens = strategy.run(replica_step, args=(features, captions))
+        sum_ = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(sum_, loss_sum, axis=None), strategy.reduce(sum_, tokens, axis=None)
+
+    @tf.function(reduce_retracing=True)
+    def eval_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        logits, _ = model(features, captions)
+        return caption_loss(captions, logits)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    shuffle = cfg.train.shuffle
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.time()
+        loss_sum = tokens = 0.0
+        captions_seen = 0
+        for batch in train_shard.iter_batches(
+            batch_size=local_batch,
+            drop_last=True,  # every worker must run the same number of all-reduce steps
+            local_shuffle_buffer_size=8 * local_batch if shuffle else None,
+            local_shuffle_seed=cfg.train.shuffle_seed + 1000 * epoch + rank if shuffle else None,
+        ):
+            feats = decode_features(batch["features"], batch["dtype"][0])
+            ls, nt = train_step(feats, batch["captions"])
+            loss_sum += float(ls)
+            tokens += float(nt)
+            captions_seen += global_batch
+            step += 1
+        train_seconds = time.time() - t0
+        val_sum = val_tokens = 0.0
+        val_captions = 0
+        for batch in val_data.iter_batches(batch_size=128):
+            ls, nt = eval_step(decode_features(batch["features"], batch["dtype"][0]), batch["captions"])
+            val_sum += float(ls)
+            val_tokens += float(nt)
+            val_captions += len(batch["captions"])
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss_sum / max(tokens, 1.0),
+            "val_loss": val_sum / max(val_tokens, 1.0),
+            "val_loss_per_caption": val_sum / max(val_captions, 1),
+            "captions_per_s": captions_seen / max(train_seconds, 1e-9),
+        }
+        state = {"epoch": epoch + 1, "step": step, "metrics": metrics}
+        if rank == 0:
+            print(
+                f"[capray] epoch {epoch + 1}/{cfg.train.epochs} step {step} train_loss {metrics['train_loss']:.4f} "
+                f"val_loss {metrics['val_loss']:.4f} ({metrics['captions_per_s']:.0f} captions/s)",
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt.write(tmp, model, optimizer, tokenizer, cfg, state)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
+    from capray.data import prepare_split
+
+    train_df, val_df = prepare_split(cfg)
+    tokenizer = prepare_tokenizer(cfg, list(train_df["caption"]))
+    p = output_paths(cfg)
+    if not storage.exists(p["features"], cfg.storage):
+        raise FileNotFoundError(f"no features at {p['features']}: run `capray extract` with the same config first")
+    features = read_features(p["features"], cfg.storage)
+    train_images = set(train_df["image"])
+    train_features = features.filter(lambda row: row["image"] in train_images)
+    loop_config: dict[str, Any] = {"cfg": to_yaml(cfg), "tokenizer": tokenizer.to_json(), "train_captions": len(train_df)}
+    if cfg.model.feature_norm == "channel":
+        mean, std = feature_stats(train_features)
+        loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
+    datasets = {
+        "train": caption_dataset(train_features, train_df, tokenizer),
+        "val": caption_dataset(features.filter(lambda row: row["image"] in set(val_df["image"])), val_df, tokenizer),
+    }
+    fs, runs = storage.filesystem(p["runs"], cfg.storage)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=runs,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep or None,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])
+    best_uri = ("s3://" + best_ckpt.path) if storage.is_remote(cfg.work_dir) else best_ckpt.path
+    summary = {"checkpoint": best_uri, "metrics": best_metrics, "last_metrics": result.metrics}
+    storage.write_bytes(p["best"], json.dumps(summary, indent=2).encode("utf-8"), cfg.storage)
+    return summary
+
+
+def best_checkpoint(cfg: Any) -> str:
+    """The checkpoint to use: `cfg.checkpoint` if set, else the best one recorded for run `name`."""
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    uri = output_paths(cfg)["best"]
+    if not storage.exists(uri, cfg.storage):
+        raise ckpt.CheckpointError(f"no checkpoint given and no trained run at {uri}: set checkpoint=... or run `capray train`")
+    return json.loads(storage.read_bytes(uri, cfg.storage))["checkpoint"]
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """`capray train`: train, then print where the best checkpoint is."""
+    summary = train(cfg)
+    m = summary["metrics"]
+    print(f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})", flush=True)
+    return summary

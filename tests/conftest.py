@@ -1,0 +1,76 @@
+"""Shared fixtures: a real local Ray instance and a real S3-protocol server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from capray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR_DEV = REPO.parent / "shared" / "data" / "flickr8k-dev"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from capray.runtime import init_ray
+
+    init_ray(load_config(None, ["ray.local_cpus=2"]))
+    yield
+    ray.shutdown()
+
+
+class S3:
+    """A moto S3 server on 127.0.0.1 and capray configs wired to it."""
+
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+        self.settings = [
+            f"storage.endpoint_url={endpoint_url}",
+            "storage.region=us-east-1",
+            "storage.access_key_id=testing",
+            "storage.secret_access_key=testing",
+        ]
+
+    def config(self, *overrides: str):
+        """A capray config that reaches this server."""
+        return load_config(None, [*self.settings, *overrides])
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket; returns its s3:// URI."""
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    """A real S3-protocol server (moto's ThreadedMotoServer) for the session."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3(f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def flickr_dev() -> Path:
+    """../shared/data/flickr8k-dev, or skip when this machine does not have it."""
+    if not (FLICKR_DEV / "captions.csv").is_file():
+        pytest.skip(f"{FLICKR_DEV} not present")
+    return FLICKR_DEV

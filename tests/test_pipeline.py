@@ -1,0 +1,66 @@
+"""System test: every job, through the same entry point users call, on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from capray import cli, synthetic
+from capray.config import load_config, output_paths
+
+# Small but complete: 160 scenes, 2 epochs, 2 MultiWorkerMirroredStrategy workers.
+OVERRIDES = [
+    "data.synthetic_images=160",
+    "data.synthetic_heldout=12",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "ray.num_workers=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
+    work = tmp_path_factory.mktemp("pipeline")
+    args = ["configs/demo.yaml", f"work_dir={work}", *OVERRIDES]
+    assert cli.main(args, job="extract") == 0
+    assert cli.main(args, job="train") == 0
+    heldout = work / "heldout"
+    synthetic.generate(heldout, 12, seed=99, prefix="heldout")
+    (heldout / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert cli.main([*args, f"infer.input={heldout / 'images'}"], job="caption") == 0
+    return {"work": work, "cfg": load_config("configs/demo.yaml", [f"work_dir={work}", *OVERRIDES])}
+
+
+def test_extract_writes_one_row_per_image_and_config(run: dict) -> None:
+    p = output_paths(run["cfg"])
+    table = pq.read_table(p["features"])
+    split = pd.read_parquet(p["split"])
+    assert sorted(table["image"].to_pylist()) == sorted(split["image"].unique())
+    assert set(table["dtype"].to_pylist()) == {"float16"}
+    assert len(table["features"][0].as_py()) == 64 * 2048 * 2
+    saved = (Path(p["features"]) / "_capray_config.yaml").read_text()
+    assert "weights: random" in saved
+
+
+def test_train_writes_checkpoints_and_best(run: dict) -> None:
+    best = json.loads(Path(output_paths(run["cfg"])["best"]).read_text())
+    ckpt = Path(best["checkpoint"])
+    for name in ("model.weights.h5", "optimizer.npz", "tokenizer.json", "config.yaml", "state.json"):
+        assert (ckpt / name).is_file(), name
+    assert best["metrics"]["epoch"] in (1, 2)
+    assert best["metrics"]["val_loss"] > 0
+
+
+def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
+    rows = pd.read_parquet(output_paths(run["cfg"])["captions"])
+    assert len(rows) == 13 and rows["image"].is_unique
+    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error"]
+    broken = rows[rows["image"].str.endswith("broken.jpg")].iloc[0]
+    assert "cannot decode" in broken["error"] and pd.isna(broken["caption"])
+    good = rows[rows["error"].isna()]
+    assert len(good) == 12 and (good["num_tokens"] >= 1).all()
+    assert (good["strategy"] == "greedy").all()
