@@ -78,9 +78,9 @@ class BahdanauAttention(keras.layers.Layer):
 
     def __init__(self, units: int, **kwargs: Any):
         super().__init__(**kwargs)
-        self.W1 = keras.layers.Dense(units)
-        self.W2 = keras.layers.Dense(units)
-        self.V = keras.layers.Dense(1)
+        self.W1 = keras.layers.Dense(units, name="W1")
+        self.W2 = keras.layers.Dense(units, name="W2")
+        self.V = keras.layers.Dense(1, name="V")
 
     def project(self, features: tf.Tensor) -> tf.Tensor:
         """W1 f, which does not depend on the step: computed once per caption, not per word."""

@@ -32,6 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     synthetic.generate(heldout, 12, seed=99, prefix="heldout")
     (heldout / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     assert cli.main([*args, f"infer.input={heldout / 'images'}"], job="caption") == 0
+    assert cli.main(args, job="evaluate") == 0
     return {"work": work, "cfg": load_config("configs/demo.yaml", [f"work_dir={work}", *OVERRIDES])}
 
 
@@ -64,3 +65,11 @@ def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
     good = rows[rows["error"].isna()]
     assert len(good) == 12 and (good["num_tokens"] >= 1).all()
     assert (good["strategy"] == "greedy").all()
+
+
+def test_evaluate_scores_the_validation_split(run: dict) -> None:
+    best = json.loads(Path(output_paths(run["cfg"])["best"]).read_text())
+    metrics = json.loads((Path(best["checkpoint"]) / "eval_val.json").read_text())
+    val_images = pd.read_parquet(output_paths(run["cfg"])["split"]).query("split == 'val'")["image"].nunique()
+    assert metrics["images"] == val_images
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["bleu4"] <= 1.0
