@@ -34,6 +34,8 @@ class DataConfig:
     synthetic_seed: int = 0
     # Scenes generated with another seed for the demo's held-out captioning test.
     synthetic_heldout: int = 300
+    # Images with more pixels are refused from their header, before decoding (both jobs).
+    max_pixels: int = 64_000_000
     # The seed's sampling: this many captions at random (0 = all), split by image.
     num_examples: int = 30000
     val_fraction: float = 0.2
@@ -169,7 +171,7 @@ _CHOICES = {
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "ray.num_workers", "data.synthetic_images", "data.synthetic_heldout",
+    "infer.min_actors", "infer.max_actors", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
@@ -257,6 +259,7 @@ def output_paths(cfg: DictConfig) -> dict[str, str]:
         "heldout": join(root, "heldout"),
         "split": join(root, "split.parquet"),
         "features": join(root, "features"),
+        "extract_errors": join(root, "extract_errors.parquet"),
         "tokenizer": join(root, "tokenizer.json"),
         "runs": join(root, "runs"),
         "best": join(root, "runs", cfg.name, "best.json"),

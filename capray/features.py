@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
@@ -86,35 +87,50 @@ def status(features_dir: str, storage_cfg: Any = None) -> tuple[set[str], dict[s
 
 
 def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
-    """Extract features for `images` into `features_dir`, skipping images already there."""
+    """Extract features for `images` into `features_dir`; images already there (extracted or
+    failed) are skipped unless `extract.overwrite`."""
     start = time.time()
-    done = set() if cfg.extract.overwrite else status(features_dir, cfg.storage)[0]
     if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
         fs, path = storage.filesystem(features_dir, cfg.storage)
         fs.delete_dir(path)
-    todo = sorted(set(images) - done)
-    summary = {"images": len(set(images)), "skipped": len(set(images) & done), "extracted": 0, "failed": 0}
-    if not todo:
-        log.info("features: nothing to extract, all %d images present in %s", len(done), features_dir)
-        return summary
-    storage_cfg = cfg.storage
-    ds = ray.data.from_items([{"image": uri} for uri in todo])
-    ds = ds.map_batches(partial(load_batch, storage_cfg=storage_cfg), batch_size=cfg.extract.batch_size)
-    ds = ds.map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs=dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype),
-        batch_size=cfg.extract.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),
-        num_gpus=cfg.extract.num_gpus,
-    )
-    fs, path = storage.filesystem(features_dir, storage_cfg)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=256)
-    failed = status(features_dir, storage_cfg)[1]
-    summary["failed"] = len(failed.keys() & set(todo))
-    summary["extracted"] = len(todo) - summary["failed"]
-    summary["seconds"] = round(time.time() - start, 1)
-    summary["images_per_s"] = round(len(todo) / max(summary["seconds"], 1e-9), 1)
+    done, failed_before = status(features_dir, cfg.storage)
+    wanted = set(images)
+    todo = sorted(wanted - done - failed_before.keys())
+    summary = {"images": len(wanted), "skipped": len(wanted) - len(todo), "extracted": 0, "failed": 0}
+    if todo:
+        storage_cfg = cfg.storage
+        ds = ray.data.from_items([{"image": uri} for uri in todo])
+        ds = ds.map_batches(
+            partial(load_batch, storage_cfg=storage_cfg, max_pixels=cfg.data.max_pixels),
+            batch_size=cfg.extract.batch_size,
+        )
+        ds = ds.map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs=dict(
+                weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype
+            ),
+            batch_size=cfg.extract.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),
+            num_gpus=cfg.extract.num_gpus,
+        )
+        fs, path = storage.filesystem(features_dir, storage_cfg)
+        ds.write_parquet(path, filesystem=fs, min_rows_per_file=256)
+    done_after, failed_after = status(features_dir, cfg.storage)
+    summary["extracted"] = len(done_after & set(todo))
+    summary["failed"] = len(failed_after.keys() & set(todo))
+    summary["errors"] = failed_after
+    seconds = time.time() - start
+    summary["seconds"] = round(seconds, 1)
+    summary["images_per_s"] = round(len(todo) / max(seconds, 1e-9), 1)
     return summary
+
+
+def write_errors(errors: dict[str, str], uri: str, storage_cfg: Any = None) -> None:
+    """The errors table: one row (image, error) per image that could not be extracted."""
+    table = pa.table({"image": list(errors), "error": list(errors.values())}, schema=pa.schema([("image", pa.string()), ("error", pa.string())]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
 def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Dataset":
@@ -136,11 +152,14 @@ def run(cfg: Any) -> dict[str, Any]:
     out = output_paths(cfg)["features"]
     print(f"[capray] extracting InceptionV3 features of {len(images)} images -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
     summary = extract(cfg, images, out)
+    paths = output_paths(cfg)
+    write_errors(summary["errors"], paths["extract_errors"], cfg.storage)
     save_next_to(cfg, out)
     print(
-        f"[capray] extract: {summary['images']} images, {summary['skipped']} already present, "
-        f"{summary['extracted']} extracted, {summary['failed']} failed"
-        + (f", {summary['images_per_s']} images/s" if "images_per_s" in summary else ""),
+        f"[capray] extract: {summary['images']} images read, {summary['skipped']} already done, "
+        f"{summary['extracted']} extracted, {summary['failed']} failed "
+        f"({len(summary['errors'])} in {paths['extract_errors']}); "
+        f"{summary['seconds']} s, {summary['images_per_s']} images/s",
         flush=True,
     )
     return summary

@@ -16,28 +16,34 @@ from PIL import Image, ImageOps
 from capray import storage
 from capray.model import IMAGE_SIZE
 
-# Default limit: 8K x 8K. Anything above is refused before the pixels are decoded.
-MAX_PIXELS = 64_000_000
-
 
 class ImageDecodeError(ValueError):
     """An input that is not a usable image; the message is the reason recorded in outputs."""
 
 
-def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode image bytes to (299, 299, 3) uint8 RGB, honouring EXIF orientation."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    # PIL's own bomb check runs inside Image.open: make it use our limit, not its 89 Mpx default.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            # Header only so far: refuse huge images before allocating their pixels.
-            if img.width * img.height > max_pixels:
-                raise ImageDecodeError(f"image too large: {img.width}x{img.height} pixels > limit {max_pixels}")
+            try:
+                img = Image.open(io.BytesIO(data))
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                raise ImageDecodeError(f"image too large: {e}") from None
+            # Only the header has been read so far: a huge image is refused above without
+            # its pixels ever being allocated.
             img.load()
             img = ImageOps.exif_transpose(img)
-            # Handles L, LA, P, RGBA, CMYK, I;16 ...: alpha is dropped (composited on nothing).
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Transparent pixels are shown as on a white page, not as their hidden colour.
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            # convert() covers L, P, CMYK, I;16 ...
             img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     except ImageDecodeError:
         raise
@@ -46,7 +52,7 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_batch(batch: dict[str, Any], storage_cfg: Any = None, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+def load_batch(batch: dict[str, Any], storage_cfg: Any, max_pixels: int) -> dict[str, Any]:
     """Ray Data batch fn: {image: URIs} -> {image, pixels (B, 299, 299, 3) uint8, error}.
 
     A file that cannot be read or decoded keeps its row, with zero pixels and the reason in

@@ -103,7 +103,9 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
     checkpoint.check(checkpoint_uri, cfg.storage)
     images = list_inputs(inputs, cfg.storage)
     ds = ray.data.from_items([{"image": uri} for uri in images])
-    ds = ds.map_batches(partial(load_batch, storage_cfg=cfg.storage), batch_size=cfg.infer.batch_size)
+    ds = ds.map_batches(
+        partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels), batch_size=cfg.infer.batch_size
+    )
     ds = ds.map_batches(
         CaptionPredictor,
         fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, max_length=cfg.infer.max_length),

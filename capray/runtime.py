@@ -8,8 +8,14 @@ from typing import Any
 
 import ray
 
-# Workers import TensorFlow too; keep its C++ banner out of every job log.
-WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+WORKER_ENV = {
+    # Workers import TensorFlow too; keep its C++ banner out of every job log.
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "KERAS_BACKEND": "tensorflow",
+    # Train V2 turns print() into root-logger records; TensorFlow's absl handler on the root
+    # logger then prints every epoch line twice. Plain stdout is streamed to the driver once.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 def init_ray(cfg: Any) -> None:

@@ -1,0 +1,53 @@
+"""The image zoo: good, awkward and broken inputs that every image-reading job must handle."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from capray import synthetic
+
+# A pixel limit the tests configure (data.max_pixels) so that `huge.png` is refused cheaply.
+TEST_MAX_PIXELS = 1_000_000
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def halves(size: tuple[int, int] = (300, 200)) -> Image.Image:
+    """Left half red, right half blue: orientation mistakes are visible."""
+    img = Image.new("RGB", size, (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def good_images() -> dict[str, bytes]:
+    """Inputs that must decode: plain JPEG, grayscale, RGBA PNG, CMYK, EXIF-rotated, odd key."""
+    scene = synthetic.render(seed=5, index=0)[0]
+    rgba = Image.new("RGBA", (120, 80), (0, 200, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 60, 80))  # left half fully transparent
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    return {
+        "scene.jpg": _encode(scene, "JPEG", quality=95),
+        "gray.jpg": _encode(scene.convert("L"), "JPEG"),
+        "alpha.png": _encode(rgba, "PNG"),
+        "cmyk.jpg": _encode(scene.convert("CMYK"), "JPEG"),
+        "rotated.jpg": _encode(halves(), "JPEG", exif=exif.tobytes(), quality=95),
+        "dir with space/ünïcode café.jpg": _encode(scene, "JPEG"),
+    }
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    """Inputs that must fail, with a fragment of the expected error."""
+    full = _encode(synthetic.render(seed=5, index=1)[0], "JPEG")
+    return {
+        "truncated.jpg": (full[: len(full) // 2], "cannot decode"),
+        "empty.jpg": (b"", "empty file"),
+        "notes.jpg": (b"this is a text file, not a JPEG\n", "cannot decode"),
+        "huge.png": (_encode(Image.new("L", (1500, 1000)), "PNG"), "too large"),
+    }
