@@ -24,7 +24,8 @@ def _features(seed: int = 0, n: int = B) -> np.ndarray:
 
 
 def test_layer_shapes_are_the_papers(model: Captioner) -> None:
-    shapes = {w.path: tuple(w.shape) for w in model.weights}
+    # Drop the model's own name: Keras numbers it (captioner_1, ...) per process.
+    shapes = {"captioner/" + w.path.split("/", 1)[1]: tuple(w.shape) for w in model.weights}
     assert shapes["captioner/encoder/kernel"] == (2048, 256)
     assert shapes["captioner/W1/kernel"] == (256, 512)  # W1
     assert shapes["captioner/attention/W2/kernel"] == (512, 512)  # W2 (on the GRU state)
