@@ -103,6 +103,10 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
         ds = ds.map_batches(
             partial(load_batch, storage_cfg=storage_cfg, max_pixels=cfg.data.max_pixels),
             batch_size=cfg.extract.batch_size,
+            # Less than the actor's CPU: Ray then keeps decoding in separate tasks (not fused
+            # into the actor), so it overlaps with the forward pass and reads from object
+            # storage never stall the model.
+            num_cpus=0.5,
         )
         ds = ds.map_batches(
             FeatureExtractor,

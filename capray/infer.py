@@ -104,7 +104,9 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
     images = list_inputs(inputs, cfg.storage)
     ds = ray.data.from_items([{"image": uri} for uri in images])
     ds = ds.map_batches(
-        partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels), batch_size=cfg.infer.batch_size
+        partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels),
+        batch_size=cfg.infer.batch_size,
+        num_cpus=0.5,  # kept out of the actor, as in capray.features.extract
     )
     ds = ds.map_batches(
         CaptionPredictor,
