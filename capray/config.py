@@ -80,9 +80,12 @@ class TrainConfig:
     learning_rate: float = 1e-3
     # constant (the seed's Adam) | cosine (decays to 0 over all epochs: steadier final accuracy).
     lr_schedule: str = "constant"
+    # lambda of Xu et al.'s doubly stochastic attention regulariser (0 = off, the seed's setting).
+    attention_reg: float = 0.0
     shuffle: bool = True
     shuffle_seed: int = 0
-    # Checkpoints kept under storage_path/run_name (the best by val_loss is also kept).
+    # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
+    # to runs/<name>/best/ (pointed to by best.json) and never deleted.
     num_to_keep: int = 2
     max_failures: int = 0
 
@@ -175,7 +178,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
-    "extract.num_gpus", "infer.num_gpus", "infer.max_length", "ray.cpus_per_worker", "ray.local_cpus",
+    "train.attention_reg", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "ray.cpus_per_worker", "ray.local_cpus",
 )
 
 
@@ -263,6 +266,7 @@ def output_paths(cfg: DictConfig) -> dict[str, str]:
         "tokenizer": join(root, "tokenizer.json"),
         "runs": join(root, "runs"),
         "best": join(root, "runs", cfg.name, "best.json"),
+        "best_checkpoint": join(root, "runs", cfg.name, "best"),
         "captions": cfg.output or join(root, "captions"),
     }
 

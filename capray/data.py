@@ -11,6 +11,7 @@ import json
 import math
 import os
 import posixpath
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,13 +26,20 @@ class DataError(ValueError):
     """Unusable caption data; the message names the file and what is wrong with it."""
 
 
-def _read_text(uri: str, storage_cfg: Any) -> str:
+def _read_bytes(uri: str, storage_cfg: Any) -> bytes:
     try:
-        return storage.read_bytes(uri, storage_cfg).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{uri}: not valid UTF-8 (byte offset {e.start})") from None
+        return storage.read_bytes(uri, storage_cfg)
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
+
+
+def _read_text(uri: str, storage_cfg: Any) -> str:
+    raw = _read_bytes(uri, storage_cfg)
+    try:
+        # utf-8-sig: files saved by Windows tools start with a BOM, which json.loads rejects.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not valid UTF-8 (byte offset {e.start})") from None
 
 
 def _dirname(uri: str) -> str:
@@ -80,12 +88,21 @@ def read_coco(annotations: str, images: str, storage_cfg: Any = None) -> pd.Data
 
 
 def _read_table(uri: str, storage_cfg: Any) -> pd.DataFrame:
-    if uri.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg))).to_pandas()
+    if uri.lower().endswith(".parquet"):
+        try:
+            return pq.read_table(io.BytesIO(_read_bytes(uri, storage_cfg))).to_pandas()
+        except pa.ArrowException as e:
+            raise DataError(f"{uri}: not a readable Parquet file ({e})") from None
+    text = _read_text(uri, storage_cfg)
     try:
-        return pd.read_csv(io.StringIO(_read_text(uri, storage_cfg)), dtype=str, keep_default_na=False)
-    except pd.errors.ParserError as e:
-        raise DataError(f"{uri}: malformed CSV ({e})") from None
+        with warnings.catch_warnings():
+            # Without index_col=False a first row with one field too many (an unquoted comma in a
+            # caption) silently becomes an index and shifts every column; with it pandas truncates
+            # the row and only warns. Both lose data, so the warning is an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{uri}: malformed CSV ({str(e).strip()})") from None
 
 
 def read_flickr(annotations: str, images: str, storage_cfg: Any = None) -> pd.DataFrame:

@@ -14,7 +14,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from capray import storage
-from capray.model import IMAGE_SIZE
+
+# InceptionV3's input size. Defined here, not in capray.model, so that decoding tasks never
+# import TensorFlow.
+IMAGE_SIZE = 299
 
 
 class ImageDecodeError(ValueError):

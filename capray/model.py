@@ -14,7 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-IMAGE_SIZE = 299
+from capray.images import IMAGE_SIZE
+
 NUM_CELLS = 64
 FEATURE_DIM = 2048
 
@@ -211,6 +212,17 @@ def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T-1)
     mask = tf.cast(targets != 0, ce.dtype)
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+
+def attention_penalty(captions: tf.Tensor, attention: tf.Tensor) -> tf.Tensor:
+    """Xu et al.'s doubly stochastic regulariser, summed over the batch: sum_i (1 - sum_t alpha_ti)^2.
+
+    It pushes the model to look at every cell over the course of a caption; only real (non-pad)
+    steps count. The caller multiplies by lambda (`train.attention_reg`) and divides by the batch.
+    """
+    mask = tf.cast(captions[:, 1:] != 0, attention.dtype)[..., None]  # (B, T-1, 1)
+    coverage = tf.reduce_sum(attention * mask, axis=1)  # (B, 64)
+    return tf.reduce_sum(tf.square(1.0 - coverage))
 
 
 def make_optimizer(learning_rate: float, schedule: str = "constant", total_steps: int = 0) -> keras.optimizers.Optimizer:

@@ -88,3 +88,25 @@ def list_files(uri: str, storage: Any = None, suffixes: tuple[str, ...] = ()) ->
             continue
         out.append("s3://" + info.path if is_remote(uri) else info.path)
     return sorted(out)
+
+
+def upload_dir(local_dir: str, uri: str, storage: Any = None) -> None:
+    """Replace the folder at `uri` with a copy of `local_dir`.
+
+    Local: copied beside the target, then renamed over it, so the folder is never half-written.
+    S3: one PUT per file (each atomic); callers publish a pointer file afterwards.
+    """
+    if not is_remote(uri):
+        import shutil
+
+        target = os.path.abspath(uri)
+        staging = f"{target}.{uuid.uuid4().hex}.tmp"
+        shutil.copytree(local_dir, staging)
+        old = f"{target}.{uuid.uuid4().hex}.old"
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    fs, path = filesystem(uri, storage)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from omegaconf import OmegaConf
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
@@ -81,11 +82,18 @@ def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]
     return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
 
 
+def _recorded_best(uri: str, storage_cfg: Any) -> float:
+    """val_loss of the best checkpoint recorded so far (inf for a new run)."""
+    if not storage.exists(uri, storage_cfg):
+        return float("inf")
+    return json.loads(storage.read_bytes(uri, storage_cfg))["metrics"]["val_loss"]
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: MultiWorkerMirroredStrategy custom loop over this worker's data shard."""
     import tensorflow as tf
 
-    from capray.model import Captioner, caption_loss, make_optimizer
+    from capray.model import Captioner, attention_penalty, caption_loss, make_optimizer
 
     cfg = from_yaml(config["cfg"])
     tokenizer = Tokenizer.from_json(config["tokenizer"])
@@ -108,6 +116,9 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("feature_mean") is not None:
         model.set_feature_stats(np.array(config["feature_mean"]), np.array(config["feature_std"]))
 
+    paths = output_paths(cfg)
+    storage_cfg = config["storage"]
+    best_val = _recorded_best(paths["best"], storage_cfg)
     start_epoch, step = 0, 0
     resume = ray.train.get_checkpoint()
     if resume:
@@ -127,10 +138,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def replica_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
-            logits, _ = model(features, captions, training=True)
+            logits, attention = model(features, captions, training=True)
             loss_sum, tokens = caption_loss(captions, logits)
             # Scaled by the global batch: the all-reduced sum of gradients is the global mean.
             loss = loss_sum / global_batch
+            if cfg.train.attention_reg:
+                loss += cfg.train.attention_reg * attention_penalty(captions, attention) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, tokens
@@ -190,6 +203,12 @@ def train_loop_per_worker(config: dict) -> None:
             )
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt.write(tmp, model, optimizer, tokenizer, cfg, state)
+                if metrics["val_loss"] < best_val:
+                    best_val = metrics["val_loss"]
+                    storage.upload_dir(tmp, paths["best_checkpoint"], storage_cfg)
+                    # Published only once the copy is complete.
+                    record = {"checkpoint": paths["best_checkpoint"], "metrics": metrics}
+                    storage.write_bytes(paths["best"], json.dumps(record, indent=2).encode("utf-8"), storage_cfg)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -207,7 +226,13 @@ def train(cfg: Any) -> dict[str, Any]:
     features = read_features(p["features"], cfg.storage)
     train_images = set(train_df["image"])
     train_features = features.filter(lambda row: row["image"] in train_images)
-    loop_config: dict[str, Any] = {"cfg": to_yaml(cfg), "tokenizer": tokenizer.to_json(), "train_captions": len(train_df)}
+    loop_config: dict[str, Any] = {
+        "cfg": to_yaml(cfg),
+        "tokenizer": tokenizer.to_json(),
+        "train_captions": len(train_df),
+        # The saved config has no credentials; workers get them in memory only.
+        "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
+    }
     if cfg.model.feature_norm == "channel":
         mean, std = feature_stats(train_features)
         loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
@@ -228,21 +253,14 @@ def train(cfg: Any) -> dict[str, Any]:
             name=cfg.name,
             storage_path=runs,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.num_to_keep or None,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep or None),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])
-    best_uri = ("s3://" + best_ckpt.path) if storage.is_remote(cfg.work_dir) else best_ckpt.path
-    summary = {"checkpoint": best_uri, "metrics": best_metrics, "last_metrics": result.metrics}
-    storage.write_bytes(p["best"], json.dumps(summary, indent=2).encode("utf-8"), cfg.storage)
+    trainer.fit()
+    summary = json.loads(storage.read_bytes(p["best"], cfg.storage))
     return summary
 
 

@@ -1,56 +1,251 @@
-"""Unit tests: the config schema, YAML merge, overrides, rejection, and credential redaction."""
+"""Unit tests: the config schema, YAML merge, overrides, rejection, credential redaction, shipped configs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from capray.config import ConfigError, from_yaml, load_config, parse_args, to_yaml
+from capray.config import (
+    SECRET_KEYS,
+    Config,
+    ConfigError,
+    from_yaml,
+    load_config,
+    output_paths,
+    parse_args,
+    redacted,
+    to_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs").glob("*.yml")])
 
 
-def test_yaml_then_overrides_on_top_of_the_schema(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("# test\ntrain:\n  epochs: 7\n  batch_size: 32\n")
+def _yaml(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# --- defaults, merge order --------------------------------------------------------------------
+
+
+def test_defaults_load_from_the_schema() -> None:
+    cfg = load_config()
+    assert _plain(cfg) == _plain(OmegaConf.structured(Config))
+    assert _plain(parse_args([])) == _plain(cfg) == _plain(load_config(None, []))
+    assert (cfg.name, cfg.work_dir, cfg.data.format) == ("capray", "outputs/capray", "synthetic")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (20, 64, 1e-3)
+    assert (cfg.text.vocab_size, cfg.text.max_length) == (5000, 0)
+    assert (cfg.model.embedding_dim, cfg.model.units, cfg.model.feature_norm) == (256, 512, "none")
+    assert cfg.encoder.weights == "imagenet" and cfg.storage.secret_access_key == ""
+    cfg.train.epochs = 2  # the loaded config is writable (jobs adjust it)
+    assert cfg.train.epochs == 2
+
+
+def test_yaml_file_merges_over_defaults_and_overrides_win(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "# test\nname: mine\ntrain:\n  epochs: 7\n  batch_size: 32\nmodel:\n  units: 128\n")
+    from_file = load_config(path)
+    assert (from_file.name, from_file.train.epochs, from_file.train.batch_size, from_file.model.units) == ("mine", 7, 32, 128)
+    assert from_file.train.learning_rate == 1e-3 and from_file.model.embedding_dim == 256  # untouched defaults
+    cfg = load_config(str(path), ["train.epochs=3", "model.units=64", "model.units=96"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.units) == (3, 32, 96)  # last override wins
+    assert cfg.name == "mine"
+
+
+def test_overrides_are_converted_to_the_schema_types() -> None:
+    cfg = load_config(None, ["train.learning_rate=5e-4", "train.shuffle=false", "ray.cpus_per_worker=2", "name=123"])
+    assert cfg.train.learning_rate == pytest.approx(5e-4) and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.shuffle is False
+    assert cfg.ray.cpus_per_worker == 2.0 and isinstance(cfg.ray.cpus_per_worker, float)
+    assert cfg.name == "123" and isinstance(cfg.name, str)
+
+
+def test_parse_args_takes_an_optional_yaml_path_then_overrides(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "train:\n  epochs: 7\n  batch_size: 32\n")
     cfg = parse_args([str(path), "train.epochs=3"])
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (3, 32, 1e-3)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 32)
+    cfg = parse_args(["train.epochs=3", "data.format=coco"])  # no path: overrides only
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.format) == (3, 64, "coco")
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert _plain(load_config(_yaml(tmp_path, "# nothing set\n"))) == _plain(load_config())
+
+
+# --- rejection --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "override, names",
     [
-        ("train.epochz=3", "train.epochz"),
-        ("trainer.epochs=3", "trainer"),
-        ("train.epochs=abc", "train.epochs"),
-        ("train.batch_size=-1", "train.batch_size"),
-        ("data.format=xml", "data.format"),
+        ("train.epochz=1", "train.epochz"),  # unknown key
+        ("trainer.epochs=3", "trainer"),  # unknown top-level section
+        ("train.epochs=abc", "train.epochs"),  # wrong type
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.epochs=null", "train.epochs"),
+        ("train.shuffle=maybe", "train.shuffle"),
+        ("train.batch_size=-1", "train.batch_size"),  # must be > 0
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("text.max_length=-1", "text.max_length"),  # must be >= 0
+        ("data.format=xml", "data.format"),  # not one of the choices
+        ("model.feature_norm=batch", "model.feature_norm"),
         ("data.val_fraction=1.5", "data.val_fraction"),
     ],
 )
-def test_bad_settings_are_refused_naming_the_key(override: str, names: str) -> None:
+def test_bad_overrides_are_refused_naming_the_key(override: str, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(None, [override])
 
 
-def test_malformed_override_and_missing_file() -> None:
+def test_choice_errors_list_the_allowed_values() -> None:
+    with pytest.raises(ConfigError, match="synthetic, coco, flickr, manifest"):
+        load_config(None, ["data.format=xml"])
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("train:\n  epochz: 1\n", "train.epochz"),
+        ("trainer:\n  epochs: 3\n", "trainer"),
+        ("train:\n  epochs: abc\n", "train.epochs"),
+        ("train:\n  batch_size: -8\n", "train.batch_size"),
+        ("data:\n  format: xml\n", "data.format"),
+    ],
+)
+def test_bad_yaml_files_are_refused_naming_the_key(tmp_path: Path, text: str, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(_yaml(tmp_path, text))
+
+
+def test_the_yaml_file_is_validated_even_when_an_override_fixes_it(tmp_path: Path) -> None:
+    # Overrides are merged after the file, so a valid override repairs an invalid value...
+    path = _yaml(tmp_path, "train:\n  batch_size: -8\n")
+    assert load_config(path, ["train.batch_size=8"]).train.batch_size == 8
+    # ...but an unknown key in the file is an error whatever comes after it.
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(_yaml(tmp_path, "train:\n  epochz: 1\n", "d.yaml"), ["train.epochs=1"])
+
+
+def test_override_without_equals_is_refused() -> None:
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="'train.epochs'"):
+        parse_args(["train.epochs=3", "train.epochs"])
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load_config(missing)
+    assert str(missing) in str(info.value)
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config("nope.yaml")
+        parse_args([str(missing), "train.epochs=3"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path)  # a directory is not a config file
 
 
-def test_saved_config_has_no_credentials_and_reloads() -> None:
-    cfg = load_config(None, ["storage.access_key_id=AKIDSECRET", "storage.secret_access_key=SECRET123", "train.epochs=4"])
+@pytest.mark.xfail(
+    reason="capray/config.py load_config only converts OmegaConfBaseException: a YAML file that is "
+    "not a mapping raises TypeError('Cannot merge incompatible container types') from "
+    "OmegaConf.merge, and a YAML syntax error raises yaml's ParserError from OmegaConf.load, "
+    "so the CLI (which catches ConfigError) shows a traceback",
+    strict=True,
+)
+@pytest.mark.parametrize("text", ["- train\n- epochs\n", "train: [\n"], ids=["list", "syntax"])
+def test_unusable_yaml_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(_yaml(tmp_path, text))
+
+
+@pytest.mark.xfail(
+    reason="capray/config.py load_config: a scalar where a section belongs (train=3) raises "
+    "ConfigError('invalid config: Merge error: int is not a subclass of TrainConfig. value: 3'); "
+    "OmegaConf's merge error has no full_key, so the message does not name the key 'train'",
+    strict=True,
+)
+def test_scalar_in_place_of_a_section_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"\btrain\b"):
+        load_config(None, ["train=3"])
+
+
+# --- saved configs and credentials ------------------------------------------------------------
+
+
+def _with_secrets():
+    return load_config(
+        None,
+        [
+            "storage.access_key_id=AKIDSECRET",
+            "storage.secret_access_key=SECRET123",
+            "storage.session_token=TOKENSECRET",
+            "storage.endpoint_url=http://127.0.0.1:9000",
+            "storage.region=eu-west-1",
+            "train.epochs=4",
+            "name=run7",
+        ],
+    )
+
+
+def test_to_yaml_removes_credentials() -> None:
+    cfg = _with_secrets()
     text = to_yaml(cfg)
-    assert "AKIDSECRET" not in text and "SECRET123" not in text
-    again = from_yaml(text)
-    assert again.train.epochs == 4 and again.storage.secret_access_key == ""
+    for secret in ("AKIDSECRET", "SECRET123", "TOKENSECRET"):
+        assert secret not in text
+    assert "http://127.0.0.1:9000" in text and "eu-west-1" in text  # not secrets
+    assert cfg.storage.secret_access_key == "SECRET123"  # the live config keeps them
+    assert all(redacted(cfg).storage[key] == "" for key in SECRET_KEYS)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_from_yaml_of_to_yaml_is_the_config_without_its_credentials() -> None:
+    cfg = _with_secrets()
+    again = from_yaml(to_yaml(cfg))
+    expected = _plain(cfg)
+    for key in SECRET_KEYS:
+        expected["storage"][key] = ""
+    assert _plain(again) == expected
+    assert (again.train.epochs, again.name, again.storage.region) == (4, "run7", "eu-west-1")
+    assert _plain(from_yaml(to_yaml(load_config()))) == _plain(load_config())  # no secrets: identical
+
+
+def test_from_yaml_refuses_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="epochz"):
+        from_yaml("train:\n  epochz: 1\n")
+
+
+def test_output_paths_live_under_work_dir() -> None:
+    paths = output_paths(load_config(None, ["work_dir=s3://bucket/w", "name=r1"]))
+    assert all(p.startswith("s3://bucket/w/") for p in paths.values()), paths
+    assert paths["tokenizer"] == "s3://bucket/w/tokenizer.json"
+    assert paths["best"] == "s3://bucket/w/runs/r1/best.json"
+    assert paths["captions"] == "s3://bucket/w/captions"
+    assert output_paths(load_config(None, ["output=/tmp/out"]))["captions"] == "/tmp/out"
+
+
+# --- shipped configs --------------------------------------------------------------------------
+
+
+def test_there_are_shipped_configs() -> None:
+    assert SHIPPED, "configs/ has no YAML files"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_says_how_to_run_it(path: Path) -> None:
-    load_config(path)
-    header = path.read_text().splitlines()[:4]
-    assert header[0].startswith("#") and any("capray" in line or "make" in line for line in header)
+    cfg = load_config(path)
+    assert _plain(from_yaml(to_yaml(cfg))) == _plain(redacted(cfg))
+    lines = path.read_text().splitlines()
+    assert lines and lines[0].startswith("#"), f"{path.name}: first line must be a # comment"
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert "Run" in text or "capray " in text or "make " in text, f"{path.name}: header does not say how to run it"
