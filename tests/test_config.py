@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from capray.config import (
@@ -157,6 +158,7 @@ def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     "not a mapping raises TypeError('Cannot merge incompatible container types') from "
     "OmegaConf.merge, and a YAML syntax error raises yaml's ParserError from OmegaConf.load, "
     "so the CLI (which catches ConfigError) shows a traceback",
+    raises=(TypeError, yaml.YAMLError),
     strict=True,
 )
 @pytest.mark.parametrize("text", ["- train\n- epochs\n", "train: [\n"], ids=["list", "syntax"])
@@ -169,6 +171,7 @@ def test_unusable_yaml_file_is_a_config_error(tmp_path: Path, text: str) -> None
     reason="capray/config.py load_config: a scalar where a section belongs (train=3) raises "
     "ConfigError('invalid config: Merge error: int is not a subclass of TrainConfig. value: 3'); "
     "OmegaConf's merge error has no full_key, so the message does not name the key 'train'",
+    raises=AssertionError,
     strict=True,
 )
 def test_scalar_in_place_of_a_section_is_refused_naming_it() -> None:

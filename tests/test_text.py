@@ -187,6 +187,7 @@ def test_from_json_rejects_a_json_object_that_is_not_a_tokenizer() -> None:
     reason="capray/text.py Tokenizer.from_json calls data.get(...) on whatever json.loads returned: "
     "a JSON array/number/string raises AttributeError instead of the ValueError 'not a capray "
     "tokenizer file'",
+    raises=AttributeError,
     strict=True,
 )
 def test_from_json_rejects_json_that_is_not_an_object() -> None:
