@@ -7,10 +7,11 @@ that name the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -82,6 +83,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     # lambda of Xu et al.'s doubly stochastic attention regulariser (0 = off, the seed's setting).
     attention_reg: float = 0.0
+    # Clip the global gradient norm (after the all-reduce, so all replicas agree); 0 = off.
+    clip_norm: float = 0.0
     shuffle: bool = True
     shuffle_seed: int = 0
     # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
@@ -115,6 +118,15 @@ class InferConfig:
     # 0 = the trained maximum caption length.
     max_length: int = 0
     strategy: str = "greedy"
+    # Which files of a folder/prefix are images (case-insensitive), and an optional name glob.
+    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+    glob: str = ""
+    # Caption at most this many new images (0 = all): a trial run.
+    limit: int = 0
+    # Also write each word's 64 attention weights (`attention` column).
+    attention: bool = False
+    # Rows per output Parquet file.
+    rows_per_file: int = 10000
 
 
 @dataclass
@@ -174,11 +186,11 @@ _CHOICES = {
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
-    "train.attention_reg", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "ray.cpus_per_worker", "ray.local_cpus",
+    "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "ray.cpus_per_worker", "ray.local_cpus",
 )
 
 
@@ -192,12 +204,24 @@ def _validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    if cfg.text.max_length == 1:
+        raise ConfigError("text.max_length=1: must be 0 (longest caption) or >= 2 (room for <start> and <end>)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={cfg.train.learning_rate}: must be > 0")
     if cfg.extract.min_actors > cfg.extract.max_actors or cfg.infer.min_actors > cfg.infer.max_actors:
         raise ConfigError("min_actors must not exceed max_actors (extract.*, infer.*)")
+
+
+def _scalar_section(overrides: Sequence[str]) -> str | None:
+    """The override that puts a value where a section belongs (`train=3`), which OmegaConf's
+    merge error does not name."""
+    sections = {f.name for f in fields(Config) if is_dataclass(f.type) or f.default_factory is not MISSING}
+    for item in overrides:
+        if item.split("=", 1)[0] in sections:
+            return item.split("=", 1)[0]
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -208,14 +232,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path:
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), got a list")
+            layers.append(loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except yaml.YAMLError as e:
+            # Values are parsed as YAML: `*.jpg` reads as an alias and needs quotes ('*.jpg').
+            raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. infer.glob=\"'*.jpg'\"") from None
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
+        key = getattr(e, "full_key", None) or _scalar_section(overrides)
         where = f" (key '{key}')" if key else ""
         raise ConfigError(f"invalid config{where}: {str(e).splitlines()[0]}") from None
     OmegaConf.set_readonly(cfg, False)

@@ -22,6 +22,7 @@ from ray.data.expressions import col
 
 from capray import storage
 from capray.images import load_batch
+from capray.parquet import AtomicParquetSink, read_columns
 from capray.model import FEATURE_DIM, NUM_CELLS
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def decode_features(column: Iterable[bytes], dtype: str) -> np.ndarray:
 
 def status(features_dir: str, storage_cfg: Any = None) -> tuple[set[str], dict[str, str]]:
     """Images already extracted under `features_dir`, and the failed ones with their errors."""
-    if not storage.exists(features_dir, storage_cfg):
-        return set(), {}
-    fs, path = storage.filesystem(features_dir, storage_cfg)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image", "error"])
+    table = read_columns(features_dir, ["image", "error"], storage_cfg)
     done, failed = set(), {}
     for img, err in zip(table["image"].to_pylist(), table["error"].to_pylist()):
         if err is None:
@@ -117,8 +115,8 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),
             num_gpus=cfg.extract.num_gpus,
         )
-        fs, path = storage.filesystem(features_dir, storage_cfg)
-        ds.write_parquet(path, filesystem=fs, min_rows_per_file=256)
+        # 256 rows of float16 features: about 64 MiB per file.
+        ds.write_datasink(AtomicParquetSink(features_dir, SCHEMA, storage_cfg, rows_per_file=256))
     done_after, failed_after = status(features_dir, cfg.storage)
     summary["extracted"] = len(done_after & set(todo))
     summary["failed"] = len(failed_after.keys() & set(todo))
@@ -127,6 +125,28 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
     summary["seconds"] = round(seconds, 1)
     summary["images_per_s"] = round(len(todo) / max(seconds, 1e-9), 1)
     return summary
+
+
+def write_manifest(features_dir: str, storage_cfg: Any, dtype: str) -> dict[str, Any]:
+    """`_manifest.json` in the features folder: every Parquet file with its row count."""
+    import json
+
+    fs, path = storage.filesystem(features_dir, storage_cfg)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    files = [
+        {"file": frag.path.rsplit("/", 1)[-1], "rows": frag.metadata.num_rows}
+        for frag in dataset.get_fragments()
+    ]
+    manifest = {
+        "format": "capray-features/1",
+        "columns": SCHEMA.names,
+        "shape": list(FEATURE_SHAPE),
+        "dtype": dtype,
+        "rows": sum(f["rows"] for f in files),
+        "files": sorted(files, key=lambda f: f["file"]),
+    }
+    storage.write_bytes(storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg)
+    return manifest
 
 
 def write_errors(errors: dict[str, str], uri: str, storage_cfg: Any = None) -> None:
@@ -158,7 +178,9 @@ def run(cfg: Any) -> dict[str, Any]:
     summary = extract(cfg, images, out)
     paths = output_paths(cfg)
     write_errors(summary["errors"], paths["extract_errors"], cfg.storage)
-    save_next_to(cfg, out)
+    if storage.exists(out, cfg.storage):
+        write_manifest(out, cfg.storage, cfg.extract.dtype)
+        save_next_to(cfg, out)
     print(
         f"[capray] extract: {summary['images']} images read, {summary['skipped']} already done, "
         f"{summary['extracted']} extracted, {summary['failed']} failed "

@@ -1,12 +1,14 @@
 """Bulk captioning job: a folder / bucket prefix / manifest of images -> caption rows in Parquet.
 
 Pipeline (Ray Data): list URIs -> read + decode (stateless CPU tasks) -> one actor pool that holds
-both InceptionV3 and the decoder (features never leave the actor) -> Parquet shards.
-Every input image yields one row; unreadable images get `error` set and no caption.
+both InceptionV3 and the decoder (features never leave the actor) -> atomic Parquet files.
+Every input image yields exactly one row; unreadable images get `error` set and no caption.
+Re-running with the same output captions only the images that have no row yet.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from functools import partial
@@ -14,14 +16,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from capray import storage
 from capray.images import load_batch
+from capray.parquet import AtomicParquetSink, read_columns
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-# The documented output schema (README "Output schemas"); explicit so all-null columns keep types.
+# The documented output schema (README "Output schema"); explicit so all-null columns keep types.
 SCHEMA = pa.schema(
     [
         ("image", pa.string()),
@@ -33,12 +36,18 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# Optional column (infer.attention=true): per emitted word, its 64 attention weights.
+ATTENTION_FIELD = pa.field("attention", pa.list_(pa.list_(pa.float32())))
+
+
+class InputError(RuntimeError):
+    """The job cannot start: inputs missing, unreadable or unreachable."""
 
 
 class CaptionPredictor:
     """Ray Data callable class: pixels -> greedy captions, with the model loaded once per actor."""
 
-    def __init__(self, checkpoint_uri: str, storage_cfg: Any, max_length: int):
+    def __init__(self, checkpoint_uri: str, storage_cfg: Any, max_length: int = 0, attention: bool = False):
         import tensorflow as tf
 
         from capray import checkpoint
@@ -47,88 +56,119 @@ class CaptionPredictor:
         self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
         # The backbone must be the one the training features came from.
         self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg)
-        self.model_id = checkpoint_uri
+        self.model_id, self.attention = checkpoint_uri, attention
         steps = (max_length or self.tokenizer.max_length) - 1
         self._greedy = tf.function(lambda f: self.model.greedy(f, steps), reduce_retracing=True)
 
-    def caption_features(self, features: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """(B, 64, 2048) features -> captions, log-probs, token counts, attention (B, steps, 64)."""
-        tokens, attention, log_prob, lengths = (t.numpy() for t in self._greedy(features))
+    def caption_pixels(self, pixels: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(B, 299, 299, 3) uint8 -> captions, log-probs (B,), token counts (B,), attention (B, steps, 64)."""
+        tokens, attention, log_prob, lengths = (t.numpy() for t in self._greedy(self.encoder(pixels)))
         return [self.tokenizer.decode(row) for row in tokens], log_prob, lengths, attention
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         n = len(batch["image"])
         ok = np.array([not e for e in batch["error"]])
         captions: list[str | None] = [None] * n
-        log_probs = np.full(n, np.nan, np.float32)
-        num_tokens = np.zeros(n, np.int32)
+        log_probs: list[float | None] = [None] * n
+        num_tokens: list[int | None] = [None] * n
+        attention: list[list | None] = [None] * n
         if ok.any():
-            caps, lp, lengths, _ = self.caption_features(self.encoder(batch["pixels"][ok]))
-            idx = np.flatnonzero(ok)
-            for j, i in enumerate(idx):
-                captions[i] = caps[j]
-            log_probs[idx] = lp
-            num_tokens[idx] = lengths
-        return pa.table(
-            {
-                "image": list(batch["image"]),
-                "caption": captions,
-                "log_prob": [float(v) if ok[i] else None for i, v in enumerate(log_probs)],
-                "num_tokens": [int(v) if ok[i] else None for i, v in enumerate(num_tokens)],
-                "strategy": ["greedy"] * n,
-                "model": [self.model_id] * n,
-                "error": [e or None for e in batch["error"]],
-            },
-            schema=SCHEMA,
-        )
+            caps, lp, lengths, att = self.caption_pixels(batch["pixels"][ok])
+            for j, i in enumerate(np.flatnonzero(ok)):
+                captions[i], log_probs[i], num_tokens[i] = caps[j], float(lp[j]), int(lengths[j])
+                attention[i] = att[j, : lengths[j]].tolist()
+        columns = {
+            "image": list(batch["image"]),
+            "caption": captions,
+            "log_prob": log_probs,
+            "num_tokens": num_tokens,
+            "strategy": ["greedy"] * n,
+            "model": [self.model_id] * n,
+            "error": [e or None for e in batch["error"]],
+        }
+        schema = SCHEMA
+        if self.attention:
+            columns["attention"] = attention
+            schema = SCHEMA.append(ATTENTION_FIELD)
+        return pa.table(columns, schema=schema)
 
 
-def list_inputs(uri: str, storage_cfg: Any = None) -> list[str]:
-    """Image URIs under a folder/prefix (by extension), or listed by a manifest (.csv/.parquet)."""
-    if uri.endswith((".csv", ".parquet")):
-        from capray.data import read_manifest
+def caption_image(predictor: CaptionPredictor, data: bytes, max_pixels: int) -> str:
+    """The library's single-image caption: image bytes -> greedy caption."""
+    from capray.images import decode
 
-        return list(dict.fromkeys(read_manifest(uri, storage_cfg=storage_cfg)["image"]))
-    if not storage.exists(uri, storage_cfg):
-        raise FileNotFoundError(f"input not found: {uri}")
-    return storage.list_files(uri, storage_cfg, IMAGE_EXTENSIONS)
+    return predictor.caption_pixels(decode(data, max_pixels)[None])[0][0]
+
+
+def list_inputs(cfg: Any, uri: str) -> list[str]:
+    """Image URIs to caption: a manifest (.csv/.parquet with `image`), or the files under a
+    folder/prefix with one of `infer.extensions`, filtered by `infer.glob`; sorted, unique."""
+    try:
+        if uri.lower().endswith((".csv", ".parquet")):
+            from capray.data import read_manifest
+
+            images = list(dict.fromkeys(read_manifest(uri, storage_cfg=cfg.storage)["image"]))
+        else:
+            if not storage.exists(uri, cfg.storage):
+                raise InputError(f"input not found: {uri}")
+            suffixes = tuple(f".{e.lower().lstrip('.')}" for e in cfg.infer.extensions)
+            images = storage.list_files(uri, cfg.storage, suffixes)
+    except OSError as e:  # unreachable endpoint, bad credentials, no permission...
+        raise InputError(f"cannot list {uri}: {e}") from None
+    if cfg.infer.glob:
+        images = [u for u in images if fnmatch.fnmatch(u.rsplit("/", 1)[-1], cfg.infer.glob)]
+    return sorted(images)
 
 
 def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str, Any]:
-    """Caption every image under `inputs` into Parquet at `output`; returns the summary."""
+    """Caption every image under `inputs` that has no row in `output` yet; returns the summary."""
     from capray import checkpoint
 
     start = time.time()
-    # Fail before any work when the model cannot be loaded.
+    # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
-    images = list_inputs(inputs, cfg.storage)
-    ds = ray.data.from_items([{"image": uri} for uri in images])
-    ds = ds.map_batches(
-        partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels),
-        batch_size=cfg.infer.batch_size,
-        num_cpus=0.5,  # kept out of the actor, as in capray.features.extract
-    )
-    ds = ds.map_batches(
-        CaptionPredictor,
-        fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, max_length=cfg.infer.max_length),
-        batch_size=cfg.infer.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
-        num_gpus=cfg.infer.num_gpus,
-    )
-    fs, path = storage.filesystem(output, cfg.storage)
-    ds.write_parquet(path, filesystem=fs)
-    rows = ray.data.read_parquet(path, filesystem=fs, columns=["error"]).to_pandas()
-    failed = int(rows["error"].notna().sum())
+    images = list_inputs(cfg, inputs)
+    try:
+        done = set(read_columns(output, ["image"], cfg.storage)["image"].to_pylist())
+    except OSError as e:
+        raise InputError(f"cannot read the output folder {output}: {e}") from None
+    todo = [u for u in images if u not in done]
+    if cfg.infer.limit:
+        todo = todo[: cfg.infer.limit]
+    summary: dict[str, Any] = {"images": len(images), "already_done": len(images) - len(set(images) - done)}
+    if todo:
+        ds = ray.data.from_items([{"image": uri} for uri in todo])
+        ds = ds.map_batches(
+            partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels),
+            batch_size=cfg.infer.batch_size,
+            num_cpus=0.5,  # kept out of the actor, as in capray.features.extract
+        )
+        ds = ds.map_batches(
+            CaptionPredictor,
+            fn_constructor_kwargs=dict(
+                checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, max_length=cfg.infer.max_length,
+                attention=cfg.infer.attention,
+            ),
+            batch_size=cfg.infer.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
+            num_gpus=cfg.infer.num_gpus,
+        )
+        schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
+        ds.write_datasink(AtomicParquetSink(output, schema, cfg.storage, rows_per_file=cfg.infer.rows_per_file))
+    rows = read_columns(output, ["image", "error"], cfg.storage)
+    new = rows.filter(pc.is_in(rows["image"], pa.array(todo, pa.string())))
+    failed = new.num_rows - new["error"].null_count
     seconds = time.time() - start
-    return {
-        "images": len(images),
-        "rows": len(rows),
-        "captioned": len(rows) - failed,
-        "failed": failed,
-        "seconds": round(seconds, 1),
-        "images_per_s": round(len(images) / max(seconds, 1e-9), 1),
-        "output": output,
-    }
+    summary.update(
+        written=new.num_rows,
+        captioned=new.num_rows - failed,
+        failed=failed,
+        remaining=len(images) - summary["already_done"] - new.num_rows,
+        seconds=round(seconds, 1),
+        images_per_s=round(new.num_rows / max(seconds, 1e-9), 1),
+        output=output,
+    )
+    return summary
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -137,14 +177,17 @@ def run(cfg: Any) -> dict[str, Any]:
     from capray.train import best_checkpoint
 
     if not cfg.infer.input:
-        raise ValueError("infer.input is empty: give a folder, s3:// prefix or manifest to caption")
+        raise InputError("infer.input is empty: give a folder, s3:// prefix or manifest to caption")
     out = output_paths(cfg)["captions"]
-    summary = caption(cfg, best_checkpoint(cfg), cfg.infer.input, out)
+    s = caption(cfg, best_checkpoint(cfg), cfg.infer.input, out)
     save_next_to(cfg, out)
-    print(
-        f"[capray] caption: {summary['images']} images -> {summary['rows']} rows in {out} "
-        f"({summary['captioned']} captioned, {summary['failed']} failed) in {summary['seconds']} s, "
-        f"{summary['images_per_s']} images/s",
-        flush=True,
-    )
-    return summary
+    if not s["written"]:
+        print(f"[capray] caption: nothing to do: all {s['images']} images already have a row in {out}", flush=True)
+    else:
+        print(
+            f"[capray] caption: {s['images']} images, {s['already_done']} already done, {s['written']} rows written "
+            f"({s['captioned']} captioned, {s['failed']} failed), {s['remaining']} left; "
+            f"{s['seconds']} s, {s['images_per_s']} images/s -> {out}",
+            flush=True,
+        )
+    return s

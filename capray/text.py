@@ -35,6 +35,8 @@ class Tokenizer:
         self.max_length = int(max_length)
         if self.words[: len(SPECIALS)] != list(SPECIALS):
             raise ValueError(f"vocabulary must start with {SPECIALS}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}: must leave room for <start> and <end> (>= 2)")
 
     pad_id, unk_id, start_id, end_id = 0, 1, 2, 3
 
@@ -91,7 +93,7 @@ class Tokenizer:
     def from_json(cls, text: str) -> "Tokenizer":
         """Inverse of `to_json`."""
         data = json.loads(text)
-        if data.get("format") != "capray-tokenizer/1":
+        if not isinstance(data, dict) or data.get("format") != "capray-tokenizer/1":
             raise ValueError("not a capray tokenizer file")
         return cls(data["words"], data["max_length"])
 

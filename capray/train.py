@@ -145,6 +145,14 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.train.attention_reg:
                 loss += cfg.train.attention_reg * attention_penalty(captions, attention) / global_batch
         grads = tape.gradient(loss, model.trainable_variables)
+        if cfg.train.clip_norm:
+            # Keras clips each replica's partial gradient before its own all-reduce; the norm
+            # that matters is the summed one. Reduce, clip, then divide by the replica count so
+            # that the optimizer's all-reduce sums the copies back to the clipped gradient.
+            grads = [tf.convert_to_tensor(g) for g in grads]
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads, _ = tf.clip_by_global_norm(grads, cfg.train.clip_norm)
+            grads = [g / strategy.num_replicas_in_sync for g in grads]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, tokens
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,8 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
     errors = pq.read_table(io.BytesIO(storage.read_bytes(output_paths(cfg)["extract_errors"], cfg.storage))).to_pandas()
     assert sorted(errors["image"]) == sorted(f"{photos}/img/{n}" for n in bad_images())
     assert storage.exists(f"{output_paths(cfg)['features']}/_capray_config.yaml", cfg.storage)
+    manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_manifest.json", cfg.storage))
+    assert manifest["rows"] == n_good + n_bad and manifest["shape"] == [64, 2048]
 
     again = features.run(cfg)
     assert (again["extracted"], again["failed"], again["skipped"]) == (0, 0, n_good + n_bad)

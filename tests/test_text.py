@@ -123,15 +123,14 @@ def test_configured_max_length_pads_and_truncates_keeping_end_last() -> None:
     assert Tokenizer.fit(CAPTIONS, max_length=2).encode_batch(["a dog"]).tolist() == [[2, 3]]
 
 
-@pytest.mark.xfail(
-    reason="capray/text.py Tokenizer.encode: max_length=1 makes ids[: max_length - 2] == ids[:-1], so "
-    "encode returns more than max_length ids and encode_batch fails with a numpy broadcast error; "
-    "max_length < 2 (no room for <start> and <end>) is accepted by fit/__init__ and by the config",
-    strict=True,
-)
 def test_max_length_too_small_for_start_and_end_is_refused() -> None:
+    # Regression: max_length=1 used to slice ids[:-1] and return more than max_length ids.
     with pytest.raises(ValueError, match="max_length"):
         Tokenizer.fit(CAPTIONS, max_length=1)
+    with pytest.raises(ValueError, match="max_length"):
+        Tokenizer(list(SPECIALS) + ["a"], max_length=1)
+    with pytest.raises(ValueError, match="max_length"):  # nor through a corrupt saved tokenizer
+        Tokenizer.from_json(json.dumps({"format": "capray-tokenizer/1", "words": list(SPECIALS), "max_length": 1}))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -183,13 +182,8 @@ def test_from_json_rejects_a_json_object_that_is_not_a_tokenizer() -> None:
         Tokenizer.from_json(json.dumps({"format": "capray-tokenizer/1", "words": ["a", "b"], "max_length": 3}))
 
 
-@pytest.mark.xfail(
-    reason="capray/text.py Tokenizer.from_json calls data.get(...) on whatever json.loads returned: "
-    "a JSON array/number/string raises AttributeError instead of the ValueError 'not a capray "
-    "tokenizer file'",
-    raises=AttributeError,
-    strict=True,
-)
-def test_from_json_rejects_json_that_is_not_an_object() -> None:
+@pytest.mark.parametrize("text", ['["<pad>", "<unk>", "<start>", "<end>"]', "3", '"words"', "null"])
+def test_from_json_rejects_json_that_is_not_an_object(text: str) -> None:
+    # Regression: a JSON array/number/string used to raise AttributeError from data.get().
     with pytest.raises(ValueError, match="not a capray tokenizer"):
-        Tokenizer.from_json('["<pad>", "<unk>", "<start>", "<end>"]')
+        Tokenizer.from_json(text)

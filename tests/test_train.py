@@ -39,7 +39,9 @@ def _states(run_dir: str) -> list[dict]:
 def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_path: Path, ray_local) -> None:
     work = f"{s3.bucket('train')}/run"
     cfg = s3.config(f"work_dir={work}", f"data.annotations={tmp_path / 'data' / 'captions.csv'}", *SMALL,
-                    "train.epochs=2", "ray.num_workers=2", "name=s3run")
+                    "train.epochs=2", "ray.num_workers=2", "name=s3run",
+                    # The optional extras run under MultiWorkerMirroredStrategy too.
+                    "train.attention_reg=1.0", "train.clip_norm=5.0")
     features.run(cfg)
     summary = train.train(cfg)
     p = output_paths(cfg)

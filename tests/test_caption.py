@@ -1,0 +1,103 @@
+"""System tests: the bulk caption job against a real S3-protocol server, on local Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from capray import features, storage, train
+from capray.checkpoint import CheckpointError
+from capray.config import load_config
+from capray.infer import CaptionPredictor, InputError, caption, caption_image
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, ray_local) -> str:
+    """A small trained model (1 worker, 2 epochs on 64 synthetic scenes)."""
+    work = tmp_path_factory.mktemp("captrain")
+    cfg = load_config(REPO / "configs/demo.yaml", [
+        f"work_dir={work}", "data.synthetic_images=64", "train.epochs=2", "train.batch_size=16",
+        "ray.num_workers=1", "name=cap",
+    ])
+    features.run(cfg)
+    return train.train(cfg)["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def zoo(s3) -> str:
+    """A bucket with the image zoo under photos/ (good, awkward and broken files)."""
+    bucket = s3.bucket("zoo")
+    cfg = s3.config()
+    for name, data in good_images().items():
+        storage.write_bytes(f"{bucket}/photos/{name}", data, cfg.storage)
+    for name, (data, _) in bad_images().items():
+        storage.write_bytes(f"{bucket}/photos/{name}", data, cfg.storage)
+    storage.write_bytes(f"{bucket}/photos/readme.txt", b"not listed: wrong extension", cfg.storage)
+    return f"{bucket}/photos"
+
+
+def _rows(cfg, out: str) -> pd.DataFrame:
+    fs, path = storage.filesystem(out, cfg.storage)
+    return pq.ParquetDataset(path, filesystem=fs).read().to_pandas()
+
+
+def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkpoint: str) -> None:
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.batch_size=4")
+    out = f"{s3.bucket('out')}/captions"
+    n = len(good_images()) + len(bad_images())
+
+    # A trial run of 3 images stands in for a run interrupted after its first files.
+    cfg.infer.limit = 3
+    first = caption(cfg, checkpoint, zoo, out)
+    assert first["written"] == 3 and first["remaining"] == n - 3
+    cfg.infer.limit = 0
+    second = caption(cfg, checkpoint, zoo, out)
+    assert (second["already_done"], second["written"], second["remaining"]) == (3, n - 3, 0)
+
+    rows = _rows(cfg, out)
+    assert len(rows) == n and rows["image"].is_unique
+    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error"]
+    by_image = rows.set_index("image")
+    for name in good_images():
+        row = by_image.loc[f"{zoo}/{name}"]
+        assert pd.isna(row["error"]) and row["caption"] and row["num_tokens"] >= 1 and row["model"] == checkpoint
+    for name, (_, reason) in bad_images().items():
+        row = by_image.loc[f"{zoo}/{name}"]
+        assert reason in row["error"] and pd.isna(row["caption"])
+
+    third = caption(cfg, checkpoint, zoo, out)
+    assert (third["written"], third["already_done"]) == (0, n)
+    assert len(_rows(cfg, out)) == n
+
+
+def test_job_output_equals_the_single_image_function(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.glob='*.jpg'", "infer.attention=true")
+    out = str(tmp_path / "captions")
+    caption(cfg, checkpoint, zoo, out)
+    rows = pd.read_parquet(out).set_index("image")
+    assert all(i.endswith(".jpg") for i in rows.index)
+    predictor = CaptionPredictor(checkpoint, cfg.storage)
+    for name in ("scene.jpg", "cmyk.jpg", "dir with space/ünïcode café.jpg"):
+        row = rows.loc[f"{zoo}/{name}"]
+        assert row["caption"] == caption_image(predictor, good_images()[name], TEST_MAX_PIXELS)
+        assert len(row["attention"]) == row["num_tokens"] and len(row["attention"][0]) == 64
+
+
+def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) -> None:
+    cfg = s3.config()
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        caption(cfg, str(tmp_path / "no-such-checkpoint"), zoo, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_endpoint_fails_with_a_clear_message(checkpoint: str, tmp_path: Path) -> None:
+    cfg = load_config(None, ["storage.endpoint_url=http://127.0.0.1:9", "storage.region=us-east-1",
+                             "storage.access_key_id=x", "storage.secret_access_key=y"])
+    with pytest.raises(InputError, match="cannot list s3://nowhere/photos"):
+        caption(cfg, checkpoint, "s3://nowhere/photos", str(tmp_path / "out"))
