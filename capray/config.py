@@ -7,7 +7,8 @@ that name the key.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -117,7 +118,10 @@ class InferConfig:
     num_gpus: float = 0.0
     # 0 = the trained maximum caption length.
     max_length: int = 0
+    # greedy | beam (batched beam search of beam_size, ranked by log-prob / length**length_alpha).
     strategy: str = "greedy"
+    beam_size: int = 3
+    length_alpha: float = 0.7
     # Which files of a folder/prefix are images (case-insensitive), and an optional name glob.
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif"])
     glob: str = ""
@@ -180,17 +184,17 @@ _CHOICES = {
     "data.format": ("synthetic", "coco", "flickr", "manifest"),
     "model.feature_norm": ("none", "channel"),
     "extract.dtype": ("float16", "float32"),
-    "infer.strategy": ("greedy",),
+    "infer.strategy": ("greedy", "beam"),
     "train.lr_schedule": ("constant", "cosine"),
 }
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
-    "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "ray.cpus_per_worker", "ray.local_cpus",
+    "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
 )
 
 
@@ -217,7 +221,7 @@ def _validate(cfg: DictConfig) -> None:
 def _scalar_section(overrides: Sequence[str]) -> str | None:
     """The override that puts a value where a section belongs (`train=3`), which OmegaConf's
     merge error does not name."""
-    sections = {f.name for f in fields(Config) if is_dataclass(f.type) or f.default_factory is not MISSING}
+    sections = {f.name for f in fields(Config) if f.default_factory is not MISSING}
     for item in overrides:
         if item.split("=", 1)[0] in sections:
             return item.split("=", 1)[0]
@@ -254,7 +258,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"invalid config{where}: {str(e).splitlines()[0]}") from None
     OmegaConf.set_readonly(cfg, False)
     _validate(cfg)
+    _absolute_paths(cfg)
     return cfg
+
+
+# Local paths in these keys are made absolute where the config is loaded: Ray workers run in
+# other directories, and image keys must not depend on where a job was started.
+_PATH_KEYS = ("work_dir", "output", "checkpoint", "data.annotations", "data.images", "infer.input", "encoder.weights")
+
+
+def _absolute_paths(cfg: DictConfig) -> None:
+    for key in _PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if not value or "://" in value or (key == "encoder.weights" and not value.endswith(".h5")):
+            continue
+        OmegaConf.update(cfg, key, os.path.abspath(value))
 
 
 def parse_args(argv: Sequence[str]) -> DictConfig:

@@ -91,6 +91,17 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
     if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
         fs, path = storage.filesystem(features_dir, cfg.storage)
         fs.delete_dir(path)
+    manifest = storage.join(features_dir, "_manifest.json")
+    if storage.exists(manifest, cfg.storage):
+        import json
+
+        existing = json.loads(storage.read_bytes(manifest, cfg.storage))["dtype"]
+        if existing != cfg.extract.dtype:
+            # Training decodes a batch with one dtype; never mix them in one folder.
+            raise ValueError(
+                f"{features_dir} holds {existing} features but extract.dtype={cfg.extract.dtype}: "
+                "use the same dtype, another work_dir, or --overwrite"
+            )
     done, failed_before = status(features_dir, cfg.storage)
     wanted = set(images)
     todo = sorted(wanted - done - failed_before.keys())

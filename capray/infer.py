@@ -45,9 +45,9 @@ class InputError(RuntimeError):
 
 
 class CaptionPredictor:
-    """Ray Data callable class: pixels -> greedy captions, with the model loaded once per actor."""
+    """Ray Data callable class: pixels -> captions (greedy or beam), the model loaded once per actor."""
 
-    def __init__(self, checkpoint_uri: str, storage_cfg: Any, max_length: int = 0, attention: bool = False):
+    def __init__(self, checkpoint_uri: str, storage_cfg: Any, infer_cfg: Any):
         import tensorflow as tf
 
         from capray import checkpoint
@@ -56,13 +56,20 @@ class CaptionPredictor:
         self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
         # The backbone must be the one the training features came from.
         self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg)
-        self.model_id, self.attention = checkpoint_uri, attention
-        steps = (max_length or self.tokenizer.max_length) - 1
-        self._greedy = tf.function(lambda f: self.model.greedy(f, steps), reduce_retracing=True)
+        self.model_id, self.attention = checkpoint_uri, infer_cfg.attention
+        steps = (infer_cfg.max_length or self.tokenizer.max_length) - 1
+        if infer_cfg.strategy == "beam":
+            k, alpha = infer_cfg.beam_size, infer_cfg.length_alpha
+            self.strategy = f"beam{k}"
+            decode = lambda f: self.model.beam_search(f, steps, k, alpha)  # noqa: E731
+        else:
+            self.strategy = "greedy"
+            decode = lambda f: self.model.greedy(f, steps)  # noqa: E731
+        self._decode = tf.function(decode, reduce_retracing=True)
 
     def caption_pixels(self, pixels: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(B, 299, 299, 3) uint8 -> captions, log-probs (B,), token counts (B,), attention (B, steps, 64)."""
-        tokens, attention, log_prob, lengths = (t.numpy() for t in self._greedy(self.encoder(pixels)))
+        tokens, attention, log_prob, lengths = (t.numpy() for t in self._decode(self.encoder(pixels)))
         return [self.tokenizer.decode(row) for row in tokens], log_prob, lengths, attention
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -82,7 +89,7 @@ class CaptionPredictor:
             "caption": captions,
             "log_prob": log_probs,
             "num_tokens": num_tokens,
-            "strategy": ["greedy"] * n,
+            "strategy": [self.strategy] * n,
             "model": [self.model_id] * n,
             "error": [e or None for e in batch["error"]],
         }
@@ -94,7 +101,7 @@ class CaptionPredictor:
 
 
 def caption_image(predictor: CaptionPredictor, data: bytes, max_pixels: int) -> str:
-    """The library's single-image caption: image bytes -> greedy caption."""
+    """The library's single-image caption: image bytes -> caption (the predictor's strategy)."""
     from capray.images import decode
 
     return predictor.caption_pixels(decode(data, max_pixels)[None])[0][0]
@@ -145,10 +152,7 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
         )
         ds = ds.map_batches(
             CaptionPredictor,
-            fn_constructor_kwargs=dict(
-                checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, max_length=cfg.infer.max_length,
-                attention=cfg.infer.attention,
-            ),
+            fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, infer_cfg=cfg.infer),
             batch_size=cfg.infer.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
             num_gpus=cfg.infer.num_gpus,

@@ -201,6 +201,75 @@ class Captioner(keras.Model):
         att = tf.pad(tf.transpose(alphas.stack()[:t], [1, 0, 2]), [[0, 0], [0, pad], [0, 0]])  # (B, max_steps, 64)
         return tok, att, log_prob, lengths
 
+    def beam_search(
+        self, features: tf.Tensor, max_steps: int, beam_size: int = 3, length_alpha: float = 0.7,
+        start_id: int = 2, end_id: int = 3,
+    ):
+        """Batched beam search; the same outputs as `greedy`, for the best beam of each image.
+
+        Beams are ranked at the end by log-probability / length**length_alpha (length
+        normalisation: 0 = raw log-probability, which favours short captions).
+        """
+        k, steps = beam_size, max_steps
+        encoded, projected = self.encode(features)
+        batch = tf.shape(features)[0]
+        n = batch * k
+        encoded = tf.repeat(encoded, k, axis=0)  # (B*K, 64, E)
+        projected = tf.repeat(projected, k, axis=0)  # (B*K, 64, U)
+        # Only the first beam of each image is live at the start, so the K first words differ.
+        scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -1e9)], 0), [batch])  # (B*K,)
+        token = tf.fill((n,), start_id)
+        hidden = tf.zeros((n, self.units))
+        done = tf.zeros((n,), tf.bool)
+        lengths = tf.zeros((n,), tf.int32)
+        history = tf.zeros((n, steps), tf.int32)
+        attention = tf.zeros((n, steps, NUM_CELLS))
+        columns = tf.range(steps)
+        vocab = self.vocab_size
+        # A finished beam may only "emit" <pad> at no cost, keeping its score.
+        finished_row = tf.where(tf.range(vocab) == 0, 0.0, -1e9)  # (V,)
+
+        def body(t, token, hidden, done, scores, lengths, history, attention):
+            output, hidden, alpha = self.step(token, encoded, projected, hidden)
+            logp = tf.nn.log_softmax(self.head(output))  # (B*K, V)
+            logp = tf.where(done[:, None], finished_row[None, :], logp)
+            total = tf.reshape(scores[:, None] + logp, (batch, k * vocab))  # (B, K*V)
+            best, index = tf.math.top_k(total, k)  # (B, K)
+            parent = tf.reshape(index // vocab + tf.range(batch)[:, None] * k, (-1,))  # (B*K,)
+            token = tf.reshape(index % vocab, (-1,))
+            was_done = tf.gather(done, parent)
+            hidden = tf.gather(hidden, parent)
+            lengths = tf.gather(lengths, parent) + tf.cast(tf.logical_not(was_done), tf.int32)
+            here = columns[None, :] == t
+            history = tf.where(here, token[:, None], tf.gather(history, parent))
+            alpha = tf.where(was_done[:, None], 0.0, tf.gather(alpha, parent))
+            attention = tf.where(here[..., None], alpha[:, None, :], tf.gather(attention, parent))
+            done = tf.logical_or(was_done, token == end_id)
+            return t + 1, token, hidden, done, tf.reshape(best, (-1,)), lengths, history, attention
+
+        def cond(t, token, hidden, done, *_):
+            return tf.logical_and(t < steps, tf.logical_not(tf.reduce_all(done)))
+
+        # The beam gathers lose the static batch size; say so rather than fail when it is known.
+        invariants = (
+            tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None, self.units]), tf.TensorShape([None]),
+            tf.TensorShape([None]), tf.TensorShape([None]), tf.TensorShape([None, steps]),
+            tf.TensorShape([None, steps, NUM_CELLS]),
+        )
+        _, _, _, _, scores, lengths, history, attention = tf.while_loop(
+            cond, body, (tf.constant(0), token, hidden, done, scores, lengths, history, attention),
+            shape_invariants=invariants,
+        )
+        norm = scores / tf.pow(tf.cast(tf.maximum(lengths, 1), tf.float32), length_alpha)
+        pick = tf.argmax(tf.reshape(norm, (batch, k)), axis=1, output_type=tf.int32) + tf.range(batch) * k  # (B,)
+        return (
+            tf.gather(history, pick),  # (B, max_steps)
+            tf.gather(attention, pick),  # (B, max_steps, 64)
+            tf.gather(scores, pick),  # (B,)
+            tf.gather(lengths, pick),  # (B,)
+        )
+
+
 
 def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Masked sparse softmax cross-entropy: (sum over real tokens, number of real tokens).

@@ -53,7 +53,8 @@ def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dic
     return {
         "features": np.array(feats, dtype=object),
         "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
-        "dtype": np.array([batch["dtype"][0]] * len(feats), dtype=object) if len(feats) else np.array([], dtype=object),
+        # One dtype per features folder (capray.features.extract refuses to mix them).
+        "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
     }
 
 
@@ -232,7 +233,7 @@ def train(cfg: Any) -> dict[str, Any]:
     if not storage.exists(p["features"], cfg.storage):
         raise FileNotFoundError(f"no features at {p['features']}: run `capray extract` with the same config first")
     features = read_features(p["features"], cfg.storage)
-    train_images = set(train_df["image"])
+    train_images, val_images = set(train_df["image"]), set(val_df["image"])
     train_features = features.filter(lambda row: row["image"] in train_images)
     loop_config: dict[str, Any] = {
         "cfg": to_yaml(cfg),
@@ -246,7 +247,7 @@ def train(cfg: Any) -> dict[str, Any]:
         loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
     datasets = {
         "train": caption_dataset(train_features, train_df, tokenizer),
-        "val": caption_dataset(features.filter(lambda row: row["image"] in set(val_df["image"])), val_df, tokenizer),
+        "val": caption_dataset(features.filter(lambda row: row["image"] in val_images), val_df, tokenizer),
     }
     fs, runs = storage.filesystem(p["runs"], cfg.storage)
     trainer = TensorflowTrainer(

@@ -82,7 +82,7 @@ def test_job_output_equals_the_single_image_function(s3, zoo: str, checkpoint: s
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")
     assert all(i.endswith(".jpg") for i in rows.index)
-    predictor = CaptionPredictor(checkpoint, cfg.storage)
+    predictor = CaptionPredictor(checkpoint, cfg.storage, cfg.infer)
     for name in ("scene.jpg", "cmyk.jpg", "dir with space/ünïcode café.jpg"):
         row = rows.loc[f"{zoo}/{name}"]
         assert row["caption"] == caption_image(predictor, good_images()[name], TEST_MAX_PIXELS)
@@ -101,3 +101,14 @@ def test_unreachable_endpoint_fails_with_a_clear_message(checkpoint: str, tmp_pa
                              "storage.access_key_id=x", "storage.secret_access_key=y"])
     with pytest.raises(InputError, match="cannot list s3://nowhere/photos"):
         caption(cfg, checkpoint, "s3://nowhere/photos", str(tmp_path / "out"))
+
+
+def test_beam_search_rows_record_the_strategy_and_match_the_library(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3")
+    out = str(tmp_path / "beam")
+    caption(cfg, checkpoint, zoo, out)
+    rows = pd.read_parquet(out).set_index("image")
+    good = rows[rows["error"].isna()]
+    assert len(good) == len(good_images()) and (good["strategy"] == "beam3").all()
+    predictor = CaptionPredictor(checkpoint, cfg.storage, cfg.infer)
+    assert rows.loc[f"{zoo}/scene.jpg", "caption"] == caption_image(predictor, good_images()["scene.jpg"], TEST_MAX_PIXELS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import os
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,11 @@ def _plain(cfg) -> dict:
 
 def test_defaults_load_from_the_schema() -> None:
     cfg = load_config()
-    assert _plain(cfg) == _plain(OmegaConf.structured(Config))
+    schema = OmegaConf.structured(Config)
+    schema.work_dir = os.path.abspath(schema.work_dir)  # local paths are made absolute on load
+    assert _plain(cfg) == _plain(schema)
     assert _plain(parse_args([])) == _plain(cfg) == _plain(load_config(None, []))
-    assert (cfg.name, cfg.work_dir, cfg.data.format) == ("capray", "outputs/capray", "synthetic")
+    assert (cfg.name, cfg.work_dir, cfg.data.format) == ("capray", os.path.abspath("outputs/capray"), "synthetic")
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (20, 64, 1e-3)
     assert (cfg.text.vocab_size, cfg.text.max_length) == (5000, 0)
     assert (cfg.model.embedding_dim, cfg.model.units, cfg.model.feature_norm) == (256, 512, "none")
@@ -242,3 +245,13 @@ def test_every_shipped_config_loads_and_says_how_to_run_it(path: Path) -> None:
         header.append(line)
     text = "\n".join(header)
     assert "Run" in text or "capray " in text or "make " in text, f"{path.name}: header does not say how to run it"
+
+
+def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["work_dir=outputs/x", "infer.input=photos", "encoder.weights=w/inception.h5",
+                             "data.annotations=s3://b/captions.csv"])
+    assert cfg.work_dir == str(tmp_path / "outputs/x") and cfg.infer.input == str(tmp_path / "photos")
+    assert cfg.encoder.weights == str(tmp_path / "w/inception.h5")
+    assert cfg.data.annotations == "s3://b/captions.csv" and cfg.output == ""
+    assert load_config(None, ["encoder.weights=random"]).encoder.weights == "random"

@@ -84,3 +84,11 @@ def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) ->
     cfg.extract.overwrite = True
     assert features.run(cfg)["extracted"] == len(good_images())
     assert len(_table(cfg)) == len(good_images()) + len(bad_images())
+
+
+def test_mixing_feature_dtypes_in_one_folder_is_refused(s3, photos: str, tmp_path, ray_local) -> None:
+    cfg = _config(s3, photos, str(tmp_path / "run"))
+    features.run(cfg)
+    cfg.extract.dtype = "float32"
+    with pytest.raises(ValueError, match="holds float16 features but extract.dtype=float32"):
+        features.run(cfg)

@@ -333,3 +333,21 @@ def test_image_encoder_is_the_preprocessed_backbone_reshaped_to_64_cells() -> No
     expected = np.reshape(np.asarray(direct), (2, 64, 2048))
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
     assert not np.allclose(features[0], features[1])  # different images, different features
+
+
+def test_beam_search_of_one_is_greedy_and_wider_beams_score_higher() -> None:
+    keras.utils.set_random_seed(1)
+    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    rng = np.random.default_rng(0)
+    for w in (model.fc2.kernel, model.embedding.embeddings):  # sharper, more varied predictions
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    feats = rng.normal(size=(4, 64, 2048)).astype("float32")
+    greedy = [t.numpy() for t in model.greedy(feats, 6)]
+    beam1 = [t.numpy() for t in tf.function(lambda f: model.beam_search(f, 6, 1, 0.0))(feats)]
+    for g, b in zip(greedy, beam1):
+        np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-6)
+    # Compiled with a static batch size, as the caption job's tf.function sees it.
+    static = tf.function(lambda f: model.beam_search(f, 6, 3, 0.0), input_signature=[tf.TensorSpec((4, 64, 2048))])
+    tokens, attention, log_prob, lengths = (t.numpy() for t in static(feats))
+    assert tokens.shape == (4, 6) and attention.shape == (4, 6, 64) and lengths.shape == (4,)
+    assert (log_prob >= greedy[2] - 1e-5).all() and (log_prob > greedy[2] + 1e-3).any()

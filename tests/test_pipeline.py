@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from capray import cli, synthetic
 from capray.config import load_config, output_paths
 
+REPO = Path(__file__).resolve().parents[1]
 # Small but complete: 160 scenes, 2 epochs, 2 MultiWorkerMirroredStrategy workers.
 OVERRIDES = [
     "data.synthetic_images=160",
@@ -25,15 +27,21 @@ OVERRIDES = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     work = tmp_path_factory.mktemp("pipeline")
-    args = ["configs/demo.yaml", f"work_dir={work}", *OVERRIDES]
-    assert cli.main(args, job="extract") == 0
-    assert cli.main(args, job="train") == 0
-    heldout = work / "heldout"
-    synthetic.generate(heldout, 12, seed=99, prefix="heldout")
-    (heldout / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    assert cli.main([*args, f"infer.input={heldout / 'images'}"], job="caption") == 0
-    assert cli.main(args, job="evaluate") == 0
-    return {"work": work, "cfg": load_config("configs/demo.yaml", [f"work_dir={work}", *OVERRIDES])}
+    # Relative paths, as users type them (`make demo` uses outputs/demo): Ray workers run in
+    # other directories and must still find every output.
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        args = [str(REPO / "configs/demo.yaml"), "work_dir=out", *OVERRIDES]
+        assert cli.main(args, job="extract") == 0
+        assert cli.main(args, job="train") == 0
+        synthetic.generate("heldout", 12, seed=99, prefix="heldout")
+        Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        assert cli.main([*args, "infer.input=heldout/images"], job="caption") == 0
+        assert cli.main(args, job="evaluate") == 0
+    finally:
+        os.chdir(old)
+    return {"work": work, "cfg": load_config(REPO / "configs/demo.yaml", [f"work_dir={work / 'out'}", *OVERRIDES])}
 
 
 def test_extract_writes_one_row_per_image_and_config(run: dict) -> None:

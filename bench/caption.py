@@ -1,0 +1,128 @@
+"""Benchmark: the bulk caption job end to end, against the InceptionV3 forward bound, in one run.
+
+  bound   compiled InceptionV3 forward on already decoded, resized batches
+  greedy  `capray.infer.caption`: JPEG files -> decode -> features -> greedy -> Parquet rows
+  beam    the same with beam search of 3
+  memory  peak RSS of all Ray processes (the driver and every process it started) while
+          captioning 1x and 4x the images (the 4x set is each image under 4 names)
+
+Usage: python bench/caption.py [--checkpoint DIR] [--images DIR] [--batch-size 16]
+Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+import capray  # noqa: F401  (sets the Keras backend)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "flickr8k-dev" / "images"
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and all its descendants (Ray's processes)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def linked(paths: list[str], copies: int, folder: str) -> str:
+    """A folder holding each image `copies` times under different names (symlinks)."""
+    os.makedirs(folder)
+    for c in range(copies):
+        for p in paths:
+            os.symlink(p, os.path.join(folder, f"c{c}_{Path(p).name}"))
+    return folder
+
+
+def main() -> None:
+    """Measure bound, greedy, beam and memory; print figures and ratios."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(REPO / "outputs/demo/runs/demo/best"))
+    ap.add_argument("--images", default=str(DEFAULT_IMAGES))
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    if not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make demo` or pass --checkpoint")
+    paths = sorted(glob.glob(os.path.join(args.images, "*.jpg")))
+
+    from capray.config import load_config
+    from capray.images import decode
+    from capray.infer import caption
+    from capray.model import ImageEncoder
+    from capray.runtime import init_ray
+
+    base = [f"infer.batch_size={args.batch_size}"]
+    init_ray(load_config(None, []))
+    tmp = tempfile.mkdtemp(prefix="capray-bench-")
+    try:
+        one = linked(paths, 1, os.path.join(tmp, "x1"))
+        four = linked(paths, 4, os.path.join(tmp, "x4"))
+        results = {}
+        for name, folder, extra in (
+            ("greedy", one, []),
+            ("beam3", one, ["infer.strategy=beam", "infer.beam_size=3"]),
+            ("greedy x4", four, []),
+        ):
+            cfg = load_config(None, [*base, *extra])
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                summary = caption(cfg, args.checkpoint, folder, os.path.join(tmp, name.replace(" ", "_")))
+                seconds = time.perf_counter() - start
+            assert summary["written"] == len(os.listdir(folder)), summary
+            results[name] = (summary["written"], seconds, mem.peak)
+
+        encoder = ImageEncoder("random")  # the forward cost does not depend on the weights
+        pixels = np.stack([decode(Path(p).read_bytes(), 64_000_000) for p in paths])
+        encoder(pixels[: args.batch_size])
+        start = time.perf_counter()
+        for i in range(0, len(pixels), args.batch_size):
+            encoder(pixels[i : i + args.batch_size])
+        bound = len(pixels) / (time.perf_counter() - start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{len(paths)} images from {args.images}; batch {args.batch_size}; checkpoint {args.checkpoint}")
+    print(f"forward bound            {bound:6.1f} images/s")
+    for name, (n, seconds, peak) in results.items():
+        print(f"{name:10s} {n:5d} images {seconds:6.1f} s  {n / seconds:6.1f} images/s  peak RSS {peak / 2**30:5.2f} GiB")
+    g, b, g4 = results["greedy"], results["beam3"], results["greedy x4"]
+    print(f"greedy / bound = {g[0] / g[1] / bound:.2f} (goal >= 0.8)")
+    print(f"beam3 wall / greedy wall = {b[1] / g[1]:.2f} (goal <= 1.25)")
+    print(f"peak RSS 4x / 1x = {g4[2] / g[2]:.2f} (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
