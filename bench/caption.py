@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 import capray  # noqa: F401  (sets the Keras backend)
 
@@ -37,15 +36,26 @@ class PeakRSS:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
     def _sample(self) -> None:
-        me = psutil.Process()
+        page = os.sysconf("SC_PAGE_SIZE")
+        me = os.getpid()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            # Linux /proc: parent and resident pages of every process; sum over our process tree.
+            parent, rss = {}, {}
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
                 try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parent[int(entry)], rss[int(entry)] = int(fields[1]), int(fields[21]) * page
+            tree, frontier = {me}, [me]
+            while frontier:
+                kids = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in tree]
+                tree.update(kids)
+                frontier = kids
+            self.peak = max(self.peak, sum(rss.get(pid, 0) for pid in tree))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRSS":
