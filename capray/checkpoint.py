@@ -5,7 +5,8 @@ A checkpoint is a directory (local or s3://) holding:
   optimizer.npz      Adam slots, loaded with allow_pickle=False
   tokenizer.json     vocabulary and padded length
   config.yaml        the resolved training config, credentials removed
-  state.json         epoch, step and the metrics reported with it
+  state.json         completed epochs, global step, steps into the current epoch (mid-epoch
+                     checkpoints) and the metrics reported with it
 """
 
 from __future__ import annotations

@@ -91,6 +91,9 @@ class TrainConfig:
     # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
     # to runs/<name>/best/ (pointed to by best.json) and never deleted.
     num_to_keep: int = 2
+    # Also validate, report and checkpoint every N steps inside an epoch (0 = at epoch ends only);
+    # a resumed run then loses at most N steps. Mid-epoch checkpoints count towards num_to_keep.
+    checkpoint_every_steps: int = 0
     max_failures: int = 0
 
 
@@ -193,7 +196,7 @@ _POSITIVE = (
     "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
 )
 _NON_NEGATIVE = (
-    "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures",
+    "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures", "train.checkpoint_every_steps",
     "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
 )
 

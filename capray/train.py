@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
     paths = output_paths(cfg)
     storage_cfg = config["storage"]
     best_val = _recorded_best(paths["best"], storage_cfg)
-    start_epoch, step = 0, 0
+    start_epoch, step, skip_steps = 0, 0, 0
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt.restore_optimizer(d, optimizer)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
-        start_epoch, step = state["epoch"], state["step"]
+        start_epoch, step, skip_steps = state["epoch"], state["step"], state.get("epoch_step", 0)
         if rank == 0:
             print(f"[capray] resuming from epoch {start_epoch} (step {step})", flush=True)
 
@@ -171,23 +171,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     shuffle = cfg.train.shuffle
-    for epoch in range(start_epoch, cfg.train.epochs):
-        t0 = time.time()
-        loss_sum = tokens = 0.0
-        captions_seen = 0
-        for batch in train_shard.iter_batches(
-            batch_size=local_batch,
-            drop_last=True,  # every worker must run the same number of all-reduce steps
-            local_shuffle_buffer_size=8 * local_batch if shuffle else None,
-            local_shuffle_seed=cfg.train.shuffle_seed + 1000 * epoch + rank if shuffle else None,
-        ):
-            feats = decode_features(batch["features"], batch["dtype"][0])
-            ls, nt = train_step(feats, batch["captions"])
-            loss_sum += float(ls)
-            tokens += float(nt)
-            captions_seen += global_batch
-            step += 1
-        train_seconds = time.time() - t0
+    every = cfg.train.checkpoint_every_steps
+
+    def validate() -> tuple[float, float]:
         val_sum = val_tokens = 0.0
         val_captions = 0
         for batch in val_data.iter_batches(batch_size=128):
@@ -195,32 +181,68 @@ def train_loop_per_worker(config: dict) -> None:
             val_sum += float(ls)
             val_tokens += float(nt)
             val_captions += len(batch["captions"])
+        return val_sum / max(val_tokens, 1.0), val_sum / max(val_captions, 1)
+
+    def report(epochs_done: int, epoch_step: int, train_loss: float, captions_per_s: float) -> None:
+        """Validation loss, `ray.train.report` and a checkpoint (rank 0 writes it, all report)."""
+        nonlocal best_val
+        val_loss, val_per_caption = validate()
         metrics = {
-            "epoch": epoch + 1,
+            "epoch": epochs_done + (epoch_step > 0),
             "step": step,
-            "train_loss": loss_sum / max(tokens, 1.0),
-            "val_loss": val_sum / max(val_tokens, 1.0),
-            "val_loss_per_caption": val_sum / max(val_captions, 1),
-            "captions_per_s": captions_seen / max(train_seconds, 1e-9),
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_loss_per_caption": val_per_caption,
+            "captions_per_s": captions_per_s,
         }
-        state = {"epoch": epoch + 1, "step": step, "metrics": metrics}
-        if rank == 0:
-            print(
-                f"[capray] epoch {epoch + 1}/{cfg.train.epochs} step {step} train_loss {metrics['train_loss']:.4f} "
-                f"val_loss {metrics['val_loss']:.4f} ({metrics['captions_per_s']:.0f} captions/s)",
-                flush=True,
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt.write(tmp, model, optimizer, tokenizer, cfg, state)
-                if metrics["val_loss"] < best_val:
-                    best_val = metrics["val_loss"]
-                    storage.upload_dir(tmp, paths["best_checkpoint"], storage_cfg)
-                    # Published only once the copy is complete.
-                    record = {"checkpoint": paths["best_checkpoint"], "metrics": metrics}
-                    storage.write_bytes(paths["best"], json.dumps(record, indent=2).encode("utf-8"), storage_cfg)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        else:
+        # `epoch` counts completed epochs; `epoch_step` > 0 marks a checkpoint taken inside one.
+        state = {"epoch": epochs_done, "epoch_step": epoch_step, "step": step, "metrics": metrics}
+        if rank != 0:
             ray.train.report(metrics, checkpoint=None)
+            return
+        where = f"epoch {epochs_done + 1}/{cfg.train.epochs} step {step} (mid-epoch)" if epoch_step else f"epoch {epochs_done}/{cfg.train.epochs} step {step}"
+        print(
+            f"[capray] {where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s)",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.write(tmp, model, optimizer, tokenizer, cfg, state)
+            if val_loss < best_val:
+                best_val = val_loss
+                storage.upload_dir(tmp, paths["best_checkpoint"], storage_cfg)
+                # Published only once the copy is complete.
+                record = {"checkpoint": paths["best_checkpoint"], "metrics": metrics}
+                storage.write_bytes(paths["best"], json.dumps(record, indent=2).encode("utf-8"), storage_cfg)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    steps_per_epoch = config["train_captions"] // global_batch
+    for epoch in range(start_epoch, cfg.train.epochs):
+        t0 = time.time()
+        loss_sum = tokens = 0.0
+        captions_seen = 0
+        # A run resumed from a mid-epoch checkpoint runs only the rest of that epoch's steps.
+        # Ray Data's block order is not fixed, so those are not exactly the captions the
+        # interrupted run would have seen; the step count and optimizer state are.
+        epoch_step = skip_steps if epoch == start_epoch else 0
+        batches = train_shard.iter_batches(
+            batch_size=local_batch,
+            drop_last=True,  # every worker must run the same number of all-reduce steps
+            local_shuffle_buffer_size=8 * local_batch if shuffle else None,
+            local_shuffle_seed=cfg.train.shuffle_seed + 1000 * epoch + rank if shuffle else None,
+        )
+        for batch in batches:
+            if epoch_step >= steps_per_epoch:
+                break
+            feats = decode_features(batch["features"], batch["dtype"][0])
+            ls, nt = train_step(feats, batch["captions"])
+            loss_sum += float(ls)
+            tokens += float(nt)
+            captions_seen += global_batch
+            step += 1
+            epoch_step += 1
+            if every and step % every == 0 and epoch_step < steps_per_epoch:
+                report(epoch, epoch_step, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9))
+        report(epoch + 1, 0, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9))
 
 
 def train(cfg: Any) -> dict[str, Any]:

@@ -31,9 +31,9 @@ SMALL = [
 
 
 def _states(run_dir: str) -> list[dict]:
-    """Every kept checkpoint's state.json, in epoch order."""
+    """Every kept checkpoint's state.json, in step order."""
     states = [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")]
-    return sorted(states, key=lambda s: s["epoch"])
+    return sorted(states, key=lambda s: s["step"])
 
 
 def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_path: Path, ray_local) -> None:
@@ -75,10 +75,11 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_pat
 
 def _train_cmd(work: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "capray.cli", "train", "configs/demo.yaml", f"work_dir={work}", *SMALL,
-            f"train.epochs={epochs}", "train.num_to_keep=0", "ray.num_workers=2", "name=resume"]
+            f"train.epochs={epochs}", "train.num_to_keep=0", "ray.num_workers=2", "name=resume",
+            "train.checkpoint_every_steps=3"]
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, ray_local) -> None:
+def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(tmp_path: Path, ray_local) -> None:
     work = tmp_path / "work"
     cfg = load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", *SMALL])
     features.run(cfg)
@@ -88,25 +89,34 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, ray_local) 
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        # Wait (bounded) for the second epoch's checkpoint, then kill the whole job mid-run.
-        while len(_states(run_dir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(_states(run_dir)) >= 2, "training never wrote two checkpoints"
+        # Wait (bounded) for a mid-epoch checkpoint after the first epoch, then kill the whole job.
+        while proc.poll() is None and time.monotonic() < deadline and not any(
+            s["epoch_step"] and s["epoch"] >= 1 for s in _states(run_dir)
+        ):
+            time.sleep(0.2)
+        assert any(s["epoch_step"] and s["epoch"] >= 1 for s in _states(run_dir)), "no mid-epoch checkpoint"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = _states(run_dir)[-1]["epoch"]
-    assert killed_at < 6, "the run finished before it could be killed"
+    killed = _states(run_dir)[-1]
+    assert killed["epoch"] < 6, "the run finished before it could be killed"
 
     done = subprocess.run(_train_cmd(work, 6), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from epoch {killed_at}" in done.stdout + done.stderr
+    assert f"resuming from epoch {killed['epoch']} (step {killed['step']})" in done.stdout + done.stderr
     states = _states(run_dir)
-    assert [s["epoch"] for s in states] == list(range(1, 7))
     steps = [s["step"] for s in states]
-    assert steps == sorted(steps) and len(set(np.diff(steps))) == 1  # no epoch ran twice
+    ends = [s for s in states if not s["epoch_step"]]
+    assert [s["epoch"] for s in ends] == list(range(1, 7))
+    per_epoch = ends[0]["step"]
+    # Every step ran exactly once: checkpoints every 3 steps inside epochs and at every epoch end,
+    # none repeated, and the run ends after exactly 6 epochs' worth of steps.
+    assert steps == sorted(set(steps))
+    assert set(steps) == {k for k in range(1, 6 * per_epoch + 1) if k % per_epoch == 0 or k % 3 == 0}
+    assert all(s["epoch"] == (s["step"] - 1) // per_epoch for s in states if s["epoch_step"])
     # The loss continues from where it was, it does not start over.
-    assert states[killed_at]["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
+    after = next(s for s in states if s["step"] > killed["step"])
+    assert after["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
 
 
 def test_one_and_two_workers_reach_the_same_validation_loss(tmp_path: Path, ray_local) -> None:
