@@ -158,6 +158,10 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
     local_cpus: int = 0
+    # Extraction and captioning: decoded batches per actor that may wait in the object store
+    # ahead of the model. Enough to keep the actors busy; few enough that memory stays flat
+    # however many images a job has.
+    inflight_batches: int = 8
 
 
 @dataclass
@@ -193,7 +197,7 @@ _CHOICES = {
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "ray.inflight_batches", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures", "train.checkpoint_every_steps",

@@ -23,6 +23,7 @@ from ray.data.expressions import col
 from capray import storage
 from capray.images import load_batch
 from capray.parquet import AtomicParquetSink, read_columns
+from capray.runtime import bound_memory
 from capray.model import FEATURE_DIM, NUM_CELLS
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,10 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
             num_gpus=cfg.extract.num_gpus,
         )
         # 256 rows of float16 features: about 64 MiB per file.
-        ds.write_datasink(AtomicParquetSink(features_dir, SCHEMA, storage_cfg, rows_per_file=256))
+        rows_per_file = 256
+        row_bytes = np.dtype(cfg.extract.dtype).itemsize * NUM_CELLS * FEATURE_DIM
+        ds = bound_memory(ds, cfg, cfg.extract.batch_size, cfg.extract.max_actors, 2 * rows_per_file * row_bytes)
+        ds.write_datasink(AtomicParquetSink(features_dir, SCHEMA, storage_cfg, rows_per_file=rows_per_file))
     done_after, failed_after = status(features_dir, cfg.storage)
     summary["extracted"] = len(done_after & set(todo))
     summary["failed"] = len(failed_after.keys() & set(todo))

@@ -22,6 +22,7 @@ import ray
 from capray import storage
 from capray.images import load_batch
 from capray.parquet import AtomicParquetSink, read_columns
+from capray.runtime import bound_memory
 
 log = logging.getLogger(__name__)
 # The documented output schema (README "Output schema"); explicit so all-null columns keep types.
@@ -158,6 +159,9 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
             num_gpus=cfg.infer.num_gpus,
         )
         schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
+        # A caption row is ~200 bytes; with attention, 64 float32 per step (up to 64 steps).
+        row_bytes = 256 + (64 * 4 * 64 if cfg.infer.attention else 0)
+        ds = bound_memory(ds, cfg, cfg.infer.batch_size, cfg.infer.max_actors, 2 * cfg.infer.rows_per_file * row_bytes)
         ds.write_datasink(AtomicParquetSink(output, schema, cfg.storage, rows_per_file=cfg.infer.rows_per_file))
     rows = read_columns(output, ["image", "error"], cfg.storage)
     new = rows.filter(pc.is_in(rows["image"], pa.array(todo, pa.string())))

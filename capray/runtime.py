@@ -29,3 +29,19 @@ def init_ray(cfg: Any) -> None:
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+
+
+def bound_memory(ds: "ray.data.Dataset", cfg: Any, batch_size: int, max_actors: int, output_bytes: int) -> "ray.data.Dataset":
+    """Cap the object store memory of an image job at `ray.inflight_batches` decoded batches per
+    actor plus `output_bytes` (what the Parquet sink buffers), so memory does not grow with the
+    number of images.
+
+    By default Ray Data lets a fast stage (decoding) run ahead of a slow one (the model) until half
+    the object store is full: gigabytes of decoded pixels on a large input, for no gain in speed.
+    """
+    from capray.images import IMAGE_SIZE
+
+    pixels = cfg.ray.inflight_batches * batch_size * max_actors * IMAGE_SIZE * IMAGE_SIZE * 3
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=pixels + output_bytes)
+    return ds
