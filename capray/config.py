@@ -71,6 +71,13 @@ class ModelConfig:
     # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
     # scale and need it, ImageNet features do not.
     feature_norm: str = "none"
+    # GPU options, off by default (and best left off on CPU, where they only cost time).
+    # mixed_precision: Keras `mixed_float16` policy in training, extraction and captioning
+    # (float16 compute, float32 weights; logits, softmax and loss in float32; dynamic loss
+    # scaling in training). Pays off on GPUs with tensor cores (V100, T4, A10G, A100, L4...).
+    mixed_precision: bool = False
+    # XLA-compile the InceptionV3 forward pass and the training step's forward/backward pass.
+    jit_compile: bool = False
 
 
 @dataclass
