@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -46,8 +47,11 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    import capray
     from capray.runtime import init_ray
 
+    # Which code runs matters on a cluster (uploaded working dir vs. the installed wheel).
+    print(f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}", flush=True)
     init_ray(cfg)
     importlib.import_module(JOBS[job]).run(cfg)
     return 0

@@ -33,6 +33,7 @@ class DataConfig:
     images: str = ""
     # Synthetic dataset: number of scenes to generate and the generator seed.
     synthetic_images: int = 2400
+    # Seed of the synthetic scene generator.
     synthetic_seed: int = 0
     # Scenes generated with another seed for the demo's held-out captioning test.
     synthetic_heldout: int = 300
@@ -40,7 +41,9 @@ class DataConfig:
     max_pixels: int = 64_000_000
     # The seed's sampling: this many captions at random (0 = all), split by image.
     num_examples: int = 30000
+    # Fraction of the images (not captions) held out for validation.
     val_fraction: float = 0.2
+    # Seed of the caption sampling and the train/val split.
     seed: int = 42
 
 
@@ -48,6 +51,7 @@ class DataConfig:
 class TextConfig:
     """Tokenizer settings (the seed's: top 5,000 words, `<unk>`, `<pad>` = 0)."""
 
+    # Most frequent training words kept; the rest become <unk>.
     vocab_size: int = 5000
     # 0 = pad to the longest training caption.
     max_length: int = 0
@@ -57,7 +61,9 @@ class TextConfig:
 class EncoderConfig:
     """InceptionV3 backbone: `imagenet` (Keras download/cache), `random` (seeded), or an .h5 path/URI."""
 
+    # imagenet | random | path or s3:// URI of a no-top InceptionV3 .h5 weights file.
     weights: str = "imagenet"
+    # Seed of the `random` backbone (extraction and captioning must use the same).
     seed: int = 0
 
 
@@ -65,20 +71,32 @@ class EncoderConfig:
 class ModelConfig:
     """Show, Attend and Tell decoder sizes and feature normalisation."""
 
+    # Encoder output and word embedding size (E).
     embedding_dim: int = 256
+    # GRU and attention size (U).
     units: int = 512
     # none | channel. `channel` standardises each of the 2048 feature channels with statistics of
     # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
     # scale and need it, ImageNet features do not.
     feature_norm: str = "none"
+    # GPU options, off by default (and best left off on CPU, where they only cost time).
+    # mixed_precision: Keras `mixed_float16` policy in training, extraction and captioning
+    # (float16 compute, float32 weights; logits, softmax and loss in float32; dynamic loss
+    # scaling in training). Pays off on GPUs with tensor cores (V100, T4, A10G, A100, L4...).
+    mixed_precision: bool = False
+    # XLA-compile the InceptionV3 forward pass and the training step's forward/backward pass.
+    jit_compile: bool = False
 
 
 @dataclass
 class TrainConfig:
     """Custom-loop training with teacher forcing; batch_size is global (split across workers)."""
 
+    # Passes over the training captions.
     epochs: int = 20
+    # Global batch (all workers together); must be divisible by ray.num_workers.
     batch_size: int = 64
+    # Adam's learning rate (the peak, with lr_schedule=cosine).
     learning_rate: float = 1e-3
     # constant (the seed's Adam) | cosine (decays to 0 over all epochs: steadier final accuracy).
     lr_schedule: str = "constant"
@@ -86,7 +104,9 @@ class TrainConfig:
     attention_reg: float = 0.0
     # Clip the global gradient norm (after the all-reduce, so all replicas agree); 0 = off.
     clip_norm: float = 0.0
+    # Shuffle the training captions every epoch (local shuffle buffer, seeded per epoch).
     shuffle: bool = True
+    # Seed of the shuffle and of the model's initial weights.
     shuffle_seed: int = 0
     # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
     # to runs/<name>/best/ (pointed to by best.json) and never deleted.
@@ -94,6 +114,7 @@ class TrainConfig:
     # Also validate, report and checkpoint every N steps inside an epoch (0 = at epoch ends only);
     # a resumed run then loses at most N steps. Mid-epoch checkpoints count towards num_to_keep.
     checkpoint_every_steps: int = 0
+    # Ray Train restarts after a worker failure, from the last checkpoint.
     max_failures: int = 0
 
 
@@ -101,12 +122,16 @@ class TrainConfig:
 class ExtractConfig:
     """Ray Data feature extraction: an actor pool holding InceptionV3."""
 
+    # Images per forward pass of an InceptionV3 actor.
     batch_size: int = 16
+    # Size range of the InceptionV3 actor pool (Ray Data autoscales within it).
     min_actors: int = 1
     max_actors: int = 1
+    # GPUs per actor: 1 on GPU clusters, 0 on CPU.
     num_gpus: float = 0.0
     # float16 halves storage and I/O; float32 keeps every bit.
     dtype: str = "float16"
+    # Recompute every feature (deletes the features folder first); also --overwrite.
     overwrite: bool = False
 
 
@@ -114,10 +139,14 @@ class ExtractConfig:
 class InferConfig:
     """Bulk captioning: image folder/bucket/manifest in, Parquet out."""
 
+    # Folder, s3:// prefix, or .csv/.parquet manifest (an `image` column) to caption.
     input: str = ""
+    # Images per forward pass of a captioning actor.
     batch_size: int = 16
+    # Size range of the captioning actor pool (InceptionV3 + decoder in each actor).
     min_actors: int = 1
     max_actors: int = 1
+    # GPUs per actor: 1 on GPU clusters, 0 on CPU.
     num_gpus: float = 0.0
     # 0 = the trained maximum caption length.
     max_length: int = 0
@@ -140,8 +169,11 @@ class InferConfig:
 class StorageConfig:
     """Object storage access. Empty values fall back to the standard AWS environment variables."""
 
+    # S3-compatible endpoint (MinIO, moto...); empty for AWS.
     endpoint_url: str = ""
+    # Bucket region (e.g. us-east-1); empty = the endpoint's or environment's default.
     region: str = ""
+    # Explicit credentials; on a cluster leave them empty and use an instance profile.
     access_key_id: str = ""
     secret_access_key: str = ""
     session_token: str = ""
@@ -153,8 +185,11 @@ class RayConfig:
 
     # "" = RAY_ADDRESS if set, else a local Ray instance.
     address: str = ""
+    # Ray Train workers (one MultiWorkerMirroredStrategy replica each).
     num_workers: int = 2
+    # One GPU per training worker.
     use_gpu: bool = False
+    # CPUs reserved per training worker.
     cpus_per_worker: float = 1.0
     # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
     local_cpus: int = 0
@@ -168,6 +203,7 @@ class RayConfig:
 class Config:
     """The whole capray configuration."""
 
+    # Run name: checkpoints go to <work_dir>/runs/<name>/.
     name: str = "capray"
     # Root of every output: features/, runs/, captions/, split.json (local path or s3:// URI).
     work_dir: str = "outputs/capray"

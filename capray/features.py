@@ -43,10 +43,11 @@ SCHEMA = pa.schema(
 class FeatureExtractor:
     """Ray Data callable class: decoded pixels -> InceptionV3 feature rows."""
 
-    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str):
-        from capray.model import ImageEncoder  # TF is imported in the actor, not the driver
+    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str, mixed_precision: bool, jit_compile: bool):
+        from capray.model import ImageEncoder, set_precision  # TF is imported in the actor, not the driver
 
-        self.encoder = ImageEncoder(weights, seed, storage_cfg)
+        set_precision(mixed_precision)
+        self.encoder = ImageEncoder(weights, seed, storage_cfg, jit_compile=jit_compile)
         self.dtype = np.dtype(dtype)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -121,7 +122,8 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
         ds = ds.map_batches(
             FeatureExtractor,
             fn_constructor_kwargs=dict(
-                weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype
+                weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype,
+                mixed_precision=cfg.model.mixed_precision, jit_compile=cfg.model.jit_compile,
             ),
             batch_size=cfg.extract.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),

@@ -48,15 +48,20 @@ class InputError(RuntimeError):
 class CaptionPredictor:
     """Ray Data callable class: pixels -> captions (greedy or beam), the model loaded once per actor."""
 
-    def __init__(self, checkpoint_uri: str, storage_cfg: Any, infer_cfg: Any):
+    def __init__(self, checkpoint_uri: str, storage_cfg: Any, infer_cfg: Any, model_cfg: Any = None):
+        """`model_cfg`: the running job's `model` section (mixed_precision, jit_compile); None = neither."""
         import tensorflow as tf
 
         from capray import checkpoint
-        from capray.model import ImageEncoder
+        from capray.model import ImageEncoder, set_precision
 
+        mixed = bool(model_cfg and model_cfg.mixed_precision)
+        jit = bool(model_cfg and model_cfg.jit_compile)
+        set_precision(mixed)  # before the model and backbone are built
         self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
-        # The backbone must be the one the training features came from.
-        self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg)
+        # The backbone must be the one the training features came from. XLA compiles it; the
+        # decoding loops stop early with data-dependent shapes, which XLA cannot compile.
+        self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg, jit_compile=jit)
         self.model_id, self.attention = checkpoint_uri, infer_cfg.attention
         steps = (infer_cfg.max_length or self.tokenizer.max_length) - 1
         if infer_cfg.strategy == "beam":
@@ -153,7 +158,9 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
         )
         ds = ds.map_batches(
             CaptionPredictor,
-            fn_constructor_kwargs=dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, infer_cfg=cfg.infer),
+            fn_constructor_kwargs=dict(
+                checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, infer_cfg=cfg.infer, model_cfg=cfg.model
+            ),
             batch_size=cfg.infer.batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
             num_gpus=cfg.infer.num_gpus,

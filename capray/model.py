@@ -24,6 +24,15 @@ class BackboneError(RuntimeError):
     """The InceptionV3 weights could not be loaded."""
 
 
+def set_precision(mixed: bool) -> None:
+    """Set Keras' global dtype policy (`model.mixed_precision`): `mixed_float16` or `float32`.
+
+    Global, so it is set where a process starts its work (Ray actor, training worker) and before
+    any layer is built; layers keep the policy they were built under.
+    """
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+
+
 def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None) -> keras.Model:
     """InceptionV3 without its classifier: (B, 299, 299, 3) preprocessed -> (B, 8, 8, 2048)."""
     kwargs = dict(include_top=False, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -60,14 +69,14 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None
 class ImageEncoder:
     """InceptionV3 feature extractor: uint8 RGB images -> (B, 64, 2048) float32 features."""
 
-    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None):
+    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None, jit_compile: bool = False):
         self.backbone = build_backbone(weights, seed, storage)
-        self._forward = tf.function(self._features, reduce_retracing=True)
+        self._forward = tf.function(self._features, reduce_retracing=True, jit_compile=jit_compile)
 
     def _features(self, images: tf.Tensor) -> tf.Tensor:
         x = keras.applications.inception_v3.preprocess_input(tf.cast(images, tf.float32))
-        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048)
-        return tf.reshape(grid, (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
+        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048); float16 under mixed precision
+        return tf.reshape(tf.cast(grid, tf.float32), (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Features of a batch of (B, 299, 299, 3) uint8 images."""
@@ -89,8 +98,9 @@ class BahdanauAttention(keras.layers.Layer):
 
     def call(self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         score = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, 64, U)
-        weights = tf.nn.softmax(self.V(score)[..., 0], axis=1)  # (B, 64)
-        context = tf.reduce_sum(weights[..., None] * features, axis=1)  # (B, E)
+        # Softmax in float32 (a no-op cast unless mixed precision computes the scores in float16).
+        weights = tf.nn.softmax(tf.cast(self.V(score)[..., 0], tf.float32), axis=1)  # (B, 64)
+        context = tf.reduce_sum(tf.cast(weights, features.dtype)[..., None] * features, axis=1)  # (B, E)
         return context, weights
 
 
@@ -129,11 +139,12 @@ class Captioner(keras.Model):
         # The TF tutorial resets its GRU every step (no initial_state); we carry the state, as
         # the paper's LSTM does.
         output, state = self.gru(x, [hidden])
-        return output, state[0], alpha
+        # The loops carry float32 (float16 under mixed precision would not match their state).
+        return tf.cast(output, tf.float32), tf.cast(state[0], tf.float32), alpha
 
     def head(self, outputs: tf.Tensor) -> tf.Tensor:
-        """GRU outputs (..., U) -> vocabulary logits (..., V)."""
-        return self.fc2(self.fc1(outputs))
+        """GRU outputs (..., U) -> vocabulary logits (..., V), float32 (softmax and loss stay float32)."""
+        return tf.cast(self.fc2(self.fc1(outputs)), tf.float32)
 
     def call(self, features: tf.Tensor, captions: tf.Tensor, training: bool = False):
         """Teacher forcing: logits (B, T-1, V) predicting captions[:, 1:] and attention (B, T-1, 64)."""
@@ -150,8 +161,10 @@ class Captioner(keras.Model):
             output, hidden, alpha = self.step(inputs[t], encoded, projected, hidden)
             return t + 1, hidden, outs.write(t, output), alphas.write(t, alpha)
 
+        # maximum_iterations: XLA (model.jit_compile) needs the loop's bound to size its gradient.
         _, _, outs, alphas = tf.while_loop(
-            lambda t, *_: t < steps, body, (tf.constant(0), tf.zeros((batch, self.units)), outs, alphas)
+            lambda t, *_: t < steps, body, (tf.constant(0), tf.zeros((batch, self.units)), outs, alphas),
+            maximum_iterations=steps,
         )
         outputs = tf.transpose(outs.stack(), [1, 0, 2])  # (B, T-1, U)
         # fc1/fc2 do not feed back into the recurrence, so they run once on all steps.
@@ -294,8 +307,16 @@ def attention_penalty(captions: tf.Tensor, attention: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.square(1.0 - coverage))
 
 
-def make_optimizer(learning_rate: float, schedule: str = "constant", total_steps: int = 0) -> keras.optimizers.Optimizer:
-    """Adam, as in the seed; optionally with the learning rate cosine-decayed over `total_steps`."""
+def make_optimizer(
+    learning_rate: float, schedule: str = "constant", total_steps: int = 0, mixed_precision: bool = False
+) -> keras.optimizers.Optimizer:
+    """Adam, as in the seed; optionally with the learning rate cosine-decayed over `total_steps`.
+
+    With `mixed_precision`, wrapped in a dynamic LossScaleOptimizer: the caller scales the loss
+    with `optimizer.scale_loss` and the optimizer unscales, skipping steps with inf/NaN gradients.
+    """
     if schedule == "cosine":
-        return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)))
-    return keras.optimizers.Adam(learning_rate)
+        adam = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)))
+    else:
+        adam = keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.LossScaleOptimizer(adam) if mixed_precision else adam

@@ -94,9 +94,11 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: MultiWorkerMirroredStrategy custom loop over this worker's data shard."""
     import tensorflow as tf
 
-    from capray.model import Captioner, attention_penalty, caption_loss, make_optimizer
+    from capray.model import Captioner, attention_penalty, caption_loss, make_optimizer, set_precision
 
     cfg = from_yaml(config["cfg"])
+    mixed = cfg.model.mixed_precision
+    set_precision(mixed)  # before any layer is built
     tokenizer = Tokenizer.from_json(config["tokenizer"])
     # Per-epoch progress bars from every worker would drown the epoch lines printed below.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -112,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     with strategy.scope():
         model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
         total_steps = cfg.train.epochs * (config["train_captions"] // global_batch)
-        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, total_steps)
+        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, total_steps, mixed)
         optimizer.build(model.trainable_variables)
     if config.get("feature_mean") is not None:
         model.set_feature_stats(np.array(config["feature_mean"]), np.array(config["feature_std"]))
@@ -137,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
         tf.TensorSpec((local_batch, tokenizer.max_length), tf.int32),
     )
 
-    def replica_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def forward_backward(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list]:
         with tf.GradientTape() as tape:
             logits, attention = model(features, captions, training=True)
             loss_sum, tokens = caption_loss(captions, logits)
@@ -145,14 +147,31 @@ def train_loop_per_worker(config: dict) -> None:
             loss = loss_sum / global_batch
             if cfg.train.attention_reg:
                 loss += cfg.train.attention_reg * attention_penalty(captions, attention) / global_batch
-        grads = tape.gradient(loss, model.trainable_variables)
-        if cfg.train.clip_norm:
+            if mixed:
+                # Gradients of loss x dynamic scale (no float16 underflow); the optimizer unscales.
+                loss = optimizer.scale_loss(loss)
+        return loss_sum, tokens, tape.gradient(loss, model.trainable_variables)
+
+    if cfg.model.jit_compile:
+        # XLA compiles each replica's forward/backward pass only; the all-reduce and the update
+        # stay with the strategy's collectives.
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss_sum, tokens, grads = forward_backward(features, captions)
+        # Mixed precision also takes this path: the loss-scale optimizer skips a step when the
+        # gradients are not finite, and every replica must see the same (reduced) gradients to
+        # agree on it.
+        if cfg.train.clip_norm or mixed:
             # Keras clips each replica's partial gradient before its own all-reduce; the norm
             # that matters is the summed one. Reduce, clip, then divide by the replica count so
             # that the optimizer's all-reduce sums the copies back to the clipped gradient.
             grads = [tf.convert_to_tensor(g) for g in grads]
             grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            grads, _ = tf.clip_by_global_norm(grads, cfg.train.clip_norm)
+            if cfg.train.clip_norm:
+                # Scaled gradients (mixed precision) are clipped at the equally scaled norm.
+                scale = optimizer.dynamic_scale if mixed else 1.0
+                grads, _ = tf.clip_by_global_norm(grads, cfg.train.clip_norm * scale)
             grads = [g / strategy.num_replicas_in_sync for g in grads]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, tokens

@@ -1,0 +1,97 @@
+"""Mixed precision (`model.mixed_precision`) and XLA (`model.jit_compile`) on CPU: the GPU
+options must at least build, train and decode correctly here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from capray import features, train
+from capray.config import load_config
+from capray.infer import caption
+from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, set_precision
+
+
+@pytest.fixture
+def mixed_policy() -> Iterator[None]:
+    """The global Keras policy set to mixed_float16 for one test, float32 again afterwards."""
+    set_precision(True)
+    try:
+        yield
+    finally:
+        set_precision(False)
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+
+
+def test_defaults_are_off() -> None:
+    cfg = load_config()
+    assert cfg.model.mixed_precision is False and cfg.model.jit_compile is False
+
+
+def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> None:
+    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    # float16 compute, float32 weights.
+    assert model.fc2.compute_dtype == "float16" and model.fc2.kernel.dtype == "float32"
+    optimizer = make_optimizer(1e-2, mixed_precision=True)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    feats = tf.constant(rng.normal(size=(4, 64, 2048)), tf.float32)
+    caps = tf.constant(np.c_[np.full(4, 2), rng.integers(4, 12, (4, 5)), np.full(4, 3)], tf.int32)
+
+    @tf.function(jit_compile=True)
+    def forward_backward(f, c):
+        with tf.GradientTape() as tape:
+            logits, attention = model(f, c, training=True)
+            loss_sum, tokens = caption_loss(c, logits)
+            scaled = optimizer.scale_loss(loss_sum / 4)
+        return logits, attention, loss_sum / tokens, tape.gradient(scaled, model.trainable_variables)
+
+    losses = []
+    for _ in range(5):
+        logits, attention, loss, grads = forward_backward(feats, caps)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(loss))
+    # Logits and attention stay float32 (softmax and loss in float32).
+    assert logits.dtype == tf.float32 and attention.dtype == tf.float32
+    assert np.allclose(attention.numpy().sum(-1), 1.0, atol=1e-3)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert float(optimizer.dynamic_scale) > 1.0
+    tokens, alphas, log_prob, lengths = model.greedy(feats, 6)
+    assert tokens.shape == (4, 6) and log_prob.dtype == tf.float32 and (lengths.numpy() >= 1).all()
+
+
+def test_backbone_under_mixed_float16_with_xla_returns_float32_features(mixed_policy) -> None:
+    encoder = ImageEncoder("random", seed=0, jit_compile=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
+    out = encoder(pixels)
+    assert out.dtype == np.float32 and out.shape == (2, 64, 2048) and np.isfinite(out).all()
+    assert encoder.backbone.layers[-1].compute_dtype == "float16"
+
+
+def test_jobs_run_with_mixed_precision_and_xla(tmp_path: Path, ray_local) -> None:
+    # Extraction, a Ray Train epoch (MultiWorkerMirroredStrategy, loss scaling, XLA step) and the
+    # caption job, all with both options on.
+    cfg = load_config(None, [
+        f"work_dir={tmp_path / 'work'}", f"data.annotations={tmp_path / 'data' / 'captions.csv'}",
+        "data.synthetic_images=32", "encoder.weights=random", "model.feature_norm=channel",
+        "model.mixed_precision=true", "model.jit_compile=true", "extract.batch_size=16",
+        "train.epochs=1", "train.batch_size=8", "ray.num_workers=1", "ray.cpus_per_worker=0.5",
+        "name=mixed", "train.clip_norm=5.0",
+    ])
+    features.run(cfg)
+    summary = train.train(cfg)
+    assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
+    images = tmp_path / "data" / "images"
+    out = tmp_path / "captions"
+    s = caption(cfg, summary["checkpoint"], str(images), str(out))
+    assert s["captioned"] == 32 and s["failed"] == 0
+    rows = pd.read_parquet(out)
+    assert rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
