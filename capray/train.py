@@ -27,6 +27,7 @@ from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import from_yaml, output_paths, to_yaml
 from capray.features import FEATURE_SHAPE, decode_features, read_features
+from capray.features import verify as verify_features
 from capray.text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
-            model.load_weights(os.path.join(d, "model.weights.h5"))
+            ckpt.restore_weights(d, model)
             ckpt.restore_optimizer(d, optimizer)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
@@ -232,6 +233,7 @@ def train(cfg: Any) -> dict[str, Any]:
     p = output_paths(cfg)
     if not storage.exists(p["features"], cfg.storage):
         raise FileNotFoundError(f"no features at {p['features']}: run `capray extract` with the same config first")
+    verify_features(p["features"], cfg.storage)
     features = read_features(p["features"], cfg.storage)
     train_images, val_images = set(train_df["image"]), set(val_df["image"])
     train_features = features.filter(lambda row: row["image"] in train_images)
