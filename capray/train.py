@@ -270,9 +270,35 @@ def train(cfg: Any) -> dict[str, Any]:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        last = latest_checkpoint(cfg)
+        raise TrainingError(
+            f"training run '{cfg.name}' failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the last good checkpoint is {last or 'none (no epoch completed)'}: re-run the same command to "
+            f"resume from it, or set train.max_failures (now {cfg.train.max_failures}) to restart failed workers"
+        ) from e
     summary = json.loads(storage.read_bytes(p["best"], cfg.storage))
     return summary
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for good; the message names the last good checkpoint."""
+
+
+def latest_checkpoint(cfg: Any) -> str | None:
+    """The run's most recent complete epoch checkpoint (by its state.json), or None."""
+    run_dir = storage.join(output_paths(cfg)["runs"], cfg.name)
+    states = [u for u in storage.list_files(run_dir, cfg.storage, ("state.json",)) if "/checkpoint_" in u]
+    epochs = {u.rsplit("/", 1)[0]: json.loads(storage.read_bytes(u, cfg.storage))["epoch"] for u in states}
+    for uri in sorted(epochs, key=epochs.get, reverse=True):
+        try:
+            ckpt.check(uri, cfg.storage)  # a copy cut short by the failure may lack files
+        except ckpt.CheckpointError:
+            continue
+        return uri
+    return None
 
 
 def best_checkpoint(cfg: Any) -> str:
