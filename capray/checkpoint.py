@@ -44,10 +44,26 @@ def write(directory: str, model: Any, optimizer: Any, tokenizer: Tokenizer, cfg:
         json.dump(state, f, indent=2)
 
 
+def restore_weights(directory: str, model: Any) -> None:
+    """Load a checkpoint's weights into a built model, refusing one of another shape clearly."""
+    try:
+        model.load_weights(os.path.join(directory, "model.weights.h5"))
+    except Exception as e:  # shape mismatches surface as ValueError deep inside Keras
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit the model being built (vocabulary {model.vocab_size}, "
+            f"units {model.units}): {e}; "
+            "use another run name or the training config of that checkpoint"
+        ) from None
+
+
 def restore_optimizer(directory: str, optimizer: Any) -> None:
     """Load Adam's slots into an optimizer already built for the same variables."""
-    with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as data:
-        values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    try:
+        # allow_pickle=False: an object array (a pickle) in the file is refused, never executed.
+        with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as data:
+            values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{directory}/optimizer.npz: unreadable optimizer state ({e})") from None
     if len(values) != len(optimizer.variables):
         raise CheckpointError(f"optimizer state has {len(values)} arrays, optimizer has {len(optimizer.variables)}")
     for var, value in zip(optimizer.variables, values):

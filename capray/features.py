@@ -68,9 +68,22 @@ class FeatureExtractor:
         )
 
 
+class FeatureError(ValueError):
+    """A features folder or shard that cannot be used; the message names the file."""
+
+
+def _check_size(blob: bytes, dtype: str) -> None:
+    expected = int(np.prod(FEATURE_SHAPE)) * np.dtype(dtype).itemsize
+    if len(blob) != expected:
+        raise FeatureError(f"feature row of {len(blob)} bytes, expected {expected} ({dtype} {FEATURE_SHAPE})")
+
+
 def decode_features(column: Iterable[bytes], dtype: str) -> np.ndarray:
     """Parquet `features` bytes -> (N, 64, 2048) float32 (never unpickles: raw buffers only)."""
-    rows = [np.frombuffer(b, dtype=dtype) for b in column]
+    rows = []
+    for b in column:
+        _check_size(b, dtype)
+        rows.append(np.frombuffer(b, dtype=dtype))
     return np.stack(rows).reshape(-1, *FEATURE_SHAPE).astype(np.float32)
 
 
@@ -174,10 +187,48 @@ def write_errors(errors: dict[str, str], uri: str, storage_cfg: Any = None) -> N
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
+def verify(features_dir: str, storage_cfg: Any = None) -> None:
+    """Fail before training starts, naming the file, if a shard is unreadable or disagrees with
+    `_manifest.json` (reads Parquet footers only, not the features)."""
+    import json
+
+    uri = storage.join(features_dir, "_manifest.json")
+    listed = {}
+    if storage.exists(uri, storage_cfg):
+        listed = {f["file"]: f["rows"] for f in json.loads(storage.read_bytes(uri, storage_cfg))["files"]}
+    files = storage.list_files(features_dir, storage_cfg, (".parquet",))
+    present = {f.rsplit("/", 1)[-1] for f in files}
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise FeatureError(f"{features_dir}: shard(s) listed in _manifest.json are missing: {', '.join(missing)}")
+    for f in files:
+        fs, path = storage.filesystem(f, storage_cfg)
+        try:
+            with fs.open_input_file(path) as handle:
+                rows = pq.ParquetFile(handle).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise FeatureError(f"{f}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
+        name = f.rsplit("/", 1)[-1]
+        if name in listed and listed[name] != rows:
+            raise FeatureError(f"{f}: {rows} rows, _manifest.json says {listed[name]}; re-run `capray extract`")
+
+
+def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the `path` column, first checking every row's feature size so that a corrupt shard
+    is named here rather than failing as a reshape error deep in a training worker."""
+    for path, image, blob, dtype in zip(batch["path"], batch["image"], batch["features"], batch["dtype"]):
+        try:
+            _check_size(blob, dtype)
+        except (FeatureError, TypeError) as e:
+            raise FeatureError(f"{path}: image {image}: {e}") from None
+    return {k: v for k, v in batch.items() if k != "path"}
+
+
 def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Dataset":
-    """The extracted features as a Ray Dataset (successful rows only)."""
+    """The extracted features as a Ray Dataset (successful rows only, sizes checked)."""
     fs, path = storage.filesystem(features_dir, storage_cfg)
-    return ray.data.read_parquet(path, filesystem=fs).filter(expr=col("error").is_null())
+    ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True).filter(expr=col("error").is_null())
+    return ds.map_batches(_check_sizes, batch_size=64)
 
 
 def run(cfg: Any) -> dict[str, Any]:

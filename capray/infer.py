@@ -45,6 +45,23 @@ class InputError(RuntimeError):
     """The job cannot start: inputs missing, unreadable or unreachable."""
 
 
+class CaptionJobError(RuntimeError):
+    """The job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error under Ray's wrappers, as `Type: first line`."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 class CaptionPredictor:
     """Ray Data callable class: pixels -> captions (greedy or beam), the model loaded once per actor."""
 
@@ -169,16 +186,25 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
         # A caption row is ~200 bytes; with attention, 64 float32 per step (up to 64 steps).
         row_bytes = 256 + (64 * 4 * 64 if cfg.infer.attention else 0)
         ds = bound_memory(ds, cfg, cfg.infer.batch_size, cfg.infer.max_actors, 2 * cfg.infer.rows_per_file * row_bytes)
-        ds.write_datasink(AtomicParquetSink(output, schema, cfg.storage, rows_per_file=cfg.infer.rows_per_file))
+        try:
+            ds.write_datasink(AtomicParquetSink(output, schema, cfg.storage, rows_per_file=cfg.infer.rows_per_file))
+        except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
+            raise CaptionJobError(
+                f"caption job stopped before every image was written to {output} ({_root_cause(e)}); "
+                "the files already there are complete and kept: re-run the same command to caption the rest"
+            ) from e
     rows = read_columns(output, ["image", "error"], cfg.storage)
     new = rows.filter(pc.is_in(rows["image"], pa.array(todo, pa.string())))
+    # Exactly once: a retried write replaces its file (capray.parquet), so this stays 0.
+    duplicates = new.num_rows - len(pc.unique(new["image"]))
     failed = new.num_rows - new["error"].null_count
     seconds = time.time() - start
     summary.update(
         written=new.num_rows,
         captioned=new.num_rows - failed,
         failed=failed,
-        remaining=len(images) - summary["already_done"] - new.num_rows,
+        remaining=len(images) - summary["already_done"] - new.num_rows + duplicates,
+        duplicates=duplicates,
         seconds=round(seconds, 1),
         images_per_s=round(new.num_rows / max(seconds, 1e-9), 1),
         output=output,
@@ -205,4 +231,6 @@ def run(cfg: Any) -> dict[str, Any]:
             f"{s['seconds']} s, {s['images_per_s']} images/s -> {out}",
             flush=True,
         )
+    if s["duplicates"]:
+        print(f"[capray] caption: WARNING {s['duplicates']} duplicate rows in {out}", flush=True)
     return s

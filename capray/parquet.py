@@ -5,11 +5,15 @@ leaves a truncated `.parquet` that readers (and our resume logic) take for data.
 writes each file under a hidden temporary name and renames it (local disk) or uploads it in one
 request (S3), so a file is either complete or absent and an interrupted job can resume from
 exactly the files that exist.
+
+File names come from the rows' keys (the first column, `image`), not a random id: when Ray
+re-executes a write task (a node died after the file was stored), the retry writes the same name
+and replaces the file instead of adding a second copy of its rows.
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -21,7 +25,7 @@ from capray import storage
 
 
 class AtomicParquetSink(Datasink):
-    """Ray Data sink: `<folder>/part-<uuid>.parquet` files with a fixed schema."""
+    """Ray Data sink: `<folder>/part-<hash of the rows' keys>.parquet` files with a fixed schema."""
 
     def __init__(self, folder: str, schema: pa.Schema, storage_cfg: Any = None, rows_per_file: int = 1000):
         self.folder, self.schema, self.storage_cfg = folder, schema, storage_cfg
@@ -41,12 +45,18 @@ class AtomicParquetSink(Datasink):
         table = pa.concat_tables(tables)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        storage.write_bytes(storage.join(self.folder, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue().to_pybytes(), self.storage_cfg)
+        storage.write_bytes(storage.join(self.folder, part_name(table)), sink.getvalue().to_pybytes(), self.storage_cfg)
         return table.num_rows
 
     def get_name(self) -> str:
         """Name shown in Ray Data's progress output."""
         return "AtomicParquet"
+
+
+def part_name(table: pa.Table) -> str:
+    """`part-<sha1 of the first column's values>.parquet`: the same rows always get the same name."""
+    keys = "\n".join(str(v) for v in table.column(0).to_pylist())
+    return f"part-{hashlib.sha1(keys.encode('utf-8')).hexdigest()[:24]}.parquet"
 
 
 def read_columns(folder: str, columns: list[str], storage_cfg: Any = None) -> pa.Table:

@@ -27,6 +27,7 @@ from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import from_yaml, output_paths, to_yaml
 from capray.features import FEATURE_SHAPE, decode_features, read_features
+from capray.features import verify as verify_features
 from capray.text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
-            model.load_weights(os.path.join(d, "model.weights.h5"))
+            ckpt.restore_weights(d, model)
             ckpt.restore_optimizer(d, optimizer)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
@@ -273,6 +274,7 @@ def train(cfg: Any) -> dict[str, Any]:
     p = output_paths(cfg)
     if not storage.exists(p["features"], cfg.storage):
         raise FileNotFoundError(f"no features at {p['features']}: run `capray extract` with the same config first")
+    verify_features(p["features"], cfg.storage)
     features = read_features(p["features"], cfg.storage)
     train_images, val_images = set(train_df["image"]), set(val_df["image"])
     train_features = features.filter(lambda row: row["image"] in train_images)
@@ -309,9 +311,35 @@ def train(cfg: Any) -> dict[str, Any]:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        last = latest_checkpoint(cfg)
+        raise TrainingError(
+            f"training run '{cfg.name}' failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the last good checkpoint is {last or 'none (no epoch completed)'}: re-run the same command to "
+            f"resume from it, or set train.max_failures (now {cfg.train.max_failures}) to restart failed workers"
+        ) from e
     summary = json.loads(storage.read_bytes(p["best"], cfg.storage))
     return summary
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for good; the message names the last good checkpoint."""
+
+
+def latest_checkpoint(cfg: Any) -> str | None:
+    """The run's most recent complete epoch checkpoint (by its state.json), or None."""
+    run_dir = storage.join(output_paths(cfg)["runs"], cfg.name)
+    states = [u for u in storage.list_files(run_dir, cfg.storage, ("state.json",)) if "/checkpoint_" in u]
+    epochs = {u.rsplit("/", 1)[0]: json.loads(storage.read_bytes(u, cfg.storage))["epoch"] for u in states}
+    for uri in sorted(epochs, key=epochs.get, reverse=True):
+        try:
+            ckpt.check(uri, cfg.storage)  # a copy cut short by the failure may lack files
+        except ckpt.CheckpointError:
+            continue
+        return uri
+    return None
 
 
 def best_checkpoint(cfg: Any) -> str:

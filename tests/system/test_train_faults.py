@@ -1,0 +1,117 @@
+"""Training faults: a training worker process killed mid-epoch, with and without max_failures."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capray import checkpoint, features
+from capray.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["data.synthetic_images=96", "train.batch_size=16", "ray.cpus_per_worker=0.5", "train.num_to_keep=0"]
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
+    """Extracted features of 96 synthetic scenes, shared by the runs below (each has its own name)."""
+    work = tmp_path_factory.mktemp("faults")
+    features.run(load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", *SMALL]))
+    return work
+
+
+def _states(run_dir: Path) -> list[dict]:
+    return sorted((json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")),
+                  key=lambda s: s["epoch"])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (here: the job's own Ray instance and its workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _train_workers(pid: int) -> list[int]:
+    found = []
+    for child in _descendants(pid):
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                found.append(child)
+        except OSError:
+            continue
+    return found
+
+
+def _run_and_kill_a_worker(work: Path, name: str, max_failures: int) -> tuple[subprocess.CompletedProcess, int]:
+    """`capray train` in its own Ray instance; once epoch 1's checkpoint exists (the workers are then
+    in epoch 2), SIGKILL one training worker process. Returns the finished process and the epoch
+    reached when it was killed."""
+    cmd = [sys.executable, "-m", "capray.cli", "train", str(REPO / "configs/demo.yaml"), f"work_dir={work}", *SMALL,
+           f"train.epochs={EPOCHS}", "ray.num_workers=2", f"train.max_failures={max_failures}", f"name={name}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _states(work / "runs" / name) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _train_workers(proc.pid)
+        assert len(workers) == 2, f"expected 2 RayTrainWorker processes, found {workers}"
+        killed_at = _states(work / "runs" / name)[-1]["epoch"]
+        assert killed_at < EPOCHS, "training finished before a worker could be killed"
+        os.kill(workers[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), killed_at
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Path) -> None:
+    done, killed_at = _run_and_kill_a_worker(work, "f1", max_failures=1)
+    assert done.returncode == 0, done.stdout[-3000:]
+    resumed = [int(e) for e in re.findall(r"resuming from epoch (\d+)", done.stdout)]
+    assert resumed and resumed[0] >= killed_at, done.stdout[-3000:]
+    states = _states(work / "runs" / "f1")
+    # Every epoch checkpointed exactly once: the restart did not start over or repeat an epoch.
+    assert [s["epoch"] for s in states] == list(range(1, EPOCHS + 1))
+    steps = [s["step"] for s in states]
+    assert len(set(np.diff([0, *steps]))) == 1, steps
+    assert f"[capray] train: best checkpoint {work}/runs/f1/best" in done.stdout
+
+
+def test_without_retries_the_job_fails_clearly_and_the_last_checkpoint_loads(work: Path) -> None:
+    done, killed_at = _run_and_kill_a_worker(work, "f0", max_failures=0)
+    assert done.returncode != 0
+    found = re.search(r"TrainingError: training run 'f0' failed \(.*\); the last good checkpoint is (\S+): "
+                      r"re-run the same command to resume from it, or set train.max_failures \(now 0\)", done.stdout)
+    assert found, done.stdout[-3000:]
+    last = found.group(1)
+    assert last.startswith(f"{work}/runs/f0/checkpoint_")
+    model, tokenizer, _, state = checkpoint.load(last)
+    assert state["epoch"] >= killed_at and state["epoch"] < EPOCHS
+    assert model.vocab_size == tokenizer.vocab_size
