@@ -160,3 +160,11 @@ def test_report_files_are_valid_png_and_self_contained_html(decoded, tmp_path: P
     assert base64.b64decode(parser.sources[1].split(",", 1)[1]) == Path(out["figures"][0]).read_bytes()
     for text in ("test report", "a note", "beam2", "0.3000", "A dog runs on the grass."):
         assert text in page
+
+
+@pytest.mark.parametrize("value", ["[greedy,topk]", "[]", "[beam,beam]"])
+def test_bad_strategies_are_refused_with_the_key(value: str) -> None:
+    from capray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.strategies"):
+        load_config(None, [f"evaluate.strategies={value}"])
