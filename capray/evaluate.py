@@ -185,16 +185,23 @@ def attention_figure(pixels: np.ndarray, caption: Caption, columns: int = 5) -> 
 
 
 def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _image_png(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", optimize=True)
+    fig.savefig(buf, format="png")
+    # A 256-colour palette makes the files ~3x smaller with no visible loss on these heat maps.
+    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+    out = io.BytesIO()
+    img.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _image_jpeg(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    # JPEG: the input photo is a fifth of its PNG size, which keeps the one-file page small.
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -243,9 +250,10 @@ def write_report(out: str, items: Sequence[ReportItem], title: str, notes: Seque
         files.append(name)
         caps = "".join(f"<li><b>{e(s)}</b>: {e(c.text)}</li>" for s, c in item.captions.items())
         refs = "".join(f"<li>{e(r)}</li>" for r in item.references)
+        photo = uri(_image_jpeg(item.pixels), "jpeg")
         parts.append(
             f"<section><h3>{e(item.image.rsplit('/', 1)[-1])}</h3><div class='row'>"
-            f"<img src='{uri(_image_png(item.pixels))}' width='299' height='299' alt='input image'>"
+            f"<img src='{photo}' width='299' height='299' alt='input image'>"
             f"<div><p>Generated:</p><ul>{caps}</ul><p>References:</p><ul>{refs}</ul></div></div>"
             f"<p>Attention per generated word ({e(label)}; <code>&lt;end&gt;</code> has no panel):</p>"
             f"<img src='{uri(png)}' alt='attention maps'></section>"

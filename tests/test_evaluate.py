@@ -150,13 +150,13 @@ def test_report_files_are_valid_png_and_self_contained_html(decoded, tmp_path: P
     parser = _Images()
     parser.feed(page)
     parser.close()
-    # Per item: the input image and its attention figure, both embedded (no external files).
+    # Per item: the input image (JPEG) and its attention figure (PNG), both embedded: no external files.
     assert len(parser.sources) == 6
-    for src in parser.sources:
-        assert src.startswith("data:image/png;base64,")
-        data = base64.b64decode(src.split(",", 1)[1])
-        assert data.startswith(PNG_SIGNATURE)
-        Image.open(io.BytesIO(data)).verify()
+    for i, src in enumerate(parser.sources):
+        kind = "jpeg" if i % 2 == 0 else "png"
+        assert src.startswith(f"data:image/{kind};base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
+            assert img.format == kind.upper() and img.size[0] >= 299
     assert base64.b64decode(parser.sources[1].split(",", 1)[1]) == Path(out["figures"][0]).read_bytes()
     for text in ("test report", "a note", "beam2", "0.3000", "A dog runs on the grass."):
         assert text in page
