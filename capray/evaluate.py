@@ -322,13 +322,13 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
         "notes": notes,
         "metrics": {label: {k: v for k, v in m.items() if k in METRICS} for label, m in metrics.items()},
     }
-    write_bytes(join(checkpoint_uri, "eval_val.json"), json.dumps(result, indent=2).encode("utf-8"), cfg.storage)
     if shown:
         items = [ReportItem(img, _pixels(img, cfg), list(references[img]), report_caps[img]) for img in sorted(report_caps)]
         title = f"capray evaluation: {cfg.name}, validation split ({result['images']} images)"
         result["report"] = write_report(
             join(checkpoint_uri, "report_val"), items, title, notes, result["metrics"], cfg.storage
         )["index"]
+    write_bytes(join(checkpoint_uri, "eval_val.json"), json.dumps(result, indent=2).encode("utf-8"), cfg.storage)
     return result
 
 
