@@ -166,6 +166,19 @@ class InferConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`capray evaluate`: COCO caption metrics on the validation split and an attention report."""
+
+    # Decoding strategies to score: greedy and/or beam (beam uses infer.beam_size, infer.length_alpha).
+    strategies: list[str] = field(default_factory=lambda: ["greedy", "beam"])
+    # Validation images shown in the report (caption, references, one attention map per word); 0 = none.
+    report_images: int = 8
+    # Run this evaluation on the best checkpoint when `capray train` finishes.
+    after_train: bool = False
+    batch_size: int = 64
+
+
+@dataclass
 class StorageConfig:
     """Object storage access. Empty values fall back to the standard AWS environment variables."""
 
@@ -218,6 +231,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -234,10 +248,12 @@ _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
     "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "ray.inflight_batches", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "evaluate.batch_size",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures", "train.checkpoint_every_steps",
     "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
+    "evaluate.report_images",
 )
 
 
@@ -251,6 +267,9 @@ def _validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    bad = [s for s in cfg.evaluate.strategies if s not in ("greedy", "beam")]
+    if bad or not cfg.evaluate.strategies or len(set(cfg.evaluate.strategies)) < len(cfg.evaluate.strategies):
+        raise ConfigError(f"evaluate.strategies={list(cfg.evaluate.strategies)}: expected a non-empty list of distinct greedy, beam")
     if cfg.text.max_length == 1:
         raise ConfigError("text.max_length=1: must be 0 (longest caption) or >= 2 (room for <start> and <end>)")
     if not 0.0 < cfg.data.val_fraction < 1.0:

@@ -1,7 +1,7 @@
 """`make demo` / `capray demo`: the whole system end to end on the built-in synthetic dataset.
 
 generate scenes -> extract features (Ray Data actors) -> train (Ray Train, 2 workers,
-MultiWorkerMirroredStrategy) -> caption an unseen folder (Ray Data) -> Parquet -> score.
+MultiWorkerMirroredStrategy) -> caption an unseen folder (Ray Data) -> Parquet -> score (COCO metrics) -> attention report.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from capray.config import output_paths
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """Run every stage on local Ray and print the summary (rows, accuracy, BLEU-4, examples)."""
+    """Run every stage on local Ray and print the summary (rows, accuracy, COCO metrics, report, examples)."""
     if cfg.data.format != "synthetic":
         raise ValueError("the demo runs on the built-in synthetic dataset (data.format=synthetic)")
     start = time.time()
@@ -37,6 +37,13 @@ def run(cfg: Any) -> dict[str, Any]:
     references = {str(heldout / "images" / name): [c] for name, c in zip(refs["image"], refs["caption"])}
     predictions = {r.image: r.caption for r in rows.itertuples() if pd.isna(r.error)}
     metrics = evaluate.score(predictions, references)
+    shown = sorted(predictions)[: cfg.evaluate.report_images]
+    report = None
+    if shown:
+        report = evaluate.report_images(
+            cfg, cfg.checkpoint, shown, references, str(Path(cfg.work_dir) / "reports" / "heldout"),
+            f"capray demo: held-out synthetic scenes (unseen seed), first {len(shown)} of {len(predictions)}",
+        )["index"]
     minutes = (time.time() - start) / 60
 
     print("\n================ capray demo summary ================")
@@ -47,10 +54,17 @@ def run(cfg: Any) -> dict[str, Any]:
     print(f"held-out images       {metrics['images']} (unseen seed)")
     print(f"exact-match accuracy  {metrics['exact_match']:.1%}")
     print(f"BLEU-4                {metrics['bleu4']:.4f}")
+    for name, key in (("METEOR", "meteor"), ("ROUGE-L", "rouge_l"), ("CIDEr", "cider")):
+        if key in metrics:
+            print(f"{name:22s}{metrics[key]:.4f}")
+    for note in metrics["notes"]:
+        print(f"NOTE: {note}")
+    if report:
+        print(f"report                {report}")
     print(f"best checkpoint       {cfg.checkpoint}")
     print("examples:")
     for r in rows.sort_values("image").head(3).itertuples():
         truth = references[r.image][0]
         print(f"  {Path(r.image).name}: {r.caption!r} (truth: {truth!r})")
     print(f"total time            {minutes:.1f} min")
-    return {"metrics": metrics, "rows": len(rows), "minutes": minutes}
+    return {"metrics": metrics, "rows": len(rows), "report": report, "minutes": minutes}

@@ -353,8 +353,13 @@ def best_checkpoint(cfg: Any) -> str:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """`capray train`: train, then print where the best checkpoint is."""
+    """`capray train`: train, print where the best checkpoint is, and evaluate it if `evaluate.after_train`."""
     summary = train(cfg)
     m = summary["metrics"]
     print(f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})", flush=True)
+    if cfg.evaluate.after_train:
+        from capray import evaluate
+
+        summary["evaluation"] = evaluate.evaluate(cfg, summary["checkpoint"])
+        evaluate.print_table(summary["evaluation"])
     return summary

@@ -34,14 +34,18 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     try:
         args = [str(REPO / "configs/demo.yaml"), "work_dir=out", *OVERRIDES]
         assert cli.main(args, job="extract") == 0
-        assert cli.main(args, job="train") == 0
+        # The training job evaluates its best checkpoint at the end when asked (greedy only here).
+        assert cli.main([*args, "evaluate.after_train=true", "evaluate.strategies=[greedy]", "evaluate.report_images=0"], job="train") == 0
+        best = json.loads(Path("out/runs/demo/best.json").read_text())["checkpoint"]
+        after_train = json.loads((Path(best) / "eval_val.json").read_text())
         synthetic.generate("heldout", 12, seed=99, prefix="heldout")
         Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
         assert cli.main([*args, "infer.input=heldout/images"], job="caption") == 0
-        assert cli.main(args, job="evaluate") == 0
+        assert cli.main([*args, "evaluate.report_images=2"], job="evaluate") == 0
     finally:
         os.chdir(old)
-    return {"work": work, "cfg": load_config(REPO / "configs/demo.yaml", [f"work_dir={work / 'out'}", *OVERRIDES])}
+    cfg = load_config(REPO / "configs/demo.yaml", [f"work_dir={work / 'out'}", *OVERRIDES])
+    return {"work": work, "cfg": cfg, "after_train": after_train}
 
 
 def test_extract_writes_one_row_per_image_and_config(run: dict) -> None:
@@ -77,7 +81,22 @@ def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
 
 def test_evaluate_scores_the_validation_split(run: dict) -> None:
     best = json.loads(Path(output_paths(run["cfg"])["best"]).read_text())
-    metrics = json.loads((Path(best["checkpoint"]) / "eval_val.json").read_text())
+    result = json.loads((Path(best["checkpoint"]) / "eval_val.json").read_text())
     val_images = pd.read_parquet(output_paths(run["cfg"])["split"]).query("split == 'val'")["image"].nunique()
-    assert metrics["images"] == val_images
-    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["bleu4"] <= 1.0
+    assert result["images"] == val_images and result["split"] == "val"
+    assert list(result["metrics"]) == ["greedy", "beam3"]
+    for metrics in result["metrics"].values():
+        assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["bleu4"] <= 1.0
+        assert {"bleu1", "rouge_l", "cider"} <= set(metrics)
+        assert ("meteor" in metrics) == (not any("METEOR skipped" in n for n in result["notes"]))
+    assert any("encoder.weights=random" in n for n in result["notes"])
+    report = Path(result["report"])
+    assert report == Path(best["checkpoint"]) / "report_val" / "index.html"
+    assert sorted(p.name for p in report.parent.glob("*.png")) == ["000_attention.png", "001_attention.png"]
+    page = report.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 2 and page.count("data:image/jpeg;base64,") == 2
+
+
+def test_train_can_evaluate_at_the_end(run: dict) -> None:
+    assert list(run["after_train"]["metrics"]) == ["greedy"]
+    assert run["after_train"]["images"] > 0 and "report" not in run["after_train"]
