@@ -9,6 +9,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
+	@command -v java >/dev/null || echo "NOTE: no java: evaluation will skip METEOR (apt-get install default-jre-headless; .ci/run does)"
 	touch $@
 
 demo: $(BIN)/.installed

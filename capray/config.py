@@ -175,6 +175,7 @@ class EvaluateConfig:
     report_images: int = 8
     # Run this evaluation on the best checkpoint when `capray train` finishes.
     after_train: bool = False
+    # Validation images decoded per step.
     batch_size: int = 64
 
 
