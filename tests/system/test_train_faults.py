@@ -72,23 +72,27 @@ def _run_and_kill_a_worker(work: Path, name: str, max_failures: int) -> tuple[su
            f"train.epochs={EPOCHS}", "ray.num_workers=2", f"train.max_failures={max_failures}", f"name={name}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = work / f"{name}.log"
+    # A file, not a pipe: an unread pipe would fill up and block the job.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while not _states(work / "runs" / name) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        states = _states(work / "runs" / name)
+        assert states, f"no checkpoint after {time.monotonic() - deadline + 900:.0f} s: {log.read_text()[-2000:]}"
         workers = _train_workers(proc.pid)
         assert len(workers) == 2, f"expected 2 RayTrainWorker processes, found {workers}"
-        killed_at = _states(work / "runs" / name)[-1]["epoch"]
+        killed_at = states[-1]["epoch"]
         assert killed_at < EPOCHS, "training finished before a worker could be killed"
         os.kill(workers[1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=400)
+        proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), killed_at
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), ""), killed_at
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Path) -> None:
