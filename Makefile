@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean wheel
+.PHONY: demo test test-system clean wheel
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ demo: $(BIN)/.installed
 	$(BIN)/capray demo configs/demo.yaml $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --ignore=tests/system $(ARGS)
+
+# The reliability suite (docs/reliability.md): kept out of `make test`, whose CI budget is 20 min.
+test-system: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests/system $(ARGS)
 
 # The pinned capray that cluster.yaml copies to every node (dist/capray-<version>-py3-none-any.whl).
 wheel: $(BIN)/.installed

@@ -66,7 +66,7 @@ def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
     if is_remote(uri):
-        # A single S3 PUT only becomes visible when complete.
+        # An S3 object, single or multipart upload, only becomes visible once complete.
         with fs.open_output_stream(path) as f:
             f.write(data)
         return

@@ -68,7 +68,7 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
         assert done.returncode == 0, console[-3000:].decode(errors="replace")
         assert b"caption: 4 images" in console and b"secret_access_key: ''" in console
 
-        written = {f"console": console}
+        written = {"console": console}
         for path in root.rglob("*"):
             if path.is_file() and not path.is_socket():
                 written[str(path)] = path.read_bytes()

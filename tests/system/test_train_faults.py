@@ -36,6 +36,17 @@ def _states(run_dir: Path) -> list[dict]:
                   key=lambda s: s["epoch"])
 
 
+def _registered(run_dir: Path) -> list[int]:
+    """Epochs whose checkpoints Ray Train's controller has registered (its snapshot file). A
+    checkpoint folder on disk is not enough: one the controller has not registered yet when a
+    worker dies is not resumed from (Ray Train then restarts from the previous one)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(r["metrics"]["epoch"] for r in snapshot["checkpoint_results"])
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (here: the job's own Ray instance and its workers), from /proc."""
     children: dict[int, list[int]] = {}
@@ -72,23 +83,27 @@ def _run_and_kill_a_worker(work: Path, name: str, max_failures: int) -> tuple[su
            f"train.epochs={EPOCHS}", "ray.num_workers=2", f"train.max_failures={max_failures}", f"name={name}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = work / f"{name}.log"
+    # A file, not a pipe: an unread pipe would fill up and block the job.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not _states(work / "runs" / name) and proc.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 900
+        while not _registered(work / "runs" / name) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        registered = _registered(work / "runs" / name)
+        assert registered, f"no checkpoint registered in time: {log.read_text()[-2000:]}"
         workers = _train_workers(proc.pid)
         assert len(workers) == 2, f"expected 2 RayTrainWorker processes, found {workers}"
-        killed_at = _states(work / "runs" / name)[-1]["epoch"]
+        killed_at = registered[-1]
         assert killed_at < EPOCHS, "training finished before a worker could be killed"
         os.kill(workers[1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=400)
+        proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), killed_at
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), ""), killed_at
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Path) -> None:
@@ -99,6 +114,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Pat
     states = _states(work / "runs" / "f1")
     # Every epoch checkpointed exactly once: the restart did not start over or repeat an epoch.
     assert [s["epoch"] for s in states] == list(range(1, EPOCHS + 1))
+    assert _registered(work / "runs" / "f1") == list(range(1, EPOCHS + 1))
     steps = [s["step"] for s in states]
     assert len(set(np.diff([0, *steps]))) == 1, steps
     assert f"[capray] train: best checkpoint {work}/runs/f1/best" in done.stdout

@@ -1,0 +1,115 @@
+"""Driver run by test_multinode.py in its own process: a head and two worker nodes on this machine
+(`ray.cluster_utils.Cluster`), the extraction and caption jobs spread over them, and one worker node
+killed in the middle of the caption job. Prints one JSON line with what it observed."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from capray import features
+from capray.config import load_config
+from capray.infer import caption
+from capray.runtime import WORKER_ENV
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(stat.parent.name))
+    return out
+
+
+def map_workers(raylet_pid: int) -> int:
+    """Ray Data map actors running on the node of this raylet (its descendant processes)."""
+    children, found, todo = _children(), 0, [raylet_pid]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                found += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::MapWorker")
+            except OSError:
+                pass
+    return found
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def run_job(job, nodes: dict, until) -> dict:
+    """Run `job()` in a thread; sample which nodes host map actors until `until()` returns true
+    (then call it no more), and return the job's result or error plus the nodes seen."""
+    outcome: dict = {"nodes_with_actors": set()}
+
+    def target() -> None:
+        try:
+            outcome["result"] = job()
+        except Exception as e:  # reported to the test
+            outcome["error"] = f"{type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    fired = False
+    while thread.is_alive():
+        for name, node in nodes.items():
+            try:
+                if map_workers(raylet_pid(node)):
+                    outcome["nodes_with_actors"].add(name)
+            except (KeyError, IndexError):
+                pass
+        if not fired and until is not None and until():
+            fired = True
+        time.sleep(0.5)
+    thread.join()
+    outcome["nodes_with_actors"] = sorted(outcome["nodes_with_actors"])
+    return outcome
+
+
+def main(images: str, checkpoint: str, work: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300 << 20})
+    workers = {f"worker{i}": cluster.add_node(num_cpus=2, object_store_memory=300 << 20) for i in (1, 2)}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    nodes = {"head": cluster.head_node, **workers}
+    report: dict = {}
+
+    uris = sorted(str(p) for p in Path(images).glob("*.jpg"))
+    cfg = load_config(None, [f"work_dir={work}", "encoder.weights=random", "extract.batch_size=4",
+                             "extract.min_actors=2", "extract.max_actors=2"])
+    report["extract"] = run_job(lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items()
+                                         if k != "errors"}, nodes, None)
+
+    cfg = load_config(None, [f"work_dir={work}", "infer.batch_size=2", "infer.rows_per_file=2",
+                             "infer.min_actors=2", "infer.max_actors=2"])
+    out = f"{work}/captions"
+    killed: dict = {}
+
+    def kill_when_output_appears() -> bool:
+        if not list(Path(out).glob("part-*.parquet")):
+            return False
+        # The worker node hosting a map actor, so that work in flight is lost with it.
+        name = next((n for n, node in workers.items() if map_workers(raylet_pid(node))), "worker1")
+        killed["node"], killed["files_before"] = name, len(list(Path(out).glob("part-*.parquet")))
+        cluster.remove_node(workers[name], allow_graceful=False)
+        return True
+
+    report["caption"] = run_job(lambda: caption(cfg, checkpoint, images, out), nodes, kill_when_output_appears)
+    report["killed"] = killed
+    print("RESULT " + json.dumps(report, default=str), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

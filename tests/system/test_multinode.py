@@ -1,0 +1,44 @@
+"""Multi-node: a head and two worker nodes on this machine; jobs spread over them; a node killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from capray import synthetic
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+N_IMAGES = 24
+
+
+def test_jobs_spread_over_nodes_and_a_killed_node_loses_no_image(tiny_checkpoint: str, tmp_path: Path) -> None:
+    synthetic.generate(tmp_path / "in", N_IMAGES, seed=11, prefix="m")
+    images = tmp_path / "in" / "images"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(HERE / "multinode_driver.py"), str(images), tiny_checkpoint,
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=1500)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    report = json.loads(lines[-1][len("RESULT "):])
+
+    # Extraction: two map actors on two different nodes, every image extracted.
+    assert "error" not in report["extract"], report["extract"]
+    assert len(report["extract"]["nodes_with_actors"]) >= 2, report["extract"]
+    assert report["extract"]["result"]["extracted"] == N_IMAGES
+
+    # Captioning: spread too; a worker node was killed once output had started to appear.
+    cap = report["caption"]
+    assert report["killed"].get("node", "").startswith("worker"), report
+    assert "error" not in cap, cap
+    assert len(cap["nodes_with_actors"]) >= 2, cap
+    rows = pd.read_parquet(tmp_path / "work" / "captions")
+    expected = sorted(str(p) for p in images.glob("*.jpg"))
+    assert sorted(rows["image"]) == expected  # every input image exactly once
+    assert rows["error"].isna().all()
