@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import ray
 from ray.cluster_utils import Cluster
@@ -43,11 +44,12 @@ def map_workers(raylet_pid: int) -> int:
     return found
 
 
-def raylet_pid(node) -> int:
+def raylet_pid(node: Any) -> int:
+    """The process id of a cluster node's raylet (a `ray._private.node.Node`)."""
     return node.all_processes["raylet"][0].process.pid
 
 
-def run_job(job, nodes: dict, until) -> dict:
+def run_job(job: Callable[[], Any], nodes: dict, until: Callable[[], bool] | None) -> dict:
     """Run `job()` in a thread; sample which nodes host map actors until `until()` returns true
     (then call it no more), and return the job's result or error plus the nodes seen."""
     outcome: dict = {"nodes_with_actors": set()}
@@ -77,6 +79,7 @@ def run_job(job, nodes: dict, until) -> dict:
 
 
 def main(images: str, checkpoint: str, work: str) -> None:
+    """Build the cluster, run both jobs, kill a worker node mid caption job, print the report."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300 << 20})
     workers = {f"worker{i}": cluster.add_node(num_cpus=2, object_store_memory=300 << 20) for i in (1, 2)}
     cluster.wait_for_nodes()
