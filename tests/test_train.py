@@ -79,6 +79,17 @@ def _train_cmd(work: Path, epochs: int) -> list[str]:
             "train.checkpoint_every_steps=3"]
 
 
+def _registered_steps(run_dir: str) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (its snapshot file). A
+    checkpoint folder on disk is not enough: one not registered yet when the job dies is not
+    resumed from."""
+    try:
+        snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
+
+
 def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(tmp_path: Path, ray_local) -> None:
     work = tmp_path / "work"
     cfg = load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", *SMALL])
@@ -87,36 +98,42 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(tmp_path: Path, r
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_train_cmd(work, 6), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def mid_epoch_registered() -> bool:
+        mid = {s["step"] for s in _states(run_dir) if s["epoch_step"] and s["epoch"] >= 1}
+        steps = _registered_steps(run_dir)
+        return bool(steps) and steps[-1] in mid
+
     try:
-        deadline = time.monotonic() + 300
-        # Wait (bounded) for a mid-epoch checkpoint after the first epoch, then kill the whole job.
-        while proc.poll() is None and time.monotonic() < deadline and not any(
-            s["epoch_step"] and s["epoch"] >= 1 for s in _states(run_dir)
-        ):
+        deadline = time.monotonic() + 600
+        # Wait (bounded) until the latest registered checkpoint is a mid-epoch one after the
+        # first epoch, then kill the whole job.
+        while proc.poll() is None and time.monotonic() < deadline and not mid_epoch_registered():
             time.sleep(0.2)
-        assert any(s["epoch_step"] and s["epoch"] >= 1 for s in _states(run_dir)), "no mid-epoch checkpoint"
+        assert mid_epoch_registered(), "no mid-epoch checkpoint registered in time"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed = _states(run_dir)[-1]
+    resumed_from = _registered_steps(run_dir)[-1]
+    before = set(glob.glob(f"{run_dir}/checkpoint_*"))
+    killed = next(s for s in _states(run_dir) if s["step"] == resumed_from)
     assert killed["epoch"] < 6, "the run finished before it could be killed"
 
-    done = subprocess.run(_train_cmd(work, 6), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_train_cmd(work, 6), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from epoch {killed['epoch']} (step {killed['step']})" in done.stdout + done.stderr
+    assert f"resuming from epoch {killed['epoch']} (step {resumed_from})" in done.stdout + done.stderr
     states = _states(run_dir)
-    steps = [s["step"] for s in states]
-    ends = [s for s in states if not s["epoch_step"]]
-    assert [s["epoch"] for s in ends] == list(range(1, 7))
-    per_epoch = ends[0]["step"]
-    # Every step ran exactly once: checkpoints every 3 steps inside epochs and at every epoch end,
-    # none repeated, and the run ends after exactly 6 epochs' worth of steps.
-    assert steps == sorted(set(steps))
-    assert set(steps) == {k for k in range(1, 6 * per_epoch + 1) if k % per_epoch == 0 or k % 3 == 0}
-    assert all(s["epoch"] == (s["step"] - 1) // per_epoch for s in states if s["epoch_step"])
+    per_epoch = min(s["step"] for s in states if not s["epoch_step"])
+    new = [json.loads(Path(d, "state.json").read_text()) for d in sorted(set(glob.glob(f"{run_dir}/checkpoint_*")) - before)]
+    new.sort(key=lambda s: s["step"])
+    # Every remaining step ran exactly once: checkpoints every 3 steps inside epochs and at every
+    # epoch end, from the resumed step on, ending after exactly 6 epochs' worth of steps.
+    expected = [k for k in range(resumed_from + 1, 6 * per_epoch + 1) if k % per_epoch == 0 or k % 3 == 0]
+    assert [s["step"] for s in new] == expected
+    assert new[-1]["epoch"] == 6 and not new[-1]["epoch_step"]
+    assert all(s["epoch"] == (s["step"] - 1) // per_epoch for s in new if s["epoch_step"])
     # The loss continues from where it was, it does not start over.
-    after = next(s for s in states if s["step"] > killed["step"])
-    assert after["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
+    assert new[0]["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
 
 
 def test_one_and_two_workers_reach_the_same_validation_loss(tmp_path: Path, ray_local) -> None:
