@@ -23,7 +23,7 @@ from ray.data.expressions import col
 from capray import storage
 from capray.images import load_batch
 from capray.parquet import AtomicParquetSink, read_columns
-from capray.runtime import bound_memory
+from capray.runtime import bound_memory, uri_dataset
 from capray.model import FEATURE_DIM, NUM_CELLS
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
     summary = {"images": len(wanted), "skipped": len(wanted) - len(todo), "extracted": 0, "failed": 0}
     if todo:
         storage_cfg = cfg.storage
-        ds = ray.data.from_items([{"image": uri} for uri in todo])
+        ds = uri_dataset(todo, cfg.extract.batch_size)
         ds = ds.map_batches(
             partial(load_batch, storage_cfg=storage_cfg, max_pixels=cfg.data.max_pixels),
             batch_size=cfg.extract.batch_size,

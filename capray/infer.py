@@ -22,7 +22,7 @@ import ray
 from capray import storage
 from capray.images import load_batch
 from capray.parquet import AtomicParquetSink, read_columns
-from capray.runtime import bound_memory
+from capray.runtime import bound_memory, uri_dataset
 
 log = logging.getLogger(__name__)
 # The documented output schema (README "Output schema"); explicit so all-null columns keep types.
@@ -70,7 +70,7 @@ class CaptionPredictor:
         import tensorflow as tf
 
         from capray import checkpoint
-        from capray.model import ImageEncoder, set_precision
+        from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder, set_precision
 
         mixed = bool(model_cfg and model_cfg.mixed_precision)
         jit = bool(model_cfg and model_cfg.jit_compile)
@@ -88,7 +88,9 @@ class CaptionPredictor:
         else:
             self.strategy = "greedy"
             decode = lambda f: self.model.greedy(f, steps)  # noqa: E731
-        self._decode = tf.function(decode, reduce_retracing=True)
+        # One trace for every batch size, as for the backbone (capray.model.ImageEncoder).
+        spec = tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)
+        self._decode = tf.function(decode, input_signature=[spec])
 
     def caption_pixels(self, pixels: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(B, 299, 299, 3) uint8 -> captions, log-probs (B,), token counts (B,), attention (B, steps, 64)."""
@@ -167,7 +169,7 @@ def caption(cfg: Any, checkpoint_uri: str, inputs: str, output: str) -> dict[str
         todo = todo[: cfg.infer.limit]
     summary: dict[str, Any] = {"images": len(images), "already_done": len(images) - len(set(images) - done)}
     if todo:
-        ds = ray.data.from_items([{"image": uri} for uri in todo])
+        ds = uri_dataset(todo, cfg.infer.batch_size)
         ds = ds.map_batches(
             partial(load_batch, storage_cfg=cfg.storage, max_pixels=cfg.data.max_pixels),
             batch_size=cfg.infer.batch_size,
