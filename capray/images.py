@@ -40,14 +40,16 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
             # Only the header has been read so far: a huge image is refused above without
             # its pixels ever being allocated.
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # In place: the copy exif_transpose otherwise makes is a fifth of the decode time.
+            ImageOps.exif_transpose(img, in_place=True)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Transparent pixels are shown as on a white page, not as their hidden colour.
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))
                 img.paste(rgba, mask=rgba.getchannel("A"))
-            # convert() covers L, P, CMYK, I;16 ...
-            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            if img.mode != "RGB":  # L, P, CMYK, I;16 ...; convert() would copy an RGB image too
+                img = img.convert("RGB")
+            img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
