@@ -103,6 +103,11 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = Tokenizer.from_json(config["tokenizer"])
     # Per-epoch progress bars from every worker would drown the epoch lines printed below.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Train V2 sets the worker's root logger to INFO, and one of its modules logs every report
+    # ("Reporting training result ...", twice per epoch) under a logger named by its file path,
+    # outside `ray.train`, so those records reach the console through the root logger. Ray
+    # Train's own `ray.train` logger does not propagate to the root and is unaffected.
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     global_batch = cfg.train.batch_size
