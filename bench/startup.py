@@ -1,0 +1,77 @@
+"""Benchmark: what a caption actor pays before its steady state, step by step, in one process.
+
+The steps of `capray.infer.CaptionPredictor.__init__` and its first batch, timed one after the
+other (a Ray actor runs the same steps, plus its process start):
+
+  import      `import tensorflow, keras` in a fresh interpreter (a subprocess, so it is cold)
+  backbone    InceptionV3 built (random weights: the cost of the graph, not of a download)
+  checkpoint  the captioning model rebuilt and its weights loaded
+  first call  the backbone's first batch (trace + graph optimisation + the batch) vs. a later one
+  decoder     the greedy decoder's first batch vs. a later one
+  decode      JPEG bytes -> 299x299 pixels per image (the decoding tasks' share of the CPU)
+
+Usage: python bench/startup.py [--checkpoint DIR] [--images DIR] [--batch-size 16]
+Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "flickr8k-dev" / "images"
+
+
+def timed(label: str, fn, *args):
+    """Run fn(*args), print its wall time, return its result."""
+    start = time.perf_counter()
+    out = fn(*args)
+    print(f"{label:34s} {time.perf_counter() - start:6.2f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    """Time each start-up step of a caption actor."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(REPO / "outputs/demo/runs/demo/best"))
+    ap.add_argument("--images", default=str(DEFAULT_IMAGES))
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    if not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make demo` or pass --checkpoint")
+    paths = sorted(glob.glob(os.path.join(args.images, "*.jpg")))
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cold_import = [sys.executable, "-c", "import tensorflow, keras"]
+    timed("import tensorflow, keras (cold)", lambda: subprocess.run(cold_import, check=True, env=env))
+
+    import numpy as np
+    import tensorflow as tf
+
+    from capray import checkpoint
+    from capray.images import decode
+    from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder
+
+    data = [Path(p).read_bytes() for p in paths]
+    start = time.perf_counter()
+    pixels = np.stack([decode(d, 64_000_000) for d in data])
+    print(f"{'decode (per image)':34s} {1000 * (time.perf_counter() - start) / len(data):6.2f} ms", flush=True)
+    batch = pixels[: args.batch_size]
+
+    encoder = timed("backbone built", ImageEncoder, "random")
+    model, tokenizer, _, _ = timed("checkpoint loaded", checkpoint.load, args.checkpoint)
+    features = timed("backbone first batch", encoder, batch)
+    timed("backbone later batch", encoder, batch)
+    spec = tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)
+    greedy = tf.function(lambda f: model.greedy(f, tokenizer.max_length - 1), input_signature=[spec])
+    timed("greedy decoder first batch", greedy, features)
+    timed("greedy decoder later batch", greedy, features)
+
+
+if __name__ == "__main__":
+    main()
