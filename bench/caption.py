@@ -83,16 +83,21 @@ def linked(paths: list[str], copies: int, folder: str) -> str:
     return folder
 
 
-def main() -> None:
-    """Measure bound, greedy, beam and memory; print figures and ratios."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> tuple[argparse.Namespace, list[str]]:
+    """The caption benchmarks' command line (--checkpoint, --images, --batch-size) and the JPEGs."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(REPO / "outputs/demo/runs/demo/best"))
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     if not os.path.isdir(args.checkpoint):
         raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make demo` or pass --checkpoint")
-    paths = sorted(glob.glob(os.path.join(args.images, "*.jpg")))
+    return args, sorted(glob.glob(os.path.join(args.images, "*.jpg")))
+
+
+def main() -> None:
+    """Measure bound, greedy, beam and memory; print figures and ratios."""
+    args, paths = parse_args(__doc__)
 
     from capray.config import load_config
     from capray.images import decode

@@ -16,19 +16,17 @@ Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
 
 from __future__ import annotations
 
-import argparse
-import glob
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "flickr8k-dev" / "images"
+from caption import parse_args  # bench/caption.py: the same command line
 
 
-def timed(label: str, fn, *args):
+def timed(label: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run fn(*args), print its wall time, return its result."""
     start = time.perf_counter()
     out = fn(*args)
@@ -38,14 +36,7 @@ def timed(label: str, fn, *args):
 
 def main() -> None:
     """Time each start-up step of a caption actor."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=str(REPO / "outputs/demo/runs/demo/best"))
-    ap.add_argument("--images", default=str(DEFAULT_IMAGES))
-    ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args()
-    if not os.path.isdir(args.checkpoint):
-        raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make demo` or pass --checkpoint")
-    paths = sorted(glob.glob(os.path.join(args.images, "*.jpg")))
+    args, paths = parse_args(__doc__)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     cold_import = [sys.executable, "-c", "import tensorflow, keras"]
     timed("import tensorflow, keras (cold)", lambda: subprocess.run(cold_import, check=True, env=env))
