@@ -16,7 +16,6 @@ Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -37,9 +36,9 @@ def timed(label: str, fn: Callable[..., Any], *args: Any) -> Any:
 def main() -> None:
     """Time each start-up step of a caption actor."""
     args, paths = parse_args(__doc__)
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The child inherits KERAS_BACKEND and TF_CPP_MIN_LOG_LEVEL, set by `import capray` via caption.py.
     cold_import = [sys.executable, "-c", "import tensorflow, keras"]
-    timed("import tensorflow, keras (cold)", lambda: subprocess.run(cold_import, check=True, env=env))
+    timed("import tensorflow, keras (cold)", lambda: subprocess.run(cold_import, check=True))
 
     import numpy as np
     import tensorflow as tf
