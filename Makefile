@@ -2,8 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest -q --durations=15
 
-.PHONY: demo test test-system clean wheel
+# The developer's loop (`make test-fast`): no Ray, no training jobs. The conftest refuses
+# Ray here, so a test that needs it cannot slip into this list.
+FAST := tests/test_config.py tests/test_configdoc.py tests/test_text.py tests/test_model.py \
+	tests/test_images.py tests/test_readers.py tests/test_data.py tests/test_parquet.py \
+	tests/test_cluster.py tests/test_imports.py
+
+.PHONY: demo test test-fast test-system clean wheel
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +22,16 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/capray demo configs/demo.yaml $(ARGS)
 
+# Every suite but the reliability one: unit, data, learning, jobs on local Ray and moto S3.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --ignore=tests/system $(ARGS)
+	$(PYTEST) --ignore=tests/system $(ARGS)
 
-# The reliability suite (docs/reliability.md): kept out of `make test`, whose CI budget is 20 min.
+test-fast: $(BIN)/.installed
+	CAPRAY_TEST_FAST=1 $(PYTEST) $(FAST) $(ARGS)
+
+# The reliability suite (docs/reliability.md): killed workers and jobs, storage outages, nodes.
 test-system: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests/system $(ARGS)
+	$(PYTEST) tests/system $(ARGS)
 
 # The pinned capray that cluster.yaml copies to every node (dist/capray-<version>-py3-none-any.whl).
 wheel: $(BIN)/.installed

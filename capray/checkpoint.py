@@ -57,7 +57,7 @@ def restore_weights(directory: str, model: Any) -> None:
 
 
 def restore_optimizer(directory: str, optimizer: Any) -> None:
-    """Load Adam's slots into an optimizer already built for the same variables."""
+    """Load the optimizer state (Adam's slots, or SGD's step count) into an optimizer built for the same variables."""
     try:
         # allow_pickle=False: an object array (a pickle) in the file is refused, never executed.
         with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as data:

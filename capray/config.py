@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -96,7 +96,10 @@ class TrainConfig:
     epochs: int = 20
     # Global batch (all workers together); must be divisible by ray.num_workers.
     batch_size: int = 64
-    # Adam's learning rate (the peak, with lr_schedule=cosine).
+    # adam (the seed's) | sgd (plain gradient descent: its step scales with the gradient, unlike
+    # Adam's, which makes it the optimizer for checking that workers average gradients exactly).
+    optimizer: str = "adam"
+    # The optimizer's learning rate (the peak, with lr_schedule=cosine).
     learning_rate: float = 1e-3
     # constant (the seed's Adam) | cosine (decays to 0 over all epochs: steadier final accuracy).
     lr_schedule: str = "constant"
@@ -244,6 +247,7 @@ _CHOICES = {
     "extract.dtype": ("float16", "float32"),
     "infer.strategy": ("greedy", "beam"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.optimizer": ("adam", "sgd"),
 }
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",

@@ -148,7 +148,8 @@ class Decoder:
                 break
             words.append(tk.words[i])
             rows.append(attention[step])
-        att = np.asarray(rows, np.float32).reshape(len(rows), -1)
+        # (words, 64); (0, 64) when the first token is <end>: an empty caption, still scored.
+        att = np.asarray(rows, np.float32).reshape(len(rows), attention.shape[-1])
         return Caption(" ".join(words), words, att)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +21,12 @@ import ray
 from ray.data.expressions import col
 
 from capray import storage
-from capray.images import load_batch
+from capray.images import FEATURE_DIM, NUM_CELLS, load_batch
 from capray.parquet import AtomicParquetSink, read_columns
 from capray.runtime import bound_memory, uri_dataset
-from capray.model import FEATURE_DIM, NUM_CELLS
+
+if TYPE_CHECKING:
+    from capray.text import Tokenizer
 
 log = logging.getLogger(__name__)
 FEATURE_SHAPE = (NUM_CELLS, FEATURE_DIM)
@@ -229,6 +231,51 @@ def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Datas
     fs, path = storage.filesystem(features_dir, storage_cfg)
     ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True).filter(expr=col("error").is_null())
     return ds.map_batches(_check_sizes, batch_size=64)
+
+
+# --- the training view: functions Ray Data runs in its own worker processes, so they live here
+# (no TensorFlow import) and not in capray.train (which imports ray.train.tensorflow, hence TF).
+
+
+def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One row per (image, caption): repeat each image's feature bytes for each of its captions."""
+    feats, caps = [], []
+    for image, blob in zip(batch["image"], batch["features"]):
+        for tokens in captions.get(image, ()):
+            feats.append(blob)
+            caps.append(tokens)
+    width = next(iter(captions.values())).shape[-1] if captions else 0
+    return {
+        "features": np.array(feats, dtype=object),
+        "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
+        # One dtype per features folder (capray.features.extract refuses to mix them).
+        "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
+    }
+
+
+def caption_dataset(features: "ray.data.Dataset", df: Any, tokenizer: "Tokenizer") -> "ray.data.Dataset":
+    """Features of the images in `df`, one row per caption with its padded token ids."""
+    lookup: dict[str, list[np.ndarray]] = {}
+    for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
+        lookup.setdefault(image, []).append(tokens)
+    grouped = {k: np.stack(v) for k, v in lookup.items()}
+    return features.map_batches(partial(pair_captions, captions=grouped), batch_size=64)
+
+
+def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
+    x = decode_features(batch["features"], batch["dtype"][0]).reshape(-1, FEATURE_SHAPE[1]).astype(np.float64)
+    return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
+
+
+def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over every cell of every training image, in one streaming pass."""
+    n, s, ss = 0, 0.0, 0.0
+    for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
+        n += part["n"].sum()
+        s = s + part["s"].sum(0)
+        ss = ss + part["ss"].sum(0)
+    mean = s / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
 
 
 def run(cfg: Any) -> dict[str, Any]:

@@ -15,9 +15,12 @@ from PIL import Image, ImageOps
 
 from capray import storage
 
-# InceptionV3's input size. Defined here, not in capray.model, so that decoding tasks never
-# import TensorFlow.
+# InceptionV3's input size, and what it makes of it: an 8x8 grid (64 attention cells) of 2048
+# channels. Defined here, not in capray.model, so that decoding tasks and the feature store's
+# readers never import TensorFlow.
 IMAGE_SIZE = 299
+NUM_CELLS = 64
+FEATURE_DIM = 2048
 
 
 class ImageDecodeError(ValueError):

@@ -14,10 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from capray.images import IMAGE_SIZE
-
-NUM_CELLS = 64
-FEATURE_DIM = 2048
+from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS  # noqa: F401 (re-exported)
 
 
 class BackboneError(RuntimeError):
@@ -314,15 +311,22 @@ def attention_penalty(captions: tf.Tensor, attention: tf.Tensor) -> tf.Tensor:
 
 
 def make_optimizer(
-    learning_rate: float, schedule: str = "constant", total_steps: int = 0, mixed_precision: bool = False
+    learning_rate: float,
+    schedule: str = "constant",
+    total_steps: int = 0,
+    mixed_precision: bool = False,
+    kind: str = "adam",
 ) -> keras.optimizers.Optimizer:
-    """Adam, as in the seed; optionally with the learning rate cosine-decayed over `total_steps`.
+    """Adam (the seed's) or plain SGD; optionally with the learning rate cosine-decayed over `total_steps`.
 
     With `mixed_precision`, wrapped in a dynamic LossScaleOptimizer: the caller scales the loss
     with `optimizer.scale_loss` and the optimizer unscales, skipping steps with inf/NaN gradients.
     """
-    if schedule == "cosine":
-        adam = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)))
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)) if schedule == "cosine" else learning_rate
+    if kind == "adam":
+        optimizer = keras.optimizers.Adam(rate)
+    elif kind == "sgd":
+        optimizer = keras.optimizers.SGD(rate)
     else:
-        adam = keras.optimizers.Adam(learning_rate)
-    return keras.optimizers.LossScaleOptimizer(adam) if mixed_precision else adam
+        raise ValueError(f"optimizer {kind!r}: expected adam or sgd")
+    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer

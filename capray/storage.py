@@ -56,7 +56,10 @@ def exists(uri: str, storage: Any = None) -> bool:
 def read_bytes(uri: str, storage: Any = None) -> bytes:
     """The whole content of one file."""
     fs, path = filesystem(uri, storage)
-    with fs.open_input_stream(path) as f:
+    # A random-access file reads its known size in one request; pyarrow's S3 input *stream*
+    # read() fetches it in small ranged GETs instead (an 88 MB object: ~450 GETs, 19.9 s against
+    # 0.2 s on the moto server).
+    with fs.open_input_file(path) as f:
         return f.read()
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 import tempfile
 import time
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from ray.train.tensorflow import TensorflowTrainer
 from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import from_yaml, output_paths, to_yaml
-from capray.features import FEATURE_SHAPE, decode_features, read_features
+from capray.features import FEATURE_SHAPE, caption_dataset, decode_features, feature_stats, read_features
 from capray.features import verify as verify_features
 from capray.text import Tokenizer
 
@@ -41,47 +40,6 @@ def prepare_tokenizer(cfg: Any, train_captions: list[str]) -> Tokenizer:
     tokenizer = Tokenizer.fit(train_captions, cfg.text.vocab_size, cfg.text.max_length)
     storage.write_bytes(uri, tokenizer.to_json().encode("utf-8"), cfg.storage)
     return tokenizer
-
-
-def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One row per (image, caption): repeat each image's feature bytes for each of its captions."""
-    feats, caps = [], []
-    for image, blob in zip(batch["image"], batch["features"]):
-        for tokens in captions.get(image, ()):
-            feats.append(blob)
-            caps.append(tokens)
-    width = next(iter(captions.values())).shape[-1] if captions else 0
-    return {
-        "features": np.array(feats, dtype=object),
-        "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
-        # One dtype per features folder (capray.features.extract refuses to mix them).
-        "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
-    }
-
-
-def caption_dataset(features: "ray.data.Dataset", df: Any, tokenizer: Tokenizer) -> "ray.data.Dataset":
-    """Features of the images in `df`, one row per caption with its padded token ids."""
-    lookup: dict[str, list[np.ndarray]] = {}
-    for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
-        lookup.setdefault(image, []).append(tokens)
-    grouped = {k: np.stack(v) for k, v in lookup.items()}
-    return features.map_batches(partial(pair_captions, captions=grouped), batch_size=64)
-
-
-def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
-    x = decode_features(batch["features"], batch["dtype"][0]).reshape(-1, FEATURE_SHAPE[1]).astype(np.float64)
-    return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
-
-
-def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over every cell of every training image, in one streaming pass."""
-    n, s, ss = 0, 0.0, 0.0
-    for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
-        n += part["n"].sum()
-        s = s + part["s"].sum(0)
-        ss = ss + part["ss"].sum(0)
-    mean = s / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
 
 
 def _recorded_best(uri: str, storage_cfg: Any) -> float:
@@ -120,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
     with strategy.scope():
         model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
         total_steps = cfg.train.epochs * (config["train_captions"] // global_batch)
-        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, total_steps, mixed)
+        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, total_steps, mixed, cfg.train.optimizer)
         optimizer.build(model.trainable_variables)
     if config.get("feature_mean") is not None:
         model.set_feature_stats(np.array(config["feature_mean"]), np.array(config["feature_std"]))

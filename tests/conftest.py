@@ -1,13 +1,16 @@
-"""Shared fixtures: a real local Ray instance and a real S3-protocol server (moto) on 127.0.0.1."""
+"""Shared fixtures: a real local Ray instance, a real S3-protocol server (moto) on 127.0.0.1, and
+test data built once per session (a tiny checkpoint, extracted synthetic features)."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from builders import extract_synthetic, write_tiny_checkpoint
 from capray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +20,8 @@ FLICKR_DEV = REPO.parent / "shared" / "data" / "flickr8k-dev"
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the whole session (starting Ray costs seconds)."""
+    if os.environ.get("CAPRAY_TEST_FAST"):
+        pytest.fail("`make test-fast` runs no Ray: this test belongs in `make test` only (see the Makefile's FAST list)")
     import ray
 
     from capray.runtime import init_ray
@@ -74,3 +79,16 @@ def flickr_dev() -> Path:
     if not (FLICKR_DEV / "captions.csv").is_file():
         pytest.skip(f"{FLICKR_DEV} not present")
     return FLICKR_DEV
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An untrained, complete checkpoint for the tests of the caption job's plumbing."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tinyckpt") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def synthetic_features(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
+    """A work dir with synthetic scenes and their extracted features, made once per session;
+    training tests read them through `builders.reuse_features`."""
+    return extract_synthetic(tmp_path_factory.mktemp("synthetic"))

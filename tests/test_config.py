@@ -44,10 +44,9 @@ def test_defaults_load_from_the_schema() -> None:
     schema.work_dir = os.path.abspath(schema.work_dir)  # local paths are made absolute on load
     assert _plain(cfg) == _plain(schema)
     assert _plain(parse_args([])) == _plain(cfg) == _plain(load_config(None, []))
-    assert (cfg.name, cfg.work_dir, cfg.data.format) == ("capray", os.path.abspath("outputs/capray"), "synthetic")
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (20, 64, 1e-3)
-    assert (cfg.text.vocab_size, cfg.text.max_length) == (5000, 0)
-    assert (cfg.model.embedding_dim, cfg.model.units, cfg.model.feature_norm) == (256, 512, "none")
+    # The defaults that the model card fixes (the seed's vocabulary and sizes, ImageNet weights);
+    # the other defaults are choices the schema documents, not restated here.
+    assert (cfg.text.vocab_size, cfg.model.embedding_dim, cfg.model.units) == (5000, 256, 512)
     assert cfg.encoder.weights == "imagenet" and cfg.storage.secret_access_key == ""
     cfg.train.epochs = 2  # the loaded config is writable (jobs adjust it)
     assert cfg.train.epochs == 2
@@ -233,18 +232,10 @@ def test_there_are_shipped_configs() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_says_how_to_run_it(path: Path) -> None:
+def test_every_shipped_config_survives_the_saved_config_round_trip(path: Path) -> None:
+    # Its header is checked by tests/test_cluster.py.
     cfg = load_config(path)
     assert _plain(from_yaml(to_yaml(cfg))) == _plain(redacted(cfg))
-    lines = path.read_text().splitlines()
-    assert lines and lines[0].startswith("#"), f"{path.name}: first line must be a # comment"
-    header = []
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    text = "\n".join(header)
-    assert "Run" in text or "capray " in text or "make " in text, f"{path.name}: header does not say how to run it"
 
 
 def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

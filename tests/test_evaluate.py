@@ -17,7 +17,7 @@ from PIL import Image
 from capray import evaluate
 from capray.config import load_config
 from capray.model import Captioner
-from capray.text import Tokenizer
+from capray.text import Tokenizer, clean
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -80,7 +80,19 @@ def test_without_java_meteor_is_skipped_with_a_note(tmp_path: Path, monkeypatch:
     m = evaluate.score(PREDICTIONS, REFERENCES)
     assert "meteor" not in m
     assert m["notes"] == [evaluate.NO_JAVA] and "METEOR skipped: no Java" in m["notes"][0]
-    assert 0.2 < m["bleu4"] < 0.9 and m["cider"] > 0.5
+    # Without the PTB tokenizer, the same pycocoevalcap scorers run on capray.text.clean's tokens,
+    # with every reference of each image.
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {k: [" ".join(clean(r)) for r in refs] for k, refs in REFERENCES.items()}
+    res = {k: [" ".join(clean(p))] for k, p in PREDICTIONS.items()}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert m["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res)[0][3], abs=1e-12)
+        assert m["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+        assert m["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    assert m["exact_match"] == 0.25  # "A dog runs on the grass." matches after normalisation
 
 
 def test_unknown_prediction_is_an_error() -> None:
@@ -118,6 +130,21 @@ def decoded() -> tuple[list[evaluate.Caption], np.ndarray]:
         assert np.allclose(c.attention.sum(axis=1), 1.0, atol=1e-4)  # softmax over the 64 cells
     pixels = np.random.default_rng(1).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
     return [greedy, beam], pixels
+
+
+def test_a_caption_that_ends_at_once_is_empty_not_an_error() -> None:
+    # Found by the pipeline test: a weakly trained model's first token can be <end>.
+    tokenizer = Tokenizer.fit(["a dog runs"], max_length=6)
+    keras.utils.set_random_seed(0)
+    model = Captioner(tokenizer.vocab_size, embedding_dim=8, units=16).build_all()
+    bias = model.fc2.bias.numpy()
+    bias[tokenizer.end_id] = 1e4  # <end> always wins
+    model.fc2.bias.assign(bias)
+    decoder = evaluate.Decoder(model, tokenizer, load_config(None, ["infer.beam_size=2"]).infer)
+    features = np.random.default_rng(0).random((2, 64, 2048), dtype=np.float32)
+    for strategy in ("greedy", "beam"):
+        for cap in decoder(strategy, features):
+            assert (cap.text, cap.words, cap.attention.shape) == ("", [], (0, 64))
 
 
 def test_attention_figure_has_one_panel_per_word(decoded) -> None:

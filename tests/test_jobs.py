@@ -81,14 +81,28 @@ def ray_head() -> Iterator[dict]:
                 time.sleep(1)  # polling interval while the dashboard starts (not synchronisation)
         yield {"client": client, "temp": temp}
     finally:
+        # A throw-away head: no graceful shutdown is needed (`ray start --block` spends ~30 s on
+        # one), so a short grace, then SIGKILL for its process group and anything left that runs
+        # from its temp dir.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _kill_processes_using(temp)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_processes_using(path: str) -> None:
+    """SIGKILL every process whose command line names `path` (the head's Ray processes)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if path.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # exited while we looked
 
 
 def _wait(client, job_id: str, timeout: float = 420) -> str:
@@ -103,6 +117,7 @@ def _wait(client, job_id: str, timeout: float = 420) -> str:
     return status
 
 
+@pytest.mark.timeout(600)  # a head, a working-dir upload and a whole job
 def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, tmp_path: Path) -> None:
     from ray.job_submission import JobStatus
 
@@ -138,6 +153,7 @@ def test_a_failing_job_is_reported_failed_with_the_config_error(ray_head: dict) 
     assert "Key 'epochz' not in 'TrainConfig'" in client.get_job_logs(job_id)
 
 
+@pytest.mark.timeout(600)  # a whole job in a fresh Ray instance
 def test_local_entry_point_runs_the_code_next_to_it(tmp_path: Path) -> None:
     # A copy of the entry points and library elsewhere: `python jobs/extract.py` must import the
     # capray beside it (not the installed one) and run a real job on a local Ray instance.

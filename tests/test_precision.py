@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from capray import features, train
+from builders import REPO, reuse_features
+from capray import synthetic, train
 from capray.config import load_config
+from capray.features import FeatureExtractor, decode_features
 from capray.infer import caption
-from capray.model import Captioner, caption_loss, make_optimizer, set_precision
+from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, set_precision
 
 
 @pytest.fixture
@@ -27,11 +29,6 @@ def mixed_policy() -> Iterator[None]:
     finally:
         set_precision(False)
     assert keras.mixed_precision.dtype_policy().name == "float32"
-
-
-def test_defaults_are_off() -> None:
-    cfg = load_config()
-    assert cfg.model.mixed_precision is False and cfg.model.jit_compile is False
 
 
 def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> None:
@@ -67,23 +64,35 @@ def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> N
     assert tokens.shape == (4, 6) and log_prob.dtype == tf.float32 and (lengths.numpy() >= 1).all()
 
 
-def test_jobs_run_with_mixed_precision_and_xla(tmp_path: Path, ray_local) -> None:
-    # Extraction under mixed precision; then a Ray Train epoch (MultiWorkerMirroredStrategy, loss
-    # scaling, clipping, XLA forward/backward) and the caption job (XLA InceptionV3) with both on.
-    # XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
+def test_extraction_actor_under_mixed_float16_matches_float32(mixed_policy) -> None:
+    # The extraction job's actor, called as Ray Data calls it (its job is tests/test_extract.py's).
+    pixels = np.stack([np.asarray(synthetic.render(seed=5, index=i)[0]) for i in range(4)])
+    batch = {"image": np.array([f"{i}.jpg" for i in range(4)]), "pixels": pixels, "error": np.array([None] * 4)}
+    table = FeatureExtractor("random", 0, None, "float16", mixed_precision=True, jit_compile=False)(batch)
+    assert keras.mixed_precision.dtype_policy().name == "mixed_float16"
+    mixed = decode_features(table["features"].to_pylist(), "float16")
+    set_precision(False)
+    exact = ImageEncoder("random", seed=0)(pixels)
+    # float16 compute through 94 conv layers: close to float32, not equal.
+    assert np.abs(mixed - exact).mean() < 0.01 * np.abs(exact).mean()
+    assert not np.array_equal(mixed, exact.astype(np.float16).astype(np.float32))
+
+
+def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_path: Path) -> None:
+    # A Ray Train epoch (MultiWorkerMirroredStrategy, loss scaling, clipping, XLA forward/backward)
+    # and the caption job (XLA InceptionV3) with both on, on the session's float32-extracted
+    # features. XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
     base = [
-        f"work_dir={tmp_path / 'work'}", f"data.annotations={tmp_path / 'data' / 'captions.csv'}",
-        "data.synthetic_images=32", "encoder.weights=random", "model.feature_norm=channel",
-        "model.mixed_precision=true", "extract.batch_size=16", "train.epochs=1", "train.batch_size=8",
+        *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
+        "model.mixed_precision=true", "model.jit_compile=true", "train.epochs=1", "train.batch_size=8",
         "train.clip_norm=5.0", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=mixed",
         "infer.batch_size=8", "infer.limit=8",
     ]
-    features.run(load_config(None, base))
-    cfg = load_config(None, [*base, "model.jit_compile=true"])
+    cfg = load_config(REPO / "configs/demo.yaml", base)
     summary = train.train(cfg)
     assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
     out = tmp_path / "captions"
-    s = caption(cfg, summary["checkpoint"], str(tmp_path / "data" / "images"), str(out))
+    s = caption(cfg, summary["checkpoint"], str(synthetic_features / "data" / "images"), str(out))
     assert s["captioned"] == 8 and s["failed"] == 0
     rows = pd.read_parquet(out)
     assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()

@@ -1,36 +1,14 @@
-"""Fixtures of the system suite (tests/system): a small untrained checkpoint, a restartable S3 server."""
+"""Fixtures of the system suite (tests/system): a restartable S3 server (the tiny checkpoint and the
+shared synthetic features come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from capray.config import load_config
-from capray.text import Tokenizer
-
-
-def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:
-    """An untrained but complete checkpoint (random InceptionV3, small decoder): the jobs' fault
-    handling does not depend on what the model learned, and training one would cost minutes."""
-    from capray import checkpoint
-    from capray.model import Captioner, make_optimizer
-
-    tokenizer = Tokenizer.fit(["a red circle", "two blue squares left of a green triangle"], max_length=6)
-    cfg = load_config(None, ["encoder.weights=random", "model.embedding_dim=8", f"model.units={units}"])
-    model = Captioner(tokenizer.vocab_size, 8, units).build_all()
-    optimizer = make_optimizer(1e-3)
-    optimizer.build(model.trainable_variables)
-    checkpoint.write(str(directory), model, optimizer, tokenizer, cfg, {"epoch": 1, "step": 1})
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A checkpoint for the caption job's fault tests."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tinyckpt") / "ckpt")
 
 
 class RestartableS3:

@@ -11,9 +11,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from capray import synthetic
 
+# A three-node cluster started, used by two jobs and a node killed: the longest test.
+pytestmark = pytest.mark.timeout(1800)
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 N_IMAGES = 24

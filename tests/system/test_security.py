@@ -11,13 +11,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import uuid
 import zlib
 from pathlib import Path
 
 import boto3
-import pytest
 
 from capray import synthetic
 

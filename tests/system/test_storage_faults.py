@@ -15,9 +15,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from capray import synthetic
 
+# A caption job through an S3 outage, then its re-run.
+pytestmark = pytest.mark.timeout(1200)
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 24
 

@@ -14,20 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import feature_overrides, reuse_features
 
-from capray import checkpoint, features
-from capray.config import load_config
+from capray import checkpoint
 
+# Whole training jobs with a worker killed: minutes each on 2 cores.
+pytestmark = pytest.mark.timeout(1200)
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["data.synthetic_images=96", "train.batch_size=16", "ray.cpus_per_worker=0.5", "train.num_to_keep=0"]
+SMALL = ["train.batch_size=16", "ray.cpus_per_worker=0.5", "train.num_to_keep=0"]
 EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
-    """Extracted features of 96 synthetic scenes, shared by the runs below (each has its own name)."""
+def work(tmp_path_factory: pytest.TempPathFactory, synthetic_features: Path) -> Path:
+    """A work dir on the session's synthetic features, shared by the runs below (each has its own name)."""
     work = tmp_path_factory.mktemp("faults")
-    features.run(load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", *SMALL]))
+    reuse_features(synthetic_features, work)
     return work
 
 
@@ -75,11 +77,11 @@ def _train_workers(pid: int) -> list[int]:
     return found
 
 
-def _run_and_kill_a_worker(work: Path, name: str, max_failures: int) -> tuple[subprocess.CompletedProcess, int]:
+def _run_and_kill_a_worker(work: Path, shared: Path, name: str, max_failures: int) -> tuple[subprocess.CompletedProcess, int]:
     """`capray train` in its own Ray instance; once epoch 1's checkpoint exists (the workers are then
     in epoch 2), SIGKILL one training worker process. Returns the finished process and the epoch
     reached when it was killed."""
-    cmd = [sys.executable, "-m", "capray.cli", "train", str(REPO / "configs/demo.yaml"), f"work_dir={work}", *SMALL,
+    cmd = [sys.executable, "-m", "capray.cli", "train", str(REPO / "configs/demo.yaml"), *feature_overrides(shared, work), *SMALL,
            f"train.epochs={EPOCHS}", "ray.num_workers=2", f"train.max_failures={max_failures}", f"name={name}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -106,8 +108,8 @@ def _run_and_kill_a_worker(work: Path, name: str, max_failures: int) -> tuple[su
     return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), ""), killed_at
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Path) -> None:
-    done, killed_at = _run_and_kill_a_worker(work, "f1", max_failures=1)
+def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Path, synthetic_features: Path) -> None:
+    done, killed_at = _run_and_kill_a_worker(work, synthetic_features, "f1", max_failures=1)
     assert done.returncode == 0, done.stdout[-3000:]
     resumed = [int(e) for e in re.findall(r"resuming from epoch (\d+)", done.stdout)]
     assert resumed and resumed[0] >= killed_at, done.stdout[-3000:]
@@ -120,8 +122,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Pat
     assert f"[capray] train: best checkpoint {work}/runs/f1/best" in done.stdout
 
 
-def test_without_retries_the_job_fails_clearly_and_the_last_checkpoint_loads(work: Path) -> None:
-    done, killed_at = _run_and_kill_a_worker(work, "f0", max_failures=0)
+def test_without_retries_the_job_fails_clearly_and_the_last_checkpoint_loads(work: Path, synthetic_features: Path) -> None:
+    done, killed_at = _run_and_kill_a_worker(work, synthetic_features, "f0", max_failures=0)
     assert done.returncode != 0
     found = re.search(r"TrainingError: training run 'f0' failed \(.*\); the last good checkpoint is (\S+): "
                       r"re-run the same command to resume from it, or set train.max_failures \(now 0\)", done.stdout)
