@@ -56,9 +56,8 @@ def exists(uri: str, storage: Any = None) -> bool:
 def read_bytes(uri: str, storage: Any = None) -> bytes:
     """The whole content of one file."""
     fs, path = filesystem(uri, storage)
-    # A random-access file reads its known size in one request; pyarrow's S3 input *stream*
-    # read() fetches it in small ranged GETs instead (an 88 MB object: ~450 GETs, 19.9 s against
-    # 0.2 s on the moto server).
+    # A random-access file reads its known size in one GET; pyarrow's S3 input *stream* read()
+    # fetches it in hundreds of small ranged GETs instead (bench/storage_read.py).
     with fs.open_input_file(path) as f:
         return f.read()
 
