@@ -33,13 +33,13 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="*", help="optional YAML file, then key=value overrides")
     parser.add_argument("--overwrite", action="store_true", help="extract: recompute features already present")
-    parser.add_argument("--limit", type=int, help="caption: at most N new images (a trial run)")
+    parser.add_argument("--limit", type=int, help="extract, caption: at most N new shards (a trial run)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     job = job or args.job
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        extra = (["extract.overwrite=true"] if args.overwrite else []) + ([f"infer.limit={args.limit}"] if args.limit else [])
+        extra = (["extract.overwrite=true"] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
         cfg = parse_args(args.config + extra)
     except ConfigError as e:
         print(f"capray: config error: {e}", file=sys.stderr)

@@ -136,13 +136,41 @@ class ExtractConfig:
     dtype: str = "float16"
     # Recompute every feature (deletes the features folder first); also --overwrite.
     overwrite: bool = False
+    # Any input kind (see `inputs`) to featurize into `<work_dir>/features`, with its columns
+    # (e.g. captions) passed through; "" = the images of the training split (data.*).
+    input: str = ""
+
+
+@dataclass
+class InputsConfig:
+    """How a job's input becomes shards: the unit of work, of output files and of resume."""
+
+    # auto | files | manifest | webdataset. auto: a .csv/.parquet file, glob or folder of them is a
+    # manifest (or Parquet with image bytes, when it has `bytes_column` and no `image`), .tar files
+    # are WebDataset shards, anything else a folder/prefix of image files.
+    format: str = "auto"
+    # Images per shard of a listed folder/prefix (one output file each); Parquet inputs: whole row
+    # groups up to this many rows; a CSV file or a tar is one shard.
+    shard_rows: int = 1000
+    # Which files of a folder/prefix (or tar members) are images (case-insensitive), and an
+    # optional file name glob (values are YAML: quote it, "inputs.glob='*.jpg'").
+    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+    glob: str = ""
+    # Parquet with image bytes (img2dataset's output_format=parquet): the binary image column and
+    # the column that names each row (without it: `<file>/<row number>`).
+    bytes_column: str = "jpg"
+    key_column: str = "key"
+    # Threads per actor reading and decoding images ahead of the model.
+    io_threads: int = 4
+    # Process at most this many new shards (0 = all): a trial run.
+    limit_shards: int = 0
 
 
 @dataclass
 class InferConfig:
-    """Bulk captioning: image folder/bucket/manifest in, Parquet out."""
+    """Bulk captioning: any input kind (see `inputs`) in, one Parquet file per input shard out."""
 
-    # Folder, s3:// prefix, or .csv/.parquet manifest (an `image` column) to caption.
+    # Folder, s3:// prefix, manifest(s), WebDataset tars or Parquet with image bytes to caption.
     input: str = ""
     # Images per forward pass of a captioning actor.
     batch_size: int = 16
@@ -157,15 +185,8 @@ class InferConfig:
     strategy: str = "greedy"
     beam_size: int = 3
     length_alpha: float = 0.7
-    # Which files of a folder/prefix are images (case-insensitive), and an optional name glob.
-    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif"])
-    glob: str = ""
-    # Caption at most this many new images (0 = all): a trial run.
-    limit: int = 0
     # Also write each word's 64 attention weights (`attention` column).
     attention: bool = False
-    # Rows per output Parquet file.
-    rows_per_file: int = 10000
 
 
 @dataclass
@@ -210,10 +231,9 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
     local_cpus: int = 0
-    # Extraction and captioning: decoded batches per actor that may wait in the object store
-    # ahead of the model. Enough to keep the actors busy; few enough that memory stays flat
-    # however many images a job has.
-    inflight_batches: int = 8
+    # Extraction and captioning: batches each actor reads and decodes ahead of its model. Enough to
+    # keep the model busy; few enough that an actor's memory stays a few batches of pixels.
+    inflight_batches: int = 2
 
 
 @dataclass
@@ -234,6 +254,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -246,18 +267,19 @@ _CHOICES = {
     "model.feature_norm": ("none", "channel"),
     "extract.dtype": ("float16", "float32"),
     "infer.strategy": ("greedy", "beam"),
+    "inputs.format": ("auto", "files", "manifest", "webdataset"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.optimizer": ("adam", "sgd"),
 }
 _POSITIVE = (
     "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
     "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "infer.rows_per_file", "infer.beam_size", "ray.num_workers", "ray.inflight_batches", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "infer.min_actors", "infer.max_actors", "inputs.shard_rows", "inputs.io_threads", "infer.beam_size", "ray.num_workers", "ray.inflight_batches", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
     "evaluate.batch_size",
 )
 _NON_NEGATIVE = (
     "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures", "train.checkpoint_every_steps",
-    "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "infer.limit", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
+    "train.attention_reg", "train.clip_norm", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "inputs.limit_shards", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
     "evaluate.report_images",
 )
 
@@ -285,6 +307,22 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("min_actors must not exceed max_actors (extract.*, infer.*)")
 
 
+# Keys that moved: a config that still uses one is told the new name, not just "unknown key".
+_RENAMED = {
+    "infer.glob": "inputs.glob",
+    "infer.extensions": "inputs.extensions",
+    "infer.limit": "inputs.limit_shards (shards, not images)",
+    "infer.rows_per_file": "inputs.shard_rows (one output file per input shard)",
+}
+
+
+def _check_renamed(layer: DictConfig, source: str) -> None:
+    for old, new in _RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(layer.get(section), DictConfig) and key in layer[section]:
+            raise ConfigError(f"{source}: {old} was replaced by {new}")
+
+
 def _scalar_section(overrides: Sequence[str]) -> str | None:
     """The override that puts a value where a section belongs (`train=3`), which OmegaConf's
     merge error does not name."""
@@ -309,15 +347,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), got a list")
+            _check_renamed(loaded, str(path))
             layers.append(loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
         try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _check_renamed(dotlist, "override")
+            layers.append(dotlist)
         except yaml.YAMLError as e:
             # Values are parsed as YAML: `*.jpg` reads as an alias and needs quotes ('*.jpg').
-            raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. infer.glob=\"'*.jpg'\"") from None
+            raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. inputs.glob=\"'*.jpg'\"") from None
         cfg = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or _scalar_section(overrides)
@@ -331,7 +372,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 # Local paths in these keys are made absolute where the config is loaded: Ray workers run in
 # other directories, and image keys must not depend on where a job was started.
-_PATH_KEYS = ("work_dir", "output", "checkpoint", "data.annotations", "data.images", "infer.input", "encoder.weights")
+_PATH_KEYS = ("work_dir", "output", "checkpoint", "data.annotations", "data.images", "infer.input", "extract.input", "encoder.weights")
 
 
 def _absolute_paths(cfg: DictConfig) -> None:
@@ -381,7 +422,7 @@ def output_paths(cfg: DictConfig) -> dict[str, str]:
         "heldout": join(root, "heldout"),
         "split": join(root, "split.parquet"),
         "features": join(root, "features"),
-        "extract_errors": join(root, "extract_errors.parquet"),
+        "inputs": join(root, "inputs"),
         "tokenizer": join(root, "tokenizer.json"),
         "runs": join(root, "runs"),
         "best": join(root, "runs", cfg.name, "best.json"),

@@ -1,29 +1,27 @@
 """Feature extraction job: images -> InceptionV3 (64, 2048) features as sharded Parquet.
 
-Pipeline (Ray Data): URIs -> read + decode (stateless CPU tasks) -> InceptionV3 in an actor pool
-(model built once per actor; `num_gpus` per actor on GPU clusters) -> Parquet shards. One row per
-image: `image` (URI), `features` (raw bytes of the (64, 2048) array), `dtype`, `shape`, `error`.
+Pipeline (capray.pipeline): input shards -> InceptionV3 in an actor pool (model built once per
+actor; `num_gpus` per actor on GPU clusters) -> one Parquet file per shard. One row per image:
+`image` (URI or key), `features` (raw bytes of the (64, 2048) array), `dtype`, `shape`, `error`,
+then the input's own columns (e.g. `caption`).
 Raw bytes keep the files readable by plain pyarrow/numpy without Ray's tensor extension types.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from capray import storage
-from capray.images import FEATURE_DIM, NUM_CELLS, load_batch
-from capray.parquet import AtomicParquetSink, read_columns
-from capray.runtime import bound_memory, uri_dataset
+from capray import inputs, pipeline, storage
+from capray.images import FEATURE_DIM, NUM_CELLS
+from capray.inputs import Plan
 
 if TYPE_CHECKING:
     from capray.text import Tokenizer
@@ -89,104 +87,73 @@ def decode_features(column: Iterable[bytes], dtype: str) -> np.ndarray:
     return np.stack(rows).reshape(-1, *FEATURE_SHAPE).astype(np.float32)
 
 
-def status(features_dir: str, storage_cfg: Any = None) -> tuple[set[str], dict[str, str]]:
-    """Images already extracted under `features_dir`, and the failed ones with their errors."""
-    table = read_columns(features_dir, ["image", "error"], storage_cfg)
-    done, failed = set(), {}
-    for img, err in zip(table["image"].to_pylist(), table["error"].to_pylist()):
-        if err is None:
-            done.add(img)
-        else:
-            failed[img] = err
-    return done, failed
-
-
-def extract(cfg: Any, images: list[str], features_dir: str) -> dict[str, Any]:
-    """Extract features for `images` into `features_dir`; images already there (extracted or
-    failed) are skipped unless `extract.overwrite`."""
-    start = time.time()
+def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
+    """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
+    one file per shard; shards already there are skipped unless `extract.overwrite`."""
     if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
         fs, path = storage.filesystem(features_dir, cfg.storage)
         fs.delete_dir(path)
-    manifest = storage.join(features_dir, "_manifest.json")
-    if storage.exists(manifest, cfg.storage):
-        import json
-
-        existing = json.loads(storage.read_bytes(manifest, cfg.storage))["dtype"]
-        if existing != cfg.extract.dtype:
-            # Training decodes a batch with one dtype; never mix them in one folder.
-            raise ValueError(
-                f"{features_dir} holds {existing} features but extract.dtype={cfg.extract.dtype}: "
-                "use the same dtype, another work_dir, or --overwrite"
-            )
-    done, failed_before = status(features_dir, cfg.storage)
-    wanted = set(images)
-    todo = sorted(wanted - done - failed_before.keys())
-    summary = {"images": len(wanted), "skipped": len(wanted) - len(todo), "extracted": 0, "failed": 0}
-    if todo:
-        storage_cfg = cfg.storage
-        ds = uri_dataset(todo, cfg.extract.batch_size)
-        ds = ds.map_batches(
-            partial(load_batch, storage_cfg=storage_cfg, max_pixels=cfg.data.max_pixels),
-            batch_size=cfg.extract.batch_size,
-            # Less than the actor's CPU: Ray then keeps decoding in separate tasks (not fused
-            # into the actor), so it overlaps with the forward pass and reads from object
-            # storage never stall the model.
-            num_cpus=0.5,
+    manifest = _read_manifest(features_dir, cfg.storage)
+    if manifest and manifest["dtype"] != cfg.extract.dtype:
+        # Training decodes a batch with one dtype; never mix them in one folder.
+        raise ValueError(
+            f"{features_dir} holds {manifest['dtype']} features but extract.dtype={cfg.extract.dtype}: "
+            "use the same dtype, another work_dir, or --overwrite"
         )
-        ds = ds.map_batches(
-            FeatureExtractor,
-            fn_constructor_kwargs=dict(
-                weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=storage_cfg, dtype=cfg.extract.dtype,
-                mixed_precision=cfg.model.mixed_precision, jit_compile=cfg.model.jit_compile,
-            ),
-            batch_size=cfg.extract.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.extract.min_actors, max_size=cfg.extract.max_actors),
-            num_gpus=cfg.extract.num_gpus,
-        )
-        # 256 rows of float16 features: about 64 MiB per file.
-        rows_per_file = 256
-        row_bytes = np.dtype(cfg.extract.dtype).itemsize * NUM_CELLS * FEATURE_DIM
-        ds = bound_memory(ds, cfg, cfg.extract.batch_size, cfg.extract.max_actors, 2 * rows_per_file * row_bytes)
-        ds.write_datasink(AtomicParquetSink(features_dir, SCHEMA, storage_cfg, rows_per_file=rows_per_file))
-    done_after, failed_after = status(features_dir, cfg.storage)
-    summary["extracted"] = len(done_after & set(todo))
-    summary["failed"] = len(failed_after.keys() & set(todo))
-    summary["errors"] = failed_after
-    seconds = time.time() - start
-    summary["seconds"] = round(seconds, 1)
-    summary["images_per_s"] = round(len(todo) / max(seconds, 1e-9), 1)
-    return summary
+    from capray.config import output_paths
+
+    plan = images if isinstance(images, Plan) else inputs.images_plan(sorted(set(images)), output_paths(cfg)["inputs"], cfg, "images")
+    kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=cfg.storage, dtype=cfg.extract.dtype,
+                  mixed_precision=cfg.model.mixed_precision, jit_compile=cfg.model.jit_compile)
+    s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract")
+    s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
+    if s["shards_written"] or not manifest:
+        s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest)
+    return s
 
 
-def write_manifest(features_dir: str, storage_cfg: Any, dtype: str) -> dict[str, Any]:
-    """`_manifest.json` in the features folder: every Parquet file with its row count."""
+def _read_manifest(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
     import json
 
-    fs, path = storage.filesystem(features_dir, storage_cfg)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    files = [
-        {"file": frag.path.rsplit("/", 1)[-1], "rows": frag.metadata.num_rows}
-        for frag in dataset.get_fragments()
-    ]
+    uri = storage.join(features_dir, "_manifest.json")
+    return json.loads(storage.read_bytes(uri, storage_cfg)) if storage.exists(uri, storage_cfg) else None
+
+
+def _footer_rows(uri: str, storage_cfg: Any) -> int:
+    fs, path = storage.filesystem(uri, storage_cfg)
+    try:
+        with fs.open_input_file(path) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise FeatureError(f"{uri}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
+
+
+def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`_manifest.json` in the features folder: every Parquet file with its row count.
+
+    Counts already in `previous` (the manifest before this run) are kept; only files it does not
+    list are opened, for their footer (in parallel): O(new shards), not O(images).
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = {f["file"]: f["rows"] for f in (previous or {}).get("files", [])}
+    names = sorted(n for n in pipeline.done_ids(features_dir, storage_cfg))
+    names = [pipeline.output_name(n) for n in names]
+    new = [n for n in names if n not in known]
+    counts = ThreadPoolExecutor(16).map(lambda n: _footer_rows(storage.join(features_dir, n), storage_cfg), new)
+    known.update(zip(new, counts))
+    files = [{"file": n, "rows": known[n]} for n in names]
     manifest = {
         "format": "capray-features/1",
         "columns": SCHEMA.names,
         "shape": list(FEATURE_SHAPE),
         "dtype": dtype,
         "rows": sum(f["rows"] for f in files),
-        "files": sorted(files, key=lambda f: f["file"]),
+        "files": files,
     }
     storage.write_bytes(storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg)
     return manifest
-
-
-def write_errors(errors: dict[str, str], uri: str, storage_cfg: Any = None) -> None:
-    """The errors table: one row (image, error) per image that could not be extracted."""
-    table = pa.table({"image": list(errors), "error": list(errors.values())}, schema=pa.schema([("image", pa.string()), ("error", pa.string())]))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
 def verify(features_dir: str, storage_cfg: Any = None) -> None:
@@ -203,13 +170,9 @@ def verify(features_dir: str, storage_cfg: Any = None) -> None:
     missing = sorted(set(listed) - present)
     if missing:
         raise FeatureError(f"{features_dir}: shard(s) listed in _manifest.json are missing: {', '.join(missing)}")
-    for f in files:
-        fs, path = storage.filesystem(f, storage_cfg)
-        try:
-            with fs.open_input_file(path) as handle:
-                rows = pq.ParquetFile(handle).metadata.num_rows
-        except (pa.ArrowException, OSError) as e:
-            raise FeatureError(f"{f}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
+    from concurrent.futures import ThreadPoolExecutor
+
+    for f, rows in zip(files, ThreadPoolExecutor(16).map(lambda f: _footer_rows(f, storage_cfg), files)):
         name = f.rsplit("/", 1)[-1]
         if name in listed and listed[name] != rows:
             raise FeatureError(f"{f}: {rows} rows, _manifest.json says {listed[name]}; re-run `capray extract`")
@@ -279,28 +242,35 @@ def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """`capray extract`: features for every image of the split (train and validation)."""
+    """`capray extract`: features of every image of the split (train and validation), or of
+    `extract.input` (any input kind, its columns passed through)."""
     from capray.config import output_paths, save_next_to
-    from capray.data import prepare_split
-    from capray.synthetic import ensure
 
-    if cfg.data.format == "synthetic":
-        ensure(cfg)
-    train_df, val_df = prepare_split(cfg)
-    images = sorted(set(train_df["image"]) | set(val_df["image"]))
     out = output_paths(cfg)["features"]
-    print(f"[capray] extracting InceptionV3 features of {len(images)} images -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
-    summary = extract(cfg, images, out)
-    paths = output_paths(cfg)
-    write_errors(summary["errors"], paths["extract_errors"], cfg.storage)
+    if cfg.extract.input:
+        plan = inputs.plan(cfg, cfg.extract.input, output_paths(cfg)["inputs"])
+        what = cfg.extract.input
+    else:
+        from capray.data import prepare_split
+        from capray.synthetic import ensure
+
+        if cfg.data.format == "synthetic":
+            ensure(cfg)
+        train_df, val_df = prepare_split(cfg)
+        images = sorted(set(train_df["image"]) | set(val_df["image"]))
+        plan = inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "split")
+        what = f"{len(images)} images of the split"
+    print(f"[capray] extracting InceptionV3 features of {what} -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
+    summary = extract(cfg, plan, out)
     if storage.exists(out, cfg.storage):
-        write_manifest(out, cfg.storage, cfg.extract.dtype)
         save_next_to(cfg, out)
     print(
-        f"[capray] extract: {summary['images']} images read, {summary['skipped']} already done, "
-        f"{summary['extracted']} extracted, {summary['failed']} failed "
-        f"({len(summary['errors'])} in {paths['extract_errors']}); "
+        f"[capray] extract: {summary['shards']} shards, {summary['shards_done_before']} already done "
+        f"({summary['skipped']} images); {summary['extracted']} extracted, {summary['failed']} failed "
+        "(rows with `error` set in the features files); "
         f"{summary['seconds']} s, {summary['images_per_s']} images/s",
         flush=True,
     )
+    for key, err in summary["errors"][:5]:
+        print(f"[capray] extract: failed: {key}: {err}", flush=True)
     return summary

@@ -78,6 +78,13 @@ def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:
     os.replace(tmp, path)
 
 
+def upload_file(local_path: str, uri: str, storage: Any = None) -> None:
+    """Copy a local file to `uri`, streamed; an S3 object only becomes visible once complete."""
+    fs, path = filesystem(uri, storage)
+    fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
+    pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def list_files(uri: str, storage: Any = None, suffixes: tuple[str, ...] = ()) -> list[str]:
     """All files under a folder/prefix (recursively), as URIs of the same kind, sorted."""
     fs, path = filesystem(uri, storage)

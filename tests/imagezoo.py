@@ -51,3 +51,23 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
         "notes.jpg": (b"this is a text file, not a JPEG\n", "cannot decode"),
         "huge.png": (_encode(Image.new("L", (1500, 1000)), "PNG"), "too large"),
     }
+
+
+def tar_shard(samples: dict[str, bytes], captions: bool = True, cut: int = 0) -> bytes:
+    """A WebDataset tar as img2dataset writes it: `<key>.jpg`, `<key>.txt`, `<key>.json` per
+    sample. `cut` > 0 truncates the archive to that many bytes."""
+    import json
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data in samples.items():
+            members = {f"{key}.jpg": data, f"{key}.json": json.dumps({"key": key}).encode()}
+            if captions:
+                members[f"{key}.txt"] = f"caption of {key}".encode()
+            for name, payload in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    raw = buf.getvalue()
+    return raw[:cut] if cut else raw

@@ -43,17 +43,20 @@ def _rows(cfg, out: str) -> pd.DataFrame:
 
 
 def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkpoint: str) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.batch_size=4")
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.batch_size=4", "inputs.shard_rows=3",
+                    f"work_dir={s3.bucket('out')}/work")
     out = f"{s3.bucket('out')}/captions"
     n = len(good_images()) + len(bad_images())
+    shards = -(-n // 3)
 
-    # A trial run of 3 images stands in for a run interrupted after its first files.
-    cfg.infer.limit = 3
+    # A trial run of one shard stands in for a run interrupted after its first file.
+    cfg.inputs.limit_shards = 1
     first = caption(cfg, checkpoint, zoo, out)
-    assert first["written"] == 3 and first["remaining"] == n - 3
-    cfg.infer.limit = 0
+    assert (first["written"], first["shards_written"], first["remaining_shards"]) == (3, 1, shards - 1)
+    cfg.inputs.limit_shards = 0
     second = caption(cfg, checkpoint, zoo, out)
-    assert (second["already_done"], second["written"], second["remaining"]) == (3, n - 3, 0)
+    assert (second["already_done"], second["written"], second["remaining_shards"]) == (3, n - 3, 0)
+    assert first["failed"] + second["failed"] == len(bad_images()) and second["images"] == n
 
     rows = _rows(cfg, out)
     assert len(rows) == n and rows["image"].is_unique
@@ -67,12 +70,12 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
         assert reason in row["error"] and pd.isna(row["caption"])
 
     third = caption(cfg, checkpoint, zoo, out)
-    assert (third["written"], third["already_done"]) == (0, n)
+    assert (third["written"], third["already_done"], third["shards_done_before"]) == (0, n, shards)
     assert len(_rows(cfg, out)) == n
 
 
 def test_job_output_equals_the_single_image_function(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.glob='*.jpg'", "infer.attention=true")
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "infer.attention=true", f"work_dir={tmp_path}")
     out = str(tmp_path / "captions")
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")
@@ -85,7 +88,7 @@ def test_job_output_equals_the_single_image_function(s3, zoo: str, checkpoint: s
 
 
 def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) -> None:
-    cfg = s3.config()
+    cfg = s3.config(f"work_dir={tmp_path}")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         caption(cfg, str(tmp_path / "no-such-checkpoint"), zoo, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -99,7 +102,7 @@ def test_unreachable_endpoint_fails_with_a_clear_message(checkpoint: str, tmp_pa
 
 
 def test_beam_search_rows_record_the_strategy_and_match_the_library(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3")
+    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3", f"work_dir={tmp_path}")
     out = str(tmp_path / "beam")
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -67,8 +66,8 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
         np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=1e-5)
         assert list(row["shape"]) == [64, 2048] and row["dtype"] == "float16"
 
-    errors = pq.read_table(io.BytesIO(storage.read_bytes(output_paths(cfg)["extract_errors"], cfg.storage))).to_pandas()
-    assert sorted(errors["image"]) == sorted(f"{photos}/img/{n}" for n in bad_images())
+    assert sorted(failed.index) == sorted(f"{photos}/img/{n}" for n in bad_images())
+    assert {key for key, _ in summary["errors"]} <= set(failed.index) and summary["errors"]
     assert storage.exists(f"{output_paths(cfg)['features']}/_capray_config.yaml", cfg.storage)
     manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_manifest.json", cfg.storage))
     assert manifest["rows"] == n_good + n_bad and manifest["shape"] == [64, 2048]

@@ -86,7 +86,7 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
         *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
         "model.mixed_precision=true", "model.jit_compile=true", "train.epochs=1", "train.batch_size=8",
         "train.clip_norm=5.0", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=mixed",
-        "infer.batch_size=8", "infer.limit=8",
+        "infer.batch_size=8", "inputs.shard_rows=8", "inputs.limit_shards=1",
     ]
     cfg = load_config(REPO / "configs/demo.yaml", base)
     summary = train.train(cfg)

@@ -93,7 +93,7 @@ def main(images: str, checkpoint: str, work: str) -> None:
     report["extract"] = run_job(lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items()
                                          if k != "errors"}, nodes, None)
 
-    cfg = load_config(None, [f"work_dir={work}", "infer.batch_size=2", "infer.rows_per_file=2",
+    cfg = load_config(None, [f"work_dir={work}", "infer.batch_size=2", "inputs.shard_rows=2",
                              "infer.min_actors=2", "infer.max_actors=2"])
     out = f"{work}/captions"
     killed: dict = {}

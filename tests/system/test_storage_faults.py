@@ -46,7 +46,7 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     # Two rows per file: the job writes a dozen objects, so the outage lands between writes.
     cmd = [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={tiny_checkpoint}",
            f"infer.input={tmp_path / 'in' / 'images'}", "output=s3://outage/captions", "infer.batch_size=2",
-           "infer.rows_per_file=2", "ray.local_cpus=2", f"storage.endpoint_url={s3.endpoint_url}",
+           "inputs.shard_rows=2", "ray.local_cpus=2", f"storage.endpoint_url={s3.endpoint_url}",
            "storage.region=us-east-1", "storage.access_key_id=testing", "storage.secret_access_key=testing"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)

@@ -1,0 +1,272 @@
+"""The image-job pipeline both extraction and captioning run: shards -> actors -> one file per shard.
+
+    plan (capray.inputs)  ->  Ray Data actor pool, one shard per call  ->  <output>/<shard id>.parquet
+
+Each actor holds the model (InceptionV3, + the decoder for captions) and processes a whole shard:
+it streams the shard's rows in model batches, reads and decodes the images of the next batches in
+a thread pool while the model runs the current one (Pillow and TensorFlow release the GIL), and
+streams the result rows to a Parquet file that appears atomically when the shard is complete.
+So a shard's rows never cross the object store (memory per actor: a few batches of pixels), a
+file appears as soon as its shard is done (progress is kept as the job goes), and a re-run lists
+the output folder's file names and skips the shards that have a file: resume costs O(shards).
+The driver holds the shard list and one small summary row per shard, never a row per image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capray import storage
+from capray.images import IMAGE_SIZE, ImageDecodeError, decode
+from capray.inputs import DATA, KEY, URI, Plan, Shard, read_shard, walk
+
+log = logging.getLogger(__name__)
+# Error rows kept per shard summary, to show the user a few reasons without collecting them all.
+ERROR_EXAMPLES = 3
+
+
+class JobError(RuntimeError):
+    """The job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
+
+
+def output_name(shard_id: str) -> str:
+    """The output file of a shard."""
+    return f"{shard_id}.parquet"
+
+
+def done_ids(output: str, storage_cfg: Any = None) -> set[str]:
+    """Shard ids that already have an output file: a listing of file names, nothing read."""
+    if not storage.exists(output, storage_cfg):
+        return set()
+    names = (os.path.basename(u.rstrip("/")) for u, is_dir in walk(output, storage_cfg, recursive=False) if not is_dir)
+    return {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))}
+
+
+def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray | None, str]:
+    """One image (a URI to read, or bytes) -> (299, 299, 3) uint8 pixels, or None and the reason."""
+    try:
+        data = storage.read_bytes(item, storage_cfg) if isinstance(item, str) else item
+        return decode(data, max_pixels), ""
+    except ImageDecodeError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot read file: {e}"
+
+
+class ShardWriter:
+    """Streams tables into one Parquet file that becomes visible only when complete."""
+
+    def __init__(self, uri: str, storage_cfg: Any):
+        self.uri, self.storage_cfg, self.writer = uri, storage_cfg, None
+        if storage.is_remote(uri):
+            fd, self.tmp = tempfile.mkstemp(suffix=".parquet")
+            os.close(fd)
+        else:
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            self.tmp = os.path.join(os.path.dirname(uri), f".{os.path.basename(uri)}.{uuid.uuid4().hex}.tmp")
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (the first table fixes the file's schema)."""
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table.cast(self.writer.schema))
+
+    def publish(self, empty_schema: pa.Schema) -> None:
+        """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
+        if self.writer is None:  # an empty shard still gets its file: it is done
+            self.writer = pq.ParquetWriter(self.tmp, empty_schema)
+        self.writer.close()
+        try:
+            if storage.is_remote(self.uri):
+                storage.upload_file(self.tmp, self.uri, self.storage_cfg)
+            else:
+                os.replace(self.tmp, self.uri)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+    def discard(self) -> None:
+        """Drop the partial file after an error."""
+        if self.writer is not None:
+            self.writer.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+class ShardWorker:
+    """Ray Data callable class: shard index -> the shard processed and written; returns its summary.
+
+    `model_cls(**model_kwargs)` is built once per actor: a callable taking a batch
+    {image, pixels (B, 299, 299, 3) uint8, error ("" = ok)} and returning one pa.Table row per image.
+    """
+
+    def __init__(self, shards: list[dict[str, Any]], output: str, cfg: Any, model_cls: Callable[..., Any],
+                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema):
+        self.model = model_cls(**model_kwargs)
+        self.shards, self.output, self.cfg = shards, output, cfg
+        self.batch_size, self.empty_schema = batch_size, empty_schema
+        self.pool = ThreadPoolExecutor(cfg.inputs.io_threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.process(Shard.from_row(self.shards[int(i)])) for i in batch["id"]]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+    def _submit(self, table: pa.Table) -> list[Any]:
+        items = (table[URI] if URI in table.column_names else table[DATA]).to_pylist()
+        errors = table["_error"].to_pylist() if "_error" in table.column_names else [None] * len(items)
+        return [
+            None if err or item is None else self.pool.submit(load_image, item, self.cfg.storage, self.cfg.data.max_pixels)
+            for item, err in zip(items, errors)
+        ]
+
+    def _run_model(self, table: pa.Table, futures: list[Any]) -> pa.Table:
+        n = table.num_rows
+        pixels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        errors = table["_error"].to_pylist() if "_error" in table.column_names else [None] * n
+        for i, fut in enumerate(futures):
+            if fut is None:
+                errors[i] = errors[i] or "empty image path/URI"
+                continue
+            px, err = fut.result()
+            if px is None:
+                errors[i] = err
+            else:
+                pixels[i] = px
+        out = self.model({"image": np.array(table[KEY].to_pylist(), dtype=object), "pixels": pixels,
+                          "error": np.array([e or "" for e in errors], dtype=object)})
+        # The input's own columns (ids, URLs, licences, captions...) follow the job's columns;
+        # a name the job already uses gets an `input_` prefix.
+        for name in table.column_names:
+            if name in (KEY, URI, DATA, "_error"):
+                continue
+            out = out.append_column(f"input_{name}" if name in out.column_names else name, table[name])
+        return out
+
+    def process(self, shard: Shard) -> dict[str, Any]:
+        """Read, decode, run the model on and write one shard; the summary row."""
+        start = time.time()
+        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.cfg.storage)
+        rows = failed = duplicates = 0
+        examples: list[list[str]] = []
+        seen: set[str] = set()
+        pending: deque = deque()
+
+        def drain() -> None:
+            nonlocal rows, failed
+            table, futures = pending.popleft()
+            out = self._run_model(table, futures)
+            writer.write(out)
+            errs = out["error"]
+            rows += out.num_rows
+            failed += out.num_rows - errs.null_count
+            if len(examples) < ERROR_EXAMPLES and errs.null_count < len(errs):
+                for key, err in zip(out["image"].to_pylist(), errs.to_pylist()):
+                    if err is not None and len(examples) < ERROR_EXAMPLES:
+                        examples.append([key, err])
+
+        try:
+            for table in read_shard(shard, self.cfg, self.batch_size):
+                # The same image twice in one shard (a manifest listing it twice) is done once.
+                keys = table[KEY].to_pylist()
+                keep = [k not in seen and not seen.add(k) for k in keys]
+                if not all(keep):
+                    duplicates += keep.count(False)
+                    table = table.filter(pa.array(keep))
+                pending.append((table, self._submit(table)))
+                # Decoding runs `ray.inflight_batches` batches ahead of the model.
+                while len(pending) > self.cfg.ray.inflight_batches:
+                    drain()
+            while pending:
+                drain()
+            writer.publish(self.empty_schema)
+        except BaseException:
+            writer.discard()
+            raise
+        return {"shard": shard.id, "rows": rows, "failed": failed, "duplicates": duplicates,
+                "seconds": round(time.time() - start, 2), "errors": json.dumps(examples)}
+
+
+def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
+        job_cfg: Any, empty_schema: pa.Schema, label: str) -> dict[str, Any]:
+    """Process every shard of `plan` that has no file in `output` yet; returns the job summary.
+
+    `job_cfg` is the job's section (batch_size, min_actors, max_actors, num_gpus).
+    """
+    import ray
+
+    start = time.time()
+    done = done_ids(output, cfg.storage)
+    skipped = [s for s in plan.shards if s.id in done]
+    todo = [s for s in plan.shards if s.id not in done]
+    if cfg.inputs.limit_shards:
+        todo = todo[: cfg.inputs.limit_shards]
+    summary: dict[str, Any] = {
+        "shards": len(plan.shards), "shards_done_before": len(skipped), "shards_written": 0,
+        "images": plan.rows, "already_done": None if any(s.rows < 0 for s in skipped) else sum(s.rows for s in skipped),
+        "written": 0, "failed": 0, "duplicates": 0, "errors": [],
+    }
+    if todo:
+        print(f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(skipped)} already done) -> {output}", flush=True)
+        # One block per shard: each actor call is one whole shard. `range` makes the blocks
+        # lazily in read tasks; the shard descriptors travel once, with the actor class.
+        ds = ray.data.range(len(todo), override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            ShardWorker,
+            fn_constructor_kwargs=dict(shards=[s.to_row() for s in todo], output=output, cfg=cfg, model_cls=model_cls,
+                                       model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=job_cfg.min_actors, max_size=job_cfg.max_actors),
+            num_gpus=job_cfg.num_gpus,
+        )
+        last = time.time()
+        try:
+            for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(part["shard"])):
+                    summary["shards_written"] += 1
+                    summary["written"] += int(part["rows"][i])
+                    summary["failed"] += int(part["failed"][i])
+                    summary["duplicates"] += int(part["duplicates"][i])
+                    summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[:ERROR_EXAMPLES * 4]
+                if time.time() - last >= 10:
+                    last = time.time()
+                    rate = summary["written"] / max(last - start, 1e-9)
+                    print(f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
+                          f"({summary['failed']} failed), {rate:.1f} rows/s", flush=True)
+        except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
+            raise JobError(
+                f"{label} job stopped with {summary['shards_written']} of {len(todo)} shards written to {output} "
+                f"({root_cause(e)}); the files already there are complete and kept: re-run the same command to do the rest"
+            ) from e
+    seconds = time.time() - start
+    summary.update(
+        remaining_shards=len(plan.shards) - len(skipped) - summary["shards_written"],
+        seconds=round(seconds, 1),
+        images_per_s=round(summary["written"] / max(seconds, 1e-9), 1),
+        output=output,
+    )
+    return summary
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost error under Ray's wrappers, as `Type: first line`."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

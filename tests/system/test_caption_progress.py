@@ -1,0 +1,81 @@
+"""A 2,000-image caption job as users run it (`capray caption` in its own process, own Ray):
+output files appear as it goes, a killed job keeps what it wrote, a re-run does only the rest,
+and a re-run of a finished job starts no Ray Data work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from capray import synthetic
+
+# Three caption jobs of 2,000 images on 2 cores: minutes each.
+pytestmark = pytest.mark.timeout(1800)
+REPO = Path(__file__).resolve().parents[2]
+N = 2000
+
+
+def _cmd(checkpoint: str, root: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={checkpoint}", f"infer.input={root / 'in' / 'images'}",
+            f"output={root / out}", f"work_dir={root / 'work'}", "inputs.shard_rows=100", "ray.local_cpus=2"]
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as f:  # a file: an unread pipe would block the job
+        return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoint: str, tmp_path: Path) -> None:
+    synthetic.generate(tmp_path / "in", N, seed=4, prefix="p")
+
+    # 1. A whole job: when does its first file appear?
+    start = time.monotonic()
+    proc = _start(_cmd(tiny_checkpoint, tmp_path, "full"), tmp_path / "full.log")
+    first = None
+    while proc.poll() is None:
+        if first is None and _files(tmp_path / "full"):
+            first = time.monotonic() - start
+        time.sleep(0.2)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, (tmp_path / "full.log").read_text()[-3000:]
+    assert len(_files(tmp_path / "full")) == N // 100
+    assert first is not None and first < wall / 4, f"first file after {first:.0f} s of {wall:.0f} s"
+    print(f"\nfull job: {wall:.1f} s, first of {N // 100} files after {first:.1f} s")
+
+    # 2. Its re-run lists the output folder and stops: no Ray Data execution at all.
+    again = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "full"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "Starting execution of Dataset" not in again.stdout + again.stderr
+
+    # 3. The same job killed (SIGKILL, the whole process group) at half its wall time, then re-run.
+    killed = _start(_cmd(tiny_checkpoint, tmp_path, "killed"), tmp_path / "killed.log")
+    try:
+        killed.wait(timeout=wall / 2)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    kept = len(_files(tmp_path / "killed"))
+    assert 0 < kept < N // 100, f"{kept} files when killed"
+    resumed = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "killed"), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = pd.read_parquet(tmp_path / "killed")
+    assert len(rows) == N and rows["image"].is_unique and rows["error"].isna().all()
+    written = int(resumed.stdout.split(" written (")[1].split(" rows")[0])
+    assert written == N - 100 * kept and written <= 0.6 * N, resumed.stdout[-1000:]
+    print(f"killed at {wall / 2:.0f} s with {kept} files kept; the re-run captioned {written} of {N} images")

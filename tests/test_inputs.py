@@ -1,0 +1,162 @@
+"""Data tests: every input kind becomes shards with stable ids, and bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capray import inputs
+from capray.config import ConfigError, load_config
+from capray.inputs import InputError, Shard, read_shard
+from capray.pipeline import ShardWriter, done_ids
+from imagezoo import good_images, tar_shard
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [f"work_dir={tmp_path / 'work'}", *extra])
+
+
+def _parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+def _read_all(shard: Shard, cfg, rows: int = 4) -> pa.Table:
+    return pa.concat_tables(list(read_shard(shard, cfg, rows)))
+
+
+def test_manifest_passes_every_other_column_through_and_resolves_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "list.csv").write_text("image,id,licence\na.jpg,1,cc-by\n/abs/b.jpg,2,\n")
+    cfg = _cfg(tmp_path)
+    plan = inputs.plan(cfg, str(tmp_path / "m" / "list.csv"), str(tmp_path / "work" / "inputs"))
+    assert plan.kind == "manifest" and [s.kind for s in plan.shards] == ["csv"]
+    table = _read_all(plan.shards[0], cfg)
+    assert table["image"].to_pylist() == [str(tmp_path / "m" / "a.jpg"), "/abs/b.jpg"]
+    # Text columns stay text (an id is not silently turned into a number, an empty licence into NaN).
+    assert table["id"].to_pylist() == ["1", "2"] and table["licence"].to_pylist() == ["cc-by", ""]
+
+
+def test_parquet_manifests_are_sharded_by_whole_row_groups_and_ids_are_stable(tmp_path: Path) -> None:
+    table = pa.table({"image": [f"s3://b/{i}.jpg" for i in range(12)], "url": [f"http://x/{i}" for i in range(12)]})
+    _parquet(tmp_path / "dir" / "part-0.parquet", table, row_group_size=4)  # 3 row groups
+    _parquet(tmp_path / "dir" / "part-1.parquet", table.slice(0, 5))
+    (tmp_path / "dir" / "_SUCCESS.parquet").write_bytes(b"")  # hidden by its leading underscore
+    cfg = _cfg(tmp_path, "inputs.shard_rows=8")
+    plan = inputs.plan(cfg, str(tmp_path / "dir"), "unused")
+    assert [(s.row_groups, s.rows) for s in plan.shards] == [((0, 1), 8), ((2,), 4), ((0,), 5)] and plan.rows == 17
+    assert [s.id for s in inputs.plan(cfg, str(tmp_path / "dir"), "unused").shards] == [s.id for s in plan.shards]
+    assert len({s.id for s in plan.shards}) == 3
+    assert _read_all(plan.shards[1], cfg)["image"].to_pylist() == [f"s3://b/{i}.jpg" for i in range(8, 12)]
+    globbed = inputs.plan(cfg, str(tmp_path / "dir" / "part-1.*"), "unused")
+    assert [s.uri for s in globbed.shards] == [str(tmp_path / "dir" / "part-1.parquet")]
+
+
+def test_a_manifest_without_image_column_is_named(tmp_path: Path) -> None:
+    (tmp_path / "only_caption.csv").write_text("file,caption\na.jpg,a dog\n")
+    cfg = _cfg(tmp_path)
+    with pytest.raises(InputError, match=r"only_caption\.csv: no 'image' column \(found: file, caption\)"):
+        inputs.plan(cfg, str(tmp_path / "only_caption.csv"), "unused")
+    # A manifest of images to caption needs no caption column.
+    (tmp_path / "images_only.csv").write_text("image\na.jpg\n")
+    assert inputs.plan(cfg, str(tmp_path / "images_only.csv"), "unused").shards
+
+
+def test_parquet_with_image_bytes(tmp_path: Path) -> None:
+    jpgs = list(good_images().values())[:3]
+    path = _parquet(tmp_path / "laion" / "00000.parquet",
+                    pa.table({"key": ["k0", "k1", "k2"], "jpg": jpgs, "url": ["u0", "u1", "u2"]}))
+    cfg = _cfg(tmp_path)
+    plan = inputs.plan(cfg, str(tmp_path / "laion"), "unused")
+    assert plan.kind == "parquet_bytes" and plan.rows == 3
+    table = _read_all(plan.shards[0], cfg)
+    assert table["image"].to_pylist() == ["k0", "k1", "k2"] and table["_data"].to_pylist() == jpgs
+    assert table["url"].to_pylist() == ["u0", "u1", "u2"]
+    # Without a key column the row is named by its file and position.
+    _parquet(tmp_path / "nokey" / "x.parquet", pa.table({"jpg": jpgs}))
+    shard = inputs.plan(cfg, str(tmp_path / "nokey"), "unused").shards[0]
+    assert _read_all(shard, cfg, rows=2)["image"].to_pylist() == ["x/0", "x/1", "x/2"]
+    del path
+
+
+def test_a_bytes_column_of_the_wrong_type_is_named(tmp_path: Path) -> None:
+    _parquet(tmp_path / "bad.parquet", pa.table({"key": ["a"], "jpg": ["not bytes"]}))
+    with pytest.raises(InputError, match=r"bad\.parquet: column 'jpg' \(inputs.bytes_column\) is string, expected binary"):
+        inputs.plan(_cfg(tmp_path), str(tmp_path / "bad.parquet"), "unused")
+
+
+def test_webdataset_members_become_rows_and_a_truncated_tar_ends_in_an_error_row(tmp_path: Path) -> None:
+    images = list(good_images().values())
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds" / "00000.tar").write_bytes(tar_shard({"a": images[0], "b": images[1]}))
+    whole = tar_shard({"c": images[0], "d": images[1], "e": images[2]})
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        cut_at = tar.getmember("e.jpg").offset_data + 100  # inside e's image
+    (tmp_path / "wds" / "00001.tar").write_bytes(whole[:cut_at])
+    cfg = _cfg(tmp_path)
+    plan = inputs.plan(cfg, str(tmp_path / "wds"), "unused")
+    assert plan.kind == "webdataset" and plan.rows is None and len(plan.shards) == 2
+    good = _read_all(plan.shards[0], cfg)
+    assert good["image"].to_pylist() == ["00000/a", "00000/b"] and good["caption"].to_pylist() == ["caption of a", "caption of b"]
+    assert good["_error"].null_count == 2 and good["json"].to_pylist()[0] == '{"key": "a"}'
+    cut = _read_all(plan.shards[1], cfg)
+    errors = dict(zip(cut["image"].to_pylist(), cut["_error"].to_pylist()))
+    assert errors["00001/c"] is None and errors["00001/d"] is None
+    assert "truncated or corrupt tar" in errors["00001/e"] and cut["_data"].to_pylist()[-1] is None
+
+
+def test_missing_and_empty_inputs_fail_clearly(tmp_path: Path, ray_local) -> None:
+    cfg = _cfg(tmp_path)
+    with pytest.raises(InputError, match="input not found: .*nothing-here"):
+        inputs.plan(cfg, str(tmp_path / "nothing-here"), str(tmp_path / "inputs"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match=r"no images under .*empty \(files ending in jpg"):
+        inputs.plan(cfg, str(tmp_path / "empty"), str(tmp_path / "inputs"))
+
+
+def test_a_folder_is_listed_once_by_ray_tasks_and_the_listing_is_reused(tmp_path: Path, ray_local) -> None:
+    for d in ("x", "y/z", ""):
+        (tmp_path / "img" / d).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (tmp_path / "img" / d / f"{i}.jpg").write_bytes(b"")
+    cfg = _cfg(tmp_path, "inputs.shard_rows=2")
+    cache = str(tmp_path / "inputs")
+    plan = inputs.plan(cfg, str(tmp_path / "img"), cache)
+    listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
+    assert sorted(listed) == sorted(str(p) for p in (tmp_path / "img").rglob("*.jpg")) and len(listed) == 9
+    assert max(s.rows for s in plan.shards) == 2 and plan.rows == 9
+    (tmp_path / "img" / "late.jpg").write_bytes(b"")
+    again = inputs.plan(cfg, str(tmp_path / "img"), cache)
+    assert [s.id for s in again.shards] == [s.id for s in plan.shards] and again.rows == 9
+
+
+def test_shard_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
+    table = pa.table({"image": ["a"], "error": pa.array([None], pa.string())})
+    out = tmp_path / "out"
+    writer = ShardWriter(str(out / "s1.parquet"), None)
+    writer.write(table)
+    writer.discard()  # the worker failed mid-shard
+    assert os.listdir(out) == [] and done_ids(str(out)) == set()
+    writer = ShardWriter(str(out / "s1.parquet"), None)
+    writer.write(table)
+    writer.write(table)
+    assert done_ids(str(out)) == set()  # still writing: no file under the final name
+    writer.publish(table.schema)
+    ShardWriter(str(out / "empty.parquet"), None).publish(table.schema)  # a shard with no rows is done too
+    assert done_ids(str(out)) == {"s1", "empty"} and pq.read_table(out / "s1.parquet").num_rows == 2
+    assert pq.read_table(io.BytesIO((out / "empty.parquet").read_bytes())).num_rows == 0
+
+
+@pytest.mark.parametrize("old, new", [("infer.glob='*.jpg'", "inputs.glob"), ("infer.rows_per_file=5", "inputs.shard_rows"),
+                                      ("infer.limit=3", "inputs.limit_shards")])
+def test_moved_keys_name_their_new_place(old: str, new: str) -> None:
+    with pytest.raises(ConfigError, match=f"was replaced by {new}"):
+        load_config(None, [old])
