@@ -105,9 +105,9 @@ def main() -> None:
     from capray.model import ImageEncoder
     from capray.runtime import init_ray
 
-    base = [f"infer.batch_size={args.batch_size}"]
     init_ray(load_config(None, []))
     tmp = tempfile.mkdtemp(prefix="capray-bench-")
+    base = [f"infer.batch_size={args.batch_size}", f"work_dir={tmp}"]
     try:
         one = linked(paths, 1, os.path.join(tmp, "x1"))
         four = linked(paths, 4, os.path.join(tmp, "x4"))

@@ -49,7 +49,7 @@ def job(paths: list[str], batch_size: int, out: str) -> tuple[float, int]:
     from capray import features
     from capray.config import load_config
 
-    cfg = load_config(None, ["encoder.weights=random", f"extract.batch_size={batch_size}"])
+    cfg = load_config(None, ["encoder.weights=random", f"extract.batch_size={batch_size}", f"work_dir={out}.work"])
     start = time.perf_counter()
     summary = features.extract(cfg, paths, out)
     seconds = time.perf_counter() - start

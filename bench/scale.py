@@ -97,6 +97,7 @@ def scenario(args: argparse.Namespace) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     marker = Path(args.work) / "first_batch"
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     t0 = time.time()
     plan = inputs.plan(cfg, args.input, str(Path(args.work) / "inputs"))

@@ -114,3 +114,15 @@ def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
         if tmp is not None:
             tmp.cleanup()
     return model, tokenizer, cfg, state
+
+
+def best_checkpoint(cfg: Any) -> str:
+    """The checkpoint to use: `cfg.checkpoint` if set, else the best one recorded for run `name`."""
+    from capray.config import output_paths
+
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    uri = output_paths(cfg)["best"]
+    if not storage.exists(uri, cfg.storage):
+        raise CheckpointError(f"no checkpoint given and no trained run at {uri}: set checkpoint=... or run `capray train`")
+    return json.loads(storage.read_bytes(uri, cfg.storage))["checkpoint"]

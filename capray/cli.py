@@ -25,6 +25,11 @@ JOBS = {
 }
 
 
+# Failures users cause or meet (bad input, unreachable storage, a stopped job): one clear line and
+# exit code 1, not a traceback.
+EXPECTED = {"InputError", "JobError", "DataError", "CheckpointError", "FeatureError", "TrainingError", "BackboneError"}
+
+
 def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     """Parse `[job] [config] [overrides]`, start Ray, run the job; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,7 +58,14 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     # Which code runs matters on a cluster (uploaded working dir vs. the installed wheel).
     print(f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}", flush=True)
     init_ray(cfg)
-    importlib.import_module(JOBS[job]).run(cfg)
+    try:
+        importlib.import_module(JOBS[job]).run(cfg)
+    except Exception as e:
+        if not any(c.__name__ in EXPECTED for c in type(e).__mro__):
+            raise  # a bug: the traceback is what a developer needs
+        # An expected failure (bad input, storage down, ...): its message says what to do.
+        print(f"capray {job}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

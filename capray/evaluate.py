@@ -370,7 +370,7 @@ def print_table(result: Mapping[str, Any]) -> None:
 
 def run(cfg: Any) -> dict[str, Any]:
     """`capray evaluate`: score the configured (or best) checkpoint on the validation split."""
-    from capray.train import best_checkpoint
+    from capray.checkpoint import best_checkpoint
 
     result = evaluate(cfg, best_checkpoint(cfg))
     print_table(result)

@@ -108,7 +108,7 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
     s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract")
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
     if s["shards_written"] or not manifest:
-        s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest)
+        s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])
     return s
 
 
@@ -128,16 +128,19 @@ def _footer_rows(uri: str, storage_cfg: Any) -> int:
         raise FeatureError(f"{uri}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
 
 
-def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: dict[str, Any] | None = None,
+                   written: dict[str, int] | None = None) -> dict[str, Any]:
     """`_manifest.json` in the features folder: every Parquet file with its row count.
 
-    Counts already in `previous` (the manifest before this run) are kept; only files it does not
-    list are opened, for their footer (in parallel): O(new shards), not O(images).
+    Counts come from `previous` (the manifest before this run) and `written` (what this run's
+    workers reported); only a file in neither (e.g. written by a killed run) is opened, for its
+    footer (in parallel): O(shards), never O(images).
     """
     import json
     from concurrent.futures import ThreadPoolExecutor
 
     known = {f["file"]: f["rows"] for f in (previous or {}).get("files", [])}
+    known.update(written or {})
     names = sorted(n for n in pipeline.done_ids(features_dir, storage_cfg))
     names = [pipeline.output_name(n) for n in names]
     new = [n for n in names if n not in known]

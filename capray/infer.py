@@ -32,8 +32,12 @@ SCHEMA = pa.schema(
 )
 # Optional column (infer.attention=true): per emitted word, its 64 attention weights.
 ATTENTION_FIELD = pa.field("attention", pa.list_(pa.list_(pa.float32())))
-# The job stopped part-way (storage down, worker lost...); every file it wrote is complete.
-CaptionJobError = pipeline.JobError
+
+
+class CaptionJobError(pipeline.JobError):
+    """The caption job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
+
+
 __all__ = ["SCHEMA", "CaptionPredictor", "CaptionJobError", "InputError", "caption", "caption_image", "run"]
 
 
@@ -121,7 +125,7 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
     except OSError as e:
         raise InputError(f"cannot read the output folder {output}: {e}") from None
     kwargs = dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, infer_cfg=cfg.infer, model_cfg=cfg.model)
-    summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption")
+    summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError)
     summary["captioned"] = summary["written"] - summary["failed"]
     return summary
 
@@ -129,7 +133,7 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
 def run(cfg: Any) -> dict[str, Any]:
     """`capray caption`: caption `infer.input` with the configured (or best) checkpoint."""
     from capray.config import output_paths, save_next_to
-    from capray.train import best_checkpoint
+    from capray.checkpoint import best_checkpoint
 
     if not cfg.infer.input:
         raise InputError("infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -34,6 +35,10 @@ from capray import storage
 # `<shard>/<key>` inside a tar) and the image itself as a URI to read or as bytes.
 KEY, URI, DATA = "image", "_uri", "_data"
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+# A CSV file larger than this many bytes per `inputs.shard_rows` row (a typical manifest row is
+# 50-150 bytes) is split into Parquet shards once, by a Ray task: otherwise one worker would do a
+# whole million-row CSV as a single shard, and its file would appear only at the end.
+CSV_SPLIT_BYTES_PER_ROW = 100
 _GLOB_CHARS = "*?["
 
 
@@ -206,7 +211,7 @@ def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
 
 def images_plan(images: list[str], cache_dir: str, cfg: Any, name: str) -> Plan:
     """Plan of an explicit image list the driver already holds (the training split), written once."""
-    digest = _digest(len(images), *images)
+    digest = _digest(cfg.inputs.shard_rows, len(images), *images)
     out_dir = storage.join(cache_dir, f"{name}-{digest}")
     n = cfg.inputs.shard_rows
     shards = []
@@ -343,7 +348,12 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
         if len(set(k == "parquet_bytes" for k in kinds)) > 1:
             raise InputError(f"{uri} mixes manifests and Parquet files with image bytes: give one kind per job")
 
+        big = [f for f, k in zip(files, kinds) if k == "csv" and _size(f, cfg) > CSV_SPLIT_BYTES_PER_ROW * cfg.inputs.shard_rows]
+        split = _split_csvs(big, cfg, cache_dir) if big else {}
+
         def shards_of(f: str, k: str) -> list[Shard]:
+            if f in split:
+                return split[f]
             if k == "csv":
                 base = posixpath.dirname(f) if storage.is_remote(f) else os.path.dirname(f)
                 return [Shard(f"{_stem(f)}-{_digest(f)}", "csv", f, base=base)]
@@ -359,13 +369,78 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
         raise
 
 
+def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
+    """Ray task: a large CSV manifest -> Parquet files of `inputs.shard_rows` rows (text columns),
+    streamed; returns [(file, rows)]."""
+    fs, path = storage.filesystem(uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+    n, out, buf = cfg.inputs.shard_rows, [], []
+
+    def flush(rows: list) -> None:
+        name = storage.join(out_dir, f"part-{len(out):05d}.parquet")
+        table = pa.Table.from_batches(rows)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(name, sink.getvalue().to_pybytes(), cfg.storage)
+        out.append((name, table.num_rows))
+
+    with fs.open_input_stream(path) as f:
+        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=4 << 20),
+                                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}))
+        pending = 0
+        for batch in reader:
+            while batch.num_rows:
+                take = min(n - pending, batch.num_rows)
+                buf.append(batch.slice(0, take))
+                batch, pending = batch.slice(take), pending + take
+                if pending == n:
+                    flush(buf)
+                    buf, pending = [], 0
+    if buf:
+        flush(buf)
+    return out
+
+
+def _split_csvs(csvs: list[str], cfg: Any, cache_dir: str) -> dict[str, list[Shard]]:
+    """Shards of the large CSV files, split once (cached under `cache_dir` like listings)."""
+    import ray
+
+    result: dict[str, list[Shard]] = {}
+    pending = {}
+    for uri in csvs:
+        base = posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
+        size = _size(uri, cfg)
+        # Ids from the file's size too: a changed manifest is new work, never "already done".
+        digest = _digest(uri, size, cfg.inputs.shard_rows)
+        out_dir = storage.join(cache_dir, f"{_stem(uri)}-{digest}")
+        plan_uri = storage.join(out_dir, "_plan.json")
+        if storage.exists(plan_uri, cfg.storage):
+            files = json.loads(storage.read_bytes(plan_uri, cfg.storage))["files"]
+            result[uri] = [Shard(f"{_stem(uri)}-{k:05d}-{digest}", "manifest", f, rows=r, base=base) for k, (f, r) in enumerate(files)]
+        else:
+            pending[uri] = (ray.remote(num_cpus=0.5)(split_csv).remote(uri, out_dir, cfg), plan_uri, base, digest)
+    for uri, (ref, plan_uri, base, digest) in pending.items():
+        files = ray.get(ref)
+        storage.write_bytes(plan_uri, json.dumps({"input": uri, "files": files}).encode(), cfg.storage)
+        result[uri] = [Shard(f"{_stem(uri)}-{k:05d}-{digest}", "manifest", f, rows=r, base=base) for k, (f, r) in enumerate(files)]
+    return result
+
+
+def _size(uri: str, cfg: Any) -> int:
+    fs, path = storage.filesystem(uri, cfg.storage)
+    return fs.get_file_info(path).size or 0
+
+
 # --- reading one shard, in the worker ---------------------------------------------------------
 
 
 def _resolve(images: pa.Array, base: str) -> pa.Array:
+    images = pc.utf8_trim_whitespace(pc.fill_null(images, ""))
+    if pc.all(pc.or_(pc.starts_with(images, "s3://"), pc.starts_with(images, "/"))).as_py():
+        return images  # URIs and absolute paths: nothing to resolve, no Python loop per row
     out = []
     for name in images.to_pylist():
-        name = (name or "").strip()
         if name and not storage.is_remote(name) and not os.path.isabs(name) and base:
             name = storage.join(base, name)
         out.append(name if not name or storage.is_remote(name) else os.path.abspath(name))

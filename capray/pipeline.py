@@ -35,6 +35,10 @@ from capray.inputs import DATA, KEY, URI, Plan, Shard, read_shard, walk
 log = logging.getLogger(__name__)
 # Error rows kept per shard summary, to show the user a few reasons without collecting them all.
 ERROR_EXAMPLES = 3
+# Rows are buffered into Parquet row groups of about this size (a model batch each would make
+# thousands of tiny row groups per file): 64 MB of features, or 10,000 caption rows.
+ROW_GROUP_BYTES = 64 << 20
+ROW_GROUP_ROWS = 10_000
 
 
 class JobError(RuntimeError):
@@ -70,6 +74,8 @@ class ShardWriter:
 
     def __init__(self, uri: str, storage_cfg: Any):
         self.uri, self.storage_cfg, self.writer = uri, storage_cfg, None
+        self.buffer: list[pa.Table] = []
+        self.buffered_bytes = self.buffered_rows = 0
         if storage.is_remote(uri):
             fd, self.tmp = tempfile.mkstemp(suffix=".parquet")
             os.close(fd)
@@ -81,12 +87,23 @@ class ShardWriter:
         """Append rows (the first table fixes the file's schema)."""
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
+        self.buffer.append(table if table.schema.equals(self.writer.schema) else table.cast(self.writer.schema))
+        self.buffered_bytes += table.nbytes
+        self.buffered_rows += table.num_rows
+        if self.buffered_bytes >= ROW_GROUP_BYTES or self.buffered_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.concat_tables(self.buffer))
+            self.buffer = []
+            self.buffered_bytes = self.buffered_rows = 0
 
     def publish(self, empty_schema: pa.Schema) -> None:
         """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
         if self.writer is None:  # an empty shard still gets its file: it is done
             self.writer = pq.ParquetWriter(self.tmp, empty_schema)
+        self._flush()
         self.writer.close()
         try:
             if storage.is_remote(self.uri):
@@ -117,6 +134,8 @@ class ShardWorker:
         self.model = model_cls(**model_kwargs)
         self.shards, self.output, self.cfg = shards, output, cfg
         self.batch_size, self.empty_schema = batch_size, empty_schema
+        # Plain values: an OmegaConf lookup per batch costs more than the stand-in model (bench/scale.py).
+        self.storage_cfg, self.max_pixels, self.ahead = cfg.storage, cfg.data.max_pixels, cfg.ray.inflight_batches
         self.pool = ThreadPoolExecutor(cfg.inputs.io_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -127,7 +146,7 @@ class ShardWorker:
         items = (table[URI] if URI in table.column_names else table[DATA]).to_pylist()
         errors = table["_error"].to_pylist() if "_error" in table.column_names else [None] * len(items)
         return [
-            None if err or item is None else self.pool.submit(load_image, item, self.cfg.storage, self.cfg.data.max_pixels)
+            None if err or item is None else self.pool.submit(load_image, item, self.storage_cfg, self.max_pixels)
             for item, err in zip(items, errors)
         ]
 
@@ -157,7 +176,7 @@ class ShardWorker:
     def process(self, shard: Shard) -> dict[str, Any]:
         """Read, decode, run the model on and write one shard; the summary row."""
         start = time.time()
-        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.cfg.storage)
+        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg)
         rows = failed = duplicates = 0
         examples: list[list[str]] = []
         seen: set[str] = set()
@@ -186,7 +205,7 @@ class ShardWorker:
                     table = table.filter(pa.array(keep))
                 pending.append((table, self._submit(table)))
                 # Decoding runs `ray.inflight_batches` batches ahead of the model.
-                while len(pending) > self.cfg.ray.inflight_batches:
+                while len(pending) > self.ahead:
                     drain()
             while pending:
                 drain()
@@ -199,10 +218,12 @@ class ShardWorker:
 
 
 def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
-        job_cfg: Any, empty_schema: pa.Schema, label: str) -> dict[str, Any]:
+        job_cfg: Any, empty_schema: pa.Schema, label: str, worker_cls: type = ShardWorker,
+        error_cls: type[JobError] = JobError) -> dict[str, Any]:
     """Process every shard of `plan` that has no file in `output` yet; returns the job summary.
 
-    `job_cfg` is the job's section (batch_size, min_actors, max_actors, num_gpus).
+    `job_cfg` is the job's section (batch_size, min_actors, max_actors, num_gpus); `worker_cls`
+    is replaced only by benchmarks (bench/scale.py: a stand-in without decoding).
     """
     import ray
 
@@ -216,6 +237,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         "shards": len(plan.shards), "shards_done_before": len(skipped), "shards_written": 0,
         "images": plan.rows, "already_done": None if any(s.rows < 0 for s in skipped) else sum(s.rows for s in skipped),
         "written": 0, "failed": 0, "duplicates": 0, "errors": [],
+        # output file -> rows, as the workers reported them (O(shards)): manifests use these
+        "files": {},
     }
     if todo:
         print(f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(skipped)} already done) -> {output}", flush=True)
@@ -223,7 +246,7 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         # lazily in read tasks; the shard descriptors travel once, with the actor class.
         ds = ray.data.range(len(todo), override_num_blocks=len(todo))
         ds = ds.map_batches(
-            ShardWorker,
+            worker_cls,
             fn_constructor_kwargs=dict(shards=[s.to_row() for s in todo], output=output, cfg=cfg, model_cls=model_cls,
                                        model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema),
             batch_size=1,
@@ -235,6 +258,7 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
             for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for i in range(len(part["shard"])):
                     summary["shards_written"] += 1
+                    summary["files"][output_name(str(part["shard"][i]))] = int(part["rows"][i])
                     summary["written"] += int(part["rows"][i])
                     summary["failed"] += int(part["failed"][i])
                     summary["duplicates"] += int(part["duplicates"][i])
@@ -245,9 +269,10 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                     print(f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
                           f"({summary['failed']} failed), {rate:.1f} rows/s", flush=True)
         except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
-            raise JobError(
-                f"{label} job stopped with {summary['shards_written']} of {len(todo)} shards written to {output} "
-                f"({root_cause(e)}); the files already there are complete and kept: re-run the same command to do the rest"
+            raise error_cls(
+                f"{label} job stopped before every shard was written to {output} ({summary['shards_written']} of "
+                f"{len(todo)} written; {root_cause(e)}); the files already there are complete and kept: "
+                "re-run the same command to do the rest"
             ) from e
     seconds = time.time() - start
     summary.update(
@@ -260,13 +285,26 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
 
 
 def root_cause(e: BaseException) -> str:
-    """The innermost error under Ray's wrappers, as `Type: first line`."""
+    """The innermost error under Ray's wrappers, as `Type: first line`.
+
+    Ray Data re-raises a worker's error as RayTaskError(UserCodeException) whose chain, once in
+    the driver, may end at "UDF failed to process a data block"; the worker's own error is then
+    only in the remote traceback text, where it is the first `SomeError: message` line.
+    """
     seen = set()
+    outer = e
     while id(e) not in seen:
         seen.add(id(e))
         inner = getattr(e, "cause", None) or e.__cause__
         if not isinstance(inner, BaseException):
             break
         e = inner
+    if type(e).__name__ in ("UserCodeException", "RayTaskError") or "UDF failed" in str(e):
+        import re
+
+        for line in str(outer).splitlines():
+            m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$", line.strip())
+            if m and not m.group(1).endswith(("RayTaskError", "UserCodeException")):
+                return f"{m.group(1)}: {m.group(2)}"
     lines = [line for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -23,6 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.tensorflow import TensorflowTrainer
 
 from capray import checkpoint as ckpt
+from capray.checkpoint import best_checkpoint  # noqa: F401  (its old home; jobs import it from capray.checkpoint)
 from capray import storage
 from capray.config import from_yaml, output_paths, to_yaml
 from capray.features import FEATURE_SHAPE, caption_dataset, decode_features, feature_stats, read_features
@@ -303,16 +304,6 @@ def latest_checkpoint(cfg: Any) -> str | None:
             continue
         return uri
     return None
-
-
-def best_checkpoint(cfg: Any) -> str:
-    """The checkpoint to use: `cfg.checkpoint` if set, else the best one recorded for run `name`."""
-    if cfg.checkpoint:
-        return cfg.checkpoint
-    uri = output_paths(cfg)["best"]
-    if not storage.exists(uri, cfg.storage):
-        raise ckpt.CheckpointError(f"no checkpoint given and no trained run at {uri}: set checkpoint=... or run `capray train`")
-    return json.loads(storage.read_bytes(uri, cfg.storage))["checkpoint"]
 
 
 def run(cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 # Ray Data runs functions of these modules in fresh worker processes: importing TensorFlow there
 # costs seconds of CPU per process, for nothing.
 TF_FREE = ["capray.config", "capray.storage", "capray.text", "capray.images", "capray.inputs", "capray.pipeline", "capray.data",
-           "capray.features", "capray.infer", "capray.runtime"]
+           "capray.features", "capray.infer", "capray.runtime", "capray.checkpoint"]
 
 
 @pytest.mark.parametrize("module", TF_FREE)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capray import features, storage
-from capray.config import output_paths
+from capray import features, inputs, storage
+from capray.config import load_config, output_paths
 from capray.infer import caption
+from capray.inputs import InputError
 from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 
 GOOD = ["scene.jpg", "gray.jpg", "alpha.png", "cmyk.jpg"]
@@ -108,3 +110,65 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
     assert caption(cfg, tiny_checkpoint, uri, out)["shards_written"] == 0
     assert features.run(cfg)["shards_written"] == 0
 
+
+def test_missing_and_empty_inputs_fail_clearly(tmp_path: Path, ray_local) -> None:
+    cfg = _cfg(tmp_path)
+    with pytest.raises(InputError, match="input not found: .*nothing-here"):
+        inputs.plan(cfg, str(tmp_path / "nothing-here"), str(tmp_path / "inputs"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match=r"no images under .*empty \(files ending in jpg"):
+        inputs.plan(cfg, str(tmp_path / "empty"), str(tmp_path / "inputs"))
+
+
+def test_a_folder_is_listed_once_by_ray_tasks_and_the_listing_is_reused(tmp_path: Path, ray_local) -> None:
+    for d in ("x", "y/z", ""):
+        (tmp_path / "img" / d).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (tmp_path / "img" / d / f"{i}.jpg").write_bytes(b"")
+    cfg = _cfg(tmp_path, "inputs.shard_rows=2")
+    cache = str(tmp_path / "inputs")
+    plan = inputs.plan(cfg, str(tmp_path / "img"), cache)
+    listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
+    assert sorted(listed) == sorted(str(p) for p in (tmp_path / "img").rglob("*.jpg")) and len(listed) == 9
+    assert max(s.rows for s in plan.shards) == 2 and plan.rows == 9
+    (tmp_path / "img" / "late.jpg").write_bytes(b"")
+    again = inputs.plan(cfg, str(tmp_path / "img"), cache)
+    assert [s.id for s in again.shards] == [s.id for s in plan.shards] and again.rows == 9
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [f"work_dir={tmp_path / 'work'}", *extra])
+
+
+def test_a_large_csv_manifest_is_split_into_shards_once(tmp_path: Path, ray_local) -> None:
+    rows = [f"img/{i:03d}.jpg,{i},licence {i}" for i in range(30)]
+    (tmp_path / "big.csv").write_text("image,id,licence\n" + "\n".join(rows) + "\n")
+    cfg = _cfg(tmp_path, "inputs.shard_rows=4")  # 4 rows x 100 bytes: this 700-byte CSV is split
+    cache = str(tmp_path / "inputs")
+    plan = inputs.plan(cfg, str(tmp_path / "big.csv"), cache)
+    assert [s.rows for s in plan.shards] == [4] * 7 + [2] and plan.rows == 30
+    read = [t for s in plan.shards for t in inputs.read_shard(s, cfg, 3)]
+    table = pa.concat_tables(read)
+    assert table["image"].to_pylist() == [str(tmp_path / "img" / f"{i:03d}.jpg") for i in range(30)]
+    assert table["id"].to_pylist() == [str(i) for i in range(30)] and table["licence"][29].as_py() == "licence 29"
+    # Split once: a re-plan reuses the split and its ids. A changed CSV is new work: new ids, so
+    # none of its shards passes for "already done".
+    split = sorted(Path(cache).iterdir())
+    assert [s.id for s in inputs.plan(cfg, str(tmp_path / "big.csv"), cache).shards] == [s.id for s in plan.shards]
+    assert sorted(Path(cache).iterdir()) == split
+    (tmp_path / "big.csv").write_text("image,id,licence\n" + "\n".join(rows[:29]) + "\n")
+    changed = inputs.plan(cfg, str(tmp_path / "big.csv"), cache)
+    assert changed.rows == 29 and not {s.id for s in changed.shards} & {s.id for s in plan.shards}
+
+
+def test_the_cli_reports_a_bad_input_in_one_line(tiny_checkpoint: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={tiny_checkpoint}", f"work_dir={tmp_path}",
+           f"infer.input={tmp_path / 'nonexistent_dir'}", "ray.local_cpus=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert f"capray caption: InputError: input not found: {tmp_path / 'nonexistent_dir'}" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

@@ -1,4 +1,5 @@
-"""Data tests: every input kind becomes shards with stable ids, and bad inputs fail clearly."""
+"""Data tests (no Ray): every input kind becomes shards with stable ids, and bad inputs fail clearly.
+Listing folders (Ray tasks) is tested in test_input_kinds.py."""
 
 from __future__ import annotations
 
@@ -112,32 +113,6 @@ def test_webdataset_members_become_rows_and_a_truncated_tar_ends_in_an_error_row
     assert "truncated or corrupt tar" in errors["00001/e"] and cut["_data"].to_pylist()[-1] is None
 
 
-def test_missing_and_empty_inputs_fail_clearly(tmp_path: Path, ray_local) -> None:
-    cfg = _cfg(tmp_path)
-    with pytest.raises(InputError, match="input not found: .*nothing-here"):
-        inputs.plan(cfg, str(tmp_path / "nothing-here"), str(tmp_path / "inputs"))
-    (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    with pytest.raises(InputError, match=r"no images under .*empty \(files ending in jpg"):
-        inputs.plan(cfg, str(tmp_path / "empty"), str(tmp_path / "inputs"))
-
-
-def test_a_folder_is_listed_once_by_ray_tasks_and_the_listing_is_reused(tmp_path: Path, ray_local) -> None:
-    for d in ("x", "y/z", ""):
-        (tmp_path / "img" / d).mkdir(parents=True, exist_ok=True)
-        for i in range(3):
-            (tmp_path / "img" / d / f"{i}.jpg").write_bytes(b"")
-    cfg = _cfg(tmp_path, "inputs.shard_rows=2")
-    cache = str(tmp_path / "inputs")
-    plan = inputs.plan(cfg, str(tmp_path / "img"), cache)
-    listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
-    assert sorted(listed) == sorted(str(p) for p in (tmp_path / "img").rglob("*.jpg")) and len(listed) == 9
-    assert max(s.rows for s in plan.shards) == 2 and plan.rows == 9
-    (tmp_path / "img" / "late.jpg").write_bytes(b"")
-    again = inputs.plan(cfg, str(tmp_path / "img"), cache)
-    assert [s.id for s in again.shards] == [s.id for s in plan.shards] and again.rows == 9
-
-
 def test_shard_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     table = pa.table({"image": ["a"], "error": pa.array([None], pa.string())})
     out = tmp_path / "out"
@@ -152,6 +127,7 @@ def test_shard_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     writer.publish(table.schema)
     ShardWriter(str(out / "empty.parquet"), None).publish(table.schema)  # a shard with no rows is done too
     assert done_ids(str(out)) == {"s1", "empty"} and pq.read_table(out / "s1.parquet").num_rows == 2
+    assert pq.ParquetFile(out / "s1.parquet").num_row_groups == 1  # batches are gathered into row groups
     assert pq.read_table(io.BytesIO((out / "empty.parquet").read_bytes())).num_rows == 0
 
 

@@ -89,7 +89,7 @@ def main(images: str, checkpoint: str, work: str) -> None:
 
     uris = sorted(str(p) for p in Path(images).glob("*.jpg"))
     cfg = load_config(None, [f"work_dir={work}", "encoder.weights=random", "extract.batch_size=4",
-                             "extract.min_actors=2", "extract.max_actors=2"])
+                             "extract.min_actors=2", "extract.max_actors=2", "inputs.shard_rows=4"])
     report["extract"] = run_job(lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items()
                                          if k != "errors"}, nodes, None)
 
@@ -99,11 +99,11 @@ def main(images: str, checkpoint: str, work: str) -> None:
     killed: dict = {}
 
     def kill_when_output_appears() -> bool:
-        if not list(Path(out).glob("part-*.parquet")):
+        if not list(Path(out).glob("*.parquet")):
             return False
         # The worker node hosting a map actor, so that work in flight is lost with it.
         name = next((n for n, node in workers.items() if map_workers(raylet_pid(node))), "worker1")
-        killed["node"], killed["files_before"] = name, len(list(Path(out).glob("part-*.parquet")))
+        killed["node"], killed["files_before"] = name, len(list(Path(out).glob("*.parquet")))
         cluster.remove_node(workers[name], allow_graceful=False)
         return True
 
