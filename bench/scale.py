@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -147,46 +145,22 @@ def run_scenario(name: str, inp: Path, out: Path, work: Path, extra: list[str] =
     return result
 
 
-class _Lists(logging.Handler):
-    """Counts the LIST requests the moto server logs (werkzeug's access log)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        self.count += "GET /" in msg and ("list-type=2" in msg or "delimiter=" in msg or "prefix=" in msg)
-
-
 def s3_listing(objects: int, work: Path) -> dict:
     """Plan a prefix of `objects` images (folders of 1,000) on a moto server; LIST requests counted."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from capray import inputs
     from capray.config import load_config
     from capray.runtime import init_ray
+    from moto_s3 import bench_settings, moto_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    lists = _Lists()
-    werkzeug = logging.getLogger("werkzeug")
-    werkzeug.addHandler(lists)
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+    is_list = lambda msg: "GET /" in msg and ("list-type=2" in msg or "delimiter=" in msg or "prefix=" in msg)  # noqa: E731
+    with moto_server(is_list) as (endpoint, lists):
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="bench", aws_secret_access_key="bench")
-        client.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"photos/{i // 1000:03d}/{i:06d}.jpg", Body=b""), range(objects)))
-        cfg = load_config(None, [f"work_dir={work}", f"storage.endpoint_url=http://127.0.0.1:{port}", "storage.region=us-east-1",
-                                 "storage.access_key_id=bench", "storage.secret_access_key=bench", f"inputs.shard_rows={FILE_ROWS}",
-                                 "ray.local_cpus=2"])
+        cfg = load_config(None, [f"work_dir={work}", *bench_settings(endpoint), f"inputs.shard_rows={FILE_ROWS}", "ray.local_cpus=2"])
         init_ray(cfg)
         shutil.rmtree(work / "inputs", ignore_errors=True)
         lists.count = 0
@@ -196,8 +170,6 @@ def s3_listing(objects: int, work: Path) -> dict:
         print(f"s3 prefix          {plan.rows:,} objects listed in {seconds:.1f} s with {lists.count} LIST requests "
               f"({plan.rows / max(lists.count, 1):.0f} objects per LIST), {len(plan.shards)} shards", flush=True)
         return {"objects": plan.rows, "lists": lists.count}
-    finally:
-        server.stop()
 
 
 def main() -> None:
