@@ -149,8 +149,8 @@ class InputsConfig:
     # manifest (or Parquet with image bytes, when it has `bytes_column` and no `image`), .tar files
     # are WebDataset shards, anything else a folder/prefix of image files.
     format: str = "auto"
-    # Images per shard of a listed folder/prefix (one output file each); Parquet inputs: whole row
-    # groups up to this many rows; a CSV file or a tar is one shard.
+    # Images per shard (one output file each) of a listed folder/prefix or a large CSV manifest
+    # (split once); Parquet inputs: whole row groups up to this many rows; a tar is one shard.
     shard_rows: int = 1000
     # Which files of a folder/prefix (or tar members) are images (case-insensitive), and an
     # optional file name glob (values are YAML: quote it, "inputs.glob='*.jpg'").

@@ -554,9 +554,3 @@ def read_shard(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
             else:
                 yield _table_rows(table, shard.base if shard.kind == "manifest" else "")
             first += table.num_rows
-
-
-def passthrough_names(table: pa.Table) -> list[str]:
-    """The input's own columns carried to the output rows."""
-    return [c for c in table.column_names if c not in (KEY, URI, DATA, "_error")]
-
