@@ -39,6 +39,29 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_for_ray_to_exit(log: Path) -> None:
+    """Until the processes of the Ray instance a finished or killed job started are gone: their
+    shutdown takes CPU for seconds, which the next timed job on 2 cores would pay for."""
+    found = re.search(r"/(session_[\w-]+)", log.read_text())
+    if not found:
+        return
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _processes_with(found.group(1)):
+        time.sleep(0.5)  # polling another process tree's exit: there is nothing to wait on
+
+
+def _processes_with(text: str) -> list[str]:
+    """PIDs whose command line contains `text` (from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(cmdline.parent.name)
+        except OSError:  # the process exited while we looked
+            pass
+    return pids
+
+
 def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoint: str, tmp_path: Path) -> None:
     synthetic.generate(tmp_path / "in", N, seed=4, prefix="p")
 
@@ -56,13 +79,8 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     assert first is not None and first < wall / 4, f"first file after {first:.0f} s of {wall:.0f} s"
     print(f"\nfull job: {wall:.1f} s, first of {N // 50} files after {first:.1f} s")
 
-    # 2. Its re-run lists the output folder and stops: no Ray Data execution at all.
-    again = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "full"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "Starting execution of Dataset" not in again.stdout + again.stderr
-
-    # 3. The same job killed (SIGKILL, the whole process group) at half its wall time, then re-run.
+    # 2. The same job killed (SIGKILL, the whole process group) at half its wall time, then re-run.
+    _wait_for_ray_to_exit(tmp_path / "full.log")
     killed = _start(_cmd(tiny_checkpoint, tmp_path, "killed"), tmp_path / "killed.log")
     try:
         killed.wait(timeout=wall / 2)
@@ -72,6 +90,7 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     killed.wait()
     kept = len(_files(tmp_path / "killed"))
     assert 0 < kept < N // 50, f"{kept} files when killed"
+    _wait_for_ray_to_exit(tmp_path / "killed.log")
     resumed = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "killed"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -85,3 +104,9 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     assert done_before >= kept and written == N - 50 * done_before and written <= 0.6 * N
     print(f"killed at {wall / 2:.0f} s with {kept} files kept ({done_before} when re-run); "
           f"the re-run captioned {written} of {N} images")
+
+    # 3. A re-run of the finished job lists the output folder and stops: no Ray Data execution at all.
+    again = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "full"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "Starting execution of Dataset" not in again.stdout + again.stderr
