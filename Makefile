@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/capray demo configs/demo.yaml $(ARGS)
+	$(BIN)/capray demo configs/demo.yaml model.precision=auto $(ARGS)
 
 # Every suite but the reliability one: unit, data, learning, jobs on local Ray and moto S3.
 test: $(BIN)/.installed

@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
 
     # Which code runs matters on a cluster (uploaded working dir vs. the installed wheel).
     print(f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}", flush=True)
+    if job != "evaluate":
+        from capray.config import cpu_bf16
+
+        print(f"[capray] {job}: model.precision={cfg.model.precision} (this machine's CPU: "
+              f"{cpu_bf16() or 'no BF16 instructions'})", flush=True)
     init_ray(cfg)
     try:
         importlib.import_module(JOBS[job]).run(cfg)

@@ -79,12 +79,16 @@ class ModelConfig:
     # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
     # scale and need it, ImageNet features do not.
     feature_norm: str = "none"
-    # GPU options, off by default (and best left off on CPU, where they only cost time).
-    # mixed_precision: Keras `mixed_float16` policy in training, extraction and captioning
-    # (float16 compute, float32 weights; logits, softmax and loss in float32; dynamic loss
-    # scaling in training). Pays off on GPUs with tensor cores (V100, T4, A10G, A100, L4...).
-    mixed_precision: bool = False
-    # XLA-compile the InceptionV3 forward pass and the training step's forward/backward pass.
+    # float32 | mixed_float16 | mixed_bfloat16 | auto: the Keras dtype policy of training,
+    # extraction and captioning (mixed: 16-bit compute, float32 weights; logits, softmax and loss
+    # in float32). mixed_float16 for GPUs with tensor cores (V100, T4, A10G, A100, L4...), with
+    # dynamic loss scaling in training; mixed_bfloat16 for CPUs with AVX512-BF16 or AMX
+    # (InceptionV3 ~1.8x float32 there) and for A100/H100/L4 GPUs; no loss scaling needed.
+    # auto is decided where the config is loaded: mixed_float16 when the job uses GPUs, else
+    # mixed_bfloat16 when this machine's CPU has BF16 instructions, else float32.
+    precision: str = "float32"
+    # XLA-compile the InceptionV3 forward pass and the training step's forward/backward pass
+    # (a GPU option: on CPU it only costs compile time).
     jit_compile: bool = False
 
 
@@ -215,6 +219,11 @@ class StorageConfig:
     access_key_id: str = ""
     secret_access_key: str = ""
     session_token: str = ""
+    # Transient errors (throttling, 5xx, dropped connections) are tried again this many times,
+    # waiting retry_wait_s, then twice that... (up to 30 s, with jitter); an image becomes an
+    # error row, or an upload stops the job, only after the last try.
+    retries: int = 5
+    retry_wait_s: float = 0.5
 
 
 @dataclass
@@ -265,6 +274,7 @@ SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
 _CHOICES = {
     "data.format": ("synthetic", "coco", "flickr", "manifest"),
     "model.feature_norm": ("none", "channel"),
+    "model.precision": ("float32", "mixed_float16", "mixed_bfloat16", "auto"),
     "extract.dtype": ("float16", "float32"),
     "infer.strategy": ("greedy", "beam"),
     "inputs.format": ("auto", "files", "manifest", "webdataset"),
@@ -313,7 +323,27 @@ _RENAMED = {
     "infer.extensions": "inputs.extensions",
     "infer.limit": "inputs.limit_shards (shards, not images)",
     "infer.rows_per_file": "inputs.shard_rows (one output file per input shard)",
+    "model.mixed_precision": "model.precision (float32 | mixed_float16 | mixed_bfloat16 | auto)",
 }
+
+
+def cpu_bf16() -> str:
+    """The BF16 instruction set of this machine's CPU (`amx_bf16`, `avx512_bf16`), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell here, so no BF16 claim
+        return ""
+    return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), "")
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """`model.precision` with `auto` decided, and why (for the job's log)."""
+    if cfg.model.precision != "auto":
+        return cfg.model.precision
+    if cfg.ray.use_gpu or cfg.extract.num_gpus > 0 or cfg.infer.num_gpus > 0:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_bf16() else "float32"
 
 
 def _check_renamed(layer: DictConfig, source: str) -> None:
@@ -367,6 +397,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     OmegaConf.set_readonly(cfg, False)
     _validate(cfg)
     _absolute_paths(cfg)
+    # Decided once, here, so that every process of every job of a run uses the same policy.
+    cfg.model.precision = resolve_precision(cfg)
     return cfg
 
 

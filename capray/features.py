@@ -43,10 +43,10 @@ SCHEMA = pa.schema(
 class FeatureExtractor:
     """Ray Data callable class: decoded pixels -> InceptionV3 feature rows."""
 
-    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str, mixed_precision: bool, jit_compile: bool):
+    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str, precision: str, jit_compile: bool):
         from capray.model import ImageEncoder, set_precision  # TF is imported in the actor, not the driver
 
-        set_precision(mixed_precision)
+        set_precision(precision)
         self.encoder = ImageEncoder(weights, seed, storage_cfg, jit_compile=jit_compile)
         self.dtype = np.dtype(dtype)
 
@@ -104,7 +104,7 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
 
     plan = images if isinstance(images, Plan) else inputs.images_plan(sorted(set(images)), output_paths(cfg)["inputs"], cfg, "images")
     kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=cfg.storage, dtype=cfg.extract.dtype,
-                  mixed_precision=cfg.model.mixed_precision, jit_compile=cfg.model.jit_compile)
+                  precision=cfg.model.precision, jit_compile=cfg.model.jit_compile)
     s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract")
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
     if s["shards_written"] or not manifest:
@@ -276,4 +276,7 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     for key, err in summary["errors"][:5]:
         print(f"[capray] extract: failed: {key}: {err}", flush=True)
+    if summary["retried"]:
+        print(f"[capray] extract: {summary['retried']} storage requests were tried again after transient errors "
+              "(throttling, dropped connections; storage.retries)", flush=True)
     return summary

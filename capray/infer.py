@@ -45,15 +45,14 @@ class CaptionPredictor:
     """Ray Data callable class: pixels -> captions (greedy or beam), the model loaded once per actor."""
 
     def __init__(self, checkpoint_uri: str, storage_cfg: Any, infer_cfg: Any, model_cfg: Any = None):
-        """`model_cfg`: the running job's `model` section (mixed_precision, jit_compile); None = neither."""
+        """`model_cfg`: the running job's `model` section (precision, jit_compile); None = float32, no XLA."""
         import tensorflow as tf
 
         from capray import checkpoint
         from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder, set_precision
 
-        mixed = bool(model_cfg and model_cfg.mixed_precision)
         jit = bool(model_cfg and model_cfg.jit_compile)
-        set_precision(mixed)  # before the model and backbone are built
+        set_precision(model_cfg.precision if model_cfg else "float32")  # before the model and backbone are built
         self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
         # The backbone must be the one the training features came from. XLA compiles it; the
         # decoding loops stop early with data-dependent shapes, which XLA cannot compile.
@@ -154,4 +153,7 @@ def run(cfg: Any) -> dict[str, Any]:
             print(f"[capray] caption: failed: {key}: {err}", flush=True)
     if s["duplicates"]:
         print(f"[capray] caption: {s['duplicates']} repeated images in the input were captioned once", flush=True)
+    if s["retried"]:
+        print(f"[capray] caption: {s['retried']} storage requests were tried again after transient errors "
+              "(throttling, dropped connections; storage.retries)", flush=True)
     return s

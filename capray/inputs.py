@@ -111,30 +111,13 @@ def is_image(name: str, cfg: Any) -> bool:
 # --- listing: streamed, so a task's memory does not grow with the folder -------------------
 
 
-def _s3_client(storage_cfg: Any) -> Any:
-    """A botocore S3 client: its paginator streams a listing 1,000 keys per request (pyarrow's
-    recursive listing returns the whole list at once)."""
-    import botocore.session
-
-    kwargs: dict[str, Any] = {}
-    if storage_cfg is not None:
-        if storage_cfg.endpoint_url:
-            kwargs["endpoint_url"] = storage_cfg.endpoint_url
-        if storage_cfg.region:
-            kwargs["region_name"] = storage_cfg.region
-        if storage_cfg.access_key_id:
-            kwargs.update(aws_access_key_id=storage_cfg.access_key_id, aws_secret_access_key=storage_cfg.secret_access_key,
-                          aws_session_token=storage_cfg.session_token or None)
-    return botocore.session.get_session().create_client("s3", **kwargs)
-
-
 def walk(uri: str, storage_cfg: Any = None, recursive: bool = True) -> Iterator[tuple[str, bool]]:
     """(uri, is_folder) under a folder/prefix, streamed in sorted order. Recursive: files only."""
     if storage.is_remote(uri):
         bucket, _, key = uri[len("s3://"):].partition("/")
         prefix = key.rstrip("/") + "/" if key else ""
         args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
-        for page in _s3_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
+        for page in storage.listing_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
             for d in page.get("CommonPrefixes", ()):
                 yield f"s3://{bucket}/{d['Prefix'].rstrip('/')}", True
             for obj in page.get("Contents", ()):

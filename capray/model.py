@@ -21,13 +21,15 @@ class BackboneError(RuntimeError):
     """The InceptionV3 weights could not be loaded."""
 
 
-def set_precision(mixed: bool) -> None:
-    """Set Keras' global dtype policy (`model.mixed_precision`): `mixed_float16` or `float32`.
+def set_precision(precision: str) -> None:
+    """Set Keras' global dtype policy (`model.precision`): float32, mixed_float16 or mixed_bfloat16.
 
     Global, so it is set where a process starts its work (Ray actor, training worker) and before
     any layer is built; layers keep the policy they were built under.
     """
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        raise ValueError(f"model.precision={precision!r}: expected float32, mixed_float16 or mixed_bfloat16")
+    keras.mixed_precision.set_dtype_policy(precision)
 
 
 def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None) -> keras.Model:
@@ -75,7 +77,7 @@ class ImageEncoder:
 
     def _features(self, images: tf.Tensor) -> tf.Tensor:
         x = keras.applications.inception_v3.preprocess_input(tf.cast(images, tf.float32))
-        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048); float16 under mixed precision
+        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048); 16-bit under mixed precision
         return tf.reshape(tf.cast(grid, tf.float32), (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -101,7 +103,7 @@ class BahdanauAttention(keras.layers.Layer):
 
     def call(self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         score = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, 64, U)
-        # Softmax in float32 (a no-op cast unless mixed precision computes the scores in float16).
+        # Softmax in float32 (a no-op cast unless mixed precision computes the scores in 16 bits).
         weights = tf.nn.softmax(tf.cast(self.V(score)[..., 0], tf.float32), axis=1)  # (B, 64)
         context = tf.reduce_sum(tf.cast(weights, features.dtype)[..., None] * features, axis=1)  # (B, E)
         return context, weights
@@ -142,7 +144,7 @@ class Captioner(keras.Model):
         # The TF tutorial resets its GRU every step (no initial_state); we carry the state, as
         # the paper's LSTM does.
         output, state = self.gru(x, [hidden])
-        # The loops carry float32 (float16 under mixed precision would not match their state).
+        # The loops carry float32 (16-bit outputs under mixed precision would not match their state).
         return tf.cast(output, tf.float32), tf.cast(state[0], tf.float32), alpha
 
     def head(self, outputs: tf.Tensor) -> tf.Tensor:
@@ -314,13 +316,14 @@ def make_optimizer(
     learning_rate: float,
     schedule: str = "constant",
     total_steps: int = 0,
-    mixed_precision: bool = False,
+    loss_scale: bool = False,
     kind: str = "adam",
 ) -> keras.optimizers.Optimizer:
     """Adam (the seed's) or plain SGD; optionally with the learning rate cosine-decayed over `total_steps`.
 
-    With `mixed_precision`, wrapped in a dynamic LossScaleOptimizer: the caller scales the loss
-    with `optimizer.scale_loss` and the optimizer unscales, skipping steps with inf/NaN gradients.
+    With `loss_scale` (mixed_float16), wrapped in a dynamic LossScaleOptimizer: the caller scales
+    the loss with `optimizer.scale_loss` and the optimizer unscales, skipping steps with inf/NaN
+    gradients. bfloat16 has float32's exponent range and needs no scaling.
     """
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)) if schedule == "cosine" else learning_rate
     if kind == "adam":
@@ -329,4 +332,4 @@ def make_optimizer(
         optimizer = keras.optimizers.SGD(rate)
     else:
         raise ValueError(f"optimizer {kind!r}: expected adam or sgd")
-    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
+    return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer

@@ -175,7 +175,7 @@ class ShardWorker:
 
     def process(self, shard: Shard) -> dict[str, Any]:
         """Read, decode, run the model on and write one shard; the summary row."""
-        start = time.time()
+        start, retried = time.time(), storage.retried()
         writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg)
         rows = failed = duplicates = 0
         examples: list[list[str]] = []
@@ -214,7 +214,8 @@ class ShardWorker:
             writer.discard()
             raise
         return {"shard": shard.id, "rows": rows, "failed": failed, "duplicates": duplicates,
-                "seconds": round(time.time() - start, 2), "errors": json.dumps(examples)}
+                "retried": storage.retried() - retried, "seconds": round(time.time() - start, 2),
+                "errors": json.dumps(examples)}
 
 
 def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
@@ -237,6 +238,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         "shards": len(plan.shards), "shards_done_before": len(skipped), "shards_written": 0,
         "images": plan.rows, "already_done": None if any(s.rows < 0 for s in skipped) else sum(s.rows for s in skipped),
         "written": 0, "failed": 0, "duplicates": 0, "errors": [],
+        # storage requests tried again after transient errors (throttling, outages)
+        "retried": 0,
         # output file -> rows, as the workers reported them (O(shards)): manifests use these
         "files": {},
     }
@@ -262,6 +265,7 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                     summary["written"] += int(part["rows"][i])
                     summary["failed"] += int(part["failed"][i])
                     summary["duplicates"] += int(part["duplicates"][i])
+                    summary["retried"] += int(part["retried"][i])
                     summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[:ERROR_EXAMPLES * 4]
                 if time.time() - last >= 10:
                     last = time.time()

@@ -57,8 +57,9 @@ def train_loop_per_worker(config: dict) -> None:
     from capray.model import Captioner, attention_penalty, caption_loss, make_optimizer, set_precision
 
     cfg = from_yaml(config["cfg"])
-    mixed = cfg.model.mixed_precision
-    set_precision(mixed)  # before any layer is built
+    set_precision(cfg.model.precision)  # before any layer is built
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    mixed = cfg.model.precision == "mixed_float16"
     tokenizer = Tokenizer.from_json(config["tokenizer"])
     # Per-epoch progress bars from every worker would drown the epoch lines printed below.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def replica_step(features: tf.Tensor, captions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         loss_sum, tokens, grads = forward_backward(features, captions)
-        # Mixed precision also takes this path: the loss-scale optimizer skips a step when the
+        # Loss scaling (mixed_float16) also takes this path: the loss-scale optimizer skips a step when the
         # gradients are not finite, and every replica must see the same (reduced) gradients to
         # agree on it.
         if cfg.train.clip_norm or mixed:
@@ -134,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
             grads = [tf.convert_to_tensor(g) for g in grads]
             grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
             if cfg.train.clip_norm:
-                # Scaled gradients (mixed precision) are clipped at the equally scaled norm.
+                # Scaled gradients (mixed_float16) are clipped at the equally scaled norm.
                 scale = optimizer.dynamic_scale if mixed else 1.0
                 grads, _ = tf.clip_by_global_norm(grads, cfg.train.clip_norm * scale)
             grads = [g / strategy.num_replicas_in_sync for g in grads]

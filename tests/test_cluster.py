@@ -95,8 +95,8 @@ def test_cluster_configs_use_gpu_actors_and_workers() -> None:
     for stage in (cfg.extract, cfg.infer):
         assert stage.num_gpus == 1 and stage.min_actors < stage.max_actors
     assert cfg.ray.use_gpu and cfg.ray.num_workers > 1
-    assert cfg.model.mixed_precision and cfg.model.jit_compile
+    assert cfg.model.precision == "mixed_float16" and cfg.model.jit_compile
     assert cfg.work_dir.startswith("s3://") and not cfg.storage.access_key_id
     cpu = load_config(REPO / "configs/coco2014-cluster-cpu.yaml")
     assert cpu.extract.num_gpus == cpu.infer.num_gpus == 0 and not cpu.ray.use_gpu
-    assert not cpu.model.mixed_precision and not cpu.model.jit_compile
+    assert cpu.model.precision == "mixed_bfloat16" and not cpu.model.jit_compile

@@ -41,3 +41,33 @@ def test_broken_images_raise_with_a_reason(name: str) -> None:
     data, reason = bad_images()[name]
     with pytest.raises(ImageDecodeError, match=reason):
         decode(data, TEST_MAX_PIXELS)
+
+
+def _large_jpeg(photo: bytes, size: tuple[int, int] = (4000, 3000)) -> bytes:
+    """A phone-sized JPEG (quality 90) made by upscaling a photo."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(photo)).convert("RGB").resize(size, Image.BICUBIC).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_large_jpegs_decode_in_draft_mode_to_near_the_full_decode(flickr_dev) -> None:
+    # Bound chosen and stated in docs/inputs.md: mean |draft - full| <= 2/255 after the resize
+    # (measured ~0.7), and no pixel moved by more than a quarter of the range.
+    for path in sorted((flickr_dev / "images").glob("*.jpg"))[:3]:
+        photo = path.read_bytes()
+        big = _large_jpeg(photo)
+        draft, full = decode(big, 64_000_000), decode(big, 64_000_000, draft=False)
+        assert draft.shape == full.shape == (299, 299, 3) and draft.dtype == np.uint8
+        diff = np.abs(draft.astype(int) - full.astype(int))
+        assert diff.mean() <= 2.0 and diff.max() <= 64, (diff.mean(), diff.max())
+        # Photos under twice the target size are decoded at full size: identical pixels.
+        assert np.array_equal(decode(photo, TEST_MAX_PIXELS), decode(photo, TEST_MAX_PIXELS, draft=False))
+
+
+def test_draft_mode_leaves_other_formats_alone() -> None:
+    png = good_images()["alpha.png"]
+    assert np.array_equal(decode(png, TEST_MAX_PIXELS), decode(png, TEST_MAX_PIXELS, draft=False))

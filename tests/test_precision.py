@@ -1,5 +1,6 @@
-"""Mixed precision (`model.mixed_precision`) and XLA (`model.jit_compile`) on CPU: the GPU
-options must at least build, train and decode correctly here."""
+"""Mixed precision (`model.precision`) and XLA (`model.jit_compile`) on CPU: mixed_float16 and
+XLA are GPU options that must at least build, train and decode correctly here; mixed_bfloat16 is
+this CPU's fast path."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, 
 @pytest.fixture
 def mixed_policy() -> Iterator[None]:
     """The global Keras policy set to mixed_float16 for one test, float32 again afterwards."""
-    set_precision(True)
+    set_precision("mixed_float16")
     try:
         yield
     finally:
-        set_precision(False)
+        set_precision("float32")
     assert keras.mixed_precision.dtype_policy().name == "float32"
 
 
@@ -35,7 +36,7 @@ def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> N
     model = Captioner(12, embedding_dim=16, units=32).build_all()
     # float16 compute, float32 weights.
     assert model.fc2.compute_dtype == "float16" and model.fc2.kernel.dtype == "float32"
-    optimizer = make_optimizer(1e-2, mixed_precision=True)
+    optimizer = make_optimizer(1e-2, loss_scale=True)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
@@ -68,10 +69,10 @@ def test_extraction_actor_under_mixed_float16_matches_float32(mixed_policy) -> N
     # The extraction job's actor, called as Ray Data calls it (its job is tests/test_extract.py's).
     pixels = np.stack([np.asarray(synthetic.render(seed=5, index=i)[0]) for i in range(4)])
     batch = {"image": np.array([f"{i}.jpg" for i in range(4)]), "pixels": pixels, "error": np.array([None] * 4)}
-    table = FeatureExtractor("random", 0, None, "float16", mixed_precision=True, jit_compile=False)(batch)
+    table = FeatureExtractor("random", 0, None, "float16", precision="mixed_float16", jit_compile=False)(batch)
     assert keras.mixed_precision.dtype_policy().name == "mixed_float16"
     mixed = decode_features(table["features"].to_pylist(), "float16")
-    set_precision(False)
+    set_precision("float32")
     exact = ImageEncoder("random", seed=0)(pixels)
     # float16 compute through 94 conv layers: close to float32, not equal.
     assert np.abs(mixed - exact).mean() < 0.01 * np.abs(exact).mean()
@@ -84,7 +85,7 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
     # features. XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
     base = [
         *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
-        "model.mixed_precision=true", "model.jit_compile=true", "train.epochs=1", "train.batch_size=8",
+        "model.precision=mixed_float16", "model.jit_compile=true", "train.epochs=1", "train.batch_size=8",
         "train.clip_norm=5.0", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=mixed",
         "infer.batch_size=8", "inputs.shard_rows=8", "inputs.limit_shards=1",
     ]
@@ -97,3 +98,93 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
     rows = pd.read_parquet(out)
     assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
     assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
+
+
+@pytest.fixture
+def bf16_policy() -> Iterator[None]:
+    """The global Keras policy set to mixed_bfloat16 for one test, float32 again afterwards."""
+    set_precision("mixed_bfloat16")
+    try:
+        yield
+    finally:
+        set_precision("float32")
+
+
+def test_model_trains_under_mixed_bfloat16_without_loss_scaling(bf16_policy) -> None:
+    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    assert model.fc2.compute_dtype == "bfloat16" and model.fc2.kernel.dtype == "float32"
+    optimizer = make_optimizer(1e-2)  # bfloat16 keeps float32's exponent range: no loss scale
+    optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    feats = tf.constant(rng.normal(size=(4, 64, 2048)), tf.float32)
+    caps = tf.constant(np.c_[np.full(4, 2), rng.integers(4, 12, (4, 5)), np.full(4, 3)], tf.int32)
+
+    @tf.function
+    def forward_backward(f, c):
+        with tf.GradientTape() as tape:
+            logits, attention = model(f, c, training=True)
+            loss_sum, tokens = caption_loss(c, logits)
+            loss = loss_sum / 4
+        return logits, attention, loss_sum / tokens, tape.gradient(loss, model.trainable_variables)
+
+    losses = []
+    for _ in range(8):
+        logits, attention, loss, grads = forward_backward(feats, caps)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(loss))
+    assert logits.dtype == tf.float32 and attention.dtype == tf.float32
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_extraction_actor_under_mixed_bfloat16_is_near_float32(bf16_policy) -> None:
+    pixels = np.stack([np.asarray(synthetic.render(seed=5, index=i)[0]) for i in range(4)])
+    batch = {"image": np.array([f"{i}.jpg" for i in range(4)]), "pixels": pixels, "error": np.array([None] * 4)}
+    table = FeatureExtractor("random", 0, None, "float32", precision="mixed_bfloat16", jit_compile=False)(batch)
+    assert keras.mixed_precision.dtype_policy().name == "mixed_bfloat16"
+    bf16 = decode_features(table["features"].to_pylist(), "float32")
+    set_precision("float32")
+    exact = ImageEncoder("random", seed=0)(pixels)
+    # 8-bit mantissas through 94 conv layers: a few percent of the mean magnitude, no more.
+    rel = np.abs(bf16 - exact).mean() / np.abs(exact).mean()
+    assert 0 < rel < 0.05, rel
+
+
+def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features: Path, tmp_path: Path) -> None:
+    base = [
+        *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
+        "model.precision=mixed_bfloat16", "train.epochs=1", "train.batch_size=8", "train.clip_norm=5.0",
+        "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=bf16", "infer.batch_size=8", "inputs.shard_rows=8",
+        "inputs.limit_shards=1",
+    ]
+    cfg = load_config(REPO / "configs/demo.yaml", base)
+    images = str(synthetic_features / "data" / "images")
+    # Extraction: a separate output folder, so the shared float32 features stay as they are.
+    cfg.extract.input = images
+    cfg.work_dir = str(tmp_path / "bf16-extract")
+    from capray import features as feature_job
+
+    extracted = feature_job.run(cfg)
+    assert extracted["written"] == 8 and extracted["failed"] == 0
+    stored = pd.read_parquet(tmp_path / "bf16-extract" / "features")
+    assert len(stored) == 8 and stored["error"].isna().all()
+    cfg = load_config(REPO / "configs/demo.yaml", base)
+    summary = train.train(cfg)
+    assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
+    out = tmp_path / "captions"
+    s = caption(cfg, summary["checkpoint"], images, str(out))
+    assert s["captioned"] == 8 and s["failed"] == 0
+    rows = pd.read_parquet(out)
+    assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
+
+
+def test_precision_config_names_the_new_key_and_decides_auto() -> None:
+    from capray.config import ConfigError, cpu_bf16
+
+    with pytest.raises(ConfigError, match="model.mixed_precision was replaced by model.precision"):
+        load_config(None, ["model.mixed_precision=true"])
+    with pytest.raises(ConfigError, match="model.precision='half'"):
+        load_config(None, ["model.precision=half"])
+    assert load_config(None, ["model.precision=auto", "extract.num_gpus=1"]).model.precision == "mixed_float16"
+    auto = load_config(None, ["model.precision=auto"]).model.precision
+    assert auto == ("mixed_bfloat16" if cpu_bf16() else "float32")
