@@ -78,13 +78,15 @@ def _check_size(blob: bytes, dtype: str) -> None:
         raise FeatureError(f"feature row of {len(blob)} bytes, expected {expected} ({dtype} {FEATURE_SHAPE})")
 
 
-def decode_features(column: Iterable[bytes], dtype: str) -> np.ndarray:
-    """Parquet `features` bytes -> (N, 64, 2048) float32 (never unpickles: raw buffers only)."""
+def decode_features(column: Iterable[bytes], dtype: str, as_stored: bool = False) -> np.ndarray:
+    """Parquet `features` bytes -> (N, 64, 2048) float32, or in the stored dtype with `as_stored`
+    (never unpickles: raw buffers only)."""
     rows = []
     for b in column:
         _check_size(b, dtype)
         rows.append(np.frombuffer(b, dtype=dtype))
-    return np.stack(rows).reshape(-1, *FEATURE_SHAPE).astype(np.float32)
+    out = np.stack(rows).reshape(-1, *FEATURE_SHAPE)
+    return out if as_stored else out.astype(np.float32)
 
 
 def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
@@ -276,7 +278,6 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     for key, err in summary["errors"][:5]:
         print(f"[capray] extract: failed: {key}: {err}", flush=True)
-    if summary["retried"]:
-        print(f"[capray] extract: {summary['retried']} storage requests were tried again after transient errors "
-              "(throttling, dropped connections; storage.retries)", flush=True)
+    for line in pipeline.report_lines("extract", summary):
+        print(line, flush=True)
     return summary

@@ -153,7 +153,6 @@ def run(cfg: Any) -> dict[str, Any]:
             print(f"[capray] caption: failed: {key}: {err}", flush=True)
     if s["duplicates"]:
         print(f"[capray] caption: {s['duplicates']} repeated images in the input were captioned once", flush=True)
-    if s["retried"]:
-        print(f"[capray] caption: {s['retried']} storage requests were tried again after transient errors "
-              "(throttling, dropped connections; storage.retries)", flush=True)
+    for line in pipeline.report_lines("caption", s):
+        print(line, flush=True)
     return s

@@ -137,6 +137,7 @@ class ShardWorker:
         # Plain values: an OmegaConf lookup per batch costs more than the stand-in model (bench/scale.py).
         self.storage_cfg, self.max_pixels, self.ahead = cfg.storage, cfg.data.max_pixels, cfg.ray.inflight_batches
         self.pool = ThreadPoolExecutor(cfg.inputs.io_threads)
+        self.wait_s = self.model_s = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.process(Shard.from_row(self.shards[int(i)])) for i in batch["id"]]
@@ -154,6 +155,7 @@ class ShardWorker:
         n = table.num_rows
         pixels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         errors = table["_error"].to_pylist() if "_error" in table.column_names else [None] * n
+        waited = time.perf_counter()
         for i, fut in enumerate(futures):
             if fut is None:
                 errors[i] = errors[i] or "empty image path/URI"
@@ -163,8 +165,13 @@ class ShardWorker:
                 errors[i] = err
             else:
                 pixels[i] = px
+        # Time the model spends waiting for its images (reads and decodes not done yet): the
+        # job's measure of whether decoding keeps up (raise inputs.io_threads, or CPUs per GPU).
+        started = time.perf_counter()
+        self.wait_s += started - waited
         out = self.model({"image": np.array(table[KEY].to_pylist(), dtype=object), "pixels": pixels,
                           "error": np.array([e or "" for e in errors], dtype=object)})
+        self.model_s += time.perf_counter() - started
         # The input's own columns (ids, URLs, licences, captions...) follow the job's columns;
         # a name the job already uses gets an `input_` prefix.
         for name in table.column_names:
@@ -176,6 +183,7 @@ class ShardWorker:
     def process(self, shard: Shard) -> dict[str, Any]:
         """Read, decode, run the model on and write one shard; the summary row."""
         start, retried = time.time(), storage.retried()
+        self.wait_s = self.model_s = 0.0
         writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg)
         rows = failed = duplicates = 0
         examples: list[list[str]] = []
@@ -215,6 +223,7 @@ class ShardWorker:
             raise
         return {"shard": shard.id, "rows": rows, "failed": failed, "duplicates": duplicates,
                 "retried": storage.retried() - retried, "seconds": round(time.time() - start, 2),
+                "model_s": round(self.model_s, 3), "wait_s": round(self.wait_s, 3),
                 "errors": json.dumps(examples)}
 
 
@@ -240,6 +249,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         "written": 0, "failed": 0, "duplicates": 0, "errors": [],
         # storage requests tried again after transient errors (throttling, outages)
         "retried": 0,
+        # actor seconds in the model, and waiting for images to be read and decoded
+        "model_s": 0.0, "wait_s": 0.0,
         # output file -> rows, as the workers reported them (O(shards)): manifests use these
         "files": {},
     }
@@ -266,6 +277,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                     summary["failed"] += int(part["failed"][i])
                     summary["duplicates"] += int(part["duplicates"][i])
                     summary["retried"] += int(part["retried"][i])
+                    summary["model_s"] += float(part["model_s"][i])
+                    summary["wait_s"] += float(part["wait_s"][i])
                     summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[:ERROR_EXAMPLES * 4]
                 if time.time() - last >= 10:
                     last = time.time()
@@ -279,6 +292,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                 "re-run the same command to do the rest"
             ) from e
     seconds = time.time() - start
+    busy = summary["model_s"] + summary["wait_s"]
+    summary["wait_share"] = round(summary["wait_s"] / busy, 3) if busy else 0.0
     summary.update(
         remaining_shards=len(plan.shards) - len(skipped) - summary["shards_written"],
         seconds=round(seconds, 1),
@@ -286,6 +301,20 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         output=output,
     )
     return summary
+
+
+def report_lines(label: str, s: dict[str, Any]) -> list[str]:
+    """The summary's notes on retries and on how busy the model was, for the job's log."""
+    lines = []
+    if s.get("retried"):
+        lines.append(f"[capray] {label}: {s['retried']} storage requests were tried again after transient errors "
+                     "(throttling, dropped connections; storage.retries)")
+    if s.get("model_s"):
+        lines.append(f"[capray] {label}: the model waited for images {s['wait_share']:.0%} of its time "
+                     f"({s['wait_s']:.1f} s waiting, {s['model_s']:.1f} s computing, summed over actors)"
+                     + ("; decoding does not keep up: raise inputs.io_threads, or give the actors' nodes more CPUs"
+                        if s["wait_share"] > 0.1 else ""))
+    return lines
 
 
 def root_cause(e: BaseException) -> str:

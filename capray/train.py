@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -48,6 +48,54 @@ def _recorded_best(uri: str, storage_cfg: Any) -> float:
     if not storage.exists(uri, storage_cfg):
         return float("inf")
     return json.loads(storage.read_bytes(uri, storage_cfg))["metrics"]["val_loss"]
+
+
+class BatchCache:
+    """A worker's input rows kept in memory after their first pass, within a shared byte budget.
+
+    Later passes batch (and shuffle) them in memory, so only the first epoch reads the feature
+    files through Ray Data. Once the budget is exceeded the cache drops what it holds and the
+    worker streams that input every epoch.
+    """
+
+    def __init__(self, name: str, budget: list[int]):
+        self.name, self.budget = name, budget  # budget: [bytes left], shared by a worker's caches
+        self.features: list[np.ndarray] = []
+        self.captions: list[np.ndarray] = []
+        self.complete = self.overflow = False
+
+    def add(self, features: np.ndarray, captions: np.ndarray) -> None:
+        """Keep one batch (features in their stored dtype), unless the budget is spent."""
+        if self.overflow or self.complete:
+            return
+        size = features.nbytes + captions.nbytes
+        if size > self.budget[0]:
+            self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
+            self.features, self.captions, self.overflow = [], [], True
+            return
+        self.budget[0] -= size
+        self.features.append(features)
+        self.captions.append(captions)
+
+    def finish(self) -> None:
+        """The first pass is over: from now on `batches` serves it from memory."""
+        if not self.overflow and not self.complete and self.features:
+            self.features, self.captions = [np.concatenate(self.features)], [np.concatenate(self.captions)]
+            self.complete = True
+
+    @property
+    def rows(self) -> int:
+        """Rows held."""
+        return sum(len(c) for c in self.captions)
+
+    def batches(self, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features float32, captions) batches; shuffled with `seed` unless it is None."""
+        features, captions = self.features[0], self.captions[0]
+        order = np.arange(len(captions)) if seed is None else np.random.default_rng(seed).permutation(len(captions))
+        end = len(order) - len(order) % batch_size if drop_last else len(order)
+        for i in range(0, end, batch_size):
+            pick = np.sort(order[i : i + batch_size]) if seed is None else order[i : i + batch_size]
+            yield features[pick].astype(np.float32), captions[pick]
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -158,17 +206,42 @@ def train_loop_per_worker(config: dict) -> None:
     shuffle = cfg.train.shuffle
     every = cfg.train.checkpoint_every_steps
 
+    # The first pass over each input fills its cache; later passes read memory, not Ray Data.
+    budget = [cfg.train.cache_mb << 20]
+    train_cache, val_cache = BatchCache("training", budget), BatchCache("validation", budget)
+
+    def input_batches(cache: BatchCache | None, stream: Any, batch_size: int, seed: int | None, **kwargs: Any):
+        """(features float32, captions) batches: from the cache once it holds a whole pass, else
+        streamed from Ray Data (and kept, on the first pass)."""
+        if cache is not None and cache.complete:
+            yield from cache.batches(batch_size, seed, drop_last=kwargs.get("drop_last", False))
+            return
+        for batch in stream(batch_size=batch_size, **kwargs):
+            stored = decode_features(batch["features"], batch["dtype"][0], as_stored=True)
+            if cache is not None:
+                cache.add(stored, batch["captions"])
+            yield stored.astype(np.float32), batch["captions"]
+        if cache is not None:
+            finish(cache)
+
+    def finish(cache: BatchCache) -> None:
+        was_complete = cache.complete or cache.overflow
+        cache.finish()
+        if rank == 0 and cache.overflow and not was_complete:
+            print(f"[capray] the {cache.name} input of a worker exceeds train.cache_mb={cfg.train.cache_mb}: "
+                  "it is read from the feature files every epoch", flush=True)
+
     def validate() -> tuple[float, float]:
         val_sum = val_tokens = 0.0
         val_captions = 0
-        for batch in val_data.iter_batches(batch_size=128):
-            ls, nt = eval_step(decode_features(batch["features"], batch["dtype"][0]), batch["captions"])
+        for feats, caps in input_batches(val_cache, val_data.iter_batches, 128, None):
+            ls, nt = eval_step(feats, caps)
             val_sum += float(ls)
             val_tokens += float(nt)
-            val_captions += len(batch["captions"])
+            val_captions += len(caps)
         return val_sum / max(val_tokens, 1.0), val_sum / max(val_captions, 1)
 
-    def report(epochs_done: int, epoch_step: int, train_loss: float, captions_per_s: float) -> None:
+    def report(epochs_done: int, epoch_step: int, train_loss: float, captions_per_s: float, input_wait: float) -> None:
         """Validation loss, `ray.train.report` and a checkpoint (rank 0 writes it, all report)."""
         nonlocal best_val
         val_loss, val_per_caption = validate()
@@ -179,6 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
             "val_loss": val_loss,
             "val_loss_per_caption": val_per_caption,
             "captions_per_s": captions_per_s,
+            # share of the training wall time this worker waited for its next batch
+            "input_wait": input_wait,
         }
         # `epoch` counts completed epochs; `epoch_step` > 0 marks a checkpoint taken inside one.
         state = {"epoch": epochs_done, "epoch_step": epoch_step, "step": step, "metrics": metrics}
@@ -187,7 +262,8 @@ def train_loop_per_worker(config: dict) -> None:
             return
         where = f"epoch {epochs_done + 1}/{cfg.train.epochs} step {step} (mid-epoch)" if epoch_step else f"epoch {epochs_done}/{cfg.train.epochs} step {step}"
         print(
-            f"[capray] {where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s)",
+            f"[capray] {where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s, "
+            f"{input_wait:.0%} of it waiting for input)",
             flush=True,
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -209,25 +285,34 @@ def train_loop_per_worker(config: dict) -> None:
         # Ray Data's block order is not fixed, so those are not exactly the captions the
         # interrupted run would have seen; the step count and optimizer state are.
         epoch_step = skip_steps if epoch == start_epoch else 0
-        batches = train_shard.iter_batches(
-            batch_size=local_batch,
+        seed = cfg.train.shuffle_seed + 1000 * epoch + rank if shuffle else None
+        # A resumed epoch that skips steps is not a whole pass: it is not cached.
+        cache = train_cache if epoch_step == 0 else None
+        batches = input_batches(
+            cache, train_shard.iter_batches, local_batch, seed,
             drop_last=True,  # every worker must run the same number of all-reduce steps
-            local_shuffle_buffer_size=8 * local_batch if shuffle else None,
-            local_shuffle_seed=cfg.train.shuffle_seed + 1000 * epoch + rank if shuffle else None,
+            **({} if cache and cache.complete else dict(local_shuffle_buffer_size=8 * local_batch if shuffle else None,
+                                                        local_shuffle_seed=seed)),
         )
-        for batch in batches:
+        waited, asked = 0.0, time.perf_counter()
+        for feats, caps in batches:
+            waited += time.perf_counter() - asked
             if epoch_step >= steps_per_epoch:
                 break
-            feats = decode_features(batch["features"], batch["dtype"][0])
-            ls, nt = train_step(feats, batch["captions"])
+            ls, nt = train_step(feats, caps)
             loss_sum += float(ls)
             tokens += float(nt)
             captions_seen += global_batch
             step += 1
             epoch_step += 1
             if every and step % every == 0 and epoch_step < steps_per_epoch:
-                report(epoch, epoch_step, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9))
-        report(epoch + 1, 0, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9))
+                report(epoch, epoch_step, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9),
+                       waited / max(time.time() - t0, 1e-9))
+            asked = time.perf_counter()
+        if cache is not None:
+            finish(cache)  # also when the loop stopped at steps_per_epoch before the stream ended
+        report(epoch + 1, 0, loss_sum / max(tokens, 1.0), captions_seen / max(time.time() - t0, 1e-9),
+               waited / max(time.time() - t0, 1e-9))
 
 
 def train(cfg: Any) -> dict[str, Any]:
