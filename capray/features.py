@@ -44,7 +44,9 @@ class FeatureExtractor:
     """Ray Data callable class: decoded pixels -> InceptionV3 feature rows."""
 
     def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str, precision: str, jit_compile: bool):
-        from capray.model import ImageEncoder, set_precision  # TF is imported in the actor, not the driver
+        from capray.model import ImageEncoder, gpu_memory_growth, set_precision  # TF is imported in the actor, not the driver
+
+        gpu_memory_growth()
 
         set_precision(precision)
         self.encoder = ImageEncoder(weights, seed, storage_cfg, jit_compile=jit_compile)

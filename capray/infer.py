@@ -49,8 +49,9 @@ class CaptionPredictor:
         import tensorflow as tf
 
         from capray import checkpoint
-        from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder, set_precision
+        from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder, gpu_memory_growth, set_precision
 
+        gpu_memory_growth()
         jit = bool(model_cfg and model_cfg.jit_compile)
         set_precision(model_cfg.precision if model_cfg else "float32")  # before the model and backbone are built
         self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)

@@ -32,6 +32,23 @@ def set_precision(precision: str) -> None:
     keras.mixed_precision.set_dtype_policy(precision)
 
 
+def gpu_memory_growth() -> int:
+    """Make TensorFlow take GPU memory as it needs it in this process; returns the GPUs it sees.
+
+    By default each TensorFlow process maps nearly all of every visible GPU's memory at its
+    first op, so a second actor on a shared GPU (extract.num_gpus=0.5) would fail to allocate.
+    Called where an actor or training worker starts, before any op; Ray workers also get
+    TF_FORCE_GPU_ALLOW_GROWTH=true (capray.runtime) for TensorFlow started before this.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # the GPU is initialised already: the environment variable applied
+            pass
+    return len(gpus)
+
+
 def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None) -> keras.Model:
     """InceptionV3 without its classifier: (B, 299, 299, 3) preprocessed -> (B, 8, 8, 2048)."""
     kwargs = dict(include_top=False, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))

@@ -12,6 +12,9 @@ WORKER_ENV = {
     # Workers import TensorFlow too; keep its C++ banner out of every job log.
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "KERAS_BACKEND": "tensorflow",
+    # GPU memory on demand instead of ~all of it per process: actors sharing a GPU
+    # (fractional num_gpus) must each find room (see capray.model.gpu_memory_growth).
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
     # Train V2 turns print() into root-logger records; TensorFlow's absl handler on the root
     # logger then prints every epoch line twice. Plain stdout is streamed to the driver once.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",

@@ -102,8 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: MultiWorkerMirroredStrategy custom loop over this worker's data shard."""
     import tensorflow as tf
 
-    from capray.model import Captioner, attention_penalty, caption_loss, make_optimizer, set_precision
+    from capray.model import Captioner, attention_penalty, caption_loss, gpu_memory_growth, make_optimizer, set_precision
 
+    gpu_memory_growth()  # before any op: workers sharing a GPU must not each map all of it
     cfg = from_yaml(config["cfg"])
     set_precision(cfg.model.precision)  # before any layer is built
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range.

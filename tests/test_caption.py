@@ -110,3 +110,36 @@ def test_beam_search_rows_record_the_strategy_and_match_the_library(s3, zoo: str
     assert len(good) == len(good_images()) and (good["strategy"] == "beam3").all()
     predictor = CaptionPredictor(checkpoint, cfg.storage, cfg.infer)
     assert rows.loc[f"{zoo}/scene.jpg", "caption"] == caption_image(predictor, good_images()["scene.jpg"], TEST_MAX_PIXELS)
+
+
+def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: str, tmp_path: Path) -> None:
+    # Both jobs decode with one function (JPEG draft mode included: the first photo is 2000x1500)
+    # and run the same encoder: greedy decoding of the extract job's stored float32 features
+    # gives the caption job's rows for the same files.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from capray import checkpoint as ckpt
+    from capray import features
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scene = Image.open(io.BytesIO(good_images()["scene.jpg"])).convert("RGB")
+    scene.resize((2000, 1500), Image.BICUBIC).save(folder / "large.jpg", quality=90)
+    (folder / "small.jpg").write_bytes(good_images()["scene.jpg"])
+    (folder / "rotated.jpg").write_bytes(good_images()["rotated.jpg"])
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "encoder.weights=random", "extract.dtype=float32",
+                             f"extract.input={folder}", f"data.max_pixels={TEST_MAX_PIXELS * 4}"])
+    assert features.run(cfg)["extracted"] == 3
+    stored = pd.read_parquet(tmp_path / "work" / "features").set_index("image")
+    out = tmp_path / "captions"
+    assert caption(cfg, checkpoint, str(folder), str(out))["captioned"] == 3
+    rows = pd.read_parquet(out).set_index("image")
+    model, tokenizer, _, _ = ckpt.load(checkpoint)
+    for image, row in rows.iterrows():
+        feats = np.frombuffer(stored.loc[image, "features"], np.float32).reshape(1, 64, 2048)
+        tokens, _, log_prob, _ = model.greedy(feats, tokenizer.max_length - 1)
+        assert tokenizer.decode(tokens.numpy()[0]) == row["caption"], image
+        assert abs(float(log_prob[0]) - row["log_prob"]) < 1e-4 * max(1.0, abs(row["log_prob"])), image

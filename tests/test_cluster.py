@@ -53,6 +53,10 @@ def test_cluster_yaml_has_gpu_workers_a_cpu_head_and_no_keys() -> None:
     assert re.fullmatch(r"(g[4-6]|p[3-5])\w*\.\w+", types["gpu_worker"]["node_config"]["InstanceType"])
     assert not re.match(r"[gp]\d", types["head"]["node_config"]["InstanceType"])
     assert types["gpu_worker"]["min_workers"] == 0  # GPUs only while there is work
+    # Not the 4-vCPU g5.xlarge: decoding on 4 vCPUs would leave the A10G idle most of the time.
+    assert types["gpu_worker"]["node_config"]["InstanceType"] != "g5.xlarge"
+    # CPU workers of a generation with AMX/AVX512-BF16, which the CPU config's bfloat16 needs.
+    assert re.fullmatch(r"[cmr]7i\.\w+", types["cpu_worker"]["node_config"]["InstanceType"])
     assert "instance-profile/" in types["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
     for word in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "secret_access_key:"):
         assert word not in text
@@ -93,7 +97,9 @@ def test_every_config_file_loads_and_its_header_gives_the_command(path: Path) ->
 def test_cluster_configs_use_gpu_actors_and_workers() -> None:
     cfg = load_config(REPO / "configs/coco2014-cluster.yaml")
     for stage in (cfg.extract, cfg.infer):
-        assert stage.num_gpus == 1 and stage.min_actors < stage.max_actors
+        # Two actors per GPU (fractional num_gpus), each with its decode threads.
+        assert stage.num_gpus == 0.5 and stage.min_actors < stage.max_actors
+    assert cfg.inputs.io_threads > 4
     assert cfg.ray.use_gpu and cfg.ray.num_workers > 1
     assert cfg.model.precision == "mixed_float16" and cfg.model.jit_compile
     assert cfg.work_dir.startswith("s3://") and not cfg.storage.access_key_id

@@ -46,6 +46,10 @@ def _env() -> dict[str, str]:
 def ray_head() -> Iterator[dict]:
     """Its own Ray head (`ray start --head --block`, own temp dir and ports), stopped afterwards.
 
+    It declares one GPU, which this machine does not have: Ray schedules by declared resources,
+    so actors asking for half a GPU are placed two to it, as on a GPU node, and TensorFlow in
+    them finds no CUDA device and runs on the CPU.
+
     Never `ray stop`: that would stop every Ray instance on the machine. The head runs in its own
     process group, which the finalizer terminates.
     """
@@ -54,7 +58,7 @@ def ray_head() -> Iterator[dict]:
     gcs, dashboard, nm, om, client, agent, agent_grpc, metrics, env_agent = _free_ports(9)
     log = open(Path(temp) / "ray_start.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2", "--num-gpus=0",
+        [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=3", "--num-gpus=1",
          f"--temp-dir={temp}", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
@@ -123,7 +127,10 @@ def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, tmp_pat
 
     client = ray_head["client"]
     work = tmp_path / "work"
-    entrypoint = " ".join(["python", "jobs/extract.py", *EXTRACT, f"work_dir={work}"])
+    # Two InceptionV3 actors sharing the head's one GPU (fractional num_gpus): the pool cannot
+    # start both unless half a GPU each is honoured, and the job would then never finish.
+    gpu = ["extract.num_gpus=0.5", "extract.min_actors=2", "extract.max_actors=2", "inputs.shard_rows=6"]
+    entrypoint = " ".join(["python", "jobs/extract.py", *EXTRACT, *gpu, f"work_dir={work}"])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
     status = _wait(client, job_id)
     logs = client.get_job_logs(job_id)

@@ -188,3 +188,24 @@ def test_precision_config_names_the_new_key_and_decides_auto() -> None:
     assert load_config(None, ["model.precision=auto", "extract.num_gpus=1"]).model.precision == "mixed_float16"
     auto = load_config(None, ["model.precision=auto"]).model.precision
     assert auto == ("mixed_bfloat16" if cpu_bf16() else "float32")
+
+
+def test_ray_workers_take_gpu_memory_on_demand(ray_local) -> None:
+    # What can be checked without a GPU: every Ray worker capray starts has TensorFlow's
+    # allow-growth switch, and the in-process call runs before any op and finds no GPU here.
+    # That two actors then fit on one GPU (extract.num_gpus=0.5) needs a real GPU; the
+    # scheduling half is tests/test_jobs.py (two actors on a head that declares one GPU).
+    import ray
+
+    from capray.model import gpu_memory_growth
+
+    @ray.remote
+    def worker_side() -> tuple[str | None, int]:
+        import os
+
+        from capray.model import gpu_memory_growth
+
+        return os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"), gpu_memory_growth()
+
+    assert ray.get(worker_side.remote()) == ("true", 0)
+    assert gpu_memory_growth() == len(tf.config.list_physical_devices("GPU")) == 0
