@@ -118,7 +118,7 @@ class TrainConfig:
     # MB of memory per training worker for its share of the training captions and the
     # validation set, kept (features in their stored dtype) after the first pass: later epochs
     # then shuffle and batch in memory instead of re-reading, filtering and pairing the feature
-    # files through Ray Data (the demo's workers waited for input ~45% of the time without it).
+    # files through Ray Data (the demo's workers waited for input ~50% of the time without it).
     # A worker whose data does not fit streams every epoch (and says so). 0 = always stream.
     cache_mb: int = 4096
     # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
@@ -344,7 +344,7 @@ def cpu_bf16() -> str:
 
 
 def resolve_precision(cfg: DictConfig) -> str:
-    """`model.precision` with `auto` decided, and why (for the job's log)."""
+    """`model.precision` with `auto` decided (GPUs in the job, then this machine's CPU)."""
     if cfg.model.precision != "auto":
         return cfg.model.precision
     if cfg.ray.use_gpu or cfg.extract.num_gpus > 0 or cfg.infer.num_gpus > 0:

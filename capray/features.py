@@ -47,7 +47,6 @@ class FeatureExtractor:
         from capray.model import ImageEncoder, gpu_memory_growth, set_precision  # TF is imported in the actor, not the driver
 
         gpu_memory_growth()
-
         set_precision(precision)
         self.encoder = ImageEncoder(weights, seed, storage_cfg, jit_compile=jit_compile)
         self.dtype = np.dtype(dtype)

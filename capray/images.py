@@ -53,9 +53,9 @@ def decode(data: bytes, max_pixels: int, draft: bool = True) -> np.ndarray:
         # its pixels ever being allocated.
         if draft and img.format == "JPEG":
             # libjpeg's DCT scaling: decode at 1/2, 1/4 or 1/8 size, the smallest still >= 299
-            # on both sides (no-op below 598 px). A 12 MP photo decodes ~7x faster, and after
-            # the resize its pixels are within ~1/255 on average of a full decode
-            # (tests/test_images.py, bench/decode.py).
+            # on both sides (no-op below 598 px). A 12 MP photo decodes ~6x faster, and after
+            # the resize its pixels are within ~0.7/255 on average of a full decode
+            # (tests/test_images.py, bench/decode.py, docs/performance.md).
             img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
         img.load()
         # In place, and convert() only when needed (below): their copies of every image

@@ -172,15 +172,16 @@ def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:
     """Write one file so that readers never see it half-written (temp name, then rename)."""
     fs, path = filesystem(uri, storage)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    fs.create_dir(parent, recursive=True)
     if is_remote(uri):
         # An S3 object, single or multipart upload, only becomes visible once complete.
         def put() -> None:
+            fs.create_dir(parent, recursive=True)
             with fs.open_output_stream(path) as f:
                 f.write(data)
 
         retrying(put, f"writing {uri}", storage)
         return
+    fs.create_dir(parent, recursive=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     with fs.open_output_stream(tmp) as f:
         f.write(data)

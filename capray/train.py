@@ -83,11 +83,6 @@ class BatchCache:
             self.features, self.captions = [np.concatenate(self.features)], [np.concatenate(self.captions)]
             self.complete = True
 
-    @property
-    def rows(self) -> int:
-        """Rows held."""
-        return sum(len(c) for c in self.captions)
-
     def batches(self, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(features float32, captions) batches; shuffled with `seed` unless it is None."""
         features, captions = self.features[0], self.captions[0]

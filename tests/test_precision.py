@@ -21,15 +21,26 @@ from capray.infer import caption
 from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, set_precision
 
 
-@pytest.fixture
-def mixed_policy() -> Iterator[None]:
-    """The global Keras policy set to mixed_float16 for one test, float32 again afterwards."""
-    set_precision("mixed_float16")
+def _global_policy(name: str) -> Iterator[None]:
+    """The global Keras policy set to `name` for one test, float32 again afterwards."""
+    set_precision(name)
     try:
         yield
     finally:
         set_precision("float32")
     assert keras.mixed_precision.dtype_policy().name == "float32"
+
+
+@pytest.fixture
+def mixed_policy() -> Iterator[None]:
+    """mixed_float16 for one test."""
+    yield from _global_policy("mixed_float16")
+
+
+@pytest.fixture
+def bf16_policy() -> Iterator[None]:
+    """mixed_bfloat16 for one test."""
+    yield from _global_policy("mixed_bfloat16")
 
 
 def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> None:
@@ -98,16 +109,6 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
     rows = pd.read_parquet(out)
     assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
     assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
-
-
-@pytest.fixture
-def bf16_policy() -> Iterator[None]:
-    """The global Keras policy set to mixed_bfloat16 for one test, float32 again afterwards."""
-    set_precision("mixed_bfloat16")
-    try:
-        yield
-    finally:
-        set_precision("float32")
 
 
 def test_model_trains_under_mixed_bfloat16_without_loss_scaling(bf16_policy) -> None:
