@@ -146,7 +146,7 @@ def main() -> None:
                 encoder(pixels[i : i + args.batch_size])
             bounds[precision] = len(pixels) / (time.perf_counter() - start)
             cfg = load_config(None, [*base, f"model.precision={precision}"])
-            predictor = CaptionPredictor(args.checkpoint, cfg.storage, cfg.infer, cfg.model)
+            predictor = CaptionPredictor(**CaptionPredictor.arguments(cfg, args.checkpoint))
             predictor.caption_pixels(pixels[: args.batch_size])
             start = time.perf_counter()
             for i in range(0, len(pixels), args.batch_size):

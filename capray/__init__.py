@@ -11,4 +11,32 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# TensorFlow's CUDA/oneDNN start-up banners ignore TF_CPP_MIN_LOG_LEVEL: filter them out of
+# whichever import of TensorFlow comes first in this process (imports nothing heavy).
+from capray import tfquiet  # noqa: E402
+
+tfquiet.install()
+
 __version__ = "0.1.0"
+
+# The public names (docs/python.md), imported on first use: `import capray` stays light (no Ray,
+# no TensorFlow) for the CLI, the Ray Data tasks and users who need one function.
+_PUBLIC = {
+    "Captioner": "capray.api",
+    "caption": "capray.api",
+    "extract": "capray.api",
+    "CaptionPredictor": "capray.infer",
+    "FeatureExtractor": "capray.features",
+    "Caption": "capray.decoder",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):  # noqa: ANN202 (PEP 562)
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'capray' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value

@@ -44,15 +44,14 @@ def write(directory: str, model: Any, optimizer: Any, tokenizer: Tokenizer, cfg:
         json.dump(state, f, indent=2)
 
 
-def restore_weights(directory: str, model: Any) -> None:
+def restore_weights(directory: str, model: Any, uri: str | None = None, hint: str = "") -> None:
     """Load a checkpoint's weights into a built model, refusing one of another shape clearly."""
     try:
         model.load_weights(os.path.join(directory, "model.weights.h5"))
     except Exception as e:  # shape mismatches surface as ValueError deep inside Keras
         raise CheckpointError(
-            f"checkpoint {directory} does not fit the model being built (vocabulary {model.vocab_size}, "
-            f"units {model.units}): {e}; "
-            "use another run name or the training config of that checkpoint"
+            f"checkpoint {uri or directory} does not fit a model with vocabulary {model.vocab_size}, "
+            f"embedding_dim {model.embedding.output_dim}, units {model.units}: {e}{hint}"
         ) from None
 
 
@@ -103,13 +102,7 @@ def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
         with open(os.path.join(local, "state.json"), encoding="utf-8") as f:
             state = json.load(f)
         model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
-        try:
-            model.load_weights(os.path.join(local, "model.weights.h5"))
-        except Exception as e:  # shape mismatches surface as ValueError deep inside Keras
-            raise CheckpointError(
-                f"checkpoint {uri} does not fit a model with vocabulary {tokenizer.vocab_size}, "
-                f"embedding_dim {cfg.model.embedding_dim}, units {cfg.model.units}: {e}"
-            ) from None
+        restore_weights(local, model, uri)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -1,8 +1,9 @@
 """One config schema for every job: OmegaConf structured dataclasses, YAML on top, dotted overrides.
 
-Defaults live here and only here; `configs/*.yaml` override them and the command line overrides
-those (`capray train configs/demo.yaml train.epochs=3`). Unknown keys and wrong types are errors
-that name the key.
+Defaults live here and only here; `configs/*.yaml` override them (several files are layered, the
+later one winning) and the command line overrides those
+(`capray train configs/coco2014.yaml configs/gpu-cluster.yaml train.epochs=3`). Unknown keys and
+wrong types are errors that name the key and the file.
 """
 
 from __future__ import annotations
@@ -214,6 +215,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`capray export`: the checkpoint as a TensorFlow SavedModel (in `output`)."""
+
+    # Replace an existing SavedModel folder (the CLI's --overwrite); otherwise it is refused.
+    overwrite: bool = False
+
+
+@dataclass
 class StorageConfig:
     """Object storage access. Empty values fall back to the standard AWS environment variables."""
 
@@ -259,7 +268,7 @@ class Config:
     name: str = "capray"
     # Root of every output: features/, runs/, captions/, split.json (local path or s3:// URI).
     work_dir: str = "outputs/capray"
-    # Where the caption job writes; "" = <work_dir>/captions.
+    # Where the caption job writes ("" = <work_dir>/captions); `capray export` needs it set.
     output: str = ""
     # Checkpoint to caption/evaluate with; "" = the best checkpoint of run `name`.
     checkpoint: str = ""
@@ -272,6 +281,7 @@ class Config:
     inputs: InputsConfig = field(default_factory=InputsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -369,37 +379,61 @@ def _scalar_section(overrides: Sequence[str]) -> str | None:
     return None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file (if any), then dotted `key=value` overrides; validated."""
-    schema = OmegaConf.structured(Config)
+def _load_yaml(path: str | Path) -> DictConfig:
+    """One YAML layer, refused with its path named when it is missing, unparseable or not a mapping."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        layers = [schema]
-        if path:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                loaded = OmegaConf.load(path)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), got a list")
-            _check_renamed(loaded, str(path))
-            layers.append(loaded)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), got a list")
+    _check_renamed(loaded, str(path))
+    return loaded
+
+
+def _merge_error(e: OmegaConfBaseException, source: str | None, key: str | None = None) -> ConfigError:
+    key = getattr(e, "full_key", None) or key
+    where = f" (key '{key}')" if key else ""
+    prefix = f"{source}: " if source else ""
+    return ConfigError(f"{prefix}invalid config{where}: {str(e).splitlines()[0]}")
+
+
+def load_config(
+    paths: str | Path | DictConfig | dict | Sequence[str | Path | DictConfig | dict] | None = None,
+    overrides: Sequence[str] = (),
+) -> DictConfig:
+    """Schema defaults, then each layer in order (later wins): a YAML file, or a mapping / loaded
+    config (the Python API), then `key=value` overrides; validated."""
+    if paths is None or isinstance(paths, (str, Path, DictConfig, dict)):
+        paths = [paths] if paths else []  # "" as None: no file, as before layering
+    cfg = OmegaConf.structured(Config)
+    # Merged one layer at a time so that an unknown key or a wrong type names the file it is in.
+    for path in paths:
+        source = str(path) if isinstance(path, (str, Path)) else "config given"
+        layer = _load_yaml(path) if isinstance(path, (str, Path)) else OmegaConf.create(
+            OmegaConf.to_container(path) if isinstance(path, DictConfig) else path)
+        _check_renamed(layer, source)
         try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
-            _check_renamed(dotlist, "override")
-            layers.append(dotlist)
-        except yaml.YAMLError as e:
-            # Values are parsed as YAML: `*.jpg` reads as an alias and needs quotes ('*.jpg').
-            raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. inputs.glob=\"'*.jpg'\"") from None
-        cfg = OmegaConf.merge(*layers)
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _merge_error(e, source) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except yaml.YAMLError as e:
+        # Values are parsed as YAML: `*.jpg` reads as an alias and needs quotes ('*.jpg').
+        raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. inputs.glob=\"'*.jpg'\"") from None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or _scalar_section(overrides)
-        where = f" (key '{key}')" if key else ""
-        raise ConfigError(f"invalid config{where}: {str(e).splitlines()[0]}") from None
+        raise _merge_error(e, None, _scalar_section(overrides)) from None
+    _check_renamed(dotlist, "override")
+    try:
+        cfg = OmegaConf.merge(cfg, dotlist)
+    except OmegaConfBaseException as e:
+        raise _merge_error(e, None, _scalar_section(overrides)) from None
     OmegaConf.set_readonly(cfg, False)
     _validate(cfg)
     _absolute_paths(cfg)
@@ -422,10 +456,12 @@ def _absolute_paths(cfg: DictConfig) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> DictConfig:
-    """CLI form: an optional YAML path first, then `key=value` overrides."""
+    """CLI form: YAML paths first (merged in order, later wins), then `key=value` overrides."""
     argv = list(argv)
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    return load_config(path, argv)
+    # Every argument before the first `key=value` is a file: the rest must all be overrides, so a
+    # stray word after an override is refused as one rather than loaded as a file.
+    first_override = next((i for i, item in enumerate(argv) if "=" in item), len(argv))
+    return load_config(argv[:first_override], argv[first_override:])
 
 
 def redacted(cfg: DictConfig) -> DictConfig:
@@ -444,8 +480,15 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def from_yaml(text: str) -> DictConfig:
     """Parse a saved config (e.g. from a checkpoint) back through the schema."""
+    saved = OmegaConf.create(text)
+    # A checkpoint written before a key was renamed still loads: its old keys describe how it
+    # was trained, not how it is used now.
+    for old in _RENAMED:
+        section, key = old.split(".")
+        if isinstance(saved.get(section), DictConfig) and key in saved[section]:
+            saved[section].pop(key)
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid saved config: {str(e).splitlines()[0]}") from None
 
@@ -465,6 +508,7 @@ def output_paths(cfg: DictConfig) -> dict[str, str]:
         "runs": join(root, "runs"),
         "best": join(root, "runs", cfg.name, "best.json"),
         "best_checkpoint": join(root, "runs", cfg.name, "best"),
+        "tensorboard": join(root, "runs", cfg.name, "tensorboard"),
         "captions": cfg.output or join(root, "captions"),
     }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from capray import evaluate, features, infer, synthetic, train
 from capray.config import output_paths
@@ -28,9 +29,10 @@ def run(cfg: Any) -> dict[str, Any]:
         synthetic.generate(heldout, cfg.data.synthetic_heldout, seed=cfg.data.synthetic_seed + 1, prefix="heldout")
     features.run(cfg)
     trained = train.run(cfg)
-    cfg.checkpoint = trained["checkpoint"]
-    cfg.infer.input = str(heldout / "images")
-    cap = infer.run(cfg)
+    # The caption job's own config, derived rather than written into `cfg`: every stage's config
+    # is what it was given, and the one saved next to the captions says what ran.
+    caption_cfg = OmegaConf.merge(cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images")}})
+    cap = infer.run(caption_cfg)
 
     rows = pd.read_parquet(p["captions"])
     refs = pd.read_csv(heldout / "captions.csv")
@@ -41,7 +43,7 @@ def run(cfg: Any) -> dict[str, Any]:
     report = None
     if shown:
         report = evaluate.report_images(
-            cfg, cfg.checkpoint, shown, references, str(Path(cfg.work_dir) / "reports" / "heldout"),
+            caption_cfg, caption_cfg.checkpoint, shown, references, str(Path(cfg.work_dir) / "reports" / "heldout"),
             f"capray demo: held-out synthetic scenes (unseen seed), first {len(shown)} of {len(predictions)}",
         )["index"]
     minutes = (time.time() - start) / 60
@@ -61,7 +63,7 @@ def run(cfg: Any) -> dict[str, Any]:
         print(f"NOTE: {note}")
     if report:
         print(f"report                {report}")
-    print(f"best checkpoint       {cfg.checkpoint}")
+    print(f"best checkpoint       {caption_cfg.checkpoint}")
     print("examples:")
     for r in rows.sort_values("image").head(3).itertuples():
         truth = references[r.image][0]

@@ -1,93 +1,68 @@
 """Feature extraction job: images -> InceptionV3 (64, 2048) features as sharded Parquet.
 
 Pipeline (capray.pipeline): input shards -> InceptionV3 in an actor pool (model built once per
-actor; `num_gpus` per actor on GPU clusters) -> one Parquet file per shard. One row per image:
-`image` (URI or key), `features` (raw bytes of the (64, 2048) array), `dtype`, `shape`, `error`,
-then the input's own columns (e.g. `caption`).
-Raw bytes keep the files readable by plain pyarrow/numpy without Ray's tensor extension types.
+actor; `num_gpus` per actor on GPU clusters) -> one Parquet file per shard, in the feature
+store's format (capray.featurestore: schema, manifest, readers).
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import ray
-from ray.data.expressions import col
+from omegaconf import OmegaConf
 
 from capray import inputs, pipeline, storage
-from capray.images import FEATURE_DIM, NUM_CELLS
+from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_manifest, write_manifest
 from capray.inputs import Plan
 
-if TYPE_CHECKING:
-    from capray.text import Tokenizer
-
 log = logging.getLogger(__name__)
-FEATURE_SHAPE = (NUM_CELLS, FEATURE_DIM)
-# Explicit, so that a batch whose `error` values are all null still writes a string column.
-SCHEMA = pa.schema(
-    [
-        ("image", pa.string()),
-        ("features", pa.binary()),
-        ("dtype", pa.string()),
-        ("shape", pa.list_(pa.int32())),
-        ("error", pa.string()),
-    ]
-)
 
 
-class FeatureExtractor:
-    """Ray Data callable class: decoded pixels -> InceptionV3 feature rows."""
+class FeatureExtractor(pipeline.ImageBatchModel):
+    """Ray Data callable class: images -> InceptionV3 feature rows, the backbone built once per actor.
 
-    def __init__(self, weights: str, seed: int, storage_cfg: Any, dtype: str, precision: str, jit_compile: bool):
+    The extract job's actor, and a building block for your own Ray Data pipelines:
+
+        ds.map_batches(capray.FeatureExtractor, fn_constructor_kwargs={"weights": "imagenet"},
+                       batch_size=16, concurrency=2, num_gpus=1)
+
+    on a dataset with an `image` column of image bytes or URIs (`image_column=` names another),
+    or a `pixels` column. Rows in the feature store's format (capray.featurestore: `features` raw
+    bytes of a (64, 2048) array of `dtype`; `featurestore.decode_features` reads them back),
+    then the batch's other columns.
+    """
+
+    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None, dtype: str = "float16",
+                 precision: str = "float32", jit_compile: bool = False, image_column: str = "image",
+                 max_pixels: int = 64_000_000):
         from capray.model import ImageEncoder, gpu_memory_growth, set_precision  # TF is imported in the actor, not the driver
 
         gpu_memory_growth()
         set_precision(precision)
-        self.encoder = ImageEncoder(weights, seed, storage_cfg, jit_compile=jit_compile)
+        self.storage_cfg, self.image_column, self.max_pixels = storage, image_column, max_pixels
+        self.encoder = ImageEncoder(weights, seed, storage, jit_compile=jit_compile)
         self.dtype = np.dtype(dtype)
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        ok = np.array([not e for e in batch["error"]])
+    def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
+        """One feature row per image; an image with an error gets the error and empty features."""
+        ok = np.array([not e for e in errors], dtype=bool)
         feats = np.zeros((len(ok), *FEATURE_SHAPE), self.dtype)
         if ok.any():
-            feats[ok] = self.encoder(batch["pixels"][ok]).astype(self.dtype)
+            feats[ok] = self.encoder(pixels[ok]).astype(self.dtype)
         n = len(ok)
         return pa.table(
             {
-                "image": list(batch["image"]),
+                "image": keys,
                 "features": [f.tobytes() if good else b"" for f, good in zip(feats, ok)],
                 "dtype": [self.dtype.name] * n,
                 "shape": [list(FEATURE_SHAPE)] * n,
-                "error": [e or None for e in batch["error"]],
+                "error": [e or None for e in errors],
             },
             schema=SCHEMA,
         )
-
-
-class FeatureError(ValueError):
-    """A features folder or shard that cannot be used; the message names the file."""
-
-
-def _check_size(blob: bytes, dtype: str) -> None:
-    expected = int(np.prod(FEATURE_SHAPE)) * np.dtype(dtype).itemsize
-    if len(blob) != expected:
-        raise FeatureError(f"feature row of {len(blob)} bytes, expected {expected} ({dtype} {FEATURE_SHAPE})")
-
-
-def decode_features(column: Iterable[bytes], dtype: str, as_stored: bool = False) -> np.ndarray:
-    """Parquet `features` bytes -> (N, 64, 2048) float32, or in the stored dtype with `as_stored`
-    (never unpickles: raw buffers only)."""
-    rows = []
-    for b in column:
-        _check_size(b, dtype)
-        rows.append(np.frombuffer(b, dtype=dtype))
-    out = np.stack(rows).reshape(-1, *FEATURE_SHAPE)
-    return out if as_stored else out.astype(np.float32)
 
 
 def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
@@ -96,155 +71,23 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
     if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
         fs, path = storage.filesystem(features_dir, cfg.storage)
         fs.delete_dir(path)
-    manifest = _read_manifest(features_dir, cfg.storage)
+    manifest = read_manifest(features_dir, cfg.storage)
     if manifest and manifest["dtype"] != cfg.extract.dtype:
         # Training decodes a batch with one dtype; never mix them in one folder.
-        raise ValueError(
+        raise FeatureError(
             f"{features_dir} holds {manifest['dtype']} features but extract.dtype={cfg.extract.dtype}: "
             "use the same dtype, another work_dir, or --overwrite"
         )
     from capray.config import output_paths
 
     plan = images if isinstance(images, Plan) else inputs.images_plan(sorted(set(images)), output_paths(cfg)["inputs"], cfg, "images")
-    kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage_cfg=cfg.storage, dtype=cfg.extract.dtype,
-                  precision=cfg.model.precision, jit_compile=cfg.model.jit_compile)
+    kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage=cfg.storage, dtype=cfg.extract.dtype,
+                  precision=cfg.model.precision, jit_compile=cfg.model.jit_compile, max_pixels=cfg.data.max_pixels)
     s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract")
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
     if s["shards_written"] or not manifest:
         s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])
     return s
-
-
-def _read_manifest(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
-    import json
-
-    uri = storage.join(features_dir, "_manifest.json")
-    return json.loads(storage.read_bytes(uri, storage_cfg)) if storage.exists(uri, storage_cfg) else None
-
-
-def _footer_rows(uri: str, storage_cfg: Any) -> int:
-    fs, path = storage.filesystem(uri, storage_cfg)
-    try:
-        with fs.open_input_file(path) as handle:
-            return pq.ParquetFile(handle).metadata.num_rows
-    except (pa.ArrowException, OSError) as e:
-        raise FeatureError(f"{uri}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
-
-
-def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: dict[str, Any] | None = None,
-                   written: dict[str, int] | None = None) -> dict[str, Any]:
-    """`_manifest.json` in the features folder: every Parquet file with its row count.
-
-    Counts come from `previous` (the manifest before this run) and `written` (what this run's
-    workers reported); only a file in neither (e.g. written by a killed run) is opened, for its
-    footer (in parallel): O(shards), never O(images).
-    """
-    import json
-    from concurrent.futures import ThreadPoolExecutor
-
-    known = {f["file"]: f["rows"] for f in (previous or {}).get("files", [])}
-    known.update(written or {})
-    names = sorted(n for n in pipeline.done_ids(features_dir, storage_cfg))
-    names = [pipeline.output_name(n) for n in names]
-    new = [n for n in names if n not in known]
-    counts = ThreadPoolExecutor(16).map(lambda n: _footer_rows(storage.join(features_dir, n), storage_cfg), new)
-    known.update(zip(new, counts))
-    files = [{"file": n, "rows": known[n]} for n in names]
-    manifest = {
-        "format": "capray-features/1",
-        "columns": SCHEMA.names,
-        "shape": list(FEATURE_SHAPE),
-        "dtype": dtype,
-        "rows": sum(f["rows"] for f in files),
-        "files": files,
-    }
-    storage.write_bytes(storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg)
-    return manifest
-
-
-def verify(features_dir: str, storage_cfg: Any = None) -> None:
-    """Fail before training starts, naming the file, if a shard is unreadable or disagrees with
-    `_manifest.json` (reads Parquet footers only, not the features)."""
-    import json
-
-    uri = storage.join(features_dir, "_manifest.json")
-    listed = {}
-    if storage.exists(uri, storage_cfg):
-        listed = {f["file"]: f["rows"] for f in json.loads(storage.read_bytes(uri, storage_cfg))["files"]}
-    files = storage.list_files(features_dir, storage_cfg, (".parquet",))
-    present = {f.rsplit("/", 1)[-1] for f in files}
-    missing = sorted(set(listed) - present)
-    if missing:
-        raise FeatureError(f"{features_dir}: shard(s) listed in _manifest.json are missing: {', '.join(missing)}")
-    from concurrent.futures import ThreadPoolExecutor
-
-    for f, rows in zip(files, ThreadPoolExecutor(16).map(lambda f: _footer_rows(f, storage_cfg), files)):
-        name = f.rsplit("/", 1)[-1]
-        if name in listed and listed[name] != rows:
-            raise FeatureError(f"{f}: {rows} rows, _manifest.json says {listed[name]}; re-run `capray extract`")
-
-
-def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
-    """Drop the `path` column, first checking every row's feature size so that a corrupt shard
-    is named here rather than failing as a reshape error deep in a training worker."""
-    for path, image, blob, dtype in zip(batch["path"], batch["image"], batch["features"], batch["dtype"]):
-        try:
-            _check_size(blob, dtype)
-        except (FeatureError, TypeError) as e:
-            raise FeatureError(f"{path}: image {image}: {e}") from None
-    return {k: v for k, v in batch.items() if k != "path"}
-
-
-def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Dataset":
-    """The extracted features as a Ray Dataset (successful rows only, sizes checked)."""
-    fs, path = storage.filesystem(features_dir, storage_cfg)
-    ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True).filter(expr=col("error").is_null())
-    return ds.map_batches(_check_sizes, batch_size=64)
-
-
-# --- the training view: functions Ray Data runs in its own worker processes, so they live here
-# (no TensorFlow import) and not in capray.train (which imports ray.train.tensorflow, hence TF).
-
-
-def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One row per (image, caption): repeat each image's feature bytes for each of its captions."""
-    feats, caps = [], []
-    for image, blob in zip(batch["image"], batch["features"]):
-        for tokens in captions.get(image, ()):
-            feats.append(blob)
-            caps.append(tokens)
-    width = next(iter(captions.values())).shape[-1] if captions else 0
-    return {
-        "features": np.array(feats, dtype=object),
-        "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
-        # One dtype per features folder (capray.features.extract refuses to mix them).
-        "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
-    }
-
-
-def caption_dataset(features: "ray.data.Dataset", df: Any, tokenizer: "Tokenizer") -> "ray.data.Dataset":
-    """Features of the images in `df`, one row per caption with its padded token ids."""
-    lookup: dict[str, list[np.ndarray]] = {}
-    for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
-        lookup.setdefault(image, []).append(tokens)
-    grouped = {k: np.stack(v) for k, v in lookup.items()}
-    return features.map_batches(partial(pair_captions, captions=grouped), batch_size=64)
-
-
-def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
-    x = decode_features(batch["features"], batch["dtype"][0]).reshape(-1, FEATURE_SHAPE[1]).astype(np.float64)
-    return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
-
-
-def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over every cell of every training image, in one streaming pass."""
-    n, s, ss = 0, 0.0, 0.0
-    for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
-        n += part["n"].sum()
-        s = s + part["s"].sum(0)
-        ss = ss + part["ss"].sum(0)
-    mean = s / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -261,7 +104,7 @@ def run(cfg: Any) -> dict[str, Any]:
         from capray.synthetic import ensure
 
         if cfg.data.format == "synthetic":
-            ensure(cfg)
+            cfg = OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})
         train_df, val_df = prepare_split(cfg)
         images = sorted(set(train_df["image"]) | set(val_df["image"]))
         plan = inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "split")

@@ -58,19 +58,33 @@ def decode(data: bytes, max_pixels: int, draft: bool = True) -> np.ndarray:
             # (tests/test_images.py, bench/decode.py, docs/performance.md).
             img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
         img.load()
-        # In place, and convert() only when needed (below): their copies of every image
-        # were about a fifth of the decode time.
-        ImageOps.exif_transpose(img, in_place=True)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # Transparent pixels are shown as on a white page, not as their hidden colour.
-            rgba = img.convert("RGBA")
-            img = Image.new("RGB", rgba.size, (255, 255, 255))
-            img.paste(rgba, mask=rgba.getchannel("A"))
-        if img.mode != "RGB":  # L, P, CMYK, I;16 ...; convert() would copy an RGB image too
-            img = img.convert("RGB")
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return _to_pixels(img)
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+def from_pil(img: Image.Image, max_pixels: int) -> np.ndarray:
+    """A PIL image already in memory -> (299, 299, 3) uint8 RGB, as `decode` treats decoded files."""
+    if img.width * img.height > max_pixels:
+        raise ImageDecodeError(f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels exceeds {max_pixels}")
+    try:
+        return _to_pixels(img.copy())  # the caller's image is left as it was
+    except Exception as e:
+        raise ImageDecodeError(f"cannot convert image: {type(e).__name__}: {e}") from None
+
+
+def _to_pixels(img: Image.Image) -> np.ndarray:
+    # In place, and convert() only when needed (below): their copies of every image
+    # were about a fifth of the decode time.
+    ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels are shown as on a white page, not as their hidden colour.
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    if img.mode != "RGB":  # L, P, CMYK, I;16 ...; convert() would copy an RGB image too
+        img = img.convert("RGB")
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -18,7 +18,7 @@ from capray import inputs, pipeline
 from capray.inputs import InputError
 
 log = logging.getLogger(__name__)
-# The documented output schema (README "Output schema"); explicit so all-null columns keep types.
+# The documented output schema (docs/outputs.md); explicit so all-null columns keep types.
 SCHEMA = pa.schema(
     [
         ("image", pa.string()),
@@ -38,77 +38,77 @@ class CaptionJobError(pipeline.JobError):
     """The caption job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
 
 
-__all__ = ["SCHEMA", "CaptionPredictor", "CaptionJobError", "InputError", "caption", "caption_image", "run"]
+__all__ = ["SCHEMA", "CaptionPredictor", "CaptionJobError", "InputError", "caption", "run"]
 
 
-class CaptionPredictor:
-    """Ray Data callable class: pixels -> captions (greedy or beam), the model loaded once per actor."""
+class CaptionPredictor(pipeline.ImageBatchModel):
+    """Ray Data callable class: images -> caption rows (greedy or beam), the model loaded once per actor.
 
-    def __init__(self, checkpoint_uri: str, storage_cfg: Any, infer_cfg: Any, model_cfg: Any = None):
-        """`model_cfg`: the running job's `model` section (precision, jit_compile); None = float32, no XLA."""
-        import tensorflow as tf
+    The caption job's actor, and a building block for your own Ray Data pipelines:
 
-        from capray import checkpoint
-        from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder, gpu_memory_growth, set_precision
+        ds.map_batches(capray.CaptionPredictor, fn_constructor_kwargs={"checkpoint": uri},
+                       batch_size=16, concurrency=2, num_gpus=1)
+
+    on a dataset with an `image` column of image bytes or URIs (`image_column=` names another),
+    or a `pixels` column. Rows: caption, log_prob, num_tokens, strategy, model, error (a bad image
+    gets `error` set and no caption), [attention], then the batch's other columns.
+    """
+
+    def __init__(self, checkpoint: str, strategy: str = "greedy", beam_size: int = 3, length_alpha: float = 0.7,
+                 max_length: int = 0, attention: bool = False, precision: str = "float32", jit_compile: bool = False,
+                 storage: Any = None, image_column: str = "image", max_pixels: int = 64_000_000):
+        from capray import checkpoint as ckpt
+        from capray.decoder import Decoder
+        from capray.model import ImageEncoder, gpu_memory_growth, set_precision
 
         gpu_memory_growth()
-        jit = bool(model_cfg and model_cfg.jit_compile)
-        set_precision(model_cfg.precision if model_cfg else "float32")  # before the model and backbone are built
-        self.model, self.tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
-        # The backbone must be the one the training features came from. XLA compiles it; the
-        # decoding loops stop early with data-dependent shapes, which XLA cannot compile.
-        self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg, jit_compile=jit)
-        self.model_id, self.attention = checkpoint_uri, infer_cfg.attention
-        steps = (infer_cfg.max_length or self.tokenizer.max_length) - 1
-        if infer_cfg.strategy == "beam":
-            k, alpha = infer_cfg.beam_size, infer_cfg.length_alpha
-            self.strategy = f"beam{k}"
-            decode = lambda f: self.model.beam_search(f, steps, k, alpha)  # noqa: E731
-        else:
-            self.strategy = "greedy"
-            decode = lambda f: self.model.greedy(f, steps)  # noqa: E731
-        # One trace for every batch size, as for the backbone (capray.model.ImageEncoder).
-        spec = tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)
-        self._decode = tf.function(decode, input_signature=[spec])
+        set_precision(precision)  # before the model and backbone are built
+        self.storage_cfg, self.image_column, self.max_pixels = storage, image_column, max_pixels
+        model, self.tokenizer, train_cfg, _ = ckpt.load(checkpoint, storage)
+        # The backbone must be the one the training features came from; XLA may compile it
+        # (the decoder's loops stop early with data-dependent shapes, which XLA cannot compile).
+        self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage, jit_compile=jit_compile)
+        self.decoder = Decoder(model, self.tokenizer, strategy, max_length, beam_size, length_alpha)
+        self.model_id, self.attention, self.strategy = checkpoint, attention, self.decoder.label
 
-    def caption_pixels(self, pixels: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-        """(B, 299, 299, 3) uint8 -> captions, log-probs (B,), token counts (B,), attention (B, steps, 64)."""
-        tokens, attention, log_prob, lengths = (t.numpy() for t in self._decode(self.encoder(pixels)))
-        return [self.tokenizer.decode(row) for row in tokens], log_prob, lengths, attention
+    @staticmethod
+    def arguments(cfg: Any, checkpoint: str) -> dict[str, Any]:
+        """Constructor arguments from a job config (its infer, model and storage sections)."""
+        i = cfg.infer
+        return dict(checkpoint=checkpoint, strategy=i.strategy, beam_size=i.beam_size, length_alpha=i.length_alpha,
+                    max_length=i.max_length, attention=i.attention, precision=cfg.model.precision,
+                    jit_compile=cfg.model.jit_compile, storage=cfg.storage, max_pixels=cfg.data.max_pixels)
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        n = len(batch["image"])
-        ok = np.array([not e for e in batch["error"]])
+    def caption_pixels(self, pixels: np.ndarray) -> list[Any]:
+        """(B, 299, 299, 3) uint8 -> B `capray.decoder.Caption`s (text, log-prob, token count, attention)."""
+        return self.decoder(self.encoder(pixels))
+
+    def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
+        """One caption row per image; an image with an error gets the error and no caption."""
+        n = len(keys)
+        ok = np.array([not e for e in errors], dtype=bool)
         captions: list[str | None] = [None] * n
         log_probs: list[float | None] = [None] * n
         num_tokens: list[int | None] = [None] * n
         attention: list[list | None] = [None] * n
         if ok.any():
-            caps, lp, lengths, att = self.caption_pixels(batch["pixels"][ok])
-            for j, i in enumerate(np.flatnonzero(ok)):
-                captions[i], log_probs[i], num_tokens[i] = caps[j], float(lp[j]), int(lengths[j])
-                attention[i] = att[j, : lengths[j]].tolist()
+            for i, c in zip(np.flatnonzero(ok), self.caption_pixels(pixels[ok])):
+                captions[i], log_probs[i], num_tokens[i] = c.text, c.log_prob, c.num_tokens
+                attention[i] = c.token_attention.tolist() if self.attention else None
         columns = {
-            "image": list(batch["image"]),
+            "image": keys,
             "caption": captions,
             "log_prob": log_probs,
             "num_tokens": num_tokens,
             "strategy": [self.strategy] * n,
             "model": [self.model_id] * n,
-            "error": [e or None for e in batch["error"]],
+            "error": [e or None for e in errors],
         }
         schema = SCHEMA
         if self.attention:
             columns["attention"] = attention
             schema = SCHEMA.append(ATTENTION_FIELD)
         return pa.table(columns, schema=schema)
-
-
-def caption_image(predictor: CaptionPredictor, data: bytes, max_pixels: int) -> str:
-    """The library's single-image caption: image bytes -> caption (the predictor's strategy)."""
-    from capray.images import decode
-
-    return predictor.caption_pixels(decode(data, max_pixels)[None])[0][0]
 
 
 def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
         pipeline.done_ids(output, cfg.storage)
     except OSError as e:
         raise InputError(f"cannot read the output folder {output}: {e}") from None
-    kwargs = dict(checkpoint_uri=checkpoint_uri, storage_cfg=cfg.storage, infer_cfg=cfg.infer, model_cfg=cfg.model)
+    kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
     summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError)
     summary["captioned"] = summary["written"] - summary["failed"]
     return summary

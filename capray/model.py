@@ -10,15 +10,18 @@ import os
 import tempfile
 from typing import Any
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+from capray.tfquiet import import_tensorflow
+
+# Every TensorFlow import of capray goes through here (Keras below imports it too), so job logs
+# are free of its CUDA/oneDNN start-up banners: import capray.model instead of tensorflow.
+tf = import_tensorflow()
+import keras  # noqa: E402
+
+from capray import backbone
+from capray.backbone import BackboneError  # noqa: F401 (re-exported)
 from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS  # noqa: F401 (re-exported)
-
-
-class BackboneError(RuntimeError):
-    """The InceptionV3 weights could not be loaded."""
 
 
 def set_precision(precision: str) -> None:
@@ -57,29 +60,21 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None
         # features extracted in one job match the encoder the caption job rebuilds elsewhere.
         keras.utils.set_random_seed(seed)
         return keras.applications.InceptionV3(weights=None, **kwargs)
-    if weights == "imagenet":
-        try:
-            return keras.applications.InceptionV3(weights="imagenet", **kwargs)
-        except Exception as e:  # download/cache failures surface as many exception types
-            raise BackboneError(
-                f"could not load the ImageNet InceptionV3 weights through Keras ({type(e).__name__}: {e}). "
-                "Either give a local or s3:// copy of the no-top weights file with "
-                "encoder.weights=/path/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, "
-                "or use encoder.weights=random for a seeded random backbone."
-            ) from e
-    if not weights.endswith(".h5"):
-        raise BackboneError(f"encoder.weights={weights!r}: expected 'imagenet', 'random' or a path/URI ending in .h5")
+    # imagenet: the file the driver's check left in the Keras cache (no second download).
+    source = backbone.check(weights, storage)
     from capray import storage as st  # local import: storage pulls in pyarrow only when needed
 
-    if not st.exists(weights, storage):
-        raise BackboneError(f"encoder.weights: file not found: {weights}")
-    if st.is_remote(weights):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(weights))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = source
+        if st.is_remote(source):
+            local = os.path.join(tmp, os.path.basename(source))
             with open(local, "wb") as f:
-                f.write(st.read_bytes(weights, storage))
+                f.write(st.read_bytes(source, storage))
+        try:
             return keras.applications.InceptionV3(weights=local, **kwargs)
-    return keras.applications.InceptionV3(weights=weights, **kwargs)
+        except Exception as e:  # not an HDF5 file, or weights of another architecture
+            raise BackboneError(f"encoder.weights={weights}: cannot load {source} as InceptionV3 no-top weights: "
+                                f"{type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 class ImageEncoder:
@@ -197,8 +192,9 @@ class Captioner(keras.Model):
         self(tf.zeros((1, NUM_CELLS, FEATURE_DIM)), tf.zeros((1, max_length), tf.int32))
         return self
 
-    def greedy(self, features: tf.Tensor, max_steps: int, start_id: int = 2, end_id: int = 3):
-        """Batched greedy decoding until every caption has emitted `<end>` or max_steps words.
+    def greedy(self, features: tf.Tensor, max_steps: int, *, start_id: int, end_id: int):
+        """Batched greedy decoding until every caption has emitted `<end>` or max_steps words
+        (`start_id`, `end_id`: the tokenizer's; capray.decoder.Decoder passes them).
 
         Returns tokens (B, max_steps) int32 (0 after `<end>`), attention (B, max_steps, 64),
         log-probability (B,) of the emitted tokens and lengths (B,) including `<end>`.
@@ -238,7 +234,7 @@ class Captioner(keras.Model):
 
     def beam_search(
         self, features: tf.Tensor, max_steps: int, beam_size: int = 3, length_alpha: float = 0.7,
-        start_id: int = 2, end_id: int = 3,
+        *, start_id: int, end_id: int,
     ):
         """Batched beam search; the same outputs as `greedy`, for the best beam of each image.
 

@@ -9,7 +9,8 @@ from typing import Any
 import ray
 
 WORKER_ENV = {
-    # Workers import TensorFlow too; keep its C++ banner out of every job log.
+    # Workers import TensorFlow too: its C++ INFO and WARNING logs stay out of every job log
+    # (its start-up banners ignore this: capray.tfquiet filters those).
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "KERAS_BACKEND": "tensorflow",
     # GPU memory on demand instead of ~all of it per process: actors sharing a GPU
@@ -20,13 +21,20 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
+RUNTIME_ENV = {
+    "env_vars": WORKER_ENV,
+    # Before a worker runs anything: Ray Train's TensorFlow backend imports TensorFlow in its
+    # workers before any capray code, so capray/__init__ alone would come too late there.
+    "worker_process_setup_hook": "capray.tfquiet.install",
+}
+
 
 def init_ray(cfg: Any) -> None:
     """Join `ray.address` (or RAY_ADDRESS, e.g. under `ray job submit`), else start Ray locally."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"runtime_env": RUNTIME_ENV, "logging_level": logging.WARNING}
     if address is None and cfg.ray.local_cpus:
         kwargs["num_cpus"] = cfg.ray.local_cpus
     ray.init(address=address, **kwargs)

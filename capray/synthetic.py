@@ -11,6 +11,7 @@ import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -100,15 +101,18 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, prefix: str = 
     return manifest
 
 
-def ensure(cfg) -> str:
-    """For `data.format=synthetic`: generate the dataset once (if absent) and point the config at it."""
+def ensure(cfg: Any) -> str:
+    """For `data.format=synthetic`: the dataset's captions file, generated once if absent.
+
+    The config is not changed: a job that reads the dataset uses a derived config, e.g.
+    `OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})`.
+    """
     from capray import storage
     from capray.config import ConfigError, output_paths
 
     manifest = cfg.data.annotations or storage.join(output_paths(cfg)["data"], "captions.csv")
     if storage.is_remote(manifest):
         raise ConfigError(f"data.annotations={manifest}: the synthetic dataset is generated on local disk")
-    cfg.data.annotations = manifest
     if not Path(manifest).exists():
         print(f"[capray] generating {cfg.data.synthetic_images} synthetic scenes in {Path(manifest).parent}", flush=True)
         generate(Path(manifest).parent, cfg.data.synthetic_images, cfg.data.synthetic_seed)

@@ -1,16 +1,5 @@
-"""Entry point for the extract job: `python jobs/extract.py [config.yaml] [key=value ...]`.
+"""`python jobs/extract.py [config.yaml ...] [key=value ...]`: `capray extract` from this checkout (docs/cli.md)."""
 
-Works locally and under `ray job submit --working-dir . -- python jobs/extract.py ...`.
-"""
+from _entry import run
 
-import os
-import sys
-
-# The checkout this file belongs to (locally, or the working dir Ray uploaded) comes first on the
-# path, so the code that runs is the code next to it, whether or not a capray is installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from capray.cli import main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main(job="extract"))
+run("extract")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import json
 from pathlib import Path
 
 from capray.config import load_config
@@ -58,3 +60,9 @@ def upload_features(shared: Path, uri: str, storage_cfg) -> None:
 
     for path in sorted((shared / "features").iterdir()):
         storage.write_bytes(f"{uri}/{path.name}", path.read_bytes(), storage_cfg)
+
+
+def checkpoint_states(run_dir: str) -> list[dict]:
+    """Every kept checkpoint's state.json under a Ray Train run folder, in step order."""
+    states = [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")]
+    return sorted(states, key=lambda s: s["step"])

@@ -1,16 +1,20 @@
-"""Encoder backbone loading: imagenet, a .h5 file (local or s3://), random; never a silent fallback."""
+"""Encoder backbone loading: imagenet (Keras' cached file, fetched once), a .h5 file (local or
+s3://), random; never a silent fallback."""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import os
-import subprocess
-import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
+import keras
 import numpy as np
 import pytest
 
-from capray import storage
+from capray import backbone, storage
 from capray.model import BackboneError, ImageEncoder, build_backbone
 
 
@@ -21,23 +25,76 @@ def random_backbone_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_imagenet_download_failure_names_the_alternatives(tmp_path: Path) -> None:
-    # Keras sees an empty cache (KERAS_HOME, read when Keras is imported: a fresh process) and
-    # downloads through a proxy that refuses connections, so the download fails on every machine,
-    # with a network or without. (Loading real ImageNet weights cannot be tested offline.)
-    script = (
-        "from capray.model import BackboneError, build_backbone\n"
-        "try:\n    build_backbone('imagenet')\nexcept BackboneError as e:\n    print(e)\n"
-        "else:\n    print('LOADED')\n"
-    )
-    refused = "http://127.0.0.1:9"
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
-    env.update(KERAS_HOME=str(tmp_path / "keras"), https_proxy=refused, HTTPS_PROXY=refused,
-               http_proxy=refused, HTTP_PROXY=refused)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "could not load the ImageNet InceptionV3 weights" in done.stdout, done.stdout[-2000:]
-    assert "encoder.weights=random" in done.stdout and "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in done.stdout
+REFUSED = "http://127.0.0.1:9/" + backbone.WEIGHTS_FILE  # nothing listens on port 9 (discard)
+
+
+@pytest.fixture
+def keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Keras cache for this test; returns the folder the weights file goes in."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    return tmp_path / "keras" / "models"
+
+
+@pytest.fixture
+def weights_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """A local HTTP server standing in for Keras' weights URL; counts the downloads."""
+    served = {"body": b"not really InceptionV3 weights", "requests": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served["requests"] += 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(backbone, "WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/{backbone.WEIGHTS_FILE}")
+    monkeypatch.setattr(backbone, "WEIGHTS_MD5", hashlib.md5(served["body"]).hexdigest())
+    yield served
+    server.shutdown()
+
+
+def test_imagenet_offline_is_one_line_naming_the_alternatives(keras_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backbone, "WEIGHTS_URL", REFUSED)
+    with pytest.raises(BackboneError) as e:
+        backbone.check("imagenet")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("could not load the ImageNet InceptionV3 weights")
+    assert f"not in the Keras cache {keras_home}" in message and "Connection refused" in message
+    assert f"give a local or s3:// copy of the no-top weights file with encoder.weights=/path/{backbone.WEIGHTS_FILE}" in message
+    assert "encoder.weights=random" in message
+    assert list(keras_home.iterdir()) == []  # no partial file left behind
+
+
+def test_imagenet_weights_are_fetched_once_into_the_keras_cache(keras_home: Path, weights_server: dict) -> None:
+    path = backbone.check("imagenet")
+    assert path == str(keras_home / backbone.WEIGHTS_FILE) and Path(path).read_bytes() == weights_server["body"]
+    assert backbone.check("imagenet") == path and weights_server["requests"] == 1
+    assert os.listdir(keras_home) == [backbone.WEIGHTS_FILE]
+
+
+def test_a_corrupt_download_is_refused_and_not_cached(keras_home: Path, weights_server: dict) -> None:
+    weights_server["body"] = b"truncated"
+    with pytest.raises(BackboneError, match="md5"):
+        backbone.check("imagenet")
+    assert list(keras_home.iterdir()) == []
+
+
+def test_the_backbone_loads_the_cached_file_without_downloading(keras_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an actor does after the driver's check: the cached file, the network unreachable.
+    keras_home.mkdir(parents=True)
+    (keras_home / backbone.WEIGHTS_FILE).write_bytes(b"cached")
+    monkeypatch.setattr(backbone, "WEIGHTS_MD5", hashlib.md5(b"cached").hexdigest())
+    monkeypatch.setattr(backbone, "WEIGHTS_URL", REFUSED)
+    loaded = []
+    monkeypatch.setattr(keras.applications, "InceptionV3", lambda weights, **kwargs: loaded.append(weights) or "model")
+    assert build_backbone("imagenet") == "model"
+    assert loaded == [str(keras_home / backbone.WEIGHTS_FILE)]
 
 
 def test_weights_file_loads_the_same_backbone(random_backbone_file: Path) -> None:
@@ -62,3 +119,5 @@ def test_weights_file_from_s3(s3, random_backbone_file: Path) -> None:
 def test_bad_weights_setting_is_an_error(weights: str, message: str) -> None:
     with pytest.raises(BackboneError, match=message):
         build_backbone(weights)
+    with pytest.raises(BackboneError, match=message):
+        backbone.check(weights)  # the driver's check, before any actor starts

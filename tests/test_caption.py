@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+import capray
 from capray import storage
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
-from capray.infer import CaptionPredictor, InputError, caption, caption_image
+from capray.images import ImageDecodeError
+from capray.infer import InputError, caption
 from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,17 +79,37 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     assert len(_rows(cfg, out)) == n
 
 
-def test_job_output_equals_the_single_image_function(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
+def test_job_rows_equal_the_python_api_for_every_input_type(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
     cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "infer.attention=true", f"work_dir={tmp_path}")
     out = str(tmp_path / "captions")
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")
     assert all(i.endswith(".jpg") for i in rows.index)
-    predictor = CaptionPredictor(checkpoint, cfg.storage, cfg.infer)
-    for name in ("scene.jpg", "cmyk.jpg", "dir with space/ünïcode café.jpg"):
+    captioner = capray.Captioner.load(checkpoint, storage=cfg.storage, max_pixels=TEST_MAX_PIXELS, batch_size=2)
+    names = ["scene.jpg", "cmyk.jpg", "dir with space/ünïcode café.jpg"]
+    blobs = [good_images()[n] for n in names]
+    by_bytes = captioner.caption(blobs, attention=True)
+    by_uri = captioner.caption([f"{zoo}/{n}" for n in names])
+    with Image.open(io.BytesIO(blobs[0])) as img:
+        by_pil, by_array = captioner.caption(img)[0], captioner.caption(np.asarray(img.convert("RGB")))[0]
+    for name, c, u in zip(names, by_bytes, by_uri):
         row = rows.loc[f"{zoo}/{name}"]
-        assert row["caption"] == caption_image(predictor, good_images()[name], TEST_MAX_PIXELS)
-        assert len(row["attention"]) == row["num_tokens"] and len(row["attention"][0]) == 64
+        assert (c.text, u.text) == (row["caption"], row["caption"])
+        assert c.num_tokens == row["num_tokens"] and abs(c.log_prob - row["log_prob"]) < 1e-4
+        assert np.allclose(np.stack(row["attention"]), c.token_attention, atol=1e-5)
+        assert u.attention is None  # only on request
+    # A decoded image (PIL or array) goes through the same conversion and resize as a file.
+    assert by_pil.text == by_array.text == by_bytes[0].text
+
+
+def test_the_python_api_refuses_unsupported_inputs_by_position(checkpoint: str, s3) -> None:
+    captioner = capray.Captioner.load(checkpoint, storage=s3.config().storage)
+    with pytest.raises(TypeError, match=r"image 1 \(int\): unsupported image type int"):
+        captioner.caption([good_images()["scene.jpg"], 7])
+    with pytest.raises(ImageDecodeError, match=r"image 0 \(bytes\): cannot decode image"):
+        captioner.caption([b"not an image"])
+    with pytest.raises(TypeError, match="unsupported array of dtype float32"):
+        captioner.caption(np.zeros((8, 8, 3), np.float32))
 
 
 def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) -> None:
@@ -108,8 +133,10 @@ def test_beam_search_rows_record_the_strategy_and_match_the_library(s3, zoo: str
     rows = pd.read_parquet(out).set_index("image")
     good = rows[rows["error"].isna()]
     assert len(good) == len(good_images()) and (good["strategy"] == "beam3").all()
-    predictor = CaptionPredictor(checkpoint, cfg.storage, cfg.infer)
-    assert rows.loc[f"{zoo}/scene.jpg", "caption"] == caption_image(predictor, good_images()["scene.jpg"], TEST_MAX_PIXELS)
+    captioner = capray.Captioner.load(checkpoint, "beam", beam_size=3, storage=cfg.storage, max_pixels=TEST_MAX_PIXELS)
+    assert captioner.strategy == "beam3"
+    for name, c in zip(sorted(good_images()), captioner.caption([good_images()[n] for n in sorted(good_images())])):
+        assert rows.loc[f"{zoo}/{name}", "caption"] == c.text, name
 
 
 def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: str, tmp_path: Path) -> None:
@@ -140,6 +167,6 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
     model, tokenizer, _, _ = ckpt.load(checkpoint)
     for image, row in rows.iterrows():
         feats = np.frombuffer(stored.loc[image, "features"], np.float32).reshape(1, 64, 2048)
-        tokens, _, log_prob, _ = model.greedy(feats, tokenizer.max_length - 1)
+        tokens, _, log_prob, _ = model.greedy(feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)
         assert tokenizer.decode(tokens.numpy()[0]) == row["caption"], image
         assert abs(float(log_prob[0]) - row["log_prob"]) < 1e-4 * max(1.0, abs(row["log_prob"])), image

@@ -95,7 +95,8 @@ def test_every_config_file_loads_and_its_header_gives_the_command(path: Path) ->
 
 
 def test_cluster_configs_use_gpu_actors_and_workers() -> None:
-    cfg = load_config(REPO / "configs/coco2014-cluster.yaml")
+    coco = [REPO / "configs/coco2014.yaml", REPO / "configs/coco2014-s3.yaml"]
+    cfg = load_config([*coco, REPO / "configs/gpu-cluster.yaml"])
     for stage in (cfg.extract, cfg.infer):
         # Two actors per GPU (fractional num_gpus), each with its decode threads.
         assert stage.num_gpus == 0.5 and stage.min_actors < stage.max_actors
@@ -103,6 +104,12 @@ def test_cluster_configs_use_gpu_actors_and_workers() -> None:
     assert cfg.ray.use_gpu and cfg.ray.num_workers > 1
     assert cfg.model.precision == "mixed_float16" and cfg.model.jit_compile
     assert cfg.work_dir.startswith("s3://") and not cfg.storage.access_key_id
-    cpu = load_config(REPO / "configs/coco2014-cluster-cpu.yaml")
+    cpu = load_config([*coco, REPO / "configs/cpu-cluster.yaml"])
     assert cpu.extract.num_gpus == cpu.infer.num_gpus == 0 and not cpu.ray.use_gpu
     assert cpu.model.precision == "mixed_bfloat16" and not cpu.model.jit_compile
+
+
+def test_cluster_yaml_names_config_files_that_exist() -> None:
+    # Its header tells how to submit jobs; a renamed config must not leave it pointing nowhere.
+    named = re.findall(r"configs/[\w.-]+\.yaml", (REPO / "cluster.yaml").read_text())
+    assert named and all((REPO / name).is_file() for name in named), named

@@ -1,4 +1,4 @@
-"""Unit tests: the config schema, YAML merge, overrides, rejection, credential redaction, shipped configs."""
+"""Unit tests: the config schema, YAML layers, overrides, rejection, credential redaction, shipped configs."""
 
 from __future__ import annotations
 
@@ -70,12 +70,36 @@ def test_overrides_are_converted_to_the_schema_types() -> None:
     assert cfg.name == "123" and isinstance(cfg.name, str)
 
 
-def test_parse_args_takes_an_optional_yaml_path_then_overrides(tmp_path: Path) -> None:
+def test_parse_args_takes_optional_yaml_paths_then_overrides(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "train:\n  epochs: 7\n  batch_size: 32\n")
     cfg = parse_args([str(path), "train.epochs=3"])
     assert (cfg.train.epochs, cfg.train.batch_size) == (3, 32)
     cfg = parse_args(["train.epochs=3", "data.format=coco"])  # no path: overrides only
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.format) == (3, 64, "coco")
+
+
+def test_yaml_files_are_layered_in_order_and_overrides_win(tmp_path: Path) -> None:
+    data = _yaml(tmp_path, "name: base\ntrain:\n  epochs: 7\n  batch_size: 32\nmodel:\n  units: 128\n", "data.yaml")
+    cluster = _yaml(tmp_path, "train:\n  batch_size: 256\nray:\n  num_workers: 4\n", "cluster.yaml")
+    cfg = load_config([data, cluster])
+    assert (cfg.name, cfg.train.epochs, cfg.model.units) == ("base", 7, 128)  # kept from the first file
+    assert (cfg.train.batch_size, cfg.ray.num_workers) == (256, 4)  # the later file wins
+    assert load_config([cluster, data]).train.batch_size == 32  # order matters
+    cfg = parse_args([str(data), str(cluster), "train.batch_size=8", "name=cli"])
+    assert (cfg.train.batch_size, cfg.name, cfg.train.epochs, cfg.ray.num_workers) == (8, "cli", 7, 4)
+    assert _plain(load_config(data)) == _plain(load_config([data])) == _plain(parse_args([str(data)]))
+
+
+def test_unknown_key_in_a_later_file_is_refused_naming_that_file(tmp_path: Path) -> None:
+    good = _yaml(tmp_path, "train:\n  epochs: 7\n", "good.yaml")
+    bad = _yaml(tmp_path, "ray:\n  num_workerz: 4\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*ray\.num_workerz") as info:
+        parse_args([str(good), str(bad), "train.epochs=3"])
+    assert "good.yaml" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*train\.epochs"):
+        load_config([good, _yaml(tmp_path, "train:\n  epochs: many\n", "bad.yaml")])
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        parse_args([str(good), str(tmp_path / "nope.yaml")])
 
 
 def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
@@ -236,6 +260,35 @@ def test_every_shipped_config_survives_the_saved_config_round_trip(path: Path) -
     # Its header is checked by tests/test_cluster.py.
     cfg = load_config(path)
     assert _plain(from_yaml(to_yaml(cfg))) == _plain(redacted(cfg))
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_sets_only_what_differs_from_the_schema(path: Path) -> None:
+    # The schema is the one place for defaults: a restated default would silently stop following
+    # a change of the schema.
+    load_config(path)
+    defaults = _leaves(_plain(OmegaConf.structured(Config)))
+    restated = [key for key, value in _leaves(_plain(OmegaConf.load(path))).items() if defaults.get(key) == value]
+    assert not restated, f"{path.name} restates schema defaults (remove them): {restated}"
+
+
+def test_the_cluster_layers_compose_with_a_dataset() -> None:
+    layers = [REPO / "configs/coco2014.yaml", REPO / "configs/coco2014-s3.yaml"]
+    gpu = load_config([*layers, REPO / "configs/gpu-cluster.yaml"])
+    cpu = load_config([*layers, REPO / "configs/cpu-cluster.yaml"])
+    for cfg in (gpu, cpu):
+        assert cfg.data.format == "coco" and cfg.evaluate.after_train  # from configs/coco2014.yaml
+        assert cfg.data.images.startswith("s3://") and cfg.work_dir.startswith("s3://")
+    assert gpu.data.num_examples == 0 and cpu.data.num_examples == 30000
 
 
 def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

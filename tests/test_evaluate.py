@@ -16,6 +16,7 @@ from PIL import Image
 
 from capray import evaluate
 from capray.config import load_config
+from capray.decoder import Caption, Decoder
 from capray.model import Captioner
 from capray.text import Tokenizer, clean
 
@@ -114,15 +115,16 @@ class _Images(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def decoded() -> tuple[list[evaluate.Caption], np.ndarray]:
+def decoded() -> tuple[list[Caption], np.ndarray]:
     """A tiny untrained model's greedy and beam captions of 3 random images."""
     tokenizer = Tokenizer.fit([c for refs in REFERENCES.values() for c in refs], max_length=8)
     keras.utils.set_random_seed(0)
     model = Captioner(tokenizer.vocab_size, embedding_dim=16, units=32).build_all()
-    decoder = evaluate.Decoder(model, tokenizer, load_config(None, ["infer.beam_size=2"]).infer)
+    infer = load_config(None, ["infer.beam_size=2"]).infer
     features = np.random.default_rng(0).random((3, 64, 2048), dtype=np.float32)
-    greedy, beam = decoder("greedy", features), decoder("beam", features)
-    tokens = model.greedy(features, 7)[0].numpy()
+    greedy = Decoder.from_config(model, tokenizer, infer, "greedy")(features)
+    beam = Decoder.from_config(model, tokenizer, infer, "beam")(features)
+    tokens = model.greedy(features, 7, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[0].numpy()
     # The words and panels are exactly the emitted tokens up to <end>.
     assert [c.text for c in greedy] == [tokenizer.decode(t) for t in tokens]
     for c in greedy + beam:
@@ -140,17 +142,17 @@ def test_a_caption_that_ends_at_once_is_empty_not_an_error() -> None:
     bias = model.fc2.bias.numpy()
     bias[tokenizer.end_id] = 1e4  # <end> always wins
     model.fc2.bias.assign(bias)
-    decoder = evaluate.Decoder(model, tokenizer, load_config(None, ["infer.beam_size=2"]).infer)
+    infer = load_config(None, ["infer.beam_size=2"]).infer
     features = np.random.default_rng(0).random((2, 64, 2048), dtype=np.float32)
     for strategy in ("greedy", "beam"):
-        for cap in decoder(strategy, features):
+        for cap in Decoder.from_config(model, tokenizer, infer, strategy)(features):
             assert (cap.text, cap.words, cap.attention.shape) == ("", [], (0, 64))
 
 
 def test_attention_figure_has_one_panel_per_word(decoded) -> None:
     (greedy, _), pixels = decoded
     rng = np.random.default_rng(2)
-    made = evaluate.Caption("a dog runs on the green grass", "a dog runs on the green grass".split(), rng.random((7, 64)))
+    made = Caption("a dog runs on the green grass", "a dog runs on the green grass".split(), rng.random((7, 64)))
     for cap in [*greedy, made]:
         fig = evaluate.attention_figure(pixels[0], cap)
         assert len(fig.axes) == len(cap.words)

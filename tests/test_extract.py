@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from capray import features, storage
+from capray import features, featurestore, storage
 from capray.config import output_paths
 from capray.images import decode
 from capray.model import ImageEncoder
@@ -61,7 +61,7 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
     encoder = ImageEncoder("random", seed=0)
     for name in ("scene.jpg", "dir with space/ünïcode café.jpg", "cmyk.jpg"):
         row = table.set_index("image").loc[f"{photos}/img/{name}"]
-        stored = features.decode_features([row["features"]], row["dtype"])[0]
+        stored = featurestore.decode_features([row["features"]], row["dtype"])[0]
         direct = encoder(decode(good_images()[name], TEST_MAX_PIXELS)[None])[0]
         np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=1e-5)
         assert list(row["shape"]) == [64, 2048] and row["dtype"] == "float16"

@@ -4,6 +4,7 @@ TensorFlow (only the model actors and training workers do)."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 # Ray Data runs functions of these modules in fresh worker processes: importing TensorFlow there
 # costs seconds of CPU per process, for nothing.
 TF_FREE = ["capray.config", "capray.storage", "capray.text", "capray.images", "capray.inputs", "capray.pipeline", "capray.data",
-           "capray.features", "capray.infer", "capray.runtime", "capray.checkpoint"]
+           "capray.features", "capray.featurestore", "capray.infer", "capray.runtime", "capray.checkpoint",
+           "capray.backbone", "capray.tfquiet", "capray.cli", "capray.api", "capray.export"]
 
 
 @pytest.mark.parametrize("module", TF_FREE)
@@ -20,3 +22,89 @@ def test_module_does_not_import_tensorflow(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"importing {module} loads {done.stdout.strip()}"
+
+
+def test_model_imports_no_ray() -> None:
+    # capray/model.py is plain Keras: usable (and testable) without a Ray installation in sight.
+    script = "import sys, capray.model; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """capray module -> the capray modules it imports, at module level or inside functions alike
+    (a lazy import hides a circle from Python, not from the reader)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "capray"
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:
+        while name not in files:
+            if "." not in name:
+                return None
+            name = name.rsplit(".", 1)[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in names:
+                target = owner(name) if name.startswith("capray") else None
+                # A package's __init__ re-exporting its own modules is not a dependency between layers.
+                if target and target != module and not target.startswith(module + "."):
+                    graph[module].add(target)
+    return graph
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph`, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_circle_finder_finds_one() -> None:
+    assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _circle({"a": {"b"}, "b": set()}) is None
+
+
+def test_capray_modules_import_each_other_one_way() -> None:
+    graph = _import_graph()
+    assert {"capray.model", "capray.config", "capray.featurestore"} <= set(graph)
+    assert _circle(graph) is None, "import circle: " + " -> ".join(_circle(graph) or [])
+    # The lowest layer imports nothing above it: plain Python, pyarrow and PIL only.
+    for base in ("capray.storage", "capray.text", "capray.images"):
+        assert graph[base] == set(), f"{base} imports {graph[base]}"
+    # Job modules never import each other: composition lives in the CLI and the demo.
+    jobs = {"capray.features", "capray.infer", "capray.train", "capray.evaluate"}
+    for job in jobs:
+        inside = {m for m in graph if m == job or m.startswith(job + ".")}
+        for m in inside:
+            assert not {t for t in graph[m] - inside if any(t == j or t.startswith(j + ".") for j in jobs)}, m

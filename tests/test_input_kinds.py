@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capray import features, inputs, storage
+from capray import features, featurestore, inputs, storage
 from capray.config import load_config, output_paths
 from capray.infer import caption
 from capray.inputs import InputError
@@ -105,7 +105,7 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
     assert extracted["extracted"] == sum(v is None for v in expected.values())
     table = pq.ParquetDataset(output_paths(cfg)["features"][len("s3://"):], filesystem=fs).read().to_pandas()
     _check(table, expected)
-    assert list(table.columns) == [*features.SCHEMA.names, *passed]
+    assert list(table.columns) == [*featurestore.SCHEMA.names, *passed]
     # Re-runs skip every shard: nothing is read again.
     assert caption(cfg, tiny_checkpoint, uri, out)["shards_written"] == 0
     assert features.run(cfg)["shards_written"] == 0
@@ -169,6 +169,6 @@ def test_the_cli_reports_a_bad_input_in_one_line(tiny_checkpoint: str, tmp_path:
     cmd = [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={tiny_checkpoint}", f"work_dir={tmp_path}",
            f"infer.input={tmp_path / 'nonexistent_dir'}", "ray.local_cpus=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
+    assert done.returncode == 3  # InputError (docs/cli.md)
     assert f"capray caption: InputError: input not found: {tmp_path / 'nonexistent_dir'}" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout

@@ -20,8 +20,10 @@ from capray.model import (
     caption_loss,
     make_optimizer,
 )
+from capray.text import Tokenizer
 
 B, V = 3, 12
+IDS = dict(start_id=Tokenizer.start_id, end_id=Tokenizer.end_id)
 # Small decoder sizes for every test that is not about the exact architecture.
 SMALL = dict(embedding_dim=16, units=32)
 
@@ -119,7 +121,7 @@ def test_teacher_forcing_output_shapes(model: Captioner) -> None:
 
 
 def test_greedy_output_shapes_and_dtypes(model: Captioner) -> None:
-    tokens, attention, log_prob, lengths = model.greedy(_features(), max_steps=5)
+    tokens, attention, log_prob, lengths = model.greedy(_features(), max_steps=5, **IDS)
     assert tokens.shape == (B, 5) and tokens.dtype == tf.int32
     assert attention.shape == (B, 5, 64) and attention.dtype == tf.float32
     assert log_prob.shape == (B,) and lengths.shape == (B,)
@@ -187,7 +189,7 @@ def two_caption_model() -> tuple[Captioner, np.ndarray, list[float]]:
 def test_greedy_stops_at_end_after_training(two_caption_model) -> None:
     model, features, losses = two_caption_model
     assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
-    compiled = tf.function(lambda f: model.greedy(f, 10))
+    compiled = tf.function(lambda f: model.greedy(f, 10, **IDS))
     tokens, attention, log_prob, lengths = (t.numpy() for t in compiled(features))
     assert tokens.tolist() == [[5, 6, 3] + [0] * 7, [7, 3] + [0] * 8]
     assert lengths.tolist() == [3, 2]  # including <end>
@@ -197,7 +199,7 @@ def test_greedy_stops_at_end_after_training(two_caption_model) -> None:
     assert not attention[0, 3:].any() and not attention[1, 2:].any()  # nothing after <end>
     assert (log_prob <= 0).all() and (log_prob > -0.5).all()  # confident, after training
     # Eager decoding gives the same answer as the compiled one.
-    eager = model.greedy(features, 10)
+    eager = model.greedy(features, 10, **IDS)
     np.testing.assert_array_equal(eager[0].numpy(), tokens)
     np.testing.assert_array_equal(eager[3].numpy(), lengths)
 
@@ -206,7 +208,7 @@ def test_greedy_stops_at_max_steps_when_no_end_is_emitted() -> None:
     keras.utils.set_random_seed(3)
     model = Captioner(V, **SMALL).build_all()
     features = _features(2)
-    tokens, _, _, lengths = (t.numpy() for t in model.greedy(features, max_steps=4))
+    tokens, _, _, lengths = (t.numpy() for t in model.greedy(features, max_steps=4, **IDS))
     assert tokens.shape == (B, 4) and (lengths <= 4).all() and (lengths >= 1).all()
     for row, n in zip(tokens, lengths):  # lengths agree with the tokens, zeros after <end>
         assert not row[n:].any()
@@ -215,7 +217,7 @@ def test_greedy_stops_at_max_steps_when_no_end_is_emitted() -> None:
     bias = model.fc2.bias.numpy()
     bias[3] = -1e4
     model.fc2.bias.assign(bias)
-    tokens, attention, log_prob, lengths = (t.numpy() for t in model.greedy(features, max_steps=4))
+    tokens, attention, log_prob, lengths = (t.numpy() for t in model.greedy(features, max_steps=4, **IDS))
     assert lengths.tolist() == [4, 4, 4] and not (tokens == 3).any()
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
     # Greedy = argmax of teacher forcing on its own output, and log_prob is those tokens' sum.
@@ -227,7 +229,7 @@ def test_greedy_stops_at_max_steps_when_no_end_is_emitted() -> None:
     # Force <end> first: one step each, the rest zero-filled.
     bias[3] = 1e4
     model.fc2.bias.assign(bias)
-    tokens, attention, log_prob, lengths = (t.numpy() for t in model.greedy(features, max_steps=4))
+    tokens, attention, log_prob, lengths = (t.numpy() for t in model.greedy(features, max_steps=4, **IDS))
     assert tokens.tolist() == [[3, 0, 0, 0]] * B and lengths.tolist() == [1] * B
     assert not attention[:, 1:].any()
 
@@ -286,7 +288,7 @@ def test_feature_stats_normalise_the_encoding_and_survive_save_and_load(tmp_path
     np.testing.assert_allclose(projected.numpy(), model.attention.W1(normed).numpy(), rtol=1e-5, atol=1e-5)
 
     logits = model(features, captions)[0].numpy()
-    tokens = model.greedy(features, 6)[0].numpy()
+    tokens = model.greedy(features, 6, **IDS)[0].numpy()
     path = tmp_path / "x.weights.h5"
     model.save_weights(path)
     keras.utils.set_random_seed(8)
@@ -296,7 +298,7 @@ def test_feature_stats_normalise_the_encoding_and_survive_save_and_load(tmp_path
     np.testing.assert_array_equal(again.feature_mean.numpy(), model.feature_mean.numpy())
     np.testing.assert_array_equal(again.feature_std.numpy(), model.feature_std.numpy())
     np.testing.assert_allclose(again(features, captions)[0].numpy(), logits, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(again.greedy(features, 6)[0].numpy(), tokens)
+    np.testing.assert_array_equal(again.greedy(features, 6, **IDS)[0].numpy(), tokens)
 
 
 # --- backbone and image encoder ---------------------------------------------------------------
@@ -342,12 +344,12 @@ def test_beam_search_of_one_is_greedy_and_wider_beams_score_higher() -> None:
     for w in (model.fc2.kernel, model.embedding.embeddings):  # sharper, more varied predictions
         w.assign(rng.normal(size=w.shape).astype("float32"))
     feats = rng.normal(size=(4, 64, 2048)).astype("float32")
-    greedy = [t.numpy() for t in model.greedy(feats, 6)]
-    beam1 = [t.numpy() for t in tf.function(lambda f: model.beam_search(f, 6, 1, 0.0))(feats)]
+    greedy = [t.numpy() for t in model.greedy(feats, 6, **IDS)]
+    beam1 = [t.numpy() for t in tf.function(lambda f: model.beam_search(f, 6, 1, 0.0, **IDS))(feats)]
     for g, b in zip(greedy, beam1):
         np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-6)
     # Compiled with a static batch size, as the caption job's tf.function sees it.
-    static = tf.function(lambda f: model.beam_search(f, 6, 3, 0.0), input_signature=[tf.TensorSpec((4, 64, 2048))])
+    static = tf.function(lambda f: model.beam_search(f, 6, 3, 0.0, **IDS), input_signature=[tf.TensorSpec((4, 64, 2048))])
     tokens, attention, log_prob, lengths = (t.numpy() for t in static(feats))
     assert tokens.shape == (4, 6) and attention.shape == (4, 6, 64) and lengths.shape == (4,)
     assert (log_prob >= greedy[2] - 1e-5).all() and (log_prob > greedy[2] + 1e-3).any()

@@ -43,10 +43,12 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
         assert cli.main([*args, "infer.input=heldout/images"], job="caption") == 0
         assert cli.main([*args, "evaluate.report_images=2"], job="evaluate") == 0
+        assert cli.main([*args, "output=exported"], job="export") == 0
+        refused = cli.main([*args, "output=exported"], job="export")  # exists, and no --overwrite
     finally:
         os.chdir(old)
     cfg = load_config(REPO / "configs/demo.yaml", [f"work_dir={work / 'out'}", *OVERRIDES])
-    return {"work": work, "cfg": cfg, "after_train": after_train}
+    return {"work": work, "cfg": cfg, "after_train": after_train, "export_refused": refused}
 
 
 def test_extract_writes_one_row_per_image_and_config(run: dict) -> None:
@@ -111,7 +113,8 @@ def test_evaluate_scores_the_validation_split(run: dict) -> None:
     assert report == Path(best["checkpoint"]) / "report_val" / "index.html"
     assert sorted(p.name for p in report.parent.glob("*.png")) == ["000_attention.png", "001_attention.png"]
     page = report.read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 2 and page.count("data:image/jpeg;base64,") == 2
+    # Two attention figures and the loss curves (the checkpoint has loss.png).
+    assert page.count("data:image/png;base64,") == 3 and page.count("data:image/jpeg;base64,") == 2
 
 
 def test_train_can_evaluate_at_the_end(run: dict) -> None:
@@ -120,10 +123,53 @@ def test_train_can_evaluate_at_the_end(run: dict) -> None:
     assert run["after_train"]["images"] == val_images and "report" not in run["after_train"]
 
 
+def test_training_writes_tensorboard_curves_and_a_loss_plot(run: dict) -> None:
+    import tensorflow as tf
+
+    from capray.train.curves import TAGS
+
+    p = output_paths(run["cfg"])
+    reported = sorted(json.loads(f.read_text())["step"] for f in (Path(p["runs"]) / "demo").glob("checkpoint_*/state.json"))
+    assert len(reported) == 2  # two epochs, one report each
+    values: dict[str, list[int]] = {}
+    for f in Path(p["tensorboard"]).glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in event.summary.value:
+                values.setdefault(v.tag, []).append(event.step)
+    assert {tag: sorted(steps) for tag, steps in values.items()} == {tag: reported for tag in TAGS}
+    best = Path(json.loads(Path(p["best"]).read_text())["checkpoint"])
+    assert (best / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The evaluation report shows the curves too.
+    page = (best / "report_val" / "index.html").read_text(encoding="utf-8")
+    assert "training and validation loss per step" in page
+
+
+def test_the_exported_savedmodel_captions_like_the_job_without_capray(run: dict) -> None:
+    import subprocess
+    import sys
+
+    exported = run["work"] / "exported"
+    captions = output_paths(run["cfg"])["captions"]
+    # A fresh process that never imports capray: what a deployment has.
+    done = subprocess.run([sys.executable, str(REPO / "bench/savedmodel_agreement.py"), str(exported), captions],
+                          capture_output=True, text=True, timeout=600, cwd=run["work"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["capray_imported"] is False and result["images"] == 12
+    assert result["agreement"] >= 0.95, result["differ"]
+    shown = subprocess.run([str(Path(sys.executable).parent / "saved_model_cli"), "show", "--dir", str(exported),
+                            "--tag_set", "serve", "--signature_def", "serving_default"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for line in ("inputs['images']", "DT_STRING", "outputs['caption']", "outputs['log_prob']", "outputs['num_tokens']"):
+        assert line in shown.stdout
+    assert run["export_refused"] == 9  # the folder exists and --overwrite was not given (docs/cli.md)
+
+
 def _greedy_captions(checkpoint_uri: str, cfg) -> dict[str, str]:
     """Each validation image's greedy caption from the checkpoint, decoded directly."""
     from capray import checkpoint
-    from capray.features import decode_features
+    from capray.featurestore import decode_features
 
     model, tokenizer, _, _ = checkpoint.load(checkpoint_uri)
     split = pd.read_parquet(output_paths(cfg)["split"])
@@ -131,5 +177,5 @@ def _greedy_captions(checkpoint_uri: str, cfg) -> dict[str, str]:
     table = pq.read_table(output_paths(cfg)["features"]).to_pandas()
     table = table[table["image"].isin(val)]
     feats = decode_features(list(table["features"]), table["dtype"].iloc[0])
-    tokens = model.greedy(feats, tokenizer.max_length - 1)[0].numpy()
+    tokens = model.greedy(feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[0].numpy()
     return {image: tokenizer.decode(t) for image, t in zip(table["image"], tokens)}

@@ -16,9 +16,11 @@ import tensorflow as tf
 from builders import REPO, reuse_features
 from capray import synthetic, train
 from capray.config import load_config
-from capray.features import FeatureExtractor, decode_features
+from capray.features import FeatureExtractor
+from capray.featurestore import decode_features
 from capray.infer import caption
 from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, set_precision
+from capray.text import Tokenizer
 
 
 def _global_policy(name: str) -> Iterator[None]:
@@ -72,7 +74,7 @@ def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> N
     assert np.allclose(attention.numpy().sum(-1), 1.0, atol=1e-3)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert float(optimizer.dynamic_scale) > 1.0
-    tokens, alphas, log_prob, lengths = model.greedy(feats, 6)
+    tokens, alphas, log_prob, lengths = model.greedy(feats, 6, start_id=Tokenizer.start_id, end_id=Tokenizer.end_id)
     assert tokens.shape == (4, 6) and log_prob.dtype == tf.float32 and (lengths.numpy() >= 1).all()
 
 

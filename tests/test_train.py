@@ -5,12 +5,11 @@ The long kill-and-resume run is in tests/system/test_train_resume.py (`make test
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 
 import numpy as np
 
-from builders import reuse_features, upload_features
+from builders import checkpoint_states, reuse_features, upload_features
 from capray import checkpoint, storage, synthetic, train
 from capray.config import load_config, output_paths
 from capray.images import decode
@@ -26,12 +25,6 @@ SMALL = [
     "train.batch_size=16",
     "ray.cpus_per_worker=0.5",
 ]
-
-
-def _states(run_dir: str) -> list[dict]:
-    """Every kept checkpoint's state.json, in step order."""
-    states = [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")]
-    return sorted(states, key=lambda s: s["step"])
 
 
 def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_path: Path, synthetic_features: Path) -> None:
@@ -52,6 +45,11 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_pat
 
     kept = [i.base_name for i in fs.get_file_info(FileSelector(runs)) if i.base_name.startswith("checkpoint_2")]
     assert len(kept) == 2  # train.num_to_keep default: the last 2 epochs
+    # Rank 0's TensorBoard events, uploaded to S3 after every report: one value per epoch and tag.
+    from capray.train import curves
+
+    assert {tag: len(points) for tag, points in curves.read(p["tensorboard"], cfg.storage).items()} == {t: 2 for t in curves.TAGS}
+    assert storage.read_bytes(summary["loss_plot"], cfg.storage).startswith(b"\x89PNG")
     saved = storage.read_bytes(f"{p['best_checkpoint']}/config.yaml", cfg.storage).decode()
     assert "secret_access_key: ''" in saved and "testing" not in saved
 
@@ -68,7 +66,7 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_pat
     encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed)
     names = sorted(glob.glob(str(heldout / "images" / "*.jpg")))
     pixels = np.stack([decode(Path(n).read_bytes(), cfg.data.max_pixels) for n in names])
-    tokens = model.greedy(encoder(pixels), tokenizer.max_length - 1)[0].numpy()
+    tokens = model.greedy(encoder(pixels), tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[0].numpy()
     assert [tokenizer.decode(t) for t in tokens] == [rows.loc[n, "caption"] for n in names]
 
 
@@ -86,7 +84,7 @@ def test_two_workers_take_exactly_the_sgd_steps_of_one(synthetic_features: Path,
     for n in (1, 2):
         cfg = load_config(REPO / "configs/demo.yaml", [*common, f"ray.num_workers={n}", f"name=w{n}"])
         train.train(cfg)
-        states = _states(str(work / "runs" / f"w{n}"))
+        states = checkpoint_states(str(work / "runs" / f"w{n}"))
         assert [s["step"] for s in states] == [1, 2]  # one full-batch step per epoch
         curves[n] = [(s["metrics"]["train_loss"], s["metrics"]["val_loss"]) for s in states]
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from capray import features
 from capray.config import load_config
 from capray.infer import caption
-from capray.runtime import WORKER_ENV
+from capray.runtime import RUNTIME_ENV
 
 
 def _children() -> dict[int, list[int]]:
@@ -83,7 +83,7 @@ def main(images: str, checkpoint: str, work: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 300 << 20})
     workers = {f"worker{i}": cluster.add_node(num_cpus=2, object_store_memory=300 << 20) for i in (1, 2)}
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
     nodes = {"head": cluster.head_node, **workers}
     report: dict = {}
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capray import checkpoint, cli, features, train
+from capray import checkpoint, cli, featurestore, train
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
-from capray.features import FEATURE_SHAPE, SCHEMA, FeatureError
+from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError
 from capray.text import Tokenizer
 
 
@@ -75,7 +75,7 @@ def test_resuming_into_another_model_is_refused_with_a_message(tmp_path: Path) -
 
     _write_checkpoint(tmp_path / "ckpt", n_words=10, units=16)
     other = Captioner(_tokenizer(25).vocab_size, 8, 16).build_all()
-    with pytest.raises(CheckpointError, match=r"does not fit the model being built \(vocabulary 29, units 16\)"):
+    with pytest.raises(CheckpointError, match="does not fit a model with vocabulary 29, embedding_dim 8, units 16"):
         checkpoint.restore_weights(str(tmp_path / "ckpt"), other)
 
 
@@ -128,7 +128,7 @@ def _features_dir(root: Path, images: list[str]) -> Path:
     out.mkdir(parents=True)
     (out / "part-a.parquet").write_bytes(_shard(images[:2]))
     (out / "part-b.parquet").write_bytes(_shard(images[2:]))
-    features.write_manifest(str(out), None, "float16")
+    featurestore.write_manifest(str(out), None, "float16")
     return out
 
 
@@ -149,19 +149,19 @@ def test_shard_disagreeing_with_the_manifest_or_missing_is_named(tmp_path: Path)
     shards = _features_dir(tmp_path, images)
     (shards / "part-b.parquet").write_bytes(_shard(images[2:3]))  # replaced by a shorter file
     with pytest.raises(FeatureError, match=r"part-b\.parquet: 1 rows, _manifest\.json says 2"):
-        features.verify(str(shards))
+        featurestore.verify(str(shards))
     os.remove(shards / "part-b.parquet")
     with pytest.raises(FeatureError, match="listed in _manifest.json are missing: part-b.parquet"):
-        features.verify(str(shards))
+        featurestore.verify(str(shards))
 
 
 def test_wrong_size_feature_bytes_name_the_file_and_image(tmp_path: Path, ray_local) -> None:
     images = [f"s3://b/img{i}.jpg" for i in range(4)]
     shards = _features_dir(tmp_path, images)
     (shards / "part-b.parquet").write_bytes(_shard(images[2:], size=1000))
-    features.write_manifest(str(shards), None, "float16")
-    features.verify(str(shards))  # the file itself is valid Parquet: only its content is wrong
+    featurestore.write_manifest(str(shards), None, "float16")
+    featurestore.verify(str(shards))  # the file itself is valid Parquet: only its content is wrong
     with pytest.raises(Exception, match=r"part-b\.parquet: image s3://b/img2\.jpg: feature row of 1000 bytes, expected 262144"):
-        features.read_features(str(shards)).take_all()
+        featurestore.read_features(str(shards)).take_all()
     with pytest.raises(FeatureError, match="feature row of 1000 bytes"):
-        features.decode_features([bytes(1000)], "float16")
+        featurestore.decode_features([bytes(1000)], "float16")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from builders import reuse_features
+from builders import checkpoint_states, reuse_features
 
 # Two whole training jobs (killed, then resumed): minutes each on 2 cores.
 pytestmark = pytest.mark.timeout(1200)
@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 # after the kill (a folder the re-run does not resume from, counted here as the re-run's). The
 # cache itself is covered by tests/test_train.py and the learning tests.
 SMALL = ["train.batch_size=16", "ray.cpus_per_worker=0.5", "train.cache_mb=0"]
-
-
-def _states(run_dir: str) -> list[dict]:
-    """Every kept checkpoint's state.json, in step order."""
-    states = [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")]
-    return sorted(states, key=lambda s: s["step"])
 
 
 def _train_cmd(data: list[str], epochs: int) -> list[str]:
@@ -57,7 +51,7 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
     def mid_epoch_registered() -> bool:
-        mid = {s["step"] for s in _states(run_dir) if s["epoch_step"] and s["epoch"] >= 1}
+        mid = {s["step"] for s in checkpoint_states(run_dir) if s["epoch_step"] and s["epoch"] >= 1}
         steps = _registered_steps(run_dir)
         return bool(steps) and steps[-1] in mid
 
@@ -73,13 +67,13 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
         proc.wait()
     resumed_from = _registered_steps(run_dir)[-1]
     before = set(glob.glob(f"{run_dir}/checkpoint_*"))
-    killed = next(s for s in _states(run_dir) if s["step"] == resumed_from)
+    killed = next(s for s in checkpoint_states(run_dir) if s["step"] == resumed_from)
     assert killed["epoch"] < 6, "the run finished before it could be killed"
 
     done = subprocess.run(_train_cmd(data, 6), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from epoch {killed['epoch']} (step {resumed_from})" in done.stdout + done.stderr
-    states = _states(run_dir)
+    states = checkpoint_states(run_dir)
     per_epoch = min(s["step"] for s in states if not s["epoch_step"])
     new = [json.loads(Path(d, "state.json").read_text()) for d in sorted(set(glob.glob(f"{run_dir}/checkpoint_*")) - before)]
     new.sort(key=lambda s: s["step"])

@@ -1,0 +1,174 @@
+"""capray as a library: a trained checkpoint in-process (`Captioner`), and the jobs as functions.
+
+    import capray
+    captioner = capray.Captioner.load("outputs/demo/runs/demo/best", strategy="beam")
+    for c in captioner.caption(["photo.jpg", open("other.png", "rb").read()]):
+        print(c.text, c.log_prob)
+
+    summary = capray.caption("configs/demo.yaml", input="photos/", output="captions/")
+
+The Ray Data building blocks are the jobs' own actor classes, `capray.CaptionPredictor` and
+`capray.FeatureExtractor` (see docs/python.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from capray.images import ImageDecodeError
+
+if TYPE_CHECKING:
+    from capray.decoder import Caption
+
+def storage_config(storage: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
+    """The `storage` config section from a mapping (e.g. {"endpoint_url": ...}) or None (defaults)."""
+    from capray.config import StorageConfig
+
+    base = OmegaConf.structured(StorageConfig)
+    return base if storage is None else OmegaConf.merge(base, storage)
+
+
+class Captioner:
+    """A trained capray checkpoint loaded in this process: images -> captions, batched internally."""
+
+    def __init__(self, checkpoint: str, strategy: str = "greedy", beam_size: int = 3, length_alpha: float = 0.7,
+                 max_length: int = 0, batch_size: int = 16, precision: str = "float32", max_pixels: int = 64_000_000,
+                 storage: Mapping[str, Any] | DictConfig | None = None):
+        from capray.infer import CaptionPredictor
+
+        self.storage, self.batch_size, self.max_pixels = storage_config(storage), batch_size, max_pixels
+        # The caption job's own actor class: the same checkpoint loading, backbone and decoder.
+        self.predictor = CaptionPredictor(checkpoint, strategy, beam_size, length_alpha, max_length,
+                                          precision=precision, storage=self.storage, max_pixels=max_pixels)
+        self.checkpoint, self.strategy, self.tokenizer = checkpoint, self.predictor.strategy, self.predictor.tokenizer
+
+    @classmethod
+    def load(cls, checkpoint: str, strategy: str = "greedy", **kwargs: Any) -> "Captioner":
+        """Load a checkpoint (local or s3://): `strategy` greedy or beam; see `__init__` for the rest."""
+        return cls(checkpoint, strategy, **kwargs)
+
+    def caption(self, images: Iterable[Any] | Any, attention: bool = False) -> list[Caption]:
+        """Captions (text, words, log_prob, num_tokens; with `attention`, each word's 64 attention
+        weights) of images given as paths/URIs, encoded bytes, PIL images or uint8 arrays."""
+        items = [images] if _single(images) else list(images)
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            pixels = np.stack([self._pixels(item, start + j) for j, item in enumerate(chunk)])
+            for c in self.predictor.caption_pixels(pixels):
+                if not attention:
+                    c.attention = c.token_attention = None
+                out.append(c)
+        return out
+
+    def _pixels(self, image: Any, index: int) -> np.ndarray:
+        from capray.pipeline import to_pixels
+
+        try:
+            return to_pixels(image, self.storage, self.max_pixels)
+        except (ImageDecodeError, TypeError) as e:
+            raise type(e)(f"image {index} ({_name(image)}): {e}") from None
+
+
+def _single(images: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(images, (str, bytes, bytearray, memoryview, Image.Image, np.ndarray, os.PathLike))
+
+
+def _name(image: Any) -> str:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+
+
+# --- the jobs as functions -----------------------------------------------------------------------
+
+
+def config(cfg: str | DictConfig | Mapping[str, Any] | Sequence[str] | None = None,
+           overrides: Sequence[str] | Mapping[str, Any] = ()) -> DictConfig:
+    """A job config: YAML path(s), a loaded config or a mapping, then overrides (`["key=value"]`
+    or a nested mapping), checked against the schema as the CLI does."""
+    from capray.config import load_config
+
+    layers = list(cfg) if isinstance(cfg, (list, tuple)) else ([] if cfg is None else [cfg])
+    if isinstance(overrides, Mapping):
+        return load_config([*layers, dict(overrides)] if overrides else layers)
+    return load_config(layers, list(overrides))
+
+
+def _start(cfg: DictConfig) -> None:
+    from capray.runtime import init_ray
+
+    init_ray(cfg)
+
+
+def extract(cfg: Any = None, input: str | None = None, output: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """`capray extract` from Python: features of the split, or of `input` into `output`; the summary."""
+    from capray import features
+    from capray.config import output_paths
+
+    cfg = config(cfg, _with(overrides, {"extract.input": input}))
+    _start(cfg)
+    if output is None:
+        return features.run(cfg)
+    plan_input = cfg.extract.input or None
+    if plan_input is None:
+        raise ValueError("extract(output=...) needs input=...: the split's features always go to work_dir")
+    from capray import inputs
+
+    return features.extract(cfg, inputs.plan(cfg, plan_input, output_paths(cfg)["inputs"]), output)
+
+
+def train(cfg: Any = None, **overrides: Any) -> dict[str, Any]:
+    """`capray train` from Python (training only: call `evaluate` after it if wanted); the summary."""
+    from capray import train as job
+
+    cfg = config(cfg, _with(overrides, {}))
+    _start(cfg)
+    return job.run(cfg)
+
+
+def caption(cfg: Any = None, input: str | None = None, output: str | None = None, checkpoint: str | None = None,
+            **overrides: Any) -> dict[str, Any]:
+    """`capray caption` from Python: caption `input` (any input kind) into `output`; the summary."""
+    from capray import infer
+    from capray.checkpoint import best_checkpoint
+    from capray.config import output_paths
+
+    cfg = config(cfg, _with(overrides, {"infer.input": input, "checkpoint": checkpoint}))
+    if not cfg.infer.input:
+        raise infer.InputError("caption(input=...) or infer.input: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files")
+    _start(cfg)
+    return infer.caption(cfg, best_checkpoint(cfg), cfg.infer.input, output or output_paths(cfg)["captions"])
+
+
+def evaluate(cfg: Any = None, checkpoint: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """`capray evaluate` from Python: metrics of a checkpoint (default: the run's best) on the validation split."""
+    from capray import evaluate as job
+    from capray.checkpoint import best_checkpoint
+
+    cfg = config(cfg, _with(overrides, {"checkpoint": checkpoint}))
+    _start(cfg)
+    return job.evaluate(cfg, best_checkpoint(cfg))
+
+
+def _with(overrides: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword overrides (`infer__batch_size=8` or a nested dict) plus the named arguments that were given."""
+    out: dict[str, Any] = {k.replace("__", "."): v for k, v in overrides.items()}
+    out.update({k: v for k, v in named.items() if v is not None})
+    return _nest(out)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+

@@ -1,0 +1,154 @@
+"""The training job's driver: split, tokenizer and feature checks, Ray datasets, the TensorflowTrainer.
+
+`train(cfg)` pairs every caption of the split with its image's features (Ray Data), launches
+`train_loop_per_worker` (capray.train.loop) on `ray.num_workers` workers and returns the best
+checkpoint; a run that fails for good raises `TrainingError` naming the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ray.train
+from omegaconf import OmegaConf
+from ray.data import Dataset
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+from capray import checkpoint as ckpt
+from capray import storage
+from capray.config import output_paths, to_yaml
+from capray.data import prepare_split
+from capray.featurestore import caption_dataset, feature_stats, read_features
+from capray.featurestore import verify as verify_features
+from capray.text import Tokenizer
+from capray.train.loop import train_loop_per_worker
+
+# After capray.train.loop (capray.model): ray.train.tensorflow imports TensorFlow, which
+# capray.model imports first with its start-up noise filtered.
+from ray.train.tensorflow import TensorflowTrainer
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for good; the message names the last good checkpoint."""
+
+
+def prepare_tokenizer(cfg: Any, train_captions: list[str]) -> Tokenizer:
+    """Fit the tokenizer on the training captions once; later runs reuse the saved one."""
+    uri = output_paths(cfg)["tokenizer"]
+    if storage.exists(uri, cfg.storage):
+        return Tokenizer.from_json(storage.read_bytes(uri, cfg.storage).decode("utf-8"))
+    tokenizer = Tokenizer.fit(train_captions, cfg.text.vocab_size, cfg.text.max_length)
+    storage.write_bytes(uri, tokenizer.to_json().encode("utf-8"), cfg.storage)
+    return tokenizer
+
+
+def checked_features(cfg: Any) -> Dataset:
+    """The extracted features of the config's work dir, verified against their manifest."""
+    uri = output_paths(cfg)["features"]
+    if not storage.exists(uri, cfg.storage):
+        raise FileNotFoundError(f"no features at {uri}: run `capray extract` with the same config first")
+    verify_features(uri, cfg.storage)
+    return read_features(uri, cfg.storage)
+
+
+def build_datasets(cfg: Any, features: Dataset, train_df: Any, val_df: Any, tokenizer: Tokenizer) -> tuple[dict, dict]:
+    """The training and validation Ray datasets (caption ids + features) and the workers' loop config."""
+    train_images, val_images = set(train_df["image"]), set(val_df["image"])
+    train_features = features.filter(lambda row: row["image"] in train_images)
+    loop_config: dict[str, Any] = {
+        "cfg": to_yaml(cfg),
+        "tokenizer": tokenizer.to_json(),
+        "train_captions": len(train_df),
+        # The saved config has no credentials; workers get them in memory only.
+        "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
+    }
+    if cfg.model.feature_norm == "channel":
+        mean, std = feature_stats(train_features)  # (2048,) each, over the training images only
+        loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
+    data = {
+        "train": caption_dataset(train_features, train_df, tokenizer),
+        "val": caption_dataset(features.filter(lambda row: row["image"] in val_images), val_df, tokenizer),
+    }
+    return data, loop_config
+
+
+def build_trainer(cfg: Any, data: dict, loop_config: dict) -> TensorflowTrainer:
+    """The Ray Train TensorflowTrainer of the config: workers, checkpoints kept, restarts allowed."""
+    fs, runs = storage.filesystem(output_paths(cfg)["runs"], cfg.storage)
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=runs,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep or None),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=data,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def fit(cfg: Any, job: TensorflowTrainer) -> None:
+    """Run the trainer; a run that fails for good becomes a TrainingError naming where to resume."""
+    try:
+        job.fit()
+    except ray.train.TrainingFailedError as e:
+        last = latest_checkpoint(cfg)
+        raise TrainingError(
+            f"training run '{cfg.name}' failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"the last good checkpoint is {last or 'none (no epoch completed)'}: re-run the same command to "
+            f"resume from it, or set train.max_failures (now {cfg.train.max_failures}) to restart failed workers"
+        ) from e
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
+    train_df, val_df = prepare_split(cfg)
+    tokenizer = prepare_tokenizer(cfg, list(train_df["caption"]))
+    data, loop_config = build_datasets(cfg, checked_features(cfg), train_df, val_df, tokenizer)
+    fit(cfg, build_trainer(cfg, data, loop_config))
+    summary = json.loads(storage.read_bytes(output_paths(cfg)["best"], cfg.storage))
+    summary["loss_plot"] = write_loss_plot(cfg, summary["checkpoint"])
+    return summary
+
+
+def write_loss_plot(cfg: Any, best: str) -> str:
+    """`loss.png` of the whole run (from its TensorBoard events) next to the best checkpoint."""
+    from capray.train import curves
+
+    uri = storage.join(best, "loss.png")
+    points = curves.read(output_paths(cfg)["tensorboard"], cfg.storage)
+    storage.write_bytes(uri, curves.loss_png(points, f"run {cfg.name}"), cfg.storage)
+    return uri
+
+
+def latest_checkpoint(cfg: Any) -> str | None:
+    """The run's most recent complete epoch checkpoint (by its state.json), or None."""
+    run_dir = storage.join(output_paths(cfg)["runs"], cfg.name)
+    states = [u for u in storage.list_files(run_dir, cfg.storage, ("state.json",)) if "/checkpoint_" in u]
+    epochs = {u.rsplit("/", 1)[0]: json.loads(storage.read_bytes(u, cfg.storage))["epoch"] for u in states}
+    for uri in sorted(epochs, key=epochs.get, reverse=True):
+        try:
+            ckpt.check(uri, cfg.storage)  # a copy cut short by the failure may lack files
+        except ckpt.CheckpointError:
+            continue
+        return uri
+    return None
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """`capray train`: train, print where the best checkpoint is, and return it with its metrics."""
+    summary = train(cfg)
+    m = summary["metrics"]
+    print(f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})", flush=True)
+    print(f"[capray] train: loss curves {summary['loss_plot']}; TensorBoard: tensorboard --logdir "
+          f"{output_paths(cfg)['tensorboard']}", flush=True)
+    return summary

@@ -1,0 +1,91 @@
+"""capray as a library: the Ray Data building blocks on a user's own dataset, and the jobs as
+Python functions (the in-process `Captioner` against the caption job: tests/test_caption.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+
+import capray
+from capray.featurestore import decode_features
+from capray.images import decode
+from capray.inputs import InputError
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict]:
+    """A user's rows: image bytes, an id and a licence; one of them not an image."""
+    good = good_images()
+    rows = [{"image": good[n], "id": i, "licence": f"cc-{i}"} for i, n in enumerate(sorted(good))]
+    rows.append({"image": bad_images()["truncated.jpg"][0], "id": 99, "licence": "cc-99"})
+    return rows
+
+
+def test_caption_predictor_maps_over_a_users_dataset(ray_local, tiny_checkpoint: str, items: list[dict]) -> None:
+    ds = ray.data.from_items(items)
+    out = ds.map_batches(
+        capray.CaptionPredictor,
+        fn_constructor_kwargs={"checkpoint": tiny_checkpoint, "strategy": "beam", "beam_size": 2, "max_pixels": TEST_MAX_PIXELS},
+        batch_size=3, concurrency=1,
+    ).to_pandas().set_index("id").sort_index()  # Ray Data does not keep the row order
+    assert len(out) == len(items)
+    # The user's own columns come through; the image bytes are consumed, not copied into the output.
+    assert list(out["licence"]) == [r["licence"] for r in sorted(items, key=lambda r: r["id"])] and out["image"].isna().all()
+    assert out.loc[99, "error"] and pd.isna(out.loc[99, "caption"])
+    good = out.drop(index=99)
+    assert good["error"].isna().all() and (good["strategy"] == "beam2").all()
+    expected = capray.Captioner.load(tiny_checkpoint, "beam", beam_size=2, max_pixels=TEST_MAX_PIXELS).caption(
+        [r["image"] for r in items[:-1]])
+    assert list(good["caption"]) == [c.text for c in expected]
+
+
+def test_feature_extractor_maps_over_a_users_dataset(ray_local, items: list[dict]) -> None:
+    from capray.model import ImageEncoder
+
+    ds = ray.data.from_items(items[:3]).rename_columns({"image": "jpeg"})
+    out = ds.map_batches(
+        capray.FeatureExtractor,
+        fn_constructor_kwargs={"weights": "random", "dtype": "float32", "image_column": "jpeg"},
+        batch_size=2, concurrency=1,
+    ).to_pandas().sort_values("id")
+    assert out["error"].isna().all() and list(out["licence"]) == ["cc-0", "cc-1", "cc-2"]
+    features = decode_features(out["features"], "float32")
+    pixels = np.stack([decode(r["image"], TEST_MAX_PIXELS) for r in items[:3]])
+    np.testing.assert_allclose(features, ImageEncoder("random", seed=0)(pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_a_dataset_without_an_image_column_is_refused_naming_it(ray_local, items: list[dict]) -> None:
+    ds = ray.data.from_items(items[:2]).rename_columns({"image": "blob"})
+    with pytest.raises(Exception, match="batch has no `image` or `pixels` column"):
+        ds.map_batches(capray.FeatureExtractor, fn_constructor_kwargs={"weights": "random"}, concurrency=1).take_all()
+
+
+def test_the_caption_job_as_a_function(ray_local, tiny_checkpoint: str, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("scene.jpg", "gray.jpg"):
+        (folder / name).write_bytes(good_images()[name])
+    summary = capray.caption("configs/demo.yaml", input=str(folder), output=str(tmp_path / "out"),
+                             checkpoint=tiny_checkpoint, work_dir=str(tmp_path / "work"), infer={"batch_size": 4})
+    assert (summary["written"], summary["captioned"], summary["failed"]) == (2, 2, 0)
+    rows = pd.read_parquet(tmp_path / "out")
+    assert sorted(Path(i).name for i in rows["image"]) == ["gray.jpg", "scene.jpg"]
+    with pytest.raises(InputError, match="input"):
+        capray.caption("configs/demo.yaml", checkpoint=tiny_checkpoint, work_dir=str(tmp_path / "work"))
+
+
+def test_job_configs_from_python_are_checked_like_the_cli(tmp_path: Path) -> None:
+    from capray.api import config
+    from capray.config import ConfigError
+
+    cfg = config("configs/demo.yaml", {"train": {"epochs": 3}, "work_dir": str(tmp_path)})
+    assert cfg.train.epochs == 3 and cfg.work_dir == str(tmp_path)
+    again = config(cfg, ["train.epochs=4"])
+    assert (again.train.epochs, cfg.train.epochs) == (4, 3)  # the given config is not changed
+    with pytest.raises(ConfigError, match="trian"):
+        config(None, {"trian": {"epochs": 3}})

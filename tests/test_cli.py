@@ -1,0 +1,206 @@
+"""The `capray` command as users meet it: one line and a documented exit code per kind of expected
+failure (docs/cli.md), checks in the driver before Ray starts, and job logs free of TensorFlow's
+start-up banners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from capray import cli, tfquiet
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+BANNERS = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1795695661.373005   10093 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.",
+    "I0000 00:00:1795695661.368412   10093 port.cc:153] oneDNN custom operations are on. You may see slightly different "
+    "numerical results due to floating-point round-off errors from different computation orders. To turn them off, "
+    "set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.",
+    "E0000 00:00:1795695665.986535   10093 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call "
+    "to cuInit: UNKNOWN ERROR (303)",
+]
+# What identifies each banner in a log, whatever its timestamp and thread.
+BANNER_MARKS = ["absl::InitializeLog()", "Could not find cuda drivers", "oneDNN custom operations are on", "failed call to cuInit"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CAPRAY_DEBUG")}
+    return {**env, **extra}
+
+
+def _capray(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capray", *args], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_failure(done: subprocess.CompletedProcess, job: str, code: int, message: str) -> None:
+    """Exit `code`, and stderr is the single `capray <job>: ...` line holding `message`."""
+    assert done.returncode == code, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"capray {job}: ") and message in lines[0], done.stderr[-2000:]
+    # Checked in the driver before Ray starts: no Ray instance was started for it.
+    assert "Ray" not in done.stdout + done.stderr
+
+
+# --- exit codes ----------------------------------------------------------------------------------
+
+def test_exit_codes_follow_the_class_hierarchy_by_name() -> None:
+    from capray.backbone import BackboneError
+    from capray.checkpoint import CheckpointError
+    from capray.config import ConfigError
+    from capray.data import DataError
+    from capray.featurestore import FeatureError
+    from capray.infer import CaptionJobError
+    from capray.inputs import InputError
+    from capray.pipeline import JobError
+
+    class TrainingError(RuntimeError):  # capray.train's, matched by name (importing it loads TensorFlow)
+        pass
+
+    expected = {ConfigError: 2, InputError: 3, DataError: 3, CheckpointError: 4, FeatureError: 5, BackboneError: 6,
+                JobError: 7, CaptionJobError: 7, TrainingError: 8}
+    for cls, code in expected.items():
+        assert cli.exit_code(cls("x")) == code, cls
+    assert cli.exit_code(ValueError("a bug")) is None and cli.exit_code(KeyError("a bug")) is None
+
+
+@pytest.mark.parametrize("error, code", [("CaptionJobError", 7), ("TrainingError", 8)])
+def test_a_job_stopped_part_way_is_one_line_with_its_code(error: str, code: int, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    # Neither can be caused in a second (a storage outage mid-job, workers lost for good): the job
+    # itself is replaced, the CLI around it is the real one.
+    from capray.pipeline import JobError
+
+    # CaptionJobError is known by its base class, TrainingError by its own name.
+    kind = type(error, (JobError if error == "CaptionJobError" else RuntimeError,), {})
+    monkeypatch.setattr(cli, "preflight", lambda job, cfg: None)
+    monkeypatch.setattr("capray.runtime.init_ray", lambda cfg: None)
+
+    def stopped(job: str, cfg: object) -> None:
+        raise kind("stopped before every shard was written; re-run to continue")
+
+    monkeypatch.setattr(cli, "run_job", stopped)
+    assert cli.main([DEMO], job="caption") == code
+    err = capsys.readouterr().err
+    assert err == f"capray caption: {error}: stopped before every shard was written; re-run to continue\n"
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "preflight", lambda job, cfg: {}["bug"])
+    with pytest.raises(KeyError):
+        cli.main([DEMO], job="caption")
+
+
+def test_missing_input_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    args = ("caption", DEMO, f"work_dir={tmp_path}", "infer.input=nonexistent_dir")
+    missing = REPO / "nonexistent_dir"
+    _one_line_failure(_capray(*args), "caption", 3, f"InputError: input not found: {missing}")
+    for debug in (_capray(*args, "--debug"), _capray(*args, env=_env(CAPRAY_DEBUG="1"))):
+        assert debug.returncode == 3
+        assert "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(f"input not found: {missing}")
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    done = _capray("caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}")
+    _one_line_failure(done, "caption", 4, f"CheckpointError: checkpoint not found: {tmp_path / 'ckpt'}")
+
+
+def test_missing_features(tmp_path: Path) -> None:
+    done = _capray("train", DEMO, f"work_dir={tmp_path}")
+    _one_line_failure(done, "train", 5, f"FeatureError: no features at {tmp_path / 'features'}: run `capray extract`")
+
+
+def test_missing_captions_file(tmp_path: Path) -> None:
+    done = _capray("extract", DEMO, f"work_dir={tmp_path}", "data.format=flickr", f"data.annotations={tmp_path / 'c.csv'}")
+    _one_line_failure(done, "extract", 3, f"DataError: data.annotations: file not found: {tmp_path / 'c.csv'}")
+
+
+def test_bad_encoder_weights_path(tmp_path: Path) -> None:
+    done = _capray("extract", DEMO, f"work_dir={tmp_path}", f"encoder.weights={tmp_path / 'w.h5'}")
+    _one_line_failure(done, "extract", 6, f"BackboneError: encoder.weights: file not found: {tmp_path / 'w.h5'}")
+
+
+def test_imagenet_weights_offline_fail_in_the_driver_in_one_line(tmp_path: Path) -> None:
+    # An empty Keras cache and a proxy that refuses connections: offline on every machine.
+    refused = "http://127.0.0.1:9"
+    env = {k: v for k, v in _env().items() if k.lower() not in ("no_proxy", "all_proxy")}
+    env.update(KERAS_HOME=str(tmp_path / "keras"), https_proxy=refused, HTTPS_PROXY=refused)
+    done = _capray("extract", DEMO, f"work_dir={tmp_path / 'work'}", "encoder.weights=imagenet", env=env)
+    _one_line_failure(done, "extract", 6, "BackboneError: could not load the ImageNet InceptionV3 weights")
+    assert "give a local or s3:// copy of the no-top weights file with encoder.weights=" in done.stderr
+
+
+def test_bad_config(tmp_path: Path) -> None:
+    _one_line_failure(_capray("train", DEMO, "train.epochz=3"), "train", 2, "Key 'epochz' not in 'TrainConfig'")
+
+
+def test_unwritable_output_folder(tmp_path: Path) -> None:
+    # Under a file, not a read-only folder: root may write into any folder.
+    (tmp_path / "file").write_text("")
+    done = _capray("caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"output={tmp_path / 'file' / 'caps'}")
+    _one_line_failure(done, "caption", 3, f"InputError: cannot write the output folder {tmp_path / 'file' / 'caps'}")
+
+
+def test_print_config_and_module_entry() -> None:
+    done = _capray("train", DEMO, "train.epochs=3", "--print-config")
+    assert done.returncode == 0 and "epochs: 3" in done.stdout, done.stderr[-2000:]
+
+
+# --- TensorFlow's start-up banners ---------------------------------------------------------------
+
+def test_the_filter_drops_the_banners_and_keeps_every_other_line() -> None:
+    real = ["W0000 00:00:1795695665.1 10093 some_op.cc:12] a real warning", "E0000 00:00:1.2 7 x.cc:1] real error",
+            "Traceback (most recent call last):", "UserWarning: something Python said", ""]
+    assert [line for line in BANNERS + real if not tfquiet.is_noise(line)] == real
+    text = "\n".join(BANNERS[:2] + real[:2] + BANNERS[2:]) + "\n"
+    assert tfquiet.without_noise(text) == real[0] + "\n" + real[1] + "\n"
+
+
+def test_filtered_stderr_replays_what_is_not_a_banner(capfd: pytest.CaptureFixture) -> None:
+    with tfquiet.filtered_stderr():
+        os.write(2, ("\n".join(BANNERS[:2]) + "\nreal error from C++\n").encode())
+        print("a Python warning", file=sys.stderr)
+    # Python's lines reach pytest's capture without fd 2: only the set of lines is compared.
+    assert sorted(capfd.readouterr().err.splitlines()) == ["a Python warning", "real error from C++"]
+
+
+def test_importing_the_model_and_running_an_op_prints_no_banner() -> None:
+    # Also `import tensorflow` directly and through Ray Train (as its workers do), once capray is in.
+    script = ("import capray.model as m, tensorflow, ray.train.tensorflow, sys\n"
+              "print(float(m.tf.reduce_sum(m.tf.ones((2, 2)))))\nprint('after', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "4.0", done.stderr[-3000:]
+    assert not [m for m in BANNER_MARKS if m in done.stderr], done.stderr[-3000:]
+    assert "after" in done.stderr
+
+
+@pytest.mark.timeout(420)  # a local Ray instance and an InceptionV3 actor on a small machine
+def test_a_real_job_log_has_no_banner_in_driver_or_actors(tmp_path: Path) -> None:
+    # Its own Ray temp dir (short: Ray's socket paths are limited to 107 bytes), so that the logs
+    # of exactly this job's workers can be read afterwards, forwarded to the driver or not.
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    try:
+        work = tmp_path / "work"
+        done = _capray("extract", DEMO, "data.synthetic_images=8", f"data.annotations={work / 'data' / 'captions.csv'}",
+                       "extract.batch_size=8", "ray.local_cpus=2", f"work_dir={work}",
+                       env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "8 extracted, 0 failed" in done.stdout
+        log = done.stdout + done.stderr
+        assert not [m for m in BANNER_MARKS if m in log], log[-3000:]
+        workers = list(Path(ray_tmp).glob("ray/session_*/logs/worker-*"))
+        assert workers
+        for f in workers:
+            text = f.read_text(errors="replace")
+            assert not [m for m in BANNER_MARKS if m in text], (f, text[-2000:])
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
