@@ -99,60 +99,45 @@ def config(cfg: str | DictConfig | Mapping[str, Any] | Sequence[str] | None = No
     return load_config(layers, list(overrides))
 
 
-def _start(cfg: DictConfig) -> None:
+def _job(job: str, cfg: DictConfig) -> dict[str, Any]:
+    """What the CLI does after parsing: the checks before Ray, Ray, the job (and its composition)."""
+    from capray.cli import LOCAL_JOBS, preflight, run_job
     from capray.runtime import init_ray
 
-    init_ray(cfg)
+    preflight(job, cfg)
+    if job not in LOCAL_JOBS:
+        init_ray(cfg)
+    return run_job(job, cfg)
 
 
-def extract(cfg: Any = None, input: str | None = None, output: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """`capray extract` from Python: features of the split, or of `input` into `output`; the summary."""
-    from capray import features
-    from capray.config import output_paths
-
-    cfg = config(cfg, _with(overrides, {"extract.input": input}))
-    _start(cfg)
-    if output is None:
-        return features.run(cfg)
-    plan_input = cfg.extract.input or None
-    if plan_input is None:
-        raise ValueError("extract(output=...) needs input=...: the split's features always go to work_dir")
-    from capray import inputs
-
-    return features.extract(cfg, inputs.plan(cfg, plan_input, output_paths(cfg)["inputs"]), output)
+def extract(cfg: Any = None, input: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """`capray extract` from Python: features of the split, or of `input` (any input kind), into
+    `<work_dir>/features`; the summary."""
+    return _job("extract", config(cfg, _with(overrides, {"extract.input": input})))
 
 
 def train(cfg: Any = None, **overrides: Any) -> dict[str, Any]:
-    """`capray train` from Python (training only: call `evaluate` after it if wanted); the summary."""
-    from capray import train as job
-
-    cfg = config(cfg, _with(overrides, {}))
-    _start(cfg)
-    return job.run(cfg)
+    """`capray train` from Python (then `evaluate` when `evaluate.after_train`); the summary."""
+    return _job("train", config(cfg, _with(overrides, {})))
 
 
 def caption(cfg: Any = None, input: str | None = None, output: str | None = None, checkpoint: str | None = None,
             **overrides: Any) -> dict[str, Any]:
-    """`capray caption` from Python: caption `input` (any input kind) into `output`; the summary."""
-    from capray import infer
-    from capray.checkpoint import best_checkpoint
-    from capray.config import output_paths
-
-    cfg = config(cfg, _with(overrides, {"infer.input": input, "checkpoint": checkpoint}))
-    if not cfg.infer.input:
-        raise infer.InputError("caption(input=...) or infer.input: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files")
-    _start(cfg)
-    return infer.caption(cfg, best_checkpoint(cfg), cfg.infer.input, output or output_paths(cfg)["captions"])
+    """`capray caption` from Python: caption `input` (any input kind) into `output` (default
+    `<work_dir>/captions`) with `checkpoint` (default: the run's best); the summary."""
+    return _job("caption", config(cfg, _with(overrides, {"infer.input": input, "output": output, "checkpoint": checkpoint})))
 
 
 def evaluate(cfg: Any = None, checkpoint: str | None = None, **overrides: Any) -> dict[str, Any]:
     """`capray evaluate` from Python: metrics of a checkpoint (default: the run's best) on the validation split."""
-    from capray import evaluate as job
-    from capray.checkpoint import best_checkpoint
+    return _job("evaluate", config(cfg, _with(overrides, {"checkpoint": checkpoint})))
 
-    cfg = config(cfg, _with(overrides, {"checkpoint": checkpoint}))
-    _start(cfg)
-    return job.evaluate(cfg, best_checkpoint(cfg))
+
+def export(cfg: Any = None, output: str | None = None, checkpoint: str | None = None, overwrite: bool = False,
+           **overrides: Any) -> dict[str, Any]:
+    """`capray export` from Python: the checkpoint (default: the run's best) as a SavedModel in `output`."""
+    named = {"output": output, "checkpoint": checkpoint, "export.overwrite": overwrite or None}
+    return _job("export", config(cfg, _with(overrides, named)))
 
 
 def _with(overrides: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, Any]:

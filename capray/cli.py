@@ -122,12 +122,9 @@ def preflight(job: str, cfg: Any) -> None:
     elif job == "evaluate":
         _checkpoint_backbone(cfg)
     elif job == "export":
-        if not cfg.output:
-            raise InputError("output is empty: give the SavedModel's folder, e.g. output=exported/captioner")
-        if storage.exists(cfg.output, cfg.storage) and not cfg.export.overwrite:
-            from capray.export import ExportError
+        from capray.export import check_output
 
-            raise ExportError(f"{cfg.output} exists: choose another output, or pass --overwrite to replace it")
+        check_output(cfg.output, cfg.storage, cfg.export.overwrite)
         _output_writable(cfg.output)
         _checkpoint_backbone(cfg)
     elif job == "demo":

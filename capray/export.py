@@ -66,14 +66,24 @@ def build_serving_fn(encoder: Any, model: Any, tokenizer: Any, max_length: int =
     return serve
 
 
+def check_output(output: str, storage_cfg: Any = None, overwrite: bool = False) -> bool:
+    """Whether `output` exists; ExportError when it is empty, or exists and `overwrite` is off."""
+    from capray import storage
+
+    if not output:
+        raise ExportError("output is empty: give the SavedModel's folder, e.g. output=exported/captioner")
+    found = storage.exists(output, storage_cfg)
+    if found and not overwrite:
+        raise ExportError(f"{output} exists: choose another output, or pass --overwrite to replace it")
+    return found
+
+
 def export(checkpoint_uri: str, output: str, storage_cfg: Any = None, max_length: int = 0, overwrite: bool = False) -> str:
     """Write the checkpoint's model, with its backbone and decoding, as a SavedModel in `output`."""
     from capray import checkpoint, storage
     from capray.model import ImageEncoder, keras, set_precision, tf  # TensorFlow only once exporting
 
-    if storage.exists(output, storage_cfg):
-        if not overwrite:
-            raise ExportError(f"{output} exists: choose another output, or pass --overwrite to replace it")
+    if check_output(output, storage_cfg, overwrite):
         fs, path = storage.filesystem(output, storage_cfg)
         fs.delete_dir(path)
     set_precision("float32")  # what Serving runs on any device; the exported graph is fixed
@@ -99,8 +109,6 @@ def run(cfg: Any) -> dict[str, Any]:
     """`capray export CONFIG [checkpoint=...] output=DIR`: the best (or given) checkpoint as a SavedModel."""
     from capray.checkpoint import best_checkpoint
 
-    if not cfg.output:
-        raise ExportError("output is empty: give the SavedModel's folder, e.g. output=exported/captioner")
     uri = best_checkpoint(cfg)
     out = export(uri, cfg.output, cfg.storage, cfg.infer.max_length, overwrite=cfg.export.overwrite)
     print(f"[capray] export: {uri} -> {out} (SavedModel; signature serving_default: images (string) -> "

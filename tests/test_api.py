@@ -89,3 +89,13 @@ def test_job_configs_from_python_are_checked_like_the_cli(tmp_path: Path) -> Non
     assert (again.train.epochs, cfg.train.epochs) == (4, 3)  # the given config is not changed
     with pytest.raises(ConfigError, match="trian"):
         config(None, {"trian": {"epochs": 3}})
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    from capray.checkpoint import CheckpointError
+
+    (tmp_path / "model.weights.h5").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is not a complete capray checkpoint: missing tokenizer.json, config.yaml, state.json"):
+        capray.Captioner.load(str(tmp_path))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        capray.Captioner.load(str(tmp_path / "nowhere"))
