@@ -1,6 +1,7 @@
 """Benchmark: feature extraction throughput, three ways, in float32 and bfloat16, in one run.
 
-  (a) bound     compiled InceptionV3 forward on already decoded, resized batches
+  (a) bound     compiled InceptionV3 forward on already decoded, resized batches, in a Ray worker
+                like the job's actor (before and after the jobs: their mean)
   (b) job       `capray.features.extract` end to end: read, decode, resize, forward, write Parquet,
                 on the images once (1x) and each under 4 names (4x); the pair separates the
                 job's fixed start-up from its steady-state rate: (N4 - N1) / (t4 - t1)
@@ -35,8 +36,8 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
 
 
-def bound(paths: list[str], batch_size: int, precision: str = "float32") -> float:
-    """(a): images/s of the compiled forward alone on pre-decoded batches."""
+def forward_rate(paths: list[str], batch_size: int, precision: str = "float32") -> float:
+    """Images/s of the compiled forward alone on pre-decoded batches, in this process."""
     from capray.images import decode
     from capray.model import ImageEncoder, set_precision
 
@@ -51,6 +52,15 @@ def bound(paths: list[str], batch_size: int, precision: str = "float32") -> floa
         return len(pixels) / (time.perf_counter() - start)
     finally:
         set_precision("float32")
+
+
+def bound(paths: list[str], batch_size: int, precision: str = "float32") -> float:
+    """(a): `forward_rate` in a Ray worker with one CPU reserved, as the job's actor has: the same
+    process environment (Ray sets OMP_NUM_THREADS in its workers), only reading, decoding and
+    writing taken away."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(forward_rate).remote(paths, batch_size, precision))
 
 
 def job(paths: list[str], batch_size: int, out: str, precision: str = "float32", extra: list[str] = ()) -> tuple[float, float, int, float]:
@@ -126,10 +136,14 @@ def main() -> None:
         # Ray Data's own session actors, which a cluster that has run a job already has.
         job(paths[: args.batch_size], args.batch_size, os.path.join(tmp, "warm"))
         for precision in args.precisions:
+            # The bound before and after the jobs: this machine's speed drifts by ~10% between
+            # minutes, so the jobs are compared with the mean of the two (both are printed).
+            before = bound(paths, args.batch_size, precision)
             t1, b1, nbytes, wait1 = job(paths, args.batch_size, os.path.join(tmp, f"f1-{precision}"), precision, args.set)
             t4, b4, _, wait4 = job(many, args.batch_size, os.path.join(tmp, f"f4-{precision}"), precision, args.set)
+            after = bound(paths, args.batch_size, precision)
             steady = (len(many) - len(paths)) / (t4 - t1)
-            rows[precision] = (bound(paths, args.batch_size, precision), b1, b4, steady, wait4, nbytes)
+            rows[precision] = ((before + after) / 2, b1, b4, steady, wait4, nbytes, before, after)
         if args.tutorial_limit:
             c = tutorial(paths[: args.tutorial_limit], os.path.join(tmp, "npy"))
             npy_bytes = dir_bytes(os.path.join(tmp, "npy")) / min(len(paths), args.tutorial_limit)
@@ -141,10 +155,14 @@ def main() -> None:
     print(f"images: {len(paths)} (and {len(many)} = {args.repeat} x each) from {args.images}; batch size {args.batch_size}; "
           f"{os.cpu_count()} CPUs ({cpu_bf16() or 'no BF16 instructions'}), no GPU; {' '.join(args.set) or 'default config'}")
     print(f"{'precision':15s} {'(a) bound':>10s} {'(b) job 1x':>11s} {'(b) job 4x':>11s} {'steady':>8s} {'steady/(a)':>11s} {'model waits':>12s}")
-    for precision, (a, b1, b4, steady, wait, _) in rows.items():
+    for precision, (a, b1, b4, steady, wait, *_) in rows.items():
         print(f"{precision:15s} {a:10.1f} {b1:11.1f} {b4:11.1f} {steady:8.1f} {steady / a:11.2f} {wait:12.0%}")
-    print("(images/s; steady = the 4x job's extra images over its extra seconds; model waits = share of the")
-    print(" actors' model time spent waiting for decoded images, 4x job)")
+    print("(images/s; (a) = the mean of the bound measured before and after the jobs; steady = the 4x job's")
+    print(" extra images over its extra seconds; model waits = share of the actors' model time spent waiting")
+    print(" for decoded images, 4x job)")
+    for precision, (*_, nbytes, before, after) in rows.items():
+        print(f"{precision}: bound before the jobs {before:.1f}, after {after:.1f} images/s; "
+              f"(b) writes {nbytes / len(paths) / 1024:.0f} KiB per image")
     f32 = rows.get("float32")
     if f32 and args.tutorial_limit:
         print(f"(c) tutorial-style loop  {c:7.1f} images/s  ({npy_bytes / 1024:.0f} KiB per image, one float32 .npy each; "
@@ -152,7 +170,7 @@ def main() -> None:
         print(f"float32: (b) 1x / (a) = {f32[1] / f32[0]:.2f} (goal >= 0.85); (b) 1x / (c) = {f32[1] / c:.1f} (goal >= 8)")
     if "float32" in rows and "mixed_bfloat16" in rows:
         print(f"bfloat16 bound / float32 bound = {rows['mixed_bfloat16'][0] / rows['float32'][0]:.2f} (goal >= 1.5)")
-    for precision, (a, _, _, steady, _, _) in rows.items():
+    for precision, (a, _, _, steady, *_) in rows.items():
         print(f"{precision}: steady state / its own bound = {steady / a:.2f} (goal >= 0.9)")
 
 

@@ -43,26 +43,35 @@ class FeatureExtractor(pipeline.ImageBatchModel):
         gpu_memory_growth()
         set_precision(precision)
         self.storage_cfg, self.image_column, self.max_pixels = storage, image_column, max_pixels
-        self.encoder = ImageEncoder(weights, seed, storage, jit_compile=jit_compile)
+        self.encoder = ImageEncoder(weights, seed, storage, jit_compile=jit_compile, dtype=dtype)
         self.dtype = np.dtype(dtype)
 
     def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
         """One feature row per image; an image with an error gets the error and empty features."""
         ok = np.array([not e for e in errors], dtype=bool)
-        feats = np.zeros((len(ok), *FEATURE_SHAPE), self.dtype)
-        if ok.any():
-            feats[ok] = self.encoder(pixels[ok]).astype(self.dtype)
         n = len(ok)
+        feats = self.encoder(pixels[ok]) if ok.any() else np.zeros((0, *FEATURE_SHAPE), self.dtype)
         return pa.table(
             {
                 "image": keys,
-                "features": [f.tobytes() if good else b"" for f, good in zip(feats, ok)],
+                "features": features_column(feats, ok),
                 "dtype": [self.dtype.name] * n,
                 "shape": [list(FEATURE_SHAPE)] * n,
                 "error": [e or None for e in errors],
             },
             schema=SCHEMA,
         )
+
+
+def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """The binary `features` column over the encoder's output buffer, without a copy per row:
+    row i holds the next (64, 2048) array if ok[i], else b"" (an error row)."""
+    feats = np.ascontiguousarray(feats)
+    row_bytes = feats[0].nbytes if len(feats) else 0
+    offsets = np.concatenate([[0], np.cumsum(ok.astype(np.int64) * row_bytes)])
+    if offsets[-1] >= 2**31:  # the binary column's int32 offsets: ~8,000 float16 rows per batch
+        raise ValueError(f"a batch of {len(ok)} feature rows ({offsets[-1]} bytes) exceeds 2 GiB: lower extract.batch_size")
+    return pa.Array.from_buffers(pa.binary(), len(ok), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(feats)])
 
 
 def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
@@ -83,7 +92,8 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
     plan = images if isinstance(images, Plan) else inputs.images_plan(sorted(set(images)), output_paths(cfg)["inputs"], cfg, "images")
     kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage=cfg.storage, dtype=cfg.extract.dtype,
                   precision=cfg.model.precision, jit_compile=cfg.model.jit_compile, max_pixels=cfg.data.max_pixels)
-    s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract")
+    s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract",
+                     compression=cfg.extract.compression)
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
     if s["shards_written"] or not manifest:
         s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])

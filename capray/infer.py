@@ -121,11 +121,12 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
     try:
-        pipeline.done_ids(output, cfg.storage)
+        done = pipeline.done_ids(output, cfg.storage)
     except OSError as e:
         raise InputError(f"cannot read the output folder {output}: {e}") from None
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
-    summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError)
+    summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError,
+                           done=done)
     summary["captioned"] = summary["written"] - summary["failed"]
     return summary
 

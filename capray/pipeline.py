@@ -155,12 +155,19 @@ def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray
 
 
 class ShardWriter:
-    """Streams tables into one Parquet file that becomes visible only when complete."""
+    """Streams tables into one Parquet file that becomes visible only when complete.
 
-    def __init__(self, uri: str, storage_cfg: Any):
-        self.uri, self.storage_cfg, self.writer = uri, storage_cfg, None
+    Row groups are encoded and compressed in a background thread while the caller computes the
+    next rows (one in flight: at most two row groups of memory), so the model does not stop for
+    the codec at every row group.
+    """
+
+    def __init__(self, uri: str, storage_cfg: Any, compression: str = "snappy"):
+        self.uri, self.storage_cfg, self.compression, self.writer = uri, storage_cfg, compression, None
         self.buffer: list[pa.Table] = []
         self.buffered_bytes = self.buffered_rows = 0
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet")
+        self.in_flight: Any = None
         if storage.is_remote(uri):
             fd, self.tmp = tempfile.mkstemp(suffix=".parquet")
             os.close(fd)
@@ -171,7 +178,7 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         """Append rows (the first table fixes the file's schema)."""
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            self.writer = pq.ParquetWriter(self.tmp, table.schema, compression=self.compression)
         self.buffer.append(table if table.schema.equals(self.writer.schema) else table.cast(self.writer.schema))
         self.buffered_bytes += table.nbytes
         self.buffered_rows += table.num_rows
@@ -179,16 +186,24 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
+        self._wait()  # the previous row group's error, if any, surfaces here
         if self.buffer:
-            self.writer.write_table(pa.concat_tables(self.buffer))
+            self.in_flight = self.encoder.submit(self.writer.write_table, pa.concat_tables(self.buffer))
             self.buffer = []
             self.buffered_bytes = self.buffered_rows = 0
+
+    def _wait(self) -> None:
+        if self.in_flight is not None:
+            done, self.in_flight = self.in_flight, None
+            done.result()
 
     def publish(self, empty_schema: pa.Schema) -> None:
         """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
         if self.writer is None:  # an empty shard still gets its file: it is done
-            self.writer = pq.ParquetWriter(self.tmp, empty_schema)
+            self.writer = pq.ParquetWriter(self.tmp, empty_schema, compression=self.compression)
         self._flush()
+        self._wait()
+        self.encoder.shutdown()
         self.writer.close()
         try:
             if storage.is_remote(self.uri):
@@ -201,6 +216,11 @@ class ShardWriter:
 
     def discard(self) -> None:
         """Drop the partial file after an error."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 (the error that matters is the one being handled)
+            pass
+        self.encoder.shutdown()
         if self.writer is not None:
             self.writer.close()
         if os.path.exists(self.tmp):
@@ -215,8 +235,9 @@ class ShardWorker:
     """
 
     def __init__(self, shards: list[dict[str, Any]], output: str, cfg: Any, model_cls: Callable[..., Any],
-                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema):
+                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema, compression: str = "snappy"):
         self.model = model_cls(**model_kwargs)
+        self.compression = compression
         self.shards, self.output, self.cfg = shards, output, cfg
         self.batch_size, self.empty_schema = batch_size, empty_schema
         # Plain values: an OmegaConf lookup per batch costs more than the stand-in model (bench/scale.py).
@@ -269,7 +290,7 @@ class ShardWorker:
         """Read, decode, run the model on and write one shard; the summary row."""
         start, retried = time.time(), storage.retried()
         self.wait_s = self.model_s = 0.0
-        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg)
+        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg, self.compression)
         rows = failed = duplicates = 0
         examples: list[list[str]] = []
         seen: set[str] = set()
@@ -314,16 +335,18 @@ class ShardWorker:
 
 def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
         job_cfg: Any, empty_schema: pa.Schema, label: str, worker_cls: type = ShardWorker,
-        error_cls: type[JobError] = JobError) -> dict[str, Any]:
+        error_cls: type[JobError] = JobError, compression: str = "snappy", done: set[str] | None = None) -> dict[str, Any]:
     """Process every shard of `plan` that has no file in `output` yet; returns the job summary.
 
     `job_cfg` is the job's section (batch_size, min_actors, max_actors, num_gpus); `worker_cls`
-    is replaced only by benchmarks (bench/scale.py: a stand-in without decoding).
+    is replaced only by benchmarks (bench/scale.py: a stand-in without decoding); `compression`
+    is the output files' Parquet codec; `done` the shard ids already in `output`, when the caller
+    has listed it already (a listing of 10^5 files is not free).
     """
     import ray
 
     start = time.time()
-    done = done_ids(output, cfg.storage)
+    done = done_ids(output, cfg.storage) if done is None else done
     skipped = [s for s in plan.shards if s.id in done]
     todo = [s for s in plan.shards if s.id not in done]
     if cfg.inputs.limit_shards:
@@ -347,7 +370,8 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         ds = ds.map_batches(
             worker_cls,
             fn_constructor_kwargs=dict(shards=[s.to_row() for s in todo], output=output, cfg=cfg, model_cls=model_cls,
-                                       model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema),
+                                       model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema,
+                                       compression=compression),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=job_cfg.min_actors, max_size=job_cfg.max_actors),
             num_gpus=job_cfg.num_gpus,

@@ -181,25 +181,33 @@ def test_importing_the_model_and_running_an_op_prints_no_banner() -> None:
     assert "after" in done.stderr
 
 
-@pytest.mark.timeout(420)  # a local Ray instance and an InceptionV3 actor on a small machine
-def test_a_real_job_log_has_no_banner_in_driver_or_actors(tmp_path: Path) -> None:
+# Ray Train's per-report INFO lines from the training workers (one per epoch and checkpoint).
+TRAIN_NOISE = ["Checkpoint successfully created", "Reporting training result"]
+
+
+@pytest.mark.timeout(720)  # two jobs, each with its local Ray instance, on a small machine
+def test_real_job_logs_have_no_banner_or_train_noise_in_driver_or_workers(tmp_path: Path) -> None:
     # Its own Ray temp dir (short: Ray's socket paths are limited to 107 bytes), so that the logs
-    # of exactly this job's workers can be read afterwards, forwarded to the driver or not.
+    # of exactly these jobs' workers can be read afterwards, forwarded to the driver or not.
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     try:
         work = tmp_path / "work"
-        done = _capray("extract", DEMO, "data.synthetic_images=8", f"data.annotations={work / 'data' / 'captions.csv'}",
-                       "extract.batch_size=8", "ray.local_cpus=2", f"work_dir={work}",
-                       env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
+        common = [DEMO, "data.synthetic_images=8", f"data.annotations={work / 'data' / 'captions.csv'}",
+                  "ray.local_cpus=2", f"work_dir={work}"]
+        done = _capray("extract", *common, "extract.batch_size=8", env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "8 extracted, 0 failed" in done.stdout
-        log = done.stdout + done.stderr
-        assert not [m for m in BANNER_MARKS if m in log], log[-3000:]
-        workers = list(Path(ray_tmp).glob("ray/session_*/logs/worker-*"))
-        assert workers
+        trained = _capray("train", *common, "train.epochs=1", "train.batch_size=4", "ray.num_workers=1",
+                          env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert "best checkpoint" in trained.stdout, trained.stdout[-3000:]
+        for log in (done.stdout + done.stderr, trained.stdout + trained.stderr):
+            assert not [m for m in BANNER_MARKS + TRAIN_NOISE if m in log], log[-3000:]
+        workers = list(Path(ray_tmp).glob("ray/session_2*/logs/worker-*"))  # not session_latest, a link
+        assert len({f.parent.parent for f in workers}) == 2  # both jobs' sessions
         for f in workers:
             text = f.read_text(errors="replace")
-            assert not [m for m in BANNER_MARKS if m in text], (f, text[-2000:])
+            assert not [m for m in BANNER_MARKS + TRAIN_NOISE if m in text], (f, text[-2000:])
     finally:
         import shutil
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,6 +69,7 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
         assert list(row["shape"]) == [64, 2048] and row["dtype"] == "float16"
 
     assert sorted(failed.index) == sorted(f"{photos}/img/{n}" for n in bad_images())
+    assert (table.loc[table["error"].notna(), "features"].str.len() == 0).all()  # error rows hold no features
     assert {key for key, _ in summary["errors"]} <= set(failed.index) and summary["errors"]
     assert storage.exists(f"{output_paths(cfg)['features']}/_capray_config.yaml", cfg.storage)
     manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_manifest.json", cfg.storage))
@@ -80,9 +83,22 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
 def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) -> None:
     cfg = _config(s3, photos, str(tmp_path / "run"))
     assert features.run(cfg)["extracted"] == len(good_images())
-    cfg.extract.overwrite = True
+    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/*.parquet"))
+    assert files and pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "ZSTD"  # the default
+    cfg.extract.overwrite, cfg.extract.compression = True, "none"
     assert features.run(cfg)["extracted"] == len(good_images())
     assert len(_table(cfg)) == len(good_images()) + len(bad_images())
+    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/*.parquet"))
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "UNCOMPRESSED"
+
+
+def test_the_features_column_points_into_the_batch_without_copies() -> None:
+    feats = np.arange(2 * 64 * 2048, dtype=np.float16).reshape(2, 64, 2048)
+    column = features.features_column(feats, np.array([True, False, True]))
+    assert column.type == pa.binary() and len(column) == 3
+    rows = column.to_pylist()
+    assert rows[1] == b"" and rows[0] == feats[0].tobytes() and rows[2] == feats[1].tobytes()
+    assert features.features_column(np.zeros((0, 64, 2048), np.float16), np.array([False])).to_pylist() == [b""]
 
 
 def test_mixing_feature_dtypes_in_one_folder_is_refused(s3, photos: str, tmp_path, ray_local) -> None:

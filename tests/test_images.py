@@ -55,7 +55,7 @@ def _large_jpeg(photo: bytes, size: tuple[int, int] = (4000, 3000)) -> bytes:
 
 
 def test_large_jpegs_decode_in_draft_mode_to_near_the_full_decode(flickr_dev) -> None:
-    # Bound chosen and stated in docs/inputs.md: mean |draft - full| <= 2/255 after the resize
+    # Bound chosen and stated in docs/performance.md: mean |draft - full| <= 2/255 after the resize
     # (measured ~0.7), and no pixel moved by more than a quarter of the range.
     for path in sorted((flickr_dev / "images").glob("*.jpg"))[:3]:
         photo = path.read_bytes()

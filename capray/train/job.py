@@ -19,7 +19,7 @@ from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import output_paths, to_yaml
 from capray.data import prepare_split
-from capray.featurestore import caption_dataset, feature_stats, read_features
+from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
@@ -47,7 +47,7 @@ def checked_features(cfg: Any) -> Dataset:
     """The extracted features of the config's work dir, verified against their manifest."""
     uri = output_paths(cfg)["features"]
     if not storage.exists(uri, cfg.storage):
-        raise FileNotFoundError(f"no features at {uri}: run `capray extract` with the same config first")
+        raise FeatureError(f"no features at {uri}: run `capray extract` with the same config first")
     verify_features(uri, cfg.storage)
     return read_features(uri, cfg.storage)
 

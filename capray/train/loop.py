@@ -326,9 +326,12 @@ def _quiet_worker() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Train V2 sets the worker's root logger to INFO, and one of its modules logs every report
     # ("Reporting training result ...", twice per epoch) under a logger named by its file path,
-    # outside `ray.train`, so those records reach the console through the root logger. Ray
-    # Train's own `ray.train` logger does not propagate to the root and is unaffected.
+    # outside `ray.train`, so those records reach the console through the root logger. The
+    # `ray.train` logger has its own handler (it does not propagate to the root) and logs each
+    # persisted checkpoint ("Checkpoint successfully created at ..."): the Reporter's epoch
+    # lines already say both. Warnings and errors of either still show.
     logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
