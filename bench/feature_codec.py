@@ -1,4 +1,5 @@
-"""Benchmark: the features files' Parquet codec (`extract.compression`): bytes, write and read cost.
+"""Benchmark: the features files' Parquet codec (`extract.compression`): bytes, write and read cost;
+and the cast to float16 in the compiled forward vs after it in NumPy.
 
 Features of real photos (InceptionV3 with `encoder.weights=random`, float16 as stored, computed in
 float32 and in bfloat16) are written as the extraction job writes them (`FeatureExtractor.rows`,
@@ -44,6 +45,28 @@ def feature_table(paths: list[str], precision: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def cast_cost(paths: list[str], precision: str = "mixed_bfloat16", rounds: int = 3) -> tuple[float, float]:
+    """ms/image of InceptionV3 with the float16 cast in the graph, and with float32 output cast
+    by NumPy afterwards (as before), batch 16, interleaved batch by batch."""
+    from capray.images import decode
+    from capray.model import ImageEncoder, set_precision
+
+    set_precision(precision)
+    try:
+        pixels = np.stack([decode(Path(p).read_bytes(), 64_000_000) for p in paths])
+        in_graph, numpy_cast = ImageEncoder("random", 0, dtype="float16"), ImageEncoder("random", 0)
+        in_graph(pixels[:16]), numpy_cast(pixels[:16])  # traced once each
+        a = b = 0.0
+        for _ in range(rounds):
+            for i in range(0, len(pixels), 16):
+                a += best_of(1, lambda: in_graph(pixels[i : i + 16]))
+                b += best_of(1, lambda: numpy_cast(pixels[i : i + 16]).astype(np.float16))
+    finally:
+        set_precision("float32")
+    n = rounds * len(pixels)
+    return a / n * 1e3, b / n * 1e3
+
+
 def best_of(n: int, fn) -> float:
     """The fastest of `n` calls of `fn`, in seconds."""
     times = []
@@ -80,6 +103,9 @@ def main() -> None:
                 r = best_of(3, lambda: pq.read_table(out, use_threads=False))
                 n = table.num_rows
                 print(f"{precision:15s} {codec:7s} {os.path.getsize(out) / n / 1024:10.0f} {w / n * 1e3:15.2f} {r / n * 1e3:14.2f}")
+    graph_ms, numpy_ms = cast_cost(paths[:64])
+    print(f"InceptionV3 (mixed_bfloat16, batch 16, 64 photos x 3): float16 cast in the graph {graph_ms:.2f} ms/image, "
+          f"float32 output + NumPy cast {numpy_ms:.2f} ms/image")
 
 
 if __name__ == "__main__":
