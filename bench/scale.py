@@ -78,7 +78,7 @@ def scenario(args: argparse.Namespace) -> None:
             return []
 
         def _run_model(self, table: pa.Table, futures: list) -> pa.Table:
-            return self.model({"image": table["image"]})
+            return pipeline.with_input_columns(self.model({"image": table["image"]}), table)
 
     cfg = load_config(None, [f"work_dir={args.work}", "ray.local_cpus=2", f"inputs.shard_rows={FILE_ROWS}", *args.set])
     init_ray(cfg)
@@ -107,6 +107,7 @@ def scenario(args: argparse.Namespace) -> None:
     stop.set()
     first = float(marker.read_text()) - t0 if marker.exists() else float("nan")
     print(json.dumps({"rows": s["written"], "shards": s["shards"], "shards_done_before": s["shards_done_before"],
+                      "computed": s["computed"], "copied": s["copied"],
                       "rss_mb": (peak[0] - idle) / 2**20, "idle_mb": idle / 2**20, "first_batch_s": first,
                       "plan_s": t_plan, "wall_s": wall, "rows_per_s": s["written"] / wall}))
 

@@ -24,6 +24,7 @@ JOBS = {
     "evaluate": "capray.evaluate",
     "demo": "capray.demo",
     "export": "capray.export",
+    "audit": "capray.audit",
 }
 # Jobs that need no Ray: they run in this process.
 LOCAL_JOBS = {"export"}
@@ -42,6 +43,7 @@ EXIT_CODES = {
     "JobError": 7,
     "TrainingError": 8,
     "ExportError": 9,
+    "AuditError": 10,
 }
 
 
@@ -130,12 +132,41 @@ def preflight(job: str, cfg: Any) -> None:
     elif job == "demo":
         _output_writable(cfg.work_dir)
         backbone.check(cfg.encoder.weights, cfg.storage)
+    elif job == "audit":
+        _audit_target(cfg)
+
+
+def _audit_target(cfg: Any) -> None:
+    """The input and the output folder of the job `audit.job` names exist."""
+    from capray import storage
+    from capray.config import output_paths
+    from capray.inputs import InputError
+
+    p = output_paths(cfg)
+    if cfg.audit.job == "caption":
+        if not cfg.infer.input:
+            raise InputError("infer.input is empty: give the input of the caption job to audit")
+        _input_exists(cfg.infer.input, cfg.storage)
+        output = p["captions"]
+    else:
+        if cfg.extract.input:
+            _input_exists(cfg.extract.input, cfg.storage)
+        elif not storage.exists(p["split"], cfg.storage):
+            # The extract job's input is then the split it saved: without it there is nothing to compare.
+            raise InputError(f"no training split at {p['split']}: run `capray extract` with the same config first")
+        output = p["features"]
+    if not storage.exists(output, cfg.storage):
+        raise InputError(f"output folder not found: {output}: nothing to audit (run `capray {cfg.audit.job}` first)")
 
 
 def run_job(job: str, cfg: Any) -> Any:
     """Run one job on the Ray that is already connected; `train` is followed by `evaluate` when
-    `evaluate.after_train` (composition lives here, not in the job modules)."""
+    `evaluate.after_train`, `caption` and `extract` by their audit when `audit.after_job`
+    (composition lives here, not in the job modules)."""
     result = importlib.import_module(JOBS[job]).run(cfg)
+    if job in ("caption", "extract") and cfg.audit.after_job:
+        # Here, not in the jobs: capray.audit imports both jobs' planners (job_plan).
+        result["audit"] = importlib.import_module("capray.audit").after_job(cfg, job)
     if job == "train" and cfg.evaluate.after_train:
         # Imported here: the evaluation job loads what only this path needs.
         evaluate = importlib.import_module("capray.evaluate")
@@ -152,7 +183,7 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="*", help="YAML files (later ones win), then key=value overrides")
     parser.add_argument("--overwrite", action="store_true",
-                        help="extract: recompute features already present; export: replace the output folder")
+                        help="extract, caption: redo the output folder (a new input or other settings); export: replace it")
     parser.add_argument("--limit", type=int, help="extract, caption: at most N new shards (a trial run)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--debug", action="store_true",
@@ -162,7 +193,7 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     debug = args.debug or os.environ.get("CAPRAY_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overwrite = {"export": "export.overwrite=true"}.get(job, "extract.overwrite=true")
+        overwrite = {"export": "export.overwrite=true", "caption": "infer.overwrite=true"}.get(job, "extract.overwrite=true")
         extra = ([overwrite] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
         cfg = parse_args(args.config + extra)
         if args.print_config:
@@ -173,7 +204,7 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
 
         # Which code runs matters on a cluster (uploaded working dir vs. the installed wheel).
         print(f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}", flush=True)
-        if job not in ("evaluate", "export"):
+        if job not in ("evaluate", "export", "audit"):
             from capray.config import cpu_bf16
 
             print(f"[capray] {job}: model.precision={cfg.model.precision} (this machine's CPU: "

@@ -179,6 +179,16 @@ class InputsConfig:
     io_threads: int = 4
     # Process at most this many new shards (0 = all): a trial run.
     limit_shards: int = 0
+    # A folder/prefix is listed again on every run (true), so that a re-run finds the images
+    # added, overwritten or removed since; false reuses the last saved listing (resuming a killed
+    # run over a huge prefix without paying for another listing). docs/inputs.md#re-runs.
+    relist: bool = True
+    # Output rows of images that are no longer in the input: prune (deleted, so the output holds
+    # every current image exactly once) | keep (kept; `capray audit` reports them as stale).
+    removed: str = "prune"
+    # Also redo the rows that failed in earlier runs (e.g. after a storage outage); the rows that
+    # succeeded are copied, not computed again.
+    retry_failed: bool = False
 
 
 @dataclass
@@ -202,6 +212,19 @@ class InferConfig:
     length_alpha: float = 0.7
     # Also write each word's 64 attention weights (`attention` column).
     attention: bool = False
+    # Redo every caption in the output folder (deletes its shard files first); also --overwrite.
+    # Without it, an output folder made from another input or with other settings is refused.
+    overwrite: bool = False
+
+
+@dataclass
+class AuditConfig:
+    """`capray audit`: a job's output folder checked against its input, image by image."""
+
+    # Whose output to audit: caption (infer.input vs. the captions folder) | extract (its input vs. features/).
+    job: str = "caption"
+    # The caption and extract jobs run the audit of their output when they finish and print its verdict.
+    after_job: bool = False
 
 
 @dataclass
@@ -284,6 +307,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -298,7 +322,9 @@ _CHOICES = {
     "extract.dtype": ("float16", "float32"),
     "extract.compression": ("zstd", "snappy", "lz4", "none"),
     "infer.strategy": ("greedy", "beam"),
+    "audit.job": ("caption", "extract"),
     "inputs.format": ("auto", "files", "manifest", "webdataset"),
+    "inputs.removed": ("prune", "keep"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.optimizer": ("adam", "sgd"),
 }

@@ -31,7 +31,9 @@ def run(cfg: Any) -> dict[str, Any]:
     trained = train.run(cfg)
     # The caption job's own config, derived rather than written into `cfg`: every stage's config
     # is what it was given, and the one saved next to the captions says what ran.
-    caption_cfg = OmegaConf.merge(cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images")}})
+    # The held-out captions are redone every time: they are this run's checkpoint's to score, and
+    # the caption job refuses an output folder made with another checkpoint.
+    caption_cfg = OmegaConf.merge(cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images"), "overwrite": True}})
     cap = infer.run(caption_cfg)
 
     rows = pd.read_parquet(p["captions"])

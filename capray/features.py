@@ -74,6 +74,32 @@ def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), len(ok), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(feats)])
 
 
+def settings(cfg: Any) -> dict[str, Any]:
+    """What the features depend on besides the input: recorded with every shard, compared on re-runs."""
+    out: dict[str, Any] = {"encoder.weights": cfg.encoder.weights, "extract.dtype": cfg.extract.dtype,
+                           "model.precision": cfg.model.precision, "data.max_pixels": cfg.data.max_pixels}
+    if cfg.encoder.weights == "random":
+        out["encoder.seed"] = cfg.encoder.seed
+    return out
+
+
+def job_plan(cfg: Any) -> Plan:
+    """The extract job's input as shards: `extract.input`, or the images of the training split
+    (chunked from `split.parquet` by a Ray task: the driver never holds the image list)."""
+    from capray.config import output_paths
+
+    paths = output_paths(cfg)
+    if cfg.extract.input:
+        return inputs.plan(cfg, cfg.extract.input, paths["inputs"])
+    from capray.data import prepare_split
+    from capray.synthetic import ensure
+
+    if cfg.data.format == "synthetic":
+        cfg = OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})
+    prepare_split(cfg)
+    return inputs.names_plan(paths["split"], "image", paths["inputs"], cfg, "split")
+
+
 def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
@@ -89,13 +115,13 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
         )
     from capray.config import output_paths
 
-    plan = images if isinstance(images, Plan) else inputs.images_plan(sorted(set(images)), output_paths(cfg)["inputs"], cfg, "images")
+    plan = images if isinstance(images, Plan) else inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "images")
     kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage=cfg.storage, dtype=cfg.extract.dtype,
                   precision=cfg.model.precision, jit_compile=cfg.model.jit_compile, max_pixels=cfg.data.max_pixels)
     s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract",
-                     compression=cfg.extract.compression)
+                     compression=cfg.extract.compression, settings=settings(cfg))
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
-    if s["shards_written"] or not manifest:
+    if s["shards_written"] or s["cleanup"]["replaced"] or s["cleanup"]["pruned"] or s["cleanup"]["legacy_removed"] or not manifest:
         s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])
     return s
 
@@ -106,19 +132,8 @@ def run(cfg: Any) -> dict[str, Any]:
     from capray.config import output_paths, save_next_to
 
     out = output_paths(cfg)["features"]
-    if cfg.extract.input:
-        plan = inputs.plan(cfg, cfg.extract.input, output_paths(cfg)["inputs"])
-        what = cfg.extract.input
-    else:
-        from capray.data import prepare_split
-        from capray.synthetic import ensure
-
-        if cfg.data.format == "synthetic":
-            cfg = OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})
-        train_df, val_df = prepare_split(cfg)
-        images = sorted(set(train_df["image"]) | set(val_df["image"]))
-        plan = inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "split")
-        what = f"{len(images)} images of the split"
+    plan = job_plan(cfg)
+    what = cfg.extract.input or f"{plan.rows} images of the split"
     print(f"[capray] extracting InceptionV3 features of {what} -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
     summary = extract(cfg, plan, out)
     if storage.exists(out, cfg.storage):

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from capray import pipeline, storage
+from capray import shards, storage
 from capray.images import FEATURE_DIM, NUM_CELLS
 
 if TYPE_CHECKING:
@@ -85,8 +85,8 @@ def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: di
     """
     known = {f["file"]: f["rows"] for f in (previous or {}).get("files", [])}
     known.update(written or {})
-    names = sorted(n for n in pipeline.done_ids(features_dir, storage_cfg))
-    names = [pipeline.output_name(n) for n in names]
+    names = sorted(n for n in shards.done_ids(features_dir, storage_cfg))
+    names = [shards.output_name(n) for n in names]
     new = [n for n in names if n not in known]
     counts = ThreadPoolExecutor(16).map(lambda n: _footer_rows(storage.join(features_dir, n), storage_cfg), new)
     known.update(zip(new, counts))

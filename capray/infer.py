@@ -3,7 +3,9 @@
 Pipeline: shards -> an actor pool whose actors hold InceptionV3 and the decoder (features never
 leave the actor) -> `<output>/<shard id>.parquet` (capray.pipeline). Every input image yields
 exactly one row, with the input's other columns passed through; unreadable images get `error`
-set and no caption. A re-run skips the shards that already have their file.
+set and no caption. A re-run skips the shards that already have their file, redoes the ones
+whose input changed (copying the captions of unchanged images), and refuses an output folder made
+from another input or with other settings (checkpoint, decoding, precision) unless overwriting.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from capray import inputs, pipeline
+from capray import inputs, pipeline, storage
 from capray.inputs import InputError
 
 log = logging.getLogger(__name__)
@@ -111,22 +113,42 @@ class CaptionPredictor(pipeline.ImageBatchModel):
         return pa.table(columns, schema=schema)
 
 
+def settings(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
+    """What the captions depend on besides the input: recorded with every shard, compared on re-runs."""
+    from capray.listing import stat
+
+    size, version = stat(storage.join(checkpoint_uri, "model.weights.h5"), cfg.storage)
+    i = cfg.infer
+    out = {"checkpoint": checkpoint_uri, "checkpoint weights (size:version)": f"{size}:{version}", "infer.strategy": i.strategy,
+           "infer.max_length": i.max_length, "infer.attention": i.attention, "model.precision": cfg.model.precision,
+           "data.max_pixels": cfg.data.max_pixels}
+    if i.strategy == "beam":
+        out.update({"infer.beam_size": i.beam_size, "infer.length_alpha": i.length_alpha})
+    return out
+
+
+def job_plan(cfg: Any) -> inputs.Plan:
+    """The caption job's input (`infer.input`) as shards."""
+    from capray.config import output_paths
+
+    return inputs.plan(cfg, cfg.infer.input, output_paths(cfg)["inputs"])
+
+
 def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
-    """Caption every shard of `input_uri` that has no file in `output` yet; returns the summary."""
+    """Caption every shard of `input_uri` that `output` does not hold yet; returns the summary."""
     from capray import checkpoint
     from capray.config import output_paths
 
     # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
+    if cfg.infer.overwrite and storage.exists(output, cfg.storage):
+        fs, path = storage.filesystem(output, cfg.storage)
+        fs.delete_dir(path)
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
-    try:
-        done = pipeline.done_ids(output, cfg.storage)
-    except OSError as e:
-        raise InputError(f"cannot read the output folder {output}: {e}") from None
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
     summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError,
-                           done=done)
+                           settings=settings(cfg, checkpoint_uri))
     summary["captioned"] = summary["written"] - summary["failed"]
     return summary
 
@@ -145,9 +167,11 @@ def run(cfg: Any) -> dict[str, Any]:
     if not s["shards_written"]:
         print(f"[capray] caption: nothing to do: all {images}{s['shards']} shards already have their file in {out}", flush=True)
     else:
+        copied = f", {s['copied']} of them copied unchanged from the files they replace" if s["copied"] else ""
+        done = f" ({s['already_done']} images)" if s["already_done"] is not None else ""
         print(
-            f"[capray] caption: {images}{s['shards']} shards, {s['shards_done_before']} already done, "
-            f"{s['shards_written']} written ({s['written']} rows: {s['written'] - s['failed']} captioned, {s['failed']} failed), "
+            f"[capray] caption: {images}{s['shards']} shards, {s['shards_done_before']} already done{done}, "
+            f"{s['shards_written']} written ({s['written']} rows: {s['written'] - s['failed']} captioned, {s['failed']} failed{copied}), "
             f"{s['remaining_shards']} shards left; {s['seconds']} s, {s['images_per_s']} images/s -> {out}",
             flush=True,
         )

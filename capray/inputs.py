@@ -3,20 +3,19 @@
 An input is a folder or s3:// prefix of image files, a manifest (.csv/.parquet with an `image`
 column; a file, a folder or a glob of them), WebDataset tar shards (img2dataset's layout), or
 Parquet files with image bytes (img2dataset's `output_format=parquet`). Each becomes a list of
-`Shard`s with stable ids; the driver holds that list (O(shards)) and never one object per image.
-A worker reads its shard with `read_shard`, streaming, in batches of rows.
+`Shard`s; the driver holds that list (O(shards)) and never one object per image. A worker reads
+its shard with `read_shard`, streaming, in batches of rows.
 
-Listing a folder/prefix of images is itself O(images) work: it runs once, in Ray tasks (one per
-group of sub-folders), which write the listing as Parquet shards under
-`<work_dir>/inputs/<input id>/`, with `_plan.json` written last. Re-runs read `_plan.json` and so
-keep the same shards (and skip the ones already done); delete that folder to list again.
+A shard's id names what it holds, not where: `<location>.<content digest>`. A folder/prefix is
+listed by Ray tasks into content-defined chunks of keys with their versions (capray.listing);
+a chunk's location is its key range and its digest covers every key and version in it. A
+manifest, tar or Parquet file's shards are located by file (and row groups) and digest the
+file's size and ETag/mtime. So an input that changed never passes for done, and capray.shards
+can tell which earlier output files a new shard replaces.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
 import os
 import posixpath
 import tarfile
@@ -29,17 +28,23 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from capray import storage
+from capray import listing, storage
+from capray.listing import ListingError, digest, is_image, stem, suffixes, walk
 
 # The columns every reader yields before the pass-through ones: the row's key (a URI, or
 # `<shard>/<key>` inside a tar) and the image itself as a URI to read or as bytes.
 KEY, URI, DATA = "image", "_uri", "_data"
+# A listed image's version (`<size>:<ETag or mtime>`), passed through into the output rows: it is
+# what a re-run compares to tell an overwritten image from an unchanged one.
+VERSION = listing.VERSION
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 # A CSV file larger than this many bytes per `inputs.shard_rows` row (a typical manifest row is
 # 50-150 bytes) is split into Parquet shards once, by a Ray task: otherwise one worker would do a
 # whole million-row CSV as a single shard, and its file would appear only at the end.
 CSV_SPLIT_BYTES_PER_ROW = 100
 _GLOB_CHARS = "*?["
+
+__all__ = ["InputError", "Plan", "Shard", "plan", "read_shard", "images_plan", "names_plan", "is_image", "suffixes", "walk"]
 
 
 class InputError(RuntimeError):
@@ -48,33 +53,47 @@ class InputError(RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of work: a file of the input (or a range of its Parquet row groups)."""
+    """One unit of work: a chunk of a listing, a file of the input, or a range of its row groups."""
 
-    id: str  # stable across runs: names the output file `<id>.parquet`
+    id: str  # `<location>.<content digest>`: names the output file `<id>.parquet`
     kind: str  # listing | manifest | csv | webdataset | parquet_bytes
-    uri: str
+    uri: str  # the file the worker reads (a listing chunk, a manifest, a tar...)
     row_groups: tuple[int, ...] = ()  # Parquet kinds: which row groups (empty = all)
     rows: int = -1  # known row count (-1 = unknown until read, e.g. a tar)
     base: str = ""  # manifests: folder that relative image paths are resolved against
+    source: str = ""  # the input file the shard comes from ("" for a listing chunk)
+    lo: str = ""  # listings: the key range [lo, hi) the shard covers ("" = open)
+    hi: str = ""
+    sources: tuple[str, ...] = ()  # earlier output files whose rows it may copy (capray.shards)
+
+    @property
+    def location(self) -> str:
+        """The id without its content digest: the same for every version of this part of the input."""
+        return self.id.rpartition(".")[0]
 
     def to_row(self) -> dict[str, Any]:
         """A plain dict row for `ray.data.from_items`."""
         d = asdict(self)
         d["row_groups"] = list(self.row_groups)
+        d["sources"] = list(self.sources)
         return d
 
     @staticmethod
     def from_row(row: dict[str, Any]) -> "Shard":
         """Inverse of `to_row` (Ray hands back numpy arrays for lists)."""
-        return Shard(row["id"], row["kind"], row["uri"], tuple(int(g) for g in row["row_groups"]), int(row["rows"]), row["base"])
+        return Shard(row["id"], row["kind"], row["uri"], tuple(int(g) for g in row["row_groups"]), int(row["rows"]),
+                     row["base"], row["source"], row["lo"], row["hi"], tuple(str(s) for s in row["sources"]))
 
 
 @dataclass
 class Plan:
-    """What a job will read: its shards, and what kind of input they came from."""
+    """What a job will read: its shards, what kind of input they came from, and for a listed
+    folder/prefix how the listing was obtained (`listing`: taken_at, reused, changes)."""
 
     kind: str
     shards: list[Shard] = field(default_factory=list)
+    input: str = ""
+    listing: dict[str, Any] | None = None
 
     @property
     def rows(self) -> int | None:
@@ -82,137 +101,71 @@ class Plan:
         return None if any(s.rows < 0 for s in self.shards) else sum(s.rows for s in self.shards)
 
 
-def _digest(*parts: Any) -> str:
-    return hashlib.sha1("\n".join(map(str, parts)).encode("utf-8")).hexdigest()[:10]
-
-
-def _stem(uri: str) -> str:
-    name = posixpath.basename(uri.rstrip("/"))
-    for suffix in (".parquet", ".csv", ".tar"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return safe[:40] or "shard"
-
-
-def suffixes(extensions: Any) -> tuple[str, ...]:
-    """`[jpg, .PNG]` -> (".jpg", ".png")."""
-    return tuple(f".{str(e).lower().lstrip('.')}" for e in extensions)
-
-
-def is_image(name: str, cfg: Any) -> bool:
-    """Whether a listed file is an image to process (`inputs.extensions`, `inputs.glob`)."""
-    base = posixpath.basename(name)
-    if base.startswith(".") or not base.lower().endswith(suffixes(cfg.inputs.extensions)):
-        return False
-    return not cfg.inputs.glob or fnmatch.fnmatch(base, cfg.inputs.glob)
-
-
-# --- listing: streamed, so a task's memory does not grow with the folder -------------------
-
-
-def walk(uri: str, storage_cfg: Any = None, recursive: bool = True) -> Iterator[tuple[str, bool]]:
-    """(uri, is_folder) under a folder/prefix, streamed in sorted order. Recursive: files only."""
-    if storage.is_remote(uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        prefix = key.rstrip("/") + "/" if key else ""
-        args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
-        for page in storage.listing_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
-            for d in page.get("CommonPrefixes", ()):
-                yield f"s3://{bucket}/{d['Prefix'].rstrip('/')}", True
-            for obj in page.get("Contents", ()):
-                if not obj["Key"].endswith("/"):  # folder markers
-                    yield f"s3://{bucket}/{obj['Key']}", False
-        return
-    if recursive:
-        for root, dirs, files in os.walk(uri):
-            dirs.sort()
-            for name in sorted(files):
-                yield os.path.join(root, name), False
-        return
-    with os.scandir(uri) as entries:
-        for name, is_dir in sorted((e.name, e.is_dir()) for e in entries):
-            yield os.path.join(uri, name), is_dir
-
-
-def _write_listing(uris: list[str], uri: str, storage_cfg: Any) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({KEY: pa.array(uris, pa.string())}), sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
-
-
-def list_group(roots: list[str], recursive: bool, out_dir: str, group: int, cfg: Any) -> dict[str, Any]:
-    """Ray task: list `roots`, write the image URIs as listing shards of `inputs.shard_rows`
-    under `out_dir`; returns [(file, rows)] and, for a top-level (non-recursive) listing, the
-    sub-folders found. Memory: one shard of URIs, however many files there are."""
-    shards, folders, buf = [], [], []
-
-    def flush() -> None:
-        name = storage.join(out_dir, f"list-{group:05d}-{len(shards):05d}.parquet")
-        _write_listing(buf, name, cfg.storage)
-        shards.append((name, len(buf)))
-        buf.clear()
-
-    for root in roots:
-        for path, is_dir in walk(root, cfg.storage, recursive):
-            if is_dir:
-                folders.append(path)
-            elif is_image(path, cfg):
-                buf.append(path)
-                if len(buf) >= cfg.inputs.shard_rows:
-                    flush()
-    if buf:
-        flush()
-    return {"shards": shards, "folders": folders}
+def _listing_shards(chunks: list[dict[str, Any]], cfg: Any) -> list[Shard]:
+    # With inputs.removed=keep a shard's file also holds rows of removed images, so its content
+    # differs: switching the option rewrites (copies) the shards instead of taking them for done.
+    keep = cfg.inputs.removed == "keep"
+    return [Shard(f"list-{digest(lo)}.{digest(c['digest'], 'keep') if keep else c['digest']}", "listing", c["file"],
+                  rows=c["rows"], lo=lo, hi=hi)
+            for c, (lo, hi) in zip(chunks, listing.ranges(chunks))]
 
 
 def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
-    """Plan of a folder/prefix of images: listed once by Ray tasks, reused by re-runs."""
-    import ray
-
-    out_dir = storage.join(cache_dir, f"{_stem(uri)}-{_digest(uri, list(cfg.inputs.extensions), cfg.inputs.glob, cfg.inputs.shard_rows)}")
-    plan_uri = storage.join(out_dir, "_plan.json")
-    if storage.exists(plan_uri, cfg.storage):
-        saved = json.loads(storage.read_bytes(plan_uri, cfg.storage))
-        return Plan("files", [Shard(s["id"], "listing", s["uri"], rows=s["rows"]) for s in saved["shards"]])
-    task = ray.remote(num_cpus=0.5)(list_group)
-    top = ray.get(task.remote([uri], False, out_dir, 0, cfg))
-    folders = top["folders"]
-    # Sub-folders are listed in parallel, in contiguous groups (their order is the listing's).
-    n_groups = min(len(folders), 64)
-    groups = [folders[i * len(folders) // n_groups:(i + 1) * len(folders) // n_groups] for i in range(n_groups)]
-    results = [top] + ray.get([task.remote(g, True, out_dir, i + 1, cfg) for i, g in enumerate(groups)])
-    files = [(f, n) for r in results for f, n in r["shards"]]
-    shards = [Shard(f"{posixpath.basename(f)[: -len('.parquet')]}-{_digest(out_dir)}", "listing", f, rows=n) for f, n in files]
-    if not shards:
+    """Plan of a folder/prefix of images: listed by Ray tasks (or the saved listing reused, with
+    inputs.relist=false), compared with the listing before it."""
+    try:
+        current, before, reused = listing.obtain(cfg, uri, cache_dir)
+    except ListingError as e:
+        raise InputError(str(e)) from None
+    if not current.chunks:
         exts = ", ".join(cfg.inputs.extensions)
         raise InputError(f"no images under {uri} (files ending in {exts}" + (f", matching {cfg.inputs.glob!r}" if cfg.inputs.glob else "") + ")")
-    saved = {"input": uri, "shards": [{"id": s.id, "uri": s.uri, "rows": s.rows} for s in shards]}
-    storage.write_bytes(plan_uri, json.dumps(saved).encode(), cfg.storage)
-    return Plan("files", shards)
+    changes = listing.diff(current, before, cfg.storage) if before is not None else None
+    info = {"taken_at": current.taken_at, "reused": reused, "changes": changes,
+            "before_taken_at": before.taken_at if before is not None else None}
+    return Plan("files", _listing_shards(current.chunks, cfg), uri, info)
+
+
+def _chunked_once(out_dir: str, what: str, cfg: Any, make: Any) -> Plan:
+    """The chunks saved under `out_dir`, or `make()`'s, saved there (a content-addressed folder)."""
+    if storage.exists(storage.join(out_dir, listing.LISTING), cfg.storage):
+        chunks = listing.load(out_dir, cfg.storage).chunks
+    else:
+        chunks = make()
+        listing.save(out_dir, what, 0.0, chunks, cfg.storage)
+    return Plan("files", _listing_shards(chunks, cfg), what)
 
 
 def images_plan(images: list[str], cache_dir: str, cfg: Any, name: str) -> Plan:
-    """Plan of an explicit image list the driver already holds (the training split), written once."""
-    digest = _digest(cfg.inputs.shard_rows, len(images), *images)
-    out_dir = storage.join(cache_dir, f"{name}-{digest}")
-    n = cfg.inputs.shard_rows
-    shards = []
-    for k in range(0, len(images), n):
-        uri = storage.join(out_dir, f"list-{k // n:05d}.parquet")
-        if not storage.exists(uri, cfg.storage):
-            _write_listing(images[k:k + n], uri, cfg.storage)
-        shards.append(Shard(f"{name}-{k // n:05d}-{digest}", "listing", uri, rows=len(images[k:k + n])))
-    return Plan("files", shards)
+    """Plan of an explicit image list the caller already holds (the Python API), chunked like a
+    listing (no versions: the images are keyed by name), written once per distinct list."""
+    images = sorted(set(images))
+    out_dir = storage.join(cache_dir, f"{name}-{digest(cfg.inputs.shard_rows, len(images), *images)}")
+    return _chunked_once(out_dir, name, cfg, lambda: listing.chunk_list(images, out_dir, cfg))
+
+
+def names_plan(table_uri: str, column: str, cache_dir: str, cfg: Any, name: str) -> Plan:
+    """Plan of the distinct values of a table's column (the split's images), chunked like a
+    listing by a Ray task (the driver never holds the names); made again when the table changes."""
+    import ray
+
+    size, version = listing.stat(table_uri, cfg.storage)
+    out_dir = storage.join(cache_dir, f"{name}-{digest(table_uri, size, version, cfg.inputs.shard_rows)}")
+    task = ray.remote(num_cpus=0.5)(listing.chunk_names)
+    return _chunked_once(out_dir, name, cfg, lambda: ray.get(task.remote(table_uri, column, out_dir, cfg)))
 
 
 # --- manifests, tars and Parquet with bytes: one shard per file or per group of row groups ----
 
 
-def _parquet_shards(uri: str, cfg: Any, kind: str) -> list[Shard]:
-    fs, path = storage.filesystem(uri, cfg.storage)
-    with fs.open_input_file(path) as f:
-        meta = pq.ParquetFile(f).metadata
+def _folder(uri: str) -> str:
+    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
+
+
+def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
+    fs, path = storage.filesystem(f.uri, cfg.storage)
+    with fs.open_input_file(path) as handle:
+        meta = pq.ParquetFile(handle).metadata
     groups: list[list[int]] = []
     rows = 0
     for g in range(meta.num_row_groups):
@@ -223,10 +176,9 @@ def _parquet_shards(uri: str, cfg: Any, kind: str) -> list[Shard]:
         else:
             groups.append([g])
             rows = n
-    base = posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
     return [
-        Shard(f"{_stem(uri)}-{g[0]:05d}-{_digest(uri, g)}", kind, uri, tuple(g),
-              sum(meta.row_group(i).num_rows for i in g), base)
+        Shard(f"{stem(f.uri)}-{digest(f.uri)}-{g[0]:05d}.{digest(f.size, f.version, g)}", kind, f.uri, tuple(g),
+              sum(meta.row_group(i).num_rows for i in g), _folder(f.uri), f.uri)
         for g in groups
     ]
 
@@ -260,22 +212,25 @@ def _file_kind(uri: str, cfg: Any) -> str:
     return "manifest" if uri.lower().endswith(".parquet") else "csv"
 
 
-def _glob(uri: str, cfg: Any) -> list[str]:
+def _glob(uri: str, cfg: Any) -> list[listing.Entry]:
+    import fnmatch
+
     parent, pattern = uri.rsplit("/", 1)
     if any(c in parent for c in _GLOB_CHARS):
         raise InputError(f"{uri}: only the last part of an input path may be a glob")
-    return sorted(u for u, is_dir in walk(parent, cfg.storage, recursive=False)
-                  if not is_dir and fnmatch.fnmatch(posixpath.basename(u), pattern))
+    return [e for e in walk(parent, cfg.storage, recursive=False)
+            if not e.is_dir and fnmatch.fnmatch(posixpath.basename(e.uri), pattern)]
 
 
-def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[str]:
-    """The files a manifest/tar input names: one file, a glob, or a folder (recursively)."""
+def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[listing.Entry]:
+    """The files a manifest/tar input names (one file, a glob, or a folder recursively), each
+    with its size and version."""
     if any(c in uri for c in _GLOB_CHARS):
-        return [u for u in _glob(uri, cfg) if u.lower().endswith(wanted)]
+        return [e for e in _glob(uri, cfg) if e.uri.lower().endswith(wanted)]
     if uri.lower().endswith(wanted):
-        return [uri]
-    return [u for u, _ in walk(uri, cfg.storage, recursive=True)
-            if u.lower().endswith(wanted) and not posixpath.basename(u).startswith(("_", "."))]
+        return [listing.Entry(uri, False, *listing.stat(uri, cfg.storage))]
+    return [e for e in walk(uri, cfg.storage, recursive=True)
+            if e.uri.lower().endswith(wanted) and not posixpath.basename(e.uri).startswith(("_", "."))]
 
 
 def _detect(uri: str, cfg: Any) -> str:
@@ -283,7 +238,7 @@ def _detect(uri: str, cfg: Any) -> str:
     if cfg.inputs.format != "auto":
         return cfg.inputs.format
     if any(c in uri for c in _GLOB_CHARS):
-        names = [u.lower() for u in _glob(uri, cfg)]
+        names = [e.uri.lower() for e in _glob(uri, cfg)]
         if not names:
             raise InputError(f"no file matches {uri}")
         if all(n.endswith(".tar") for n in names):
@@ -297,12 +252,12 @@ def _detect(uri: str, cfg: Any) -> str:
     if name.endswith(".tar"):
         return "webdataset"
     kinds = set()
-    for seen, (path, is_dir) in enumerate(walk(uri, cfg.storage, recursive=False)):
+    for seen, e in enumerate(walk(uri, cfg.storage, recursive=False)):
         if seen >= 1000:  # a peek, not a listing
             break
-        low = path.lower()
-        if not is_dir:
-            kinds.add("tar" if low.endswith(".tar") else "table" if low.endswith(MANIFEST_SUFFIXES) else "image" if is_image(path, cfg) else "")
+        low = e.uri.lower()
+        if not e.is_dir:
+            kinds.add("tar" if low.endswith(".tar") else "table" if low.endswith(MANIFEST_SUFFIXES) else "image" if is_image(e.uri, cfg) else "")
     if "tar" in kinds:
         return "webdataset"
     if "table" in kinds and "image" not in kinds:
@@ -312,7 +267,7 @@ def _detect(uri: str, cfg: Any) -> str:
 
 def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
     """The shards of input `uri` (any kind above); fails with InputError before any work.
-    `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders."""
+    `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
     try:
         if not any(c in uri for c in _GLOB_CHARS) and not storage.exists(uri, cfg.storage):
             raise InputError(f"input not found: {uri}")
@@ -323,27 +278,28 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
             tars = _expand(uri, cfg, (".tar",))
             if not tars:
                 raise InputError(f"no .tar shards under {uri}")
-            return Plan("webdataset", [Shard(f"{_stem(t)}-{_digest(t)}", "webdataset", t) for t in tars])
+            return Plan("webdataset", [Shard(f"{stem(t.uri)}-{digest(t.uri)}.{digest(t.size, t.version)}", "webdataset", t.uri,
+                                             source=t.uri) for t in tars], uri)
         files = _expand(uri, cfg, MANIFEST_SUFFIXES)
         if not files:
             raise InputError(f"no .csv or .parquet manifest under {uri}")
-        kinds = list(ThreadPoolExecutor(16).map(lambda f: _file_kind(f, cfg), files))
+        kinds = list(ThreadPoolExecutor(16).map(lambda f: _file_kind(f.uri, cfg), files))
         if len(set(k == "parquet_bytes" for k in kinds)) > 1:
             raise InputError(f"{uri} mixes manifests and Parquet files with image bytes: give one kind per job")
 
-        big = [f for f, k in zip(files, kinds) if k == "csv" and _size(f, cfg) > CSV_SPLIT_BYTES_PER_ROW * cfg.inputs.shard_rows]
+        big = [f for f, k in zip(files, kinds) if k == "csv" and f.size > CSV_SPLIT_BYTES_PER_ROW * cfg.inputs.shard_rows]
         split = _split_csvs(big, cfg, cache_dir) if big else {}
 
-        def shards_of(f: str, k: str) -> list[Shard]:
-            if f in split:
-                return split[f]
+        def shards_of(f: listing.Entry, k: str) -> list[Shard]:
+            if f.uri in split:
+                return split[f.uri]
             if k == "csv":
-                base = posixpath.dirname(f) if storage.is_remote(f) else os.path.dirname(f)
-                return [Shard(f"{_stem(f)}-{_digest(f)}", "csv", f, base=base)]
+                return [Shard(f"{stem(f.uri)}-{digest(f.uri)}.{digest(f.size, f.version)}", "csv", f.uri, base=_folder(f.uri),
+                              source=f.uri)]
             return _parquet_shards(f, cfg, k)
 
         shards = [s for group in ThreadPoolExecutor(16).map(shards_of, files, kinds) for s in group]
-        return Plan("parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards)
+        return Plan("parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri)
     except OSError as e:  # unreachable endpoint, bad credentials, no permission...
         raise InputError(f"cannot list {uri}: {e}") from None
     except Exception as e:
@@ -385,34 +341,33 @@ def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
     return out
 
 
-def _split_csvs(csvs: list[str], cfg: Any, cache_dir: str) -> dict[str, list[Shard]]:
-    """Shards of the large CSV files, split once (cached under `cache_dir` like listings)."""
+def _split_csvs(csvs: list[listing.Entry], cfg: Any, cache_dir: str) -> dict[str, list[Shard]]:
+    """Shards of the large CSV files, split once per version of the file (cached under
+    `cache_dir` like listings): a rewritten CSV is split again and none of it passes for done."""
+    import json
+
     import ray
 
     result: dict[str, list[Shard]] = {}
     pending = {}
-    for uri in csvs:
-        base = posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
-        size = _size(uri, cfg)
-        # Ids from the file's size too: a changed manifest is new work, never "already done".
-        digest = _digest(uri, size, cfg.inputs.shard_rows)
-        out_dir = storage.join(cache_dir, f"{_stem(uri)}-{digest}")
+
+    def shards(f: listing.Entry, content: str, files: list[tuple[str, int]]) -> list[Shard]:
+        return [Shard(f"{stem(f.uri)}-{digest(f.uri)}-{k:05d}.{content}", "manifest", part, rows=r, base=_folder(f.uri), source=f.uri)
+                for k, (part, r) in enumerate(files)]
+
+    for f in csvs:
+        content = digest(f.size, f.version, cfg.inputs.shard_rows)
+        out_dir = storage.join(cache_dir, f"{stem(f.uri)}-{digest(f.uri)}-{content}")
         plan_uri = storage.join(out_dir, "_plan.json")
         if storage.exists(plan_uri, cfg.storage):
-            files = json.loads(storage.read_bytes(plan_uri, cfg.storage))["files"]
-            result[uri] = [Shard(f"{_stem(uri)}-{k:05d}-{digest}", "manifest", f, rows=r, base=base) for k, (f, r) in enumerate(files)]
+            result[f.uri] = shards(f, content, json.loads(storage.read_bytes(plan_uri, cfg.storage))["files"])
         else:
-            pending[uri] = (ray.remote(num_cpus=0.5)(split_csv).remote(uri, out_dir, cfg), plan_uri, base, digest)
-    for uri, (ref, plan_uri, base, digest) in pending.items():
+            pending[f.uri] = (f, content, ray.remote(num_cpus=0.5)(split_csv).remote(f.uri, out_dir, cfg), plan_uri)
+    for uri, (f, content, ref, plan_uri) in pending.items():
         files = ray.get(ref)
         storage.write_bytes(plan_uri, json.dumps({"input": uri, "files": files}).encode(), cfg.storage)
-        result[uri] = [Shard(f"{_stem(uri)}-{k:05d}-{digest}", "manifest", f, rows=r, base=base) for k, (f, r) in enumerate(files)]
+        result[uri] = shards(f, content, files)
     return result
-
-
-def _size(uri: str, cfg: Any) -> int:
-    fs, path = storage.filesystem(uri, cfg.storage)
-    return fs.get_file_info(path).size or 0
 
 
 # --- reading one shard, in the worker ---------------------------------------------------------
@@ -442,7 +397,7 @@ def _bytes_rows(table: pa.Table, shard: Shard, cfg: Any, first_row: int) -> pa.T
     if key in table.column_names:
         keys = table[key].cast(pa.string())
     else:  # no key column: the row's position in the file
-        keys = pa.array([f"{_stem(shard.uri)}/{first_row + i}" for i in range(table.num_rows)], pa.string())
+        keys = pa.array([f"{stem(shard.uri)}/{first_row + i}" for i in range(table.num_rows)], pa.string())
     rest = table.drop_columns([c for c in (col, key) if c in table.column_names])  # the key is the row's `image`
     return pa.Table.from_arrays([keys, table[col], *rest.columns], names=[KEY, DATA, *rest.column_names])
 
@@ -487,7 +442,7 @@ def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
 
 
 def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
-    prefix = _stem(shard.uri)
+    prefix = stem(shard.uri)
     schema = pa.schema([(KEY, pa.string()), (DATA, pa.binary()), ("caption", pa.string()), ("json", pa.string()), ("_error", pa.string())])
     buf: list[dict[str, Any]] = []
 

@@ -9,6 +9,8 @@ streams the result rows to a Parquet file that appears atomically when the shard
 So a shard's rows never cross the object store (memory per actor: a few batches of pixels), a
 file appears as soon as its shard is done (progress is kept as the job goes), and a re-run lists
 the output folder's file names and skips the shards that have a file: resume costs O(shards).
+A shard whose input changed (capray.shards) copies the rows of its unchanged images from the
+files it replaces and runs only new and changed images through the model.
 The driver holds the shard list and one small summary row per shard, never a row per image.
 """
 
@@ -28,9 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capray import storage
+from capray import shards, storage
 from capray.images import IMAGE_SIZE, ImageDecodeError, decode
-from capray.inputs import DATA, KEY, URI, Plan, Shard, read_shard, walk
+from capray.inputs import DATA, KEY, URI, VERSION, InputError, Plan, Shard, read_shard
+from capray.shards import done_ids, output_name
 
 log = logging.getLogger(__name__)
 # Error rows kept per shard summary, to show the user a few reasons without collecting them all.
@@ -43,19 +46,6 @@ ROW_GROUP_ROWS = 10_000
 
 class JobError(RuntimeError):
     """The job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
-
-
-def output_name(shard_id: str) -> str:
-    """The output file of a shard."""
-    return f"{shard_id}.parquet"
-
-
-def done_ids(output: str, storage_cfg: Any = None) -> set[str]:
-    """Shard ids that already have an output file: a listing of file names, nothing read."""
-    if not storage.exists(output, storage_cfg):
-        return set()
-    names = (os.path.basename(u.rstrip("/")) for u, is_dir in walk(output, storage_cfg, recursive=False) if not is_dir)
-    return {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))}
 
 
 def to_pixels(item: Any, storage_cfg: Any, max_pixels: int) -> np.ndarray:
@@ -154,6 +144,15 @@ def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray
         return None, f"cannot read file: {e}"
 
 
+def with_input_columns(out: pa.Table, table: pa.Table) -> pa.Table:
+    """The job's rows `out` followed by the input's own columns of `table` (ids, URLs, captions,
+    `image_version`...); a name the job already uses gets an `input_` prefix."""
+    for name in table.column_names:
+        if name not in (KEY, URI, DATA, "_error"):  # the reader's own columns
+            out = out.append_column(f"input_{name}" if name in out.column_names else name, table[name])
+    return out
+
+
 class ShardWriter:
     """Streams tables into one Parquet file that becomes visible only when complete.
 
@@ -162,8 +161,9 @@ class ShardWriter:
     the codec at every row group.
     """
 
-    def __init__(self, uri: str, storage_cfg: Any, compression: str = "snappy"):
+    def __init__(self, uri: str, storage_cfg: Any, compression: str = "snappy", metadata: dict[str, str] | None = None):
         self.uri, self.storage_cfg, self.compression, self.writer = uri, storage_cfg, compression, None
+        self.metadata = metadata or {}
         self.buffer: list[pa.Table] = []
         self.buffered_bytes = self.buffered_rows = 0
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet")
@@ -178,8 +178,10 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         """Append rows (the first table fixes the file's schema)."""
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema, compression=self.compression)
-        self.buffer.append(table if table.schema.equals(self.writer.schema) else table.cast(self.writer.schema))
+            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.metadata), compression=self.compression)
+        if not table.schema.equals(self.writer.schema):
+            table = table.select(self.writer.schema.names).cast(self.writer.schema)
+        self.buffer.append(table)
         self.buffered_bytes += table.nbytes
         self.buffered_rows += table.num_rows
         if self.buffered_bytes >= ROW_GROUP_BYTES or self.buffered_rows >= ROW_GROUP_ROWS:
@@ -200,7 +202,7 @@ class ShardWriter:
     def publish(self, empty_schema: pa.Schema) -> None:
         """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
         if self.writer is None:  # an empty shard still gets its file: it is done
-            self.writer = pq.ParquetWriter(self.tmp, empty_schema, compression=self.compression)
+            self.writer = pq.ParquetWriter(self.tmp, empty_schema.with_metadata(self.metadata), compression=self.compression)
         self._flush()
         self._wait()
         self.encoder.shutdown()
@@ -235,9 +237,10 @@ class ShardWorker:
     """
 
     def __init__(self, shards: list[dict[str, Any]], output: str, cfg: Any, model_cls: Callable[..., Any],
-                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema, compression: str = "snappy"):
+                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema, compression: str = "snappy",
+                 settings: dict[str, Any] | None = None):
         self.model = model_cls(**model_kwargs)
-        self.compression = compression
+        self.compression, self.settings = compression, settings or {}
         self.shards, self.output, self.cfg = shards, output, cfg
         self.batch_size, self.empty_schema = batch_size, empty_schema
         # Plain values: an OmegaConf lookup per batch costs more than the stand-in model (bench/scale.py).
@@ -278,22 +281,69 @@ class ShardWorker:
         out = self.model({"image": np.array(table[KEY].to_pylist(), dtype=object), "pixels": pixels,
                           "error": np.array([e or "" for e in errors], dtype=object)})
         self.model_s += time.perf_counter() - started
-        # The input's own columns (ids, URLs, licences, captions...) follow the job's columns;
-        # a name the job already uses gets an `input_` prefix.
-        for name in table.column_names:
-            if name in (KEY, URI, DATA, "_error"):
-                continue
-            out = out.append_column(f"input_{name}" if name in out.column_names else name, table[name])
-        return out
+        return with_input_columns(out, table)
+
+    def _old_rows(self, shard: Shard) -> tuple[dict[tuple[str, str | None], tuple[int, int]], dict[str, tuple[int, int]]]:
+        """The rows this shard may copy from the files it replaces, as (file, row) positions:
+        by (key, version) for the keys in its range (an ok row preferred; failed rows not at all
+        with inputs.retry_failed), and one row per key for keeping removed images. Reads only
+        the light columns; the rows themselves are copied at the end, a row group at a time."""
+        by_version: dict[tuple[str, str | None], tuple[int, int]] = {}
+        by_key: dict[str, tuple[int, int]] = {}
+        retry = self.cfg.inputs.retry_failed
+        for f, name in enumerate(shard.sources):
+            fs, path = storage.filesystem(storage.join(self.output, name), self.storage_cfg)
+            with fs.open_input_file(path) as handle:
+                pf = pq.ParquetFile(handle)
+                cols = [c for c in (KEY, VERSION, "error") if c in pf.schema_arrow.names]
+                t = pf.read(columns=cols)
+            keys = t[KEY].to_pylist()
+            versions = t[VERSION].to_pylist() if VERSION in cols else [None] * len(keys)
+            errors = t["error"].to_pylist() if "error" in cols else [None] * len(keys)
+            for r, (k, v, err) in enumerate(zip(keys, versions, errors)):
+                if k is None or k < shard.lo or (shard.hi and k >= shard.hi):
+                    continue
+                by_key.setdefault(k, (f, r))
+                if err is not None and (retry or (k, v) in by_version):
+                    continue
+                by_version[(k, v)] = (f, r)
+        return by_version, by_key
+
+    def _copy(self, shard: Shard, picks: list[tuple[int, int]], writer: "ShardWriter") -> tuple[int, int]:
+        """Copy rows (file, row) of the replaced files into `writer`, a row group at a time;
+        (rows copied, of which failed)."""
+        rows: dict[int, set[int]] = {}
+        failed = 0
+        for f, r in picks:
+            rows.setdefault(f, set()).add(r)
+        for f, wanted in sorted(rows.items()):
+            fs, path = storage.filesystem(storage.join(self.output, shard.sources[f]), self.storage_cfg)
+            with fs.open_input_file(path) as handle:
+                pf = pq.ParquetFile(handle)
+                first = 0
+                for g in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(g).num_rows
+                    take = [r - first for r in range(first, first + n) if r in wanted]
+                    if take:
+                        rows_ = pf.read_row_group(g).take(take)
+                        failed += rows_.num_rows - rows_["error"].null_count if "error" in rows_.column_names else 0
+                        writer.write(rows_)
+                    first += n
+        return len(picks), failed
 
     def process(self, shard: Shard) -> dict[str, Any]:
-        """Read, decode, run the model on and write one shard; the summary row."""
+        """Read, decode, run the model on and write one shard; the summary row. Images whose key
+        and version an older file of the same keys already has are copied, not computed again."""
         start, retried = time.time(), storage.retried()
         self.wait_s = self.model_s = 0.0
-        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg, self.compression)
+        # Read before the new file is written: with inputs.retry_failed it replaces its own source.
+        old, old_keys = self._old_rows(shard) if shard.sources else ({}, {})
+        meta = {"capray": json.dumps({"shard": shard.id, "settings": self.settings})}
+        writer = ShardWriter(storage.join(self.output, output_name(shard.id)), self.storage_cfg, self.compression, meta)
         rows = failed = duplicates = 0
         examples: list[list[str]] = []
         seen: set[str] = set()
+        picks: list[tuple[int, int]] = []
         pending: deque = deque()
 
         def drain() -> None:
@@ -317,17 +367,29 @@ class ShardWorker:
                 if not all(keep):
                     duplicates += keep.count(False)
                     table = table.filter(pa.array(keep))
-                pending.append((table, self._submit(table)))
+                    keys = table[KEY].to_pylist()
+                if old:
+                    versions = table[VERSION].to_pylist() if VERSION in table.column_names else [None] * len(keys)
+                    hits = [old.get((k, v)) for k, v in zip(keys, versions)]
+                    if any(hits):
+                        picks += [h for h in hits if h]
+                        table = table.filter(pa.array([h is None for h in hits]))
+                if table.num_rows:
+                    pending.append((table, self._submit(table)))
                 # Decoding runs `ray.inflight_batches` batches ahead of the model.
                 while len(pending) > self.ahead:
                     drain()
             while pending:
                 drain()
+            if self.cfg.inputs.removed == "keep":  # rows of images no longer in the input stay
+                picks += [pos for k, pos in old_keys.items() if k not in seen]
+            copied, copied_failed = self._copy(shard, picks, writer) if picks else (0, 0)
+            failed += copied_failed
             writer.publish(self.empty_schema)
         except BaseException:
             writer.discard()
             raise
-        return {"shard": shard.id, "rows": rows, "failed": failed, "duplicates": duplicates,
+        return {"shard": shard.id, "rows": rows + copied, "failed": failed, "duplicates": duplicates, "copied": copied,
                 "retried": storage.retried() - retried, "seconds": round(time.time() - start, 2),
                 "model_s": round(self.model_s, 3), "wait_s": round(self.wait_s, 3),
                 "errors": json.dumps(examples)}
@@ -335,26 +397,31 @@ class ShardWorker:
 
 def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
         job_cfg: Any, empty_schema: pa.Schema, label: str, worker_cls: type = ShardWorker,
-        error_cls: type[JobError] = JobError, compression: str = "snappy", done: set[str] | None = None) -> dict[str, Any]:
-    """Process every shard of `plan` that has no file in `output` yet; returns the job summary.
+        error_cls: type[JobError] = JobError, compression: str = "snappy", settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Process every shard of `plan` that `output` does not hold yet (capray.shards); returns the
+    job summary.
 
     `job_cfg` is the job's section (batch_size, min_actors, max_actors, num_gpus); `worker_cls`
     is replaced only by benchmarks (bench/scale.py: a stand-in without decoding); `compression`
-    is the output files' Parquet codec; `done` the shard ids already in `output`, when the caller
-    has listed it already (a listing of 10^5 files is not free).
+    is the output files' Parquet codec; `settings` what the output depends on besides the input
+    (checkpoint, decoding, precision...): recorded in the index and in every file, and a re-run
+    with others into the same output is refused.
     """
     import ray
 
     start = time.time()
-    done = done_ids(output, cfg.storage) if done is None else done
-    skipped = [s for s in plan.shards if s.id in done]
-    todo = [s for s in plan.shards if s.id not in done]
-    if cfg.inputs.limit_shards:
-        todo = todo[: cfg.inputs.limit_shards]
+    settings = settings or {}
+    for line in listing_lines(label, plan):
+        print(line, flush=True)
+    try:
+        work = shards.reconcile(cfg, plan, output, settings)
+    except OSError as e:
+        raise InputError(f"cannot read the output folder {output}: {e}") from None
+    todo = work.todo[: cfg.inputs.limit_shards] if cfg.inputs.limit_shards else work.todo
     summary: dict[str, Any] = {
-        "shards": len(plan.shards), "shards_done_before": len(skipped), "shards_written": 0,
-        "images": plan.rows, "already_done": None if any(s.rows < 0 for s in skipped) else sum(s.rows for s in skipped),
-        "written": 0, "failed": 0, "duplicates": 0, "errors": [],
+        "shards": len(plan.shards), "shards_done_before": len(work.done), "shards_written": 0,
+        "images": plan.rows, "already_done": None if any(s.rows < 0 for s in work.done) else sum(s.rows for s in work.done),
+        "written": 0, "failed": 0, "duplicates": 0, "copied": 0, "errors": [],
         # storage requests tried again after transient errors (throttling, outages)
         "retried": 0,
         # actor seconds in the model, and waiting for images to be read and decoded
@@ -362,8 +429,11 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         # output file -> rows, as the workers reported them (O(shards)): manifests use these
         "files": {},
     }
+    for line in work_lines(label, work, output):
+        print(line, flush=True)
+    written: dict[str, tuple[int, int]] = {}
     if todo:
-        print(f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(skipped)} already done) -> {output}", flush=True)
+        print(f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}", flush=True)
         # One block per shard: each actor call is one whole shard. `range` makes the blocks
         # lazily in read tasks; the shard descriptors travel once, with the actor class.
         ds = ray.data.range(len(todo), override_num_blocks=len(todo))
@@ -371,7 +441,7 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
             worker_cls,
             fn_constructor_kwargs=dict(shards=[s.to_row() for s in todo], output=output, cfg=cfg, model_cls=model_cls,
                                        model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema,
-                                       compression=compression),
+                                       compression=compression, settings=settings),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=job_cfg.min_actors, max_size=job_cfg.max_actors),
             num_gpus=job_cfg.num_gpus,
@@ -380,11 +450,14 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         try:
             for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for i in range(len(part["shard"])):
+                    shard_id = str(part["shard"][i])
+                    written[shard_id] = (int(part["rows"][i]), int(part["failed"][i]))
                     summary["shards_written"] += 1
-                    summary["files"][output_name(str(part["shard"][i]))] = int(part["rows"][i])
+                    summary["files"][output_name(shard_id)] = int(part["rows"][i])
                     summary["written"] += int(part["rows"][i])
                     summary["failed"] += int(part["failed"][i])
                     summary["duplicates"] += int(part["duplicates"][i])
+                    summary["copied"] += int(part["copied"][i])
                     summary["retried"] += int(part["retried"][i])
                     summary["model_s"] += float(part["model_s"][i])
                     summary["wait_s"] += float(part["wait_s"][i])
@@ -395,21 +468,84 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                     print(f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
                           f"({summary['failed']} failed), {rate:.1f} rows/s", flush=True)
         except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
+            try:
+                _record(cfg, plan, output, work, written)
+            except OSError as storage_down:  # the index written at the start already names every shard
+                log.warning("%s: could not update %s after the stop: %s", label, shards.INDEX, storage_down)
             raise error_cls(
                 f"{label} job stopped before every shard was written to {output} ({summary['shards_written']} of "
                 f"{len(todo)} written; {root_cause(e)}); the files already there are complete and kept: "
                 "re-run the same command to do the rest"
             ) from e
+    summary["cleanup"] = _record(cfg, plan, output, work, written)
     seconds = time.time() - start
     busy = summary["model_s"] + summary["wait_s"]
     summary["wait_share"] = round(summary["wait_s"] / busy, 3) if busy else 0.0
     summary.update(
-        remaining_shards=len(plan.shards) - len(skipped) - summary["shards_written"],
+        remaining_shards=sum(1 for s in work.todo if s.id not in written and s.id not in work.retry_ids),
         seconds=round(seconds, 1),
         images_per_s=round(summary["written"] / max(seconds, 1e-9), 1),
         output=output,
+        computed=summary["written"] - summary["copied"],
     )
     return summary
+
+
+def _record(cfg: Any, plan: Plan, output: str, work: "shards.Work", written: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Replace what the written shards supersede and record them in the index (also after a stop)."""
+    done = shards.finish(cfg, plan, output, work, written)
+    if any(done.values()):
+        log.info("%s: %d replaced files deleted, %d of removed input files, %d from before content-bound shards",
+                 output, done["replaced"], done["pruned"], done["legacy_removed"])
+    return done
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} days"
+
+
+def listing_lines(label: str, plan: Plan) -> list[str]:
+    """The job's first lines for a listed folder/prefix: which listing, how old, what changed."""
+    info = plan.listing
+    if not info:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["taken_at"]))
+    age = _age(time.time() - info["taken_at"])
+    if info["reused"]:
+        head = f"using the saved listing of {plan.input} taken {when} ({age} old; inputs.relist=true lists again)"
+    else:
+        head = f"listed {plan.input} now ({when}; inputs.relist=false would reuse the saved listing)"
+    lines = [f"[capray] {label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]
+    c = info.get("changes")
+    if c is None:
+        lines.append(f"[capray] {label}: no earlier listing of this input to compare with")
+    else:
+        before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["before_taken_at"]))
+        lines.append(f"[capray] {label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "
+                     f"{c['removed']} removed, {c['unchanged']} unchanged images")
+    return lines
+
+
+def work_lines(label: str, work: "shards.Work", output: str) -> list[str]:
+    """What the output folder holds against the plan: done, to do, replaced, kept, legacy."""
+    lines = []
+    replaced = [i for i, by in work.superseded.items() if by]
+    pruned = [i for i, by in work.superseded.items() if not by]
+    if replaced or pruned or work.kept or work.retried:
+        lines.append(
+            f"[capray] {label}: {output}: {len(work.done)} shards done, {len(work.todo)} to do "
+            f"({work.copy_sources} copy the rows of unchanged images from the {len(replaced)} files they replace"
+            + (f"; {work.retried} redone for their failed rows (inputs.retry_failed)" if work.retried else "") + ")"
+            + (f"; {len(pruned)} files of input files that are gone are deleted at the end (inputs.removed=prune)" if pruned else "")
+            + (f"; {len(work.kept)} files of input files that are gone are kept (inputs.removed=keep)" if work.kept else ""))
+    if work.legacy:
+        lines.append(f"[capray] {label}: {output}: {len(work.legacy)} files were written by a capray without content-bound "
+                     "shards: their images are done again, and the old files are deleted once every shard is written")
+    return lines
 
 
 def report_lines(label: str, s: dict[str, Any]) -> list[str]:

@@ -83,12 +83,12 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
 def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) -> None:
     cfg = _config(s3, photos, str(tmp_path / "run"))
     assert features.run(cfg)["extracted"] == len(good_images())
-    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/*.parquet"))
+    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
     assert files and pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "ZSTD"  # the default
     cfg.extract.overwrite, cfg.extract.compression = True, "none"
     assert features.run(cfg)["extracted"] == len(good_images())
     assert len(_table(cfg)) == len(good_images()) + len(bad_images())
-    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/*.parquet"))
+    files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
     assert pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "UNCOMPRESSED"
 
 

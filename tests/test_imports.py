@@ -13,7 +13,8 @@ import pytest
 # costs seconds of CPU per process, for nothing.
 TF_FREE = ["capray.config", "capray.storage", "capray.text", "capray.images", "capray.inputs", "capray.pipeline", "capray.data",
            "capray.features", "capray.featurestore", "capray.infer", "capray.runtime", "capray.checkpoint",
-           "capray.backbone", "capray.tfquiet", "capray.cli", "capray.api", "capray.export"]
+           "capray.backbone", "capray.tfquiet", "capray.cli", "capray.api", "capray.export", "capray.listing", "capray.shards",
+           "capray.audit"]
 
 
 @pytest.mark.parametrize("module", TF_FREE)

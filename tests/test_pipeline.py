@@ -79,7 +79,7 @@ def test_train_writes_checkpoints_and_best(run: dict) -> None:
 def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
     rows = pd.read_parquet(output_paths(run["cfg"])["captions"])
     assert len(rows) == 13 and rows["image"].is_unique
-    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error"]
+    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error", "image_version"]
     broken = rows[rows["image"].str.endswith("broken.jpg")].iloc[0]
     assert "cannot decode" in broken["error"] and pd.isna(broken["caption"])
     good = rows[rows["error"].isna()]

@@ -107,9 +107,9 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
     assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
     out = tmp_path / "captions"
     s = caption(cfg, summary["checkpoint"], str(synthetic_features / "data" / "images"), str(out))
-    assert s["captioned"] == 8 and s["failed"] == 0
+    assert s["captioned"] == s["written"] > 0 and s["failed"] == 0  # the first shard (inputs.limit_shards=1)
     rows = pd.read_parquet(out)
-    assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
+    assert len(rows) == s["written"] and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
     assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
 
 
@@ -167,17 +167,17 @@ def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features:
     from capray import features as feature_job
 
     extracted = feature_job.run(cfg)
-    assert extracted["written"] == 8 and extracted["failed"] == 0
+    assert extracted["written"] > 0 and extracted["failed"] == 0
     stored = pd.read_parquet(tmp_path / "bf16-extract" / "features")
-    assert len(stored) == 8 and stored["error"].isna().all()
+    assert len(stored) == extracted["written"] and stored["error"].isna().all()
     cfg = load_config(REPO / "configs/demo.yaml", base)
     summary = train.train(cfg)
     assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
     out = tmp_path / "captions"
     s = caption(cfg, summary["checkpoint"], images, str(out))
-    assert s["captioned"] == 8 and s["failed"] == 0
+    assert s["captioned"] == s["written"] > 0 and s["failed"] == 0  # the first shard (inputs.limit_shards=1)
     rows = pd.read_parquet(out)
-    assert len(rows) == 8 and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
+    assert len(rows) == s["written"] and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
     assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
 
 

@@ -99,11 +99,11 @@ def main(images: str, checkpoint: str, work: str) -> None:
     killed: dict = {}
 
     def kill_when_output_appears() -> bool:
-        if not list(Path(out).glob("*.parquet")):
+        if not list(Path(out).glob("[!_]*.parquet")):  # a shard file, not the index written first
             return False
         # The worker node hosting a map actor, so that work in flight is lost with it.
         name = next((n for n, node in workers.items() if map_workers(raylet_pid(node))), "worker1")
-        killed["node"], killed["files_before"] = name, len(list(Path(out).glob("*.parquet")))
+        killed["node"], killed["files_before"] = name, len(list(Path(out).glob("[!_]*.parquet")))
         cluster.remove_node(workers[name], allow_graceful=False)
         return True
 

@@ -29,7 +29,7 @@ def _cmd(checkpoint: str, root: Path, out: str) -> list[str]:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    return sorted(folder.glob("[!_]*.parquet")) if folder.is_dir() else []  # not the index, _shards.parquet
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -75,9 +75,10 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
         time.sleep(0.2)
     wall = time.monotonic() - start
     assert proc.returncode == 0, (tmp_path / "full.log").read_text()[-3000:]
-    assert len(_files(tmp_path / "full")) == N // 50
+    shards = int(re.search(r"(\d+) images in (\d+) shards", (tmp_path / "full.log").read_text()).group(2))
+    assert len(_files(tmp_path / "full")) == shards and shards >= N // 100  # about inputs.shard_rows each
     assert first is not None and first < wall / 4, f"first file after {first:.0f} s of {wall:.0f} s"
-    print(f"\nfull job: {wall:.1f} s, first of {N // 50} files after {first:.1f} s")
+    print(f"\nfull job: {wall:.1f} s, first of {shards} files after {first:.1f} s")
 
     # 2. The same job killed (SIGKILL, the whole process group) at half its wall time, then re-run.
     _wait_for_ray_to_exit(tmp_path / "full.log")
@@ -89,7 +90,7 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     kept = len(_files(tmp_path / "killed"))
-    assert 0 < kept < N // 50, f"{kept} files when killed"
+    assert 0 < kept < shards, f"{kept} files when killed"
     _wait_for_ray_to_exit(tmp_path / "killed.log")
     resumed = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "killed"), cwd=tmp_path, capture_output=True, text=True,
                              timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -98,10 +99,10 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     assert len(rows) == N and rows["image"].is_unique and rows["error"].isna().all()
     # The killed job's actor can outlive its driver by a moment and publish one more shard (Ray
     # reaps it): the re-run's own count of shards already done is the one it acted on.
-    found = re.search(r"(\d+) already done, (\d+) written \((\d+) rows", resumed.stdout)
+    found = re.search(r"(\d+) already done \((\d+) images\), (\d+) written \((\d+) rows", resumed.stdout)
     assert found, resumed.stdout[-1000:]
-    done_before, written = int(found.group(1)), int(found.group(3))
-    assert done_before >= kept and written == N - 50 * done_before and written <= 0.6 * N
+    done_before, done_images, written = int(found.group(1)), int(found.group(2)), int(found.group(4))
+    assert done_before >= kept and written == N - done_images and written <= 0.6 * N
     print(f"killed at {wall / 2:.0f} s with {kept} files kept ({done_before} when re-run); "
           f"the re-run captioned {written} of {N} images")
 

@@ -1,0 +1,405 @@
+"""Listings of image files: sorted by key, versioned, cut into content-defined chunks.
+
+A folder or s3:// prefix of images becomes a *listing*: every image's key (its URI) with its
+version (`<size>:<ETag>` on S3, `<size>:<mtime ns>` locally; both come with the LIST / scandir
+that finds the file, so versions cost no extra request), in byte order of the keys, written as
+chunk files of about `inputs.shard_rows` keys by Ray tasks, never held by the driver.
+
+Chunk boundaries depend on the keys themselves, not on positions: a key whose hash is 0 modulo
+`shard_rows` starts a new chunk (at most 2 x shard_rows keys each). Images added, removed or
+overwritten anywhere in key order therefore change only the chunks they fall in; the others keep
+their identity, and their output files stay done. A chunk is identified by the key range it
+covers, [lo, hi) with lo its first key (none for the first chunk) and hi the next chunk's first
+key (none for the last): the ranges of a listing partition all possible keys, so every row of an
+earlier output belongs to exactly one chunk of a new listing (capray.shards).
+
+Listings are kept under `<work_dir>/inputs/<input>-<hash>/<time>-<id>/` with `_listing.json`
+(the chunk list) written last; the newest two are kept: the one in use and the one before it,
+which `diff` compares it with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capray import storage
+
+log = logging.getLogger(__name__)
+KEY, VERSION = "image", "image_version"
+LISTING = "_listing.json"
+# Listings kept per input: the one in use and the previous one (the re-run's "what changed").
+KEEP_LISTINGS = 2
+# Sub-folder groups listed in parallel (each by one Ray task, streaming).
+MAX_GROUPS = 64
+
+
+class ListingError(RuntimeError):
+    """A listing that cannot be used (not in key order, no images); the jobs raise InputError."""
+
+
+class Entry(NamedTuple):
+    """One entry of a folder/prefix."""
+
+    uri: str
+    is_dir: bool
+    size: int = 0
+    version: str = ""  # S3 ETag, or local mtime in ns
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of `parts` (12 hex digits)."""
+    return hashlib.sha1("\n".join(map(str, parts)).encode("utf-8")).hexdigest()[:12]
+
+
+def stem(uri: str) -> str:
+    """A file-name-safe short name for an input (its last path part without extension)."""
+    name = posixpath.basename(uri.rstrip("/"))
+    for suffix in (".parquet", ".csv", ".tar"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return safe[:40] or "shard"
+
+
+def suffixes(extensions: Any) -> tuple[str, ...]:
+    """`[jpg, .PNG]` -> (".jpg", ".png")."""
+    return tuple(f".{str(e).lower().lstrip('.')}" for e in extensions)
+
+
+def is_image(name: str, cfg: Any) -> bool:
+    """Whether a listed file is an image to process (`inputs.extensions`, `inputs.glob`)."""
+    base = posixpath.basename(name)
+    if base.startswith(".") or not base.lower().endswith(suffixes(cfg.inputs.extensions)):
+        return False
+    return not cfg.inputs.glob or fnmatch.fnmatch(base, cfg.inputs.glob)
+
+
+# --- walking a folder/prefix in key order ----------------------------------------------------
+
+
+def walk(uri: str, storage_cfg: Any = None, recursive: bool = True) -> Iterator[Entry]:
+    """Entries under a folder/prefix, streamed in byte order of their full keys (a folder sorts
+    as its name + "/", as S3 orders keys). Recursive: files only; otherwise files and folders."""
+    if storage.is_remote(uri):
+        yield from _walk_s3(uri, storage_cfg, recursive)
+    else:
+        yield from _walk_local(os.path.abspath(uri), recursive)
+
+
+def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+    args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
+    for page in storage.listing_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
+        # A page's folders and files come as two lists; merged, they are in key order.
+        items = [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())]
+        items += [(o["Key"], o) for o in page.get("Contents", ())]
+        items.sort(key=lambda item: item[0])
+        for name, obj in items:
+            if obj is None:
+                yield Entry(f"s3://{bucket}/{name.rstrip('/')}", True)
+            elif not name.endswith("/"):  # folder markers
+                yield Entry(f"s3://{bucket}/{name}", False, int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+
+
+def _walk_local(path: str, recursive: bool) -> Iterator[Entry]:
+    with os.scandir(path) as it:
+        entries = sorted(((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name), e) for e in it)
+    for name, e in entries:
+        if name.endswith("/"):
+            if recursive:
+                yield from _walk_local(e.path, True)
+            else:
+                yield Entry(e.path, True)
+        else:
+            try:
+                st = e.stat()
+            except FileNotFoundError:  # removed while listing: not part of this listing
+                continue
+            yield Entry(e.path, False, st.st_size, str(st.st_mtime_ns))
+
+
+def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
+    """(size, version) of one file, as a listing records it: S3 ETag, local mtime in ns."""
+    if storage.is_remote(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        head = storage.retrying(lambda: storage.listing_client(storage_cfg).head_object(Bucket=bucket, Key=key),
+                                f"reading the size and ETag of {uri}", storage_cfg)
+        return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
+    st = os.stat(uri)
+    return st.st_size, str(st.st_mtime_ns)
+
+
+# --- content-defined chunks ------------------------------------------------------------------
+
+
+def starts_chunk(key: str, shard_rows: int) -> bool:
+    """Whether `key` begins a new chunk: decided by the key alone, so that boundaries stay put
+    when other keys come and go."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+    return h % shard_rows == 0
+
+
+class ChunkWriter:
+    """Cuts a stream of (key, version) in key order into content-defined chunks, each written
+    as a Parquet file (`image`, `image_version`) under `out_dir`. Memory: one chunk."""
+
+    def __init__(self, out_dir: str, name: str, shard_rows: int, storage_cfg: Any = None):
+        self.out_dir, self.name, self.shard_rows, self.storage_cfg = out_dir, name, shard_rows, storage_cfg
+        self.keys: list[str] = []
+        self.versions: list[str | None] = []
+        self.chunks: list[dict[str, Any]] = []
+        self.written = 0  # chunk files so far, taken or not: names are never reused
+
+    def add(self, key: str, version: str | None) -> None:
+        if self.keys and (len(self.keys) >= 2 * self.shard_rows or starts_chunk(key, self.shard_rows)):
+            self.cut()
+        self.keys.append(key)
+        self.versions.append(version)
+
+    def cut(self) -> None:
+        """End the current chunk here (also where the key order continues in another task)."""
+        if not self.keys:
+            return
+        uri = storage.join(self.out_dir, f"{self.name}-{self.written:05d}.parquet")
+        self.written += 1
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({KEY: pa.array(self.keys, pa.string()), VERSION: pa.array(self.versions, pa.string())}), sink)
+        storage.write_bytes(uri, sink.getvalue().to_pybytes(), self.storage_cfg)
+        h = hashlib.sha1()
+        for k, v in zip(self.keys, self.versions):
+            h.update(f"{k}\t{v or ''}\n".encode("utf-8", "surrogateescape"))
+        self.chunks.append({"file": uri, "rows": len(self.keys), "first": self.keys[0], "last": self.keys[-1],
+                            "digest": h.hexdigest()[:12]})
+        self.keys, self.versions = [], []
+
+    def take(self) -> list[dict[str, Any]]:
+        """The chunks written so far (and forget them)."""
+        out, self.chunks = self.chunks, []
+        return out
+
+
+def list_top(uri: str, out_dir: str, cfg: Any) -> list[list[Any]]:
+    """Ray task: the top level of `uri` in key order, as segments: ["chunks", [chunk...]] for a
+    run of image files (written here) and ["folders", [uri...]] for a run of sub-folders."""
+    writer = ChunkWriter(out_dir, "top", cfg.inputs.shard_rows, cfg.storage)
+    segments: list[list[Any]] = []
+    for e in walk(uri, cfg.storage, recursive=False):
+        if e.is_dir:
+            writer.cut()  # the folder's keys sort between this run of files and the next
+            if writer.chunks:
+                segments.append(["chunks", writer.take()])
+            if segments and segments[-1][0] == "folders":
+                segments[-1][1].append(e.uri)
+            else:
+                segments.append(["folders", [e.uri]])
+        elif is_image(e.uri, cfg):
+            writer.add(e.uri, f"{e.size}:{e.version}")
+    writer.cut()
+    if writer.chunks:
+        segments.append(["chunks", writer.take()])
+    return segments
+
+
+def list_folders(folders: list[str], out_dir: str, group: int, cfg: Any) -> list[dict[str, Any]]:
+    """Ray task: the image files under consecutive sub-folders, recursively, as chunks."""
+    writer = ChunkWriter(out_dir, f"g{group:05d}", cfg.inputs.shard_rows, cfg.storage)
+    for folder in folders:
+        for e in walk(folder, cfg.storage, recursive=True):
+            if is_image(e.uri, cfg):
+                writer.add(e.uri, f"{e.size}:{e.version}")
+    writer.cut()
+    return writer.chunks
+
+
+def chunk_names(table_uri: str, column: str, out_dir: str, cfg: Any) -> list[dict[str, Any]]:
+    """Ray task: the distinct values of a table's column (e.g. the split's images), sorted and
+    chunked like a listing; no versions (images named by a table are keyed by name only)."""
+    import pyarrow.compute as pc
+
+    fs, path = storage.filesystem(table_uri, cfg.storage)
+    with fs.open_input_file(path) as f:
+        names = pc.unique(pq.read_table(f, columns=[column])[column].cast(pa.string()).drop_null()).to_pylist()
+    return chunk_list(sorted(names), out_dir, cfg)
+
+
+def chunk_list(names: list[str], out_dir: str, cfg: Any) -> list[dict[str, Any]]:
+    """Sorted names -> chunks (written under `out_dir`)."""
+    writer = ChunkWriter(out_dir, "names", cfg.inputs.shard_rows, cfg.storage)
+    for name in names:
+        writer.add(name, None)
+    writer.cut()
+    return writer.chunks
+
+
+# --- a listing: taken by Ray tasks, saved, reused, compared ------------------------------------
+
+
+@dataclass
+class Listing:
+    """A saved listing: its chunks in key order, where and when it was taken."""
+
+    folder: str
+    taken_at: float
+    chunks: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> int:
+        return sum(c["rows"] for c in self.chunks)
+
+
+def ranges(chunks: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each chunk's key range [lo, hi): "" is open (the first lo, the last hi)."""
+    return [("" if i == 0 else c["first"], chunks[i + 1]["first"] if i + 1 < len(chunks) else "") for i, c in enumerate(chunks)]
+
+
+def _check_order(chunks: list[dict[str, Any]], what: str) -> None:
+    for a, b in zip(chunks, chunks[1:]):
+        if not a["last"] < b["first"]:
+            raise ListingError(f"{what}: the listing is not in key order ({a['last']!r} before {b['first']!r}); "
+                               "the storage returned keys in an order capray cannot track")
+
+
+def _saved(folder: str, storage_cfg: Any) -> list[str]:
+    """The complete listings under an input's listing folder, oldest first."""
+    if not storage.exists(folder, storage_cfg):
+        return []
+    subs = sorted(e.uri for e in walk(folder, storage_cfg, recursive=False) if e.is_dir)
+    return [s for s in subs if storage.exists(storage.join(s, LISTING), storage_cfg)]
+
+
+def save(folder: str, input_uri: str, taken_at: float, chunks: list[dict[str, Any]], storage_cfg: Any) -> None:
+    """Write `_listing.json`, last: a listing folder without it is incomplete and ignored."""
+    body = {"input": input_uri, "taken_at": taken_at, "chunks": chunks}
+    storage.write_bytes(storage.join(folder, LISTING), json.dumps(body).encode(), storage_cfg)
+
+
+def load(folder: str, storage_cfg: Any) -> Listing:
+    saved = json.loads(storage.read_bytes(storage.join(folder, LISTING), storage_cfg))
+    return Listing(folder, saved["taken_at"], saved["chunks"])
+
+
+def home(cfg: Any, uri: str, cache_dir: str) -> str:
+    """Where the listings of input `uri` are kept (one folder per input and image filter)."""
+    return storage.join(cache_dir, f"{stem(uri)}-{digest(uri, list(cfg.inputs.extensions), cfg.inputs.glob)}")
+
+
+def obtain(cfg: Any, uri: str, cache_dir: str) -> tuple[Listing, Listing | None, bool]:
+    """(the listing to use, the one before it or None, whether it was reused): a new listing
+    unless `inputs.relist` is false and one is saved."""
+    saved = _saved(home(cfg, uri, cache_dir), cfg.storage)
+    if saved and not cfg.inputs.relist:
+        return load(saved[-1], cfg.storage), (load(saved[-2], cfg.storage) if len(saved) > 1 else None), True
+    before = load(saved[-1], cfg.storage) if saved else None
+    return take(cfg, uri, cache_dir), before, False
+
+
+def take(cfg: Any, uri: str, cache_dir: str) -> Listing:
+    """List `uri` now, in Ray tasks (the top level, then groups of sub-folders in parallel), and
+    save the listing; older listings beyond the previous one are deleted."""
+    import ray
+
+    base = home(cfg, uri, cache_dir)
+    older = _saved(base, cfg.storage)
+    started = time.time()
+    # Named by the time taken (to the microsecond), so that names sort oldest first.
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"{int(started * 1e6) % 1_000_000:06d}"
+    out_dir = storage.join(base, f"{stamp}-{uuid.uuid4().hex[:8]}")
+    top = ray.get(ray.remote(num_cpus=0.5)(list_top).remote(uri, out_dir, cfg))
+    n_folders = sum(len(items) for kind, items in top if kind == "folders")
+    per_group = max(1, -(-n_folders // MAX_GROUPS))
+    task = ray.remote(num_cpus=0.5)(list_folders)
+    parts: list[Any] = []  # in key order: chunk lists, or the ObjectRef of a group's chunks
+    group = 0
+    for kind, items in top:
+        if kind == "chunks":
+            parts.append(items)
+            continue
+        for k in range(0, len(items), per_group):
+            group += 1
+            parts.append(task.remote(items[k:k + per_group], out_dir, group, cfg))
+    chunks = [c for part in parts for c in (part if isinstance(part, list) else ray.get(part))]
+    _check_order(chunks, uri)
+    save(out_dir, uri, started, chunks, cfg.storage)
+    for stale in older[: max(0, len(older) - (KEEP_LISTINGS - 1))]:
+        fs, path = storage.filesystem(stale, cfg.storage)
+        fs.delete_dir(path)
+    return Listing(out_dir, started, chunks)
+
+
+def _read_range(uri: str, lo: str, hi: str, storage_cfg: Any) -> dict[str, str | None]:
+    fs, path = storage.filesystem(uri, storage_cfg)
+    with fs.open_input_file(path) as f:
+        t = pq.read_table(f, columns=[KEY, VERSION])
+    return {k: v for k, v in zip(t[KEY].to_pylist(), t[VERSION].to_pylist()) if k >= lo and (not hi or k < hi)}
+
+
+def diff_chunks(pairs: list[tuple[dict[str, Any], str, str, list[str]]], storage_cfg: Any) -> dict[str, int]:
+    """Ray task: for (new chunk, lo, hi, overlapping old chunk files): images new, changed
+    (another version), removed and unchanged. Memory: one chunk and its old counterparts."""
+    counts = {"new": 0, "changed": 0, "removed": 0, "unchanged": 0}
+    for chunk, lo, hi, old_files in pairs:
+        new = _read_range(chunk["file"], lo, hi, storage_cfg)
+        old: dict[str, str | None] = {}
+        for f in old_files:
+            old.update(_read_range(f, lo, hi, storage_cfg))
+        same = sum(1 for k, v in new.items() if k in old and old[k] == v)
+        both = sum(1 for k in new if k in old)
+        counts["unchanged"] += same
+        counts["changed"] += both - same
+        counts["new"] += len(new) - both
+        counts["removed"] += len(old) - both
+    return counts
+
+
+def overlaps(new: list[tuple[str, str]], old: list[tuple[str, str]]) -> list[list[int]]:
+    """For each range of `new`, the indices of the ranges of `old` it overlaps (both lists
+    sorted by lo; `old` may overlap itself). A sweep: O(n + m + overlaps)."""
+    import heapq
+
+    order = sorted(range(len(old)), key=lambda j: old[j][0])
+    active: list[tuple[tuple[int, str], int]] = []  # (hi as a sortable pair, index): "" = +inf
+    out, k = [], 0
+    for lo, hi in new:
+        while k < len(order) and (not hi or old[order[k]][0] < hi):
+            j = order[k]
+            heapq.heappush(active, ((1, "") if not old[j][1] else (0, old[j][1]), j))
+            k += 1
+        while active and active[0][0][0] == 0 and active[0][0][1] <= lo:
+            heapq.heappop(active)
+        out.append(sorted(j for (_, j) in active if old[j][1] == "" or old[j][1] > lo))
+    return out
+
+
+def diff(new: Listing, old: Listing, storage_cfg: Any) -> dict[str, int]:
+    """Images new / changed / removed / unchanged between two listings of one input: chunks with
+    the same range and digest are unchanged without being read; the others are compared by
+    Ray tasks, a few chunks each. The driver handles chunk descriptors only."""
+    import ray
+
+    new_r, old_r = ranges(new.chunks), ranges(old.chunks)
+    totals = {"new": 0, "changed": 0, "removed": 0, "unchanged": 0}
+    pairs = []
+    for (lo, hi), chunk, olds in zip(new_r, new.chunks, overlaps(new_r, old_r)):
+        if len(olds) == 1 and old_r[olds[0]] == (lo, hi) and old.chunks[olds[0]]["digest"] == chunk["digest"]:
+            totals["unchanged"] += chunk["rows"]
+        else:
+            pairs.append((chunk, lo, hi, [old.chunks[j]["file"] for j in olds]))
+    task = ray.remote(num_cpus=0.5)(diff_chunks)
+    refs = [task.remote(pairs[k:k + 32], storage_cfg) for k in range(0, len(pairs), 32)]
+    for counts in ray.get(refs):
+        for key, n in counts.items():
+            totals[key] += n
+    return totals

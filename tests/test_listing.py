@@ -1,0 +1,86 @@
+"""Unit tests of listings (capray/listing.py): key order, content-defined chunks that stay put
+when keys come and go, and the range overlaps that tell which old files a new shard replaces."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from capray import listing
+from capray.config import load_config
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(None, [f"work_dir={tmp_path}/work", *overrides])
+
+
+def test_a_local_walk_is_in_the_byte_order_of_s3_keys(tmp_path: Path) -> None:
+    # "a.b/x" < "a/x" < "a0" in byte order ('.' < '/' < '0'): a folder sorts as its name + "/".
+    for name in ("a0.jpg", "a/x.jpg", "a.b/x.jpg", "a/b/y.jpg", "ab.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"12345")
+    keys = [e.uri for e in listing.walk(str(tmp_path), recursive=True)]
+    assert keys == sorted(keys) and len(keys) == 5
+    entry = next(e for e in listing.walk(str(tmp_path), recursive=False) if not e.is_dir)
+    assert entry.size == 5 and entry.version  # size and mtime come with the listing
+    top = [(Path(e.uri).name, e.is_dir) for e in listing.walk(str(tmp_path), recursive=False)]
+    assert top == [("a.b", True), ("a", True), ("a0.jpg", False), ("ab.jpg", False)]
+
+
+def _chunks(keys: list[str], tmp_path: Path, n: int) -> list[dict]:
+    writer = listing.ChunkWriter(str(tmp_path / "chunks"), "t", n)
+    for k in keys:
+        writer.add(k, "v")
+    writer.cut()
+    return writer.chunks
+
+
+def test_chunk_boundaries_depend_on_the_keys_so_an_insertion_changes_one_chunk(tmp_path: Path) -> None:
+    keys = [f"s3://b/img/{i:06d}.jpg" for i in range(0, 20_000, 2)]
+    before = _chunks(keys, tmp_path / "before", 100)
+    assert all(c["rows"] <= 200 for c in before) and 50 <= len(before) <= 200  # about shard_rows each
+    inserted = "s3://b/img/010001.jpg"
+    after = _chunks(sorted(keys + [inserted]), tmp_path / "after", 100)
+    changed = [c for c in after if (c["first"], c["digest"]) not in {(b["first"], b["digest"]) for b in before}]
+    assert len(changed) <= 2 and any(c["first"] <= inserted <= c["last"] for c in changed)
+    # A chunk file holds its keys and their versions, in order.
+    t = pq.read_table(after[0]["file"])
+    assert t.column_names == ["image", "image_version"] and t["image"].to_pylist() == sorted(t["image"].to_pylist())
+
+
+def test_listing_a_folder_with_files_around_sub_folders_writes_every_chunk_once(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    names = ["a.jpg", "b/1.jpg", "b/2.jpg", "c.jpg", "d.jpg", "e/3.jpg", "f.jpg"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    cfg = _cfg(tmp_path, "inputs.shard_rows=1")
+    segments = listing.list_top(str(root), str(tmp_path / "out"), cfg)
+    assert [kind for kind, _ in segments] == ["chunks", "folders", "chunks", "folders", "chunks"]
+    chunks = [c for kind, items in segments if kind == "chunks" for c in items]
+    files = [c["file"] for c in chunks]
+    assert len(set(files)) == len(files)  # a chunk after a sub-folder never overwrites an earlier one
+    folders = [f for kind, items in segments if kind == "folders" for f in items]
+    chunks += [c for i, f in enumerate(folders) for c in listing.list_folders([f], str(tmp_path / "out"), i + 1, cfg)]
+    listed = sorted(k for c in chunks for k in pq.read_table(c["file"])["image"].to_pylist())
+    assert listed == sorted(str(root / n) for n in names)
+
+
+def test_overlaps_find_every_old_range_a_new_one_covers() -> None:
+    rng = random.Random(0)
+    keys = sorted({f"{rng.randrange(10**6):07d}" for _ in range(400)})
+
+    def cut(n: int) -> list[tuple[str, str]]:
+        firsts = sorted(rng.sample(keys, n))
+        return listing.ranges([{"first": f} for f in firsts])
+
+    new = cut(20)
+    old = cut(15) + cut(9)  # two earlier listings: old ranges overlap each other too
+    found = listing.overlaps(new, old)
+
+    def meet(a: tuple[str, str], b: tuple[str, str]) -> bool:
+        return (not b[1] or a[0] < b[1]) and (not a[1] or b[0] < a[1])
+
+    assert found == [sorted(j for j, o in enumerate(old) if meet(n, o)) for n in new]
