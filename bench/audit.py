@@ -15,7 +15,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import FILE_ROWS, _rss, make_manifests  # noqa: E402
+from scale import FILE_ROWS, PeakRSS, make_manifests  # noqa: E402 (bench/ is not a package: the path is set above)
 
 PLANTED = 10
 
@@ -92,22 +91,13 @@ def run_audit_bench(n_rows: int, folder: str | Path) -> dict:
     init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     time.sleep(2)  # let the driver settle after ray.init before the idle baseline
-    idle = _rss()
-    peak = [idle]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = PeakRSS()
     t0 = time.time()
     plan = inputs.plan(cfg, str(manifests), str(folder / "work" / "inputs"))
     t_plan = time.time() - t0
     s = audit.audit(cfg, plan, str(output))
     wall = time.time() - t0
-    stop.set()
+    driver_mb = rss.stop()
 
     expected = n_rows - PLANTED * 3  # every key but the missing, duplicated and failed ones
     assert (s["input_images"], s["ok"]) == (n_rows, expected), s
@@ -119,8 +109,8 @@ def run_audit_bench(n_rows: int, folder: str | Path) -> dict:
     return {
         "cpu": cpu_model(), "rows": n_rows, "input_shards": s["input_shards"], "output_files": s["output_files"],
         "partitions": s["partitions"], "plan_s": round(t_plan, 2), "audit_s": s["seconds"], "wall_s": round(wall, 2),
-        "rows_per_s": round((s["input_rows"] + s["output_rows"]) / wall), "driver_mb": round((peak[0] - idle) / 2**20, 1),
-        "idle_mb": round(idle / 2**20), "generate_s": round(generated, 1),
+        "rows_per_s": round((s["input_rows"] + s["output_rows"]) / wall), "driver_mb": round(driver_mb, 1),
+        "idle_mb": round(rss.idle / 2**20), "generate_s": round(generated, 1),
         **{k: s[k] for k in ("ok", "failed", "missing", "duplicated", "stale", "output_rows")},
     }
 

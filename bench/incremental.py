@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import make_tree, run_scenario  # noqa: E402 (bench/ is not a package; the path is set above)
+from audit import cpu_model, run_audit_bench  # noqa: E402 (bench/ is not a package; the path is set above)
+from scale import make_tree, run_scenario  # noqa: E402 (as above)
 
 DIRS, PER_DIR, NEW_PER_DIR = 1000, 1000, 10
 
@@ -43,18 +43,13 @@ def add_scattered(tree: Path, seed: int = 0) -> list[Path]:
     return added
 
 
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/capray-scale", help="where inputs and outputs are generated (shared with bench/scale.py)")
     parser.add_argument("--audit-rows", type=int, default=1_000_000, help="rows of the audit benchmark (0 = skip)")
     args = parser.parse_args()
     root = Path(args.dir)
-    print(f"CPU: {cpu()}", flush=True)
+    print(f"CPU: {cpu_model()}", flush=True)
     tree = root / "folder-1M"
     make_tree(tree, DIRS, PER_DIR)
     for stale in tree.glob("*/*a.jpg"):  # left by an interrupted run of this benchmark
@@ -83,8 +78,6 @@ def main() -> None:
     for name, value, met in goals:
         print(f"{name:48s} {value:10.3f}   {'yes' if met else 'NO'}")
     if args.audit_rows:
-        from audit import run_audit_bench
-
         t0 = time.time()
         result = run_audit_bench(args.audit_rows, root / "audit")
         print(f"\naudit of {args.audit_rows:,} rows: {result} ({time.time() - t0:.0f} s with its inputs)")

@@ -38,6 +38,26 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class PeakRSS:
+    """This process's peak resident memory, sampled every 50 ms from creation until `stop()`,
+    above its resident memory at creation (`idle`)."""
+
+    def __init__(self) -> None:
+        self.idle = self.peak = _rss()
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        """MB above idle at the peak."""
+        self._stop.set()
+        return (self.peak - self.idle) / 2**20
+
+
 def make_manifests(folder: Path, images: int) -> None:
     """`images` rows of (image, id) in Parquet files of FILE_ROWS rows."""
     if (folder / "_done").exists():
@@ -84,16 +104,7 @@ def scenario(args: argparse.Namespace) -> None:
     init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     time.sleep(2)  # let the driver settle after ray.init before the idle baseline
-    idle = _rss()
-    peak = [idle]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = PeakRSS()
     marker = Path(args.work) / "first_batch"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
@@ -104,11 +115,11 @@ def scenario(args: argparse.Namespace) -> None:
     schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("error", pa.string())])
     s = pipeline.run(cfg, plan, args.output, StandInModel, kwargs, cfg.infer, schema, "scale", worker_cls=StandInWorker)
     wall = time.time() - t0
-    stop.set()
+    rss_mb = rss.stop()
     first = float(marker.read_text()) - t0 if marker.exists() else float("nan")
     print(json.dumps({"rows": s["written"], "shards": s["shards"], "shards_done_before": s["shards_done_before"],
                       "computed": s["computed"], "copied": s["copied"],
-                      "rss_mb": (peak[0] - idle) / 2**20, "idle_mb": idle / 2**20, "first_batch_s": first,
+                      "rss_mb": rss_mb, "idle_mb": rss.idle / 2**20, "first_batch_s": first,
                       "plan_s": t_plan, "wall_s": wall, "rows_per_s": s["written"] / wall}))
 
 

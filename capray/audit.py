@@ -37,10 +37,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from capray import storage
+from capray import shards, storage
 from capray.inputs import KEY, InputError, Plan, Shard, read_shard
 
 log = logging.getLogger(__name__)
@@ -179,14 +178,9 @@ def reduce_partition(part: int, report_dir: str, cfg: Any, n_inputs: int, *piece
 
 
 def output_files(output: str, storage_cfg: Any = None) -> list[str]:
-    """The data files of an output folder: `*.parquet` not starting with `_` or `.` (those are
-    metadata: `_manifest.json`, `_shards.parquet`, `_audit/`...); names only, nothing opened."""
-    fs, path = storage.filesystem(output, storage_cfg)
-    files = []
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", ".")):
-            files.append(storage.join(output, info.base_name))
-    return sorted(files)
+    """The shard files of an output folder (capray.shards: `*.parquet` not starting with `_` or
+    `.`; `_shards.parquet`, `_audit/`... are metadata); names only, nothing opened."""
+    return [storage.join(output, shards.output_name(i)) for i in sorted(shards.done_ids(output, storage_cfg))]
 
 
 def _groups(items: list[Any], sizes: list[int], target: int) -> list[list[Any]]:
@@ -202,12 +196,6 @@ def _groups(items: list[Any], sizes: list[int], target: int) -> list[list[Any]]:
     return groups
 
 
-def _clear(report_dir: str, storage_cfg: Any) -> None:
-    fs, path = storage.filesystem(report_dir, storage_cfg)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
 def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, input_uri: str = "") -> dict[str, Any]:
     """Audit `output` (the folder a caption or extract job wrote for `plan`) into `report_dir`
     (default `<output>/_audit`, replaced): `report.json` (written last) and the keys of each
@@ -221,7 +209,7 @@ def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, inpu
         raise InputError(f"output folder not found: {output}: nothing to audit")
     report_dir = report_dir or storage.join(output, "_audit")
     files = output_files(output, cfg.storage)
-    _clear(report_dir, cfg.storage)
+    storage.delete_dir(report_dir, cfg.storage)
 
     # Rows are known for most inputs (listings, Parquet footers), not for a tar or a small CSV.
     shard_rows = [s.rows if s.rows >= 0 else max(cfg.inputs.shard_rows, UNKNOWN_SHARD_ROWS) for s in plan.shards]

@@ -103,9 +103,8 @@ def job_plan(cfg: Any) -> Plan:
 def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
-    if cfg.extract.overwrite and storage.exists(features_dir, cfg.storage):
-        fs, path = storage.filesystem(features_dir, cfg.storage)
-        fs.delete_dir(path)
+    if cfg.extract.overwrite:
+        storage.delete_dir(features_dir, cfg.storage)
     manifest = read_manifest(features_dir, cfg.storage)
     if manifest and manifest["dtype"] != cfg.extract.dtype:
         # Training decodes a batch with one dtype; never mix them in one folder.

@@ -105,16 +105,24 @@ def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: di
 
 def verify(features_dir: str, storage_cfg: Any = None) -> None:
     """Fail before training starts, naming the file, if a shard is unreadable or disagrees with
-    `_manifest.json` (reads Parquet footers only, not the features)."""
+    `_manifest.json`, or if an unfinished `capray extract` is still replacing files of an input
+    that changed (their images would be read twice; a partial extraction, e.g. `--limit`, is fine).
+    Reads Parquet footers only, not the features."""
     uri = storage.join(features_dir, "_manifest.json")
     listed = {}
     if storage.exists(uri, storage_cfg):
         listed = {f["file"]: f["rows"] for f in json.loads(storage.read_bytes(uri, storage_cfg))["files"]}
-    files = storage.list_files(features_dir, storage_cfg, (".parquet",))
-    present = {f.rsplit("/", 1)[-1] for f in files}
+    present = {shards.output_name(i) for i in shards.done_ids(features_dir, storage_cfg)}
     missing = sorted(set(listed) - present)
     if missing:
         raise FeatureError(f"{features_dir}: shard(s) listed in _manifest.json are missing: {', '.join(missing)}")
+    entries, _ = shards.read_index(features_dir, storage_cfg)
+    replaced = sorted({shards.output_name(e["id"]) for e in entries if e.get("state") == "superseded"} & present)
+    if replaced:
+        raise FeatureError(f"{features_dir}: an unfinished `capray extract` is replacing {len(replaced)} shard files of an input "
+                           f"that changed (e.g. {replaced[0]}), whose images would be read twice: re-run `capray extract` "
+                           "with the same config")
+    files = [storage.join(features_dir, name) for name in sorted(present)]
     for f, rows in zip(files, ThreadPoolExecutor(16).map(lambda f: _footer_rows(f, storage_cfg), files)):
         name = f.rsplit("/", 1)[-1]
         if name in listed and listed[name] != rows:

@@ -141,9 +141,8 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
 
     # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
-    if cfg.infer.overwrite and storage.exists(output, cfg.storage):
-        fs, path = storage.filesystem(output, cfg.storage)
-        fs.delete_dir(path)
+    if cfg.infer.overwrite:
+        storage.delete_dir(output, cfg.storage)
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)

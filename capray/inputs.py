@@ -16,6 +16,7 @@ can tell which earlier output files a new shard replaces.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import tarfile
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 from capray import listing, storage
 from capray.listing import ListingError, digest, is_image, stem, suffixes, walk
 
+log = logging.getLogger(__name__)
 # The columns every reader yields before the pass-through ones: the row's key (a URI, or
 # `<shard>/<key>` inside a tar) and the image itself as a URI to read or as bytes.
 KEY, URI, DATA = "image", "_uri", "_data"
@@ -120,7 +122,12 @@ def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
     if not current.chunks:
         exts = ", ".join(cfg.inputs.extensions)
         raise InputError(f"no images under {uri} (files ending in {exts}" + (f", matching {cfg.inputs.glob!r}" if cfg.inputs.glob else "") + ")")
-    changes = listing.diff(current, before, cfg.storage) if before is not None else None
+    changes = None
+    if before is not None:
+        try:
+            changes = listing.diff(current, before, cfg.storage)
+        except Exception as e:  # noqa: BLE001 (the counts only inform; a deleted old listing must not stop the job)
+            log.warning("could not compare the listing of %s with the one before it: %s", uri, e)
     info = {"taken_at": current.taken_at, "reused": reused, "changes": changes,
             "before_taken_at": before.taken_at if before is not None else None}
     return Plan("files", _listing_shards(current.chunks, cfg), uri, info)

@@ -334,8 +334,7 @@ def take(cfg: Any, uri: str, cache_dir: str) -> Listing:
     _check_order(chunks, uri)
     save(out_dir, uri, started, chunks, cfg.storage)
     for stale in older[: max(0, len(older) - (KEEP_LISTINGS - 1))]:
-        fs, path = storage.filesystem(stale, cfg.storage)
-        fs.delete_dir(path)
+        storage.delete_dir(stale, cfg.storage)
     return Listing(out_dir, started, chunks)
 
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from capray import shards, storage
 from capray.images import IMAGE_SIZE, ImageDecodeError, decode
 from capray.inputs import DATA, KEY, URI, VERSION, InputError, Plan, Shard, read_shard
-from capray.shards import done_ids, output_name
+from capray.shards import output_name
 
 log = logging.getLogger(__name__)
 # Error rows kept per shard summary, to show the user a few reasons without collecting them all.
@@ -521,8 +521,10 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
         head = f"listed {plan.input} now ({when}; inputs.relist=false would reuse the saved listing)"
     lines = [f"[capray] {label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]
     c = info.get("changes")
-    if c is None:
+    if info.get("before_taken_at") is None:
         lines.append(f"[capray] {label}: no earlier listing of this input to compare with")
+    elif c is None:
+        lines.append(f"[capray] {label}: the earlier listing could not be compared with (see the warning above)")
     else:
         before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["before_taken_at"]))
         lines.append(f"[capray] {label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "

@@ -3,7 +3,8 @@ what they were made with. The driver's side of resume, O(shards): file names and
 
     <output>/<shard id>.parquet   one file per shard (capray.inputs: `<location>.<content digest>`)
     <output>/_shards.parquet      the index: each file's shard (kind, source file, key range, rows,
-                                  failed rows); its metadata holds the input and the settings
+                                  failed rows, state: current | superseded | kept); its metadata
+                                  holds the input and the settings
                                   (checkpoint, decoding, precision...) the files were made with
 
 A shard is done when a file with its id exists: the id digests the shard's input content, so an
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 INDEX = "_shards.parquet"
 FORMAT = "capray-shards/1"
 _SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("lo", pa.string()),
-                     ("hi", pa.string()), ("rows", pa.int64()), ("failed", pa.int64())])
+                     ("hi", pa.string()), ("rows", pa.int64()), ("failed", pa.int64()), ("state", pa.string())])
 
 
 class OutputMismatchError(InputError):
@@ -78,7 +79,8 @@ def write_index(output: str, storage_cfg: Any, entries: list[dict[str, Any]], me
 
 
 def _entry(s: Shard, rows: int, failed: int) -> dict[str, Any]:
-    return {"id": s.id, "kind": s.kind, "source": s.source, "lo": s.lo, "hi": s.hi, "rows": rows, "failed": failed}
+    return {"id": s.id, "kind": s.kind, "source": s.source, "lo": s.lo, "hi": s.hi, "rows": rows, "failed": failed,
+            "state": "current"}
 
 
 def describe_settings(settings: dict[str, Any]) -> str:
@@ -182,7 +184,9 @@ def _entries(plan: Plan, work: Work, written: dict[str, tuple[int, int]], gone: 
         else:
             rows, failed = s.rows, -1  # not written yet, or by a run that was killed
         out.append(_entry(s, rows, failed))
-    out += [work.entries[i] for i in list(work.superseded) + work.kept if i in work.entries and i not in gone]
+    # Files of the plan are `current` (written or not); the others stay listed until deleted.
+    out += [{**work.entries[i], "state": "superseded"} for i in work.superseded if i in work.entries and i not in gone]
+    out += [{**work.entries[i], "state": "kept"} for i in work.kept if i in work.entries]
     return out
 
 

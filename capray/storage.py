@@ -200,6 +200,13 @@ def upload_file(local_path: str, uri: str, storage: Any = None) -> None:
     retrying(copy, f"uploading {uri}", storage) if is_remote(uri) else copy()
 
 
+def delete_dir(uri: str, storage: Any = None) -> None:
+    """Delete a folder/prefix and everything under it; nothing to do when it does not exist."""
+    fs, path = filesystem(uri, storage)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def list_files(uri: str, storage: Any = None, suffixes: tuple[str, ...] = ()) -> list[str]:
     """All files under a folder/prefix (recursively), as URIs of the same kind, sorted."""
     fs, path = filesystem(uri, storage)

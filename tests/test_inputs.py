@@ -15,7 +15,8 @@ import pytest
 from capray import inputs
 from capray.config import ConfigError, load_config
 from capray.inputs import InputError, Shard, read_shard
-from capray.pipeline import ShardWriter, done_ids
+from capray.pipeline import ShardWriter
+from capray.shards import done_ids
 from imagezoo import good_images, tar_shard
 
 

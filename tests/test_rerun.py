@@ -7,7 +7,6 @@ changed images went through the model."""
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
