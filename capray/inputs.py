@@ -46,9 +46,6 @@ MANIFEST_SUFFIXES = (".csv", ".parquet")
 CSV_SPLIT_BYTES_PER_ROW = 100
 _GLOB_CHARS = "*?["
 
-__all__ = ["InputError", "Plan", "Shard", "plan", "read_shard", "images_plan", "names_plan", "is_image", "suffixes", "walk"]
-
-
 class InputError(RuntimeError):
     """The job cannot start: inputs missing, empty, unreadable or of the wrong shape."""
 

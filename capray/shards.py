@@ -83,10 +83,6 @@ def _entry(s: Shard, rows: int, failed: int) -> dict[str, Any]:
             "state": "current"}
 
 
-def describe_settings(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items())
-
-
 def check_same(meta: dict[str, Any], input_uri: str, settings: dict[str, Any], output: str) -> None:
     """OutputMismatchError unless `output` was made from the same input with the same settings."""
     if meta.get("input", "").rstrip("/") != input_uri.rstrip("/"):

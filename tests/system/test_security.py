@@ -76,7 +76,7 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
         names = "\n".join(written)
         for expected in ("/logs/", "best/model.weights.h5", "best/optimizer.npz", "best/config.yaml",
                          "features/_capray_config.yaml", "captions/_capray_config.yaml", "captions/list-",
-                         "features/split-", "inputs/split-", "split.parquet"):
+                         "features/list-", "features/_shards.parquet", "inputs/split-", "split.parquet"):
             assert expected in names, expected
         for secret in (config_secret, env_secret):
             leaks = [name for name, data in written.items() if secret.encode() in data]
