@@ -10,17 +10,23 @@ FAST := tests/test_config.py tests/test_configdoc.py tests/test_text.py tests/te
 	tests/test_images.py tests/test_readers.py tests/test_data.py tests/test_inputs.py tests/test_listing.py tests/test_shards.py \
 	tests/test_cluster.py tests/test_imports.py tests/test_train_step.py tests/test_repo_text.py
 
-.PHONY: demo test test-fast test-system clean wheel
+.PHONY: demo test test-fast test-system lint clean wheel
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,lint]"
 	@command -v java >/dev/null || echo "NOTE: no java: evaluation will skip METEOR (apt-get install default-jre-headless; .ci/run does)"
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/capray demo configs/demo.yaml model.precision=auto $(ARGS)
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml; `.ci/run` runs it first.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Every suite but the reliability one: unit, data, learning, jobs on local Ray and moto S3.
 test: $(BIN)/.installed

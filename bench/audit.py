@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import FILE_ROWS, PeakRSS, make_manifests  # noqa: E402 (bench/ is not a package: the path is set above)
+from scale import FILE_ROWS, PeakRSS, make_manifests
 
 PLANTED = 10
 
@@ -60,9 +60,13 @@ def make_output(manifests: Path, output: Path) -> dict[str, set[str]]:
             errors[0] = "cannot decode image: planted"
         keys += extra.get(k, [])
         errors += [None] * (len(keys) - len(errors))
-        table = pa.table({"image": pa.array(keys, pa.string()),
-                          "caption": pa.array([None if e else "a stand-in caption" for e in errors], pa.string()),
-                          "error": pa.array(errors, pa.string())})
+        table = pa.table(
+            {
+                "image": pa.array(keys, pa.string()),
+                "caption": pa.array([None if e else "a stand-in caption" for e in errors], pa.string()),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
         pq.write_table(table, output / f"{f.stem}.parquet", row_group_size=10_000)
     (output / "_capray_config.yaml").write_text("name: bench-audit\n")  # metadata beside the data, ignored
     return planted
@@ -107,27 +111,45 @@ def run_audit_bench(n_rows: int, folder: str | Path) -> dict:
         found = set(pq.read_table(path, filesystem=fs)["image"].to_pylist())
         assert found == keys, (kind, sorted(found ^ keys)[:5])
     return {
-        "cpu": cpu_model(), "rows": n_rows, "input_shards": s["input_shards"], "output_files": s["output_files"],
-        "partitions": s["partitions"], "plan_s": round(t_plan, 2), "audit_s": s["seconds"], "wall_s": round(wall, 2),
-        "rows_per_s": round((s["input_rows"] + s["output_rows"]) / wall), "driver_mb": round(driver_mb, 1),
-        "idle_mb": round(rss.idle / 2**20), "generate_s": round(generated, 1),
+        "cpu": cpu_model(),
+        "rows": n_rows,
+        "input_shards": s["input_shards"],
+        "output_files": s["output_files"],
+        "partitions": s["partitions"],
+        "plan_s": round(t_plan, 2),
+        "audit_s": s["seconds"],
+        "wall_s": round(wall, 2),
+        "rows_per_s": round((s["input_rows"] + s["output_rows"]) / wall),
+        "driver_mb": round(driver_mb, 1),
+        "idle_mb": round(rss.idle / 2**20),
+        "generate_s": round(generated, 1),
         **{k: s[k] for k in ("ok", "failed", "missing", "duplicated", "stale", "output_rows")},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="input keys (a multiple of 10,000, at least 400,000)")
-    parser.add_argument("--dir", default="/tmp/capray-audit", help="where the input and output are generated (kept for re-runs)")
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000, help="input keys (a multiple of 10,000, at least 400,000)"
+    )
+    parser.add_argument(
+        "--dir", default="/tmp/capray-audit", help="where the input and output are generated (kept for re-runs)"
+    )
     args = parser.parse_args()
     r = run_audit_bench(args.rows, args.dir)
     print(f"cpu        {r['cpu']}")
-    print(f"audit      {r['rows']:,} input keys ({r['input_shards']} shards), {r['output_rows']:,} output rows "
-          f"({r['output_files']} files), {r['partitions']} partitions")
-    print(f"time       wall {r['wall_s']} s (plan {r['plan_s']} s, audit {r['audit_s']} s), {r['rows_per_s']:,} rows/s (both sides)")
+    print(
+        f"audit      {r['rows']:,} input keys ({r['input_shards']} shards), {r['output_rows']:,} output rows "
+        f"({r['output_files']} files), {r['partitions']} partitions"
+    )
+    print(
+        f"time       wall {r['wall_s']} s (plan {r['plan_s']} s, audit {r['audit_s']} s), {r['rows_per_s']:,} rows/s (both sides)"
+    )
     print(f"driver     +{r['driver_mb']} MB peak RSS above the idle ray.init driver ({r['idle_mb']} MB)")
-    print(f"found      {r['ok']:,} ok, {r['failed']} failed, {r['missing']} missing, {r['duplicated']} duplicated, "
-          f"{r['stale']} stale: every planted key, by name")
+    print(
+        f"found      {r['ok']:,} ok, {r['failed']} failed, {r['missing']} missing, {r['duplicated']} duplicated, "
+        f"{r['stale']} stale: every planted key, by name"
+    )
     print(json.dumps(r))
 
 

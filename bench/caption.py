@@ -67,7 +67,7 @@ class PeakRSS:
             self.peak = max(self.peak, sum(rss.get(pid, 0) for pid in tree))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -160,23 +160,33 @@ def main() -> None:
     print(f"{len(paths)} images from {args.images}; batch {args.batch_size}; checkpoint {args.checkpoint}")
     print(f"forward bound            {bound:6.1f} images/s")
     print(f"warm-up job ({args.batch_size} images, first Ray Data job of this Ray instance): {warmup:.1f} s")
-    print(f"forward bound, bfloat16  {bounds['mixed_bfloat16']:6.1f} images/s "
-          f"({bounds['mixed_bfloat16'] / bound:.2f}x float32; goal >= 1.5)")
-    print(f"whole-model bound (InceptionV3 + greedy, pre-decoded pixels): float32 {model_bounds['float32']:.1f}, "
-          f"bfloat16 {model_bounds['mixed_bfloat16']:.1f} images/s")
+    print(
+        f"forward bound, bfloat16  {bounds['mixed_bfloat16']:6.1f} images/s "
+        f"({bounds['mixed_bfloat16'] / bound:.2f}x float32; goal >= 1.5)"
+    )
+    print(
+        f"whole-model bound (InceptionV3 + greedy, pre-decoded pixels): float32 {model_bounds['float32']:.1f}, "
+        f"bfloat16 {model_bounds['mixed_bfloat16']:.1f} images/s"
+    )
     for name, (n, seconds, peak, wait) in results.items():
-        print(f"{name:10s} {n:5d} images {seconds:6.1f} s  {n / seconds:6.1f} images/s  peak RSS {peak / 2**30:5.2f} GiB  "
-              f"model waited {wait:.0%}")
+        print(
+            f"{name:10s} {n:5d} images {seconds:6.1f} s  {n / seconds:6.1f} images/s  peak RSS {peak / 2**30:5.2f} GiB  "
+            f"model waited {wait:.0%}"
+        )
     h, h4 = results["bf16"], results["bf16 x4"]
     rate16 = (h4[0] - h[0]) / (h4[1] - h[1])
-    print(f"bfloat16 steady state {rate16:6.1f} images/s, start-up {h[1] - h[0] / rate16:.1f} s per job; "
-          f"steady / forward bound = {rate16 / bounds['mixed_bfloat16']:.2f}, "
-          f"steady / whole-model bound = {rate16 / model_bounds['mixed_bfloat16']:.2f} (goal >= 0.9)")
+    print(
+        f"bfloat16 steady state {rate16:6.1f} images/s, start-up {h[1] - h[0] / rate16:.1f} s per job; "
+        f"steady / forward bound = {rate16 / bounds['mixed_bfloat16']:.2f}, "
+        f"steady / whole-model bound = {rate16 / model_bounds['mixed_bfloat16']:.2f} (goal >= 0.9)"
+    )
     g, b, g4 = results["greedy"], results["beam3"], results["greedy x4"]
     rate = (g4[0] - g[0]) / (g4[1] - g[1])
     print(f"steady state {rate:6.1f} images/s, start-up {g[1] - g[0] / rate:.1f} s per job")
-    print(f"greedy / bound = {g[0] / g[1] / bound:.2f} ({g[0]} images), {g4[0] / g4[1] / bound:.2f} ({g4[0]} images), "
-          f"steady state {rate / bound:.2f}; steady / whole-model bound = {rate / model_bounds['float32']:.2f} (goal >= 0.9)")
+    print(
+        f"greedy / bound = {g[0] / g[1] / bound:.2f} ({g[0]} images), {g4[0] / g4[1] / bound:.2f} ({g4[0]} images), "
+        f"steady state {rate / bound:.2f}; steady / whole-model bound = {rate / model_bounds['float32']:.2f} (goal >= 0.9)"
+    )
     print(f"beam3 wall / greedy wall = {b[1] / g[1]:.2f} (goal <= 1.25)")
     print(f"peak RSS 4x / 1x = {g4[2] / g[2]:.2f} (goal <= 1.15)")
 

@@ -60,12 +60,16 @@ def main() -> None:
         raise SystemExit(f"no .jpg files in {args.images}: pass --images DIR")
     originals = [p.read_bytes() for p in paths]
     large = [upscale(d) for d in originals]
-    print(f"{len(paths)} photos from {args.images.name}/; 12 MP versions: 4000x3000, quality 90, "
-          f"{np.mean([len(d) for d in large]) / 1e6:.1f} MB each on average")
+    print(
+        f"{len(paths)} photos from {args.images.name}/; 12 MP versions: 4000x3000, quality 90, "
+        f"{np.mean([len(d) for d in large]) / 1e6:.1f} MB each on average"
+    )
     print(f"{'set':12s} {'full ms':>8s} {'draft ms':>9s} {'speed-up':>9s} {'mean |diff|':>12s} {'max |diff|':>11s}")
     for name, files in (("originals", originals), ("12 MP", large)):
         full, draft = time_decode(files, False), time_decode(files, True)
-        diffs = [np.abs(decode(d, MAX_PIXELS).astype(int) - decode(d, MAX_PIXELS, draft=False).astype(int)) for d in files]
+        diffs = [
+            np.abs(decode(d, MAX_PIXELS).astype(int) - decode(d, MAX_PIXELS, draft=False).astype(int)) for d in files
+        ]
         mean, worst = float(np.mean([d.mean() for d in diffs])), int(max(d.max() for d in diffs))
         print(f"{name:12s} {full:8.2f} {draft:9.2f} {full / draft:8.1f}x {mean:12.2f} {worst:11d}")
         print(f"{'':12s} -> one core decodes {1000 / draft:.0f} images/s ({name}, draft)")

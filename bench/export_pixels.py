@@ -42,7 +42,10 @@ def main() -> None:
     for p in paths:
         data = Path(p).read_bytes()
         ours = decode(data, 10**9).astype(np.float32)
-        for name, theirs in (("graph (accurate IDCT)", _pixels(tf.constant(data)).numpy()), ("TF default IDCT", default_idct(data))):
+        for name, theirs in (
+            ("graph (accurate IDCT)", _pixels(tf.constant(data)).numpy()),
+            ("TF default IDCT", default_idct(data)),
+        ):
             rows[name].append(np.abs(ours - theirs))
     print(f"{len(paths)} JPEGs from {args.images}: |capray.images.decode - in-graph| in grey levels (0-255)")
     for name, diffs in rows.items():

@@ -33,7 +33,9 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flic
 
 def dir_bytes(path: str) -> int:
     """Total size of the files under `path`."""
-    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
+    return sum(
+        os.path.getsize(p) for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p)
+    )
 
 
 def forward_rate(paths: list[str], batch_size: int, precision: str = "float32") -> float:
@@ -63,14 +65,24 @@ def bound(paths: list[str], batch_size: int, precision: str = "float32") -> floa
     return ray.get(ray.remote(num_cpus=1)(forward_rate).remote(paths, batch_size, precision))
 
 
-def job(paths: list[str], batch_size: int, out: str, precision: str = "float32", extra: list[str] = ()) -> tuple[float, float, int, float]:
+def job(
+    paths: list[str], batch_size: int, out: str, precision: str = "float32", extra: list[str] = ()
+) -> tuple[float, float, int, float]:
     """(b): seconds and images/s of the extraction job (Ray already running), bytes written, and the
     share of the model's time spent waiting for decoded images."""
     from capray import features
     from capray.config import load_config
 
-    cfg = load_config(None, ["encoder.weights=random", f"extract.batch_size={batch_size}", f"work_dir={out}.work",
-                             f"model.precision={precision}", *extra])
+    cfg = load_config(
+        None,
+        [
+            "encoder.weights=random",
+            f"extract.batch_size={batch_size}",
+            f"work_dir={out}.work",
+            f"model.precision={precision}",
+            *extra,
+        ],
+    )
     start = time.perf_counter()
     summary = features.extract(cfg, paths, out)
     seconds = time.perf_counter() - start
@@ -105,7 +117,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use the first N images (0 = all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tutorial-limit", type=int, default=100, help="images for (c), the slow loop (0: skip it)")
-    ap.add_argument("--repeat", type=int, default=4, help="the larger job presents each image N times under different names")
+    ap.add_argument(
+        "--repeat", type=int, default=4, help="the larger job presents each image N times under different names"
+    )
     ap.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16"])
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for the jobs, e.g. inputs.io_threads=2")
     args = ap.parse_args()
@@ -139,7 +153,9 @@ def main() -> None:
             # The bound before and after the jobs: this machine's speed drifts by ~10% between
             # minutes, so the jobs are compared with the mean of the two (both are printed).
             before = bound(paths, args.batch_size, precision)
-            t1, b1, nbytes, wait1 = job(paths, args.batch_size, os.path.join(tmp, f"f1-{precision}"), precision, args.set)
+            t1, b1, nbytes, _wait1 = job(
+                paths, args.batch_size, os.path.join(tmp, f"f1-{precision}"), precision, args.set
+            )
             t4, b4, _, wait4 = job(many, args.batch_size, os.path.join(tmp, f"f4-{precision}"), precision, args.set)
             after = bound(paths, args.batch_size, precision)
             steady = (len(many) - len(paths)) / (t4 - t1)
@@ -152,22 +168,32 @@ def main() -> None:
         ray.shutdown()
     from capray.config import cpu_bf16
 
-    print(f"images: {len(paths)} (and {len(many)} = {args.repeat} x each) from {args.images}; batch size {args.batch_size}; "
-          f"{os.cpu_count()} CPUs ({cpu_bf16() or 'no BF16 instructions'}), no GPU; {' '.join(args.set) or 'default config'}")
-    print(f"{'precision':15s} {'(a) bound':>10s} {'(b) job 1x':>11s} {'(b) job 4x':>11s} {'steady':>8s} {'steady/(a)':>11s} {'model waits':>12s}")
+    print(
+        f"images: {len(paths)} (and {len(many)} = {args.repeat} x each) from {args.images}; batch size {args.batch_size}; "
+        f"{os.cpu_count()} CPUs ({cpu_bf16() or 'no BF16 instructions'}), no GPU; {' '.join(args.set) or 'default config'}"
+    )
+    print(
+        f"{'precision':15s} {'(a) bound':>10s} {'(b) job 1x':>11s} {'(b) job 4x':>11s} {'steady':>8s} {'steady/(a)':>11s} {'model waits':>12s}"
+    )
     for precision, (a, b1, b4, steady, wait, *_) in rows.items():
         print(f"{precision:15s} {a:10.1f} {b1:11.1f} {b4:11.1f} {steady:8.1f} {steady / a:11.2f} {wait:12.0%}")
     print("(images/s; (a) = the mean of the bound measured before and after the jobs; steady = the 4x job's")
     print(" extra images over its extra seconds; model waits = share of the actors' model time spent waiting")
     print(" for decoded images, 4x job)")
     for precision, (*_, nbytes, before, after) in rows.items():
-        print(f"{precision}: bound before the jobs {before:.1f}, after {after:.1f} images/s; "
-              f"(b) writes {nbytes / len(paths) / 1024:.0f} KiB per image")
+        print(
+            f"{precision}: bound before the jobs {before:.1f}, after {after:.1f} images/s; "
+            f"(b) writes {nbytes / len(paths) / 1024:.0f} KiB per image"
+        )
     f32 = rows.get("float32")
     if f32 and args.tutorial_limit:
-        print(f"(c) tutorial-style loop  {c:7.1f} images/s  ({npy_bytes / 1024:.0f} KiB per image, one float32 .npy each; "
-              f"{min(len(paths), args.tutorial_limit)} images); (b) writes {f32[5] / len(paths) / 1024:.0f} KiB per image")
-        print(f"float32: (b) 1x / (a) = {f32[1] / f32[0]:.2f} (goal >= 0.85); (b) 1x / (c) = {f32[1] / c:.1f} (goal >= 8)")
+        print(
+            f"(c) tutorial-style loop  {c:7.1f} images/s  ({npy_bytes / 1024:.0f} KiB per image, one float32 .npy each; "
+            f"{min(len(paths), args.tutorial_limit)} images); (b) writes {f32[5] / len(paths) / 1024:.0f} KiB per image"
+        )
+        print(
+            f"float32: (b) 1x / (a) = {f32[1] / f32[0]:.2f} (goal >= 0.85); (b) 1x / (c) = {f32[1] / c:.1f} (goal >= 8)"
+        )
     if "float32" in rows and "mixed_bfloat16" in rows:
         print(f"bfloat16 bound / float32 bound = {rows['mixed_bfloat16'][0] / rows['float32'][0]:.2f} (goal >= 1.5)")
     for precision, (a, _, _, steady, *_) in rows.items():

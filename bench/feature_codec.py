@@ -38,8 +38,10 @@ def feature_table(paths: list[str], precision: str) -> pa.Table:
     model = FeatureExtractor("random", seed=0, precision=precision)
     try:
         pixels = np.stack([decode(Path(p).read_bytes(), 64_000_000) for p in paths])
-        tables = [model.rows(paths[i : i + 16], pixels[i : i + 16], [""] * len(pixels[i : i + 16]))
-                  for i in range(0, len(paths), 16)]
+        tables = [
+            model.rows(paths[i : i + 16], pixels[i : i + 16], [""] * len(pixels[i : i + 16]))
+            for i in range(0, len(paths), 16)
+        ]
     finally:
         set_precision("float32")
     return pa.concat_tables(tables)
@@ -102,10 +104,14 @@ def main() -> None:
                 w = best_of(3, write)
                 r = best_of(3, lambda: pq.read_table(out, use_threads=False))
                 n = table.num_rows
-                print(f"{precision:15s} {codec:7s} {os.path.getsize(out) / n / 1024:10.0f} {w / n * 1e3:15.2f} {r / n * 1e3:14.2f}")
+                print(
+                    f"{precision:15s} {codec:7s} {os.path.getsize(out) / n / 1024:10.0f} {w / n * 1e3:15.2f} {r / n * 1e3:14.2f}"
+                )
     graph_ms, numpy_ms = cast_cost(paths[:64])
-    print(f"InceptionV3 (mixed_bfloat16, batch 16, 64 photos x 3): float16 cast in the graph {graph_ms:.2f} ms/image, "
-          f"float32 output + NumPy cast {numpy_ms:.2f} ms/image")
+    print(
+        f"InceptionV3 (mixed_bfloat16, batch 16, 64 photos x 3): float16 cast in the graph {graph_ms:.2f} ms/image, "
+        f"float32 output + NumPy cast {numpy_ms:.2f} ms/image"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 1 if args.quick and args.warmup == 3 else args.warmup
 
     dev = jax.devices()[0]
-    print(f"python {sys.version.split()[0]}  jax {jax.__version__}  keras {keras.__version__}  backend {keras.backend.backend()}")
+    print(
+        f"python {sys.version.split()[0]}  jax {jax.__version__}  keras {keras.__version__}  backend {keras.backend.backend()}"
+    )
     print(f"devices: {jax.devices()}  kind: {dev.device_kind}  platform: {dev.platform}")
     print(f"warmup {warmup}, {rounds} round(s) x {iters} timed steps per config; ms/batch = median round")
     print("exe_MiB: XLA's arguments+outputs+temporaries for the compiled forward; first_s: compile + first step\n")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from audit import cpu_model, run_audit_bench  # noqa: E402 (bench/ is not a package; the path is set above)
-from scale import make_tree, run_scenario  # noqa: E402 (as above)
+from audit import cpu_model, run_audit_bench
+from scale import make_tree, run_scenario
 
 DIRS, PER_DIR, NEW_PER_DIR = 1000, 1000, 10
 
@@ -45,7 +45,9 @@ def add_scattered(tree: Path, seed: int = 0) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="/tmp/capray-scale", help="where inputs and outputs are generated (shared with bench/scale.py)")
+    parser.add_argument(
+        "--dir", default="/tmp/capray-scale", help="where inputs and outputs are generated (shared with bench/scale.py)"
+    )
     parser.add_argument("--audit-rows", type=int, default=1_000_000, help="rows of the audit benchmark (0 = skip)")
     args = parser.parse_args()
     root = Path(args.dir)
@@ -68,12 +70,21 @@ def main() -> None:
     new = len(added)
     goals = [
         ("images through the model / new images <= 1.05", rerun["computed"] / new, rerun["computed"] / new <= 1.05),
-        ("re-run driver RSS / fresh <= 1.1", rerun["rss_mb"] / fresh["rss_mb"], rerun["rss_mb"] <= 1.1 * fresh["rss_mb"]),
-        ("re-run first batch / fresh <= 1.5", rerun["first_batch_s"] / fresh["first_batch_s"],
-         rerun["first_batch_s"] <= 1.5 * fresh["first_batch_s"]),
+        (
+            "re-run driver RSS / fresh <= 1.1",
+            rerun["rss_mb"] / fresh["rss_mb"],
+            rerun["rss_mb"] <= 1.1 * fresh["rss_mb"],
+        ),
+        (
+            "re-run first batch / fresh <= 1.5",
+            rerun["first_batch_s"] / fresh["first_batch_s"],
+            rerun["first_batch_s"] <= 1.5 * fresh["first_batch_s"],
+        ),
     ]
-    print(f"\nre-run: {new:,} new images; {rerun['computed']:,} rows through the model, {rerun['copied']:,} copied; "
-          f"{rerun['rows']:,} rows written in {rerun['shards'] - rerun['shards_done_before']} of {rerun['shards']} shards")
+    print(
+        f"\nre-run: {new:,} new images; {rerun['computed']:,} rows through the model, {rerun['copied']:,} copied; "
+        f"{rerun['rows']:,} rows written in {rerun['shards'] - rerun['shards_done_before']} of {rerun['shards']} shards"
+    )
     print("\ngoal                                              measured   met")
     for name, value, met in goals:
         print(f"{name:48s} {value:10.3f}   {'yes' if met else 'NO'}")

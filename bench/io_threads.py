@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-
 from moto_s3 import bench_settings, moto_server
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-dev" / "images"
@@ -26,7 +25,9 @@ class NoModel:
     """A model that costs nothing: one row per image with its decode error, if any."""
 
     def __call__(self, batch: dict) -> pa.Table:
-        return pa.table({"image": list(batch["image"]), "error": pa.array([e or None for e in batch["error"]], pa.string())})
+        return pa.table(
+            {"image": list(batch["image"]), "error": pa.array([e or None for e in batch["error"]], pa.string())}
+        )
 
 
 def main() -> None:
@@ -46,13 +47,15 @@ def main() -> None:
     from capray.config import load_config
     from capray.runtime import init_ray
 
-    with moto_server(lambda line: "GET" in line) as (endpoint, gets), tempfile.TemporaryDirectory() as tmp:
+    with moto_server(lambda line: "GET" in line) as (endpoint, _gets), tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [*bench_settings(endpoint), f"work_dir={tmp}/work"])
         uris = [f"s3://bench/photos/{i:05d}.jpg" for i in range(args.objects)]
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: storage.write_bytes(uris[i], photos[i % len(photos)], cfg.storage), range(len(uris))))
+            list(
+                pool.map(lambda i: storage.write_bytes(uris[i], photos[i % len(photos)], cfg.storage), range(len(uris)))
+            )
         size = sum(len(photos[i % len(photos)]) for i in range(len(uris))) / len(uris)
         start = time.perf_counter()
         for uri in uris[:200]:
@@ -64,9 +67,18 @@ def main() -> None:
         schema = pa.schema([("image", pa.string()), ("error", pa.string())])
         results = {}
         for n in [args.threads[0], *args.threads]:  # the first run also warms Ray Data up; not kept
-            job = load_config(None, [*bench_settings(endpoint), f"work_dir={tmp}/work-{n}", f"inputs.io_threads={n}",
-                                     "inputs.shard_rows=200", "infer.min_actors=1", "infer.max_actors=1",
-                                     "infer.batch_size=16"])
+            job = load_config(
+                None,
+                [
+                    *bench_settings(endpoint),
+                    f"work_dir={tmp}/work-{n}",
+                    f"inputs.io_threads={n}",
+                    "inputs.shard_rows=200",
+                    "infer.min_actors=1",
+                    "infer.max_actors=1",
+                    "infer.batch_size=16",
+                ],
+            )
             plan = inputs.plan(job, "s3://bench/photos/", f"{tmp}/work-{n}/inputs")
             out = f"{tmp}/out-{n}-{time.time_ns()}"
             s = pipeline.run(job, plan, out, NoModel, {}, job.infer, schema, f"io_threads={n}")
@@ -76,14 +88,18 @@ def main() -> None:
             results[f"{n} job"] = s["images_per_s"]
         ray.shutdown()
 
-    print(f"{args.objects} JPEG objects ({size / 1024:.0f} KiB on average) on a local moto S3 server; "
-          f"one GET after another: {latency:.1f} ms each")
+    print(
+        f"{args.objects} JPEG objects ({size / 1024:.0f} KiB on average) on a local moto S3 server; "
+        f"one GET after another: {latency:.1f} ms each"
+    )
     print(f"{'io_threads':>10s} {'images/s (actor)':>17s} {'images/s (job)':>15s}")
     for n in args.threads:
         print(f"{n:10d} {results[n]:17.1f} {results[f'{n} job']:15.1f}")
     lo, hi = min(args.threads), max(args.threads)
-    print(f"io_threads {hi} / io_threads {lo} = {results[hi] / results[lo]:.2f}x (actor), "
-          f"{results[f'{hi} job'] / results[f'{lo} job']:.2f}x (job, with its start-up)")
+    print(
+        f"io_threads {hi} / io_threads {lo} = {results[hi] / results[lo]:.2f}x (actor), "
+        f"{results[f'{hi} job'] / results[f'{lo} job']:.2f}x (job, with its start-up)"
+    )
 
 
 if __name__ == "__main__":

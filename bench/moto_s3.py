@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 class RequestCounter(logging.Handler):
@@ -37,8 +37,13 @@ def moto_server(match: Callable[[str], bool]) -> Iterator[tuple[str, RequestCoun
     werkzeug.propagate = False  # count the access log, do not print it
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        ).create_bucket(Bucket="bench")
         yield endpoint, counter
     finally:
         werkzeug.removeHandler(counter)
@@ -47,5 +52,9 @@ def moto_server(match: Callable[[str], bool]) -> Iterator[tuple[str, RequestCoun
 
 def bench_settings(endpoint: str) -> list[str]:
     """capray config overrides that reach the server."""
-    return [f"storage.endpoint_url={endpoint}", "storage.region=us-east-1", "storage.access_key_id=bench",
-            "storage.secret_access_key=bench"]
+    return [
+        f"storage.endpoint_url={endpoint}",
+        "storage.region=us-east-1",
+        "storage.access_key_id=bench",
+        "storage.secret_access_key=bench",
+    ]

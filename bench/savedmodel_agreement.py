@@ -33,12 +33,25 @@ def main() -> None:
         batch = rows[i : i + args.batch_size]
         blobs = tf.constant([tf.io.read_file(r["image"]).numpy() for r in batch])
         captions = [c.decode("utf-8") for c in serve(images=blobs)["caption"].numpy()]
-        differ += [{"image": r["image"], "job": r["caption"], "savedmodel": c} for r, c in zip(batch, captions) if c != r["caption"]]
+        differ += [
+            {"image": r["image"], "job": r["caption"], "savedmodel": c}
+            for r, c in zip(batch, captions)
+            if c != r["caption"]
+        ]
     agree = len(rows) - len(differ)
     for d in differ[:10]:
         print(f"differs: {d['image']}: job {d['job']!r}, SavedModel {d['savedmodel']!r}")
-    print(json.dumps({"images": len(rows), "agree": agree, "agreement": agree / max(len(rows), 1), "differ": differ,
-                      "capray_imported": "capray" in sys.modules}))
+    print(
+        json.dumps(
+            {
+                "images": len(rows),
+                "agree": agree,
+                "agreement": agree / max(len(rows), 1),
+                "differ": differ,
+                "capray_imported": "capray" in sys.modules,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ def make_manifests(folder: Path, images: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(images // FILE_ROWS):
         ids = range(k * FILE_ROWS, (k + 1) * FILE_ROWS)
-        pq.write_table(pa.table({"image": [f"s3://bucket/images/{i:09d}.jpg" for i in ids], "id": list(ids)}), folder / f"{k:05d}.parquet")
+        pq.write_table(
+            pa.table({"image": [f"s3://bucket/images/{i:09d}.jpg" for i in ids], "id": list(ids)}),
+            folder / f"{k:05d}.parquet",
+        )
     (folder / "_done").write_text("")
 
 
@@ -73,11 +76,13 @@ def make_tree(folder: Path, dirs: int, per_dir: int) -> None:
     """dirs x per_dir empty .jpg files."""
     if (folder / ".done").exists():
         return
+
     def one(d: int) -> None:
         sub = folder / f"{d:04d}"
         sub.mkdir(parents=True, exist_ok=True)
         for i in range(per_dir):
             (sub / f"{i:05d}.jpg").touch()
+
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(dirs)))
     (folder / ".done").write_text("")
@@ -117,10 +122,23 @@ def scenario(args: argparse.Namespace) -> None:
     wall = time.time() - t0
     rss_mb = rss.stop()
     first = float(marker.read_text()) - t0 if marker.exists() else float("nan")
-    print(json.dumps({"rows": s["written"], "shards": s["shards"], "shards_done_before": s["shards_done_before"],
-                      "computed": s["computed"], "copied": s["copied"],
-                      "rss_mb": rss_mb, "idle_mb": rss.idle / 2**20, "first_batch_s": first,
-                      "plan_s": t_plan, "wall_s": wall, "rows_per_s": s["written"] / wall}))
+    print(
+        json.dumps(
+            {
+                "rows": s["written"],
+                "shards": s["shards"],
+                "shards_done_before": s["shards_done_before"],
+                "computed": s["computed"],
+                "copied": s["copied"],
+                "rss_mb": rss_mb,
+                "idle_mb": rss.idle / 2**20,
+                "first_batch_s": first,
+                "plan_s": t_plan,
+                "wall_s": wall,
+                "rows_per_s": s["written"] / wall,
+            }
+        )
+    )
 
 
 class StandInModel:
@@ -147,40 +165,60 @@ def run_scenario(name: str, inp: Path, out: Path, work: Path, extra: list[str] =
     cmd = [sys.executable, __file__, "--scenario", "--input", str(inp), "--output", str(out), "--work", str(work)]
     for e in extra:
         cmd += ["--set", e]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    )
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{name:18s} rows {result['rows']:>9,}  shards {result['shards']:>5} ({result['shards_done_before']} done before)  "
-          f"driver +{result['rss_mb']:6.1f} MB (idle {result['idle_mb']:.0f} MB)  plan {result['plan_s']:6.2f} s  "
-          f"first batch {result['first_batch_s']:6.2f} s  wall {result['wall_s']:7.1f} s  {result['rows_per_s']:>8,.0f} rows/s", flush=True)
+    print(
+        f"{name:18s} rows {result['rows']:>9,}  shards {result['shards']:>5} ({result['shards_done_before']} done before)  "
+        f"driver +{result['rss_mb']:6.1f} MB (idle {result['idle_mb']:.0f} MB)  plan {result['plan_s']:6.2f} s  "
+        f"first batch {result['first_batch_s']:6.2f} s  wall {result['wall_s']:7.1f} s  {result['rows_per_s']:>8,.0f} rows/s",
+        flush=True,
+    )
     return result
 
 
 def s3_listing(objects: int, work: Path) -> dict:
     """Plan a prefix of `objects` images (folders of 1,000) on a moto server; LIST requests counted."""
     import boto3
+    from moto_s3 import bench_settings, moto_server
 
     from capray import inputs
     from capray.config import load_config
     from capray.runtime import init_ray
-    from moto_s3 import bench_settings, moto_server
 
-    is_list = lambda msg: "GET /" in msg and ("list-type=2" in msg or "delimiter=" in msg or "prefix=" in msg)  # noqa: E731
+    is_list = lambda msg: "GET /" in msg and ("list-type=2" in msg or "delimiter=" in msg or "prefix=" in msg)
     with moto_server(is_list) as (endpoint, lists):
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="bench", aws_secret_access_key="bench")
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: client.put_object(Bucket="bench", Key=f"photos/{i // 1000:03d}/{i:06d}.jpg", Body=b""), range(objects)))
-        cfg = load_config(None, [f"work_dir={work}", *bench_settings(endpoint), f"inputs.shard_rows={FILE_ROWS}", "ray.local_cpus=2"])
+            list(
+                pool.map(
+                    lambda i: client.put_object(Bucket="bench", Key=f"photos/{i // 1000:03d}/{i:06d}.jpg", Body=b""),
+                    range(objects),
+                )
+            )
+        cfg = load_config(
+            None, [f"work_dir={work}", *bench_settings(endpoint), f"inputs.shard_rows={FILE_ROWS}", "ray.local_cpus=2"]
+        )
         init_ray(cfg)
         shutil.rmtree(work / "inputs", ignore_errors=True)
         lists.count = 0
         t0 = time.time()
         plan = inputs.plan(cfg, "s3://bench/photos", str(work / "inputs"))
         seconds = time.time() - t0
-        print(f"s3 prefix          {plan.rows:,} objects listed in {seconds:.1f} s with {lists.count} LIST requests "
-              f"({plan.rows / max(lists.count, 1):.0f} objects per LIST), {len(plan.shards)} shards", flush=True)
+        print(
+            f"s3 prefix          {plan.rows:,} objects listed in {seconds:.1f} s with {lists.count} LIST requests "
+            f"({plan.rows / max(lists.count, 1):.0f} objects per LIST), {len(plan.shards)} shards",
+            flush=True,
+        )
         return {"objects": plan.rows, "lists": lists.count}
 
 
@@ -216,17 +254,35 @@ def main() -> None:
     goals = [
         ("driver RSS above idle at 1M <= 300 MB", r1["rss_mb"], r1["rss_mb"] <= 300),
         ("driver RSS 4M / 1M <= 1.3", r4["rss_mb"] / r1["rss_mb"], r4["rss_mb"] / r1["rss_mb"] <= 1.3),
-        ("time to first batch 4M / 1M <= 1.5", r4["first_batch_s"] / r1["first_batch_s"], r4["first_batch_s"] / r1["first_batch_s"] <= 1.5),
-        ("first batch half-done 4M / fresh 4M <= 1", rh["first_batch_s"] / r4["first_batch_s"], rh["first_batch_s"] <= r4["first_batch_s"]),
-        ("rows/s (slowest scenario) >= 10,000", min(r["rows_per_s"] for r in (r1, r4, rf, rh)), min(r["rows_per_s"] for r in (r1, r4, rf, rh)) >= 10_000),
-        ("S3 objects per LIST request ~ 1,000 (>= 500)", s3["objects"] / s3["lists"], s3["objects"] / s3["lists"] >= 500),
+        (
+            "time to first batch 4M / 1M <= 1.5",
+            r4["first_batch_s"] / r1["first_batch_s"],
+            r4["first_batch_s"] / r1["first_batch_s"] <= 1.5,
+        ),
+        (
+            "first batch half-done 4M / fresh 4M <= 1",
+            rh["first_batch_s"] / r4["first_batch_s"],
+            rh["first_batch_s"] <= r4["first_batch_s"],
+        ),
+        (
+            "rows/s (slowest scenario) >= 10,000",
+            min(r["rows_per_s"] for r in (r1, r4, rf, rh)),
+            min(r["rows_per_s"] for r in (r1, r4, rf, rh)) >= 10_000,
+        ),
+        (
+            "S3 objects per LIST request ~ 1,000 (>= 500)",
+            s3["objects"] / s3["lists"],
+            s3["objects"] / s3["lists"] >= 500,
+        ),
     ]
     print("\ngoal                                              measured   met")
     for name, value, met in goals:
         print(f"{name:48s} {value:10.2f}   {'yes' if met else 'NO'}")
     per_row = (r4["rss_mb"] - r1["rss_mb"]) * 2**20 / 3_000_000
-    print(f"\nprojection: driver bytes per extra image {per_row:.1f} (1M -> 4M); per shard {per_row * FILE_ROWS:.0f}; "
-          f"at 100M images ({100_000_000 // FILE_ROWS:,} shards): +{r1['rss_mb'] + per_row * 99e6 / 2**20:.0f} MB")
+    print(
+        f"\nprojection: driver bytes per extra image {per_row:.1f} (1M -> 4M); per shard {per_row * FILE_ROWS:.0f}; "
+        f"at 100M images ({100_000_000 // FILE_ROWS:,} shards): +{r1['rss_mb'] + per_row * 99e6 / 2**20:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="capray-scaling-")
     common = [
-        f"work_dir={work}", f"data.synthetic_images={args.images}", f"train.epochs={args.epochs}",
-        f"train.batch_size={args.batch_size}", "train.num_to_keep=0",
+        f"work_dir={work}",
+        f"data.synthetic_images={args.images}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "train.num_to_keep=0",
     ]
     init_ray(load_config(REPO / "configs/demo.yaml", common))
     features.run(load_config(REPO / "configs/demo.yaml", common))
@@ -52,7 +55,9 @@ def main() -> None:
         results[n] = (sum(rates) / len(rates), wall, best["metrics"]["val_loss"])
     print(f"{args.images} scenes (80% train), global batch {args.batch_size}, {args.epochs} epochs, 2 CPUs")
     for n, (rate, wall, val) in results.items():
-        print(f"{n} worker(s): {rate:7.1f} captions/s (epochs 2+), {wall:6.1f} s wall for train(), best val_loss {val:.4f}")
+        print(
+            f"{n} worker(s): {rate:7.1f} captions/s (epochs 2+), {wall:6.1f} s wall for train(), best val_loss {val:.4f}"
+        )
     print(f"2 workers / 1 worker throughput: {results[2][0] / results[1][0]:.2f}")
 
 

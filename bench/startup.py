@@ -19,8 +19,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from caption import parse_args  # bench/caption.py: the same command line
 
@@ -58,7 +59,10 @@ def main() -> None:
     features = timed("backbone first batch", encoder, batch)
     timed("backbone later batch", encoder, batch)
     spec = tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)
-    greedy = tf.function(lambda f: model.greedy(f, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id), input_signature=[spec])
+    greedy = tf.function(
+        lambda f: model.greedy(f, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id),
+        input_signature=[spec],
+    )
     timed("greedy decoder first batch", greedy, features)
     timed("greedy decoder later batch", greedy, features)
 

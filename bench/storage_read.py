@@ -11,9 +11,10 @@ import argparse
 import os
 import time
 
+from moto_s3 import bench_settings, moto_server
+
 from capray import storage
 from capray.config import load_config
-from moto_s3 import bench_settings, moto_server
 
 
 def main() -> None:

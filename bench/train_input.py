@@ -28,14 +28,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCH = re.compile(r"epoch (\d+)/\d+ step \d+ train_loss \S+ val_loss \S+ \((\d+) captions/s, (\d+)% of it waiting for input\)")
+EPOCH = re.compile(
+    r"epoch (\d+)/\d+ step \d+ train_loss \S+ val_loss \S+ \((\d+) captions/s, (\d+)% of it waiting for input\)"
+)
 
 
 def run(work: Path, name: str, epochs: int, extra: list[str]) -> tuple[list[tuple[int, int, int]], float]:
     """One training job; its (epoch, captions/s, wait %) lines and wall seconds."""
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
-    cmd = [sys.executable, "-m", "capray.cli", "train", str(REPO / "configs/demo.yaml"), f"work_dir={work}",
-           f"name={name}", f"train.epochs={epochs}", "evaluate.after_train=false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "train",
+        str(REPO / "configs/demo.yaml"),
+        f"work_dir={work}",
+        f"name={name}",
+        f"train.epochs={epochs}",
+        "evaluate.after_train=false",
+        *extra,
+    ]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
@@ -65,7 +77,9 @@ def main() -> None:
         later = epochs[1:]
         wait = sum(w for _, _, w in later) / max(len(later), 1)
         rate = sum(r for _, r, _ in later) / max(len(later), 1)
-        print(f"{label:6s}: wall {seconds:6.1f} s; epochs 2-{len(epochs)}: {rate:.0f} captions/s, {wait:.0f}% of the time waiting for input")
+        print(
+            f"{label:6s}: wall {seconds:6.1f} s; epochs 2-{len(epochs)}: {rate:.0f} captions/s, {wait:.0f}% of the time waiting for input"
+        )
     s, c = results["stream"][0][1:], results["cache"][0][1:]
     if s and c:
         print(f"cache / stream, captions/s in epochs 2+: {sum(r for _, r, _ in c) / sum(r for _, r, _ in s):.2f}x")

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # TensorFlow's CUDA/oneDNN start-up banners ignore TF_CPP_MIN_LOG_LEVEL: filter them out of
 # whichever import of TensorFlow comes first in this process (imports nothing heavy).
-from capray import tfquiet  # noqa: E402
+from capray import tfquiet
 
 tfquiet.install()
 
@@ -32,7 +32,7 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):  # noqa: ANN202 (PEP 562)
+def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'capray' has no attribute {name!r}")
     import importlib

@@ -14,7 +14,8 @@ The Ray Data building blocks are the jobs' own actor classes, `capray.CaptionPre
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from capray.images import ImageDecodeError
 
 if TYPE_CHECKING:
     from capray.decoder import Caption
+
 
 def storage_config(storage: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
     """The `storage` config section from a mapping (e.g. {"endpoint_url": ...}) or None (defaults)."""
@@ -35,19 +37,36 @@ def storage_config(storage: Mapping[str, Any] | DictConfig | None = None) -> Dic
 class Captioner:
     """A trained capray checkpoint loaded in this process: images -> captions, batched internally."""
 
-    def __init__(self, checkpoint: str, strategy: str = "greedy", beam_size: int = 3, length_alpha: float = 0.7,
-                 max_length: int = 0, batch_size: int = 16, precision: str = "float32", max_pixels: int = 64_000_000,
-                 storage: Mapping[str, Any] | DictConfig | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        strategy: str = "greedy",
+        beam_size: int = 3,
+        length_alpha: float = 0.7,
+        max_length: int = 0,
+        batch_size: int = 16,
+        precision: str = "float32",
+        max_pixels: int = 64_000_000,
+        storage: Mapping[str, Any] | DictConfig | None = None,
+    ):
         from capray.infer import CaptionPredictor
 
         self.storage, self.batch_size, self.max_pixels = storage_config(storage), batch_size, max_pixels
         # The caption job's own actor class: the same checkpoint loading, backbone and decoder.
-        self.predictor = CaptionPredictor(checkpoint, strategy, beam_size, length_alpha, max_length,
-                                          precision=precision, storage=self.storage, max_pixels=max_pixels)
+        self.predictor = CaptionPredictor(
+            checkpoint,
+            strategy,
+            beam_size,
+            length_alpha,
+            max_length,
+            precision=precision,
+            storage=self.storage,
+            max_pixels=max_pixels,
+        )
         self.checkpoint, self.strategy, self.tokenizer = checkpoint, self.predictor.strategy, self.predictor.tokenizer
 
     @classmethod
-    def load(cls, checkpoint: str, strategy: str = "greedy", **kwargs: Any) -> "Captioner":
+    def load(cls, checkpoint: str, strategy: str = "greedy", **kwargs: Any) -> Captioner:
         """Load a checkpoint (local or s3://): `strategy` greedy or beam; see `__init__` for the rest."""
         return cls(checkpoint, strategy, **kwargs)
 
@@ -87,8 +106,10 @@ def _name(image: Any) -> str:
 # --- the jobs as functions -----------------------------------------------------------------------
 
 
-def config(cfg: str | DictConfig | Mapping[str, Any] | Sequence[str] | None = None,
-           overrides: Sequence[str] | Mapping[str, Any] = ()) -> DictConfig:
+def config(
+    cfg: str | DictConfig | Mapping[str, Any] | Sequence[str] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> DictConfig:
     """A job config: YAML path(s), a loaded config or a mapping, then overrides (`["key=value"]`
     or a nested mapping), checked against the schema as the CLI does."""
     from capray.config import load_config
@@ -121,11 +142,18 @@ def train(cfg: Any = None, **overrides: Any) -> dict[str, Any]:
     return _job("train", config(cfg, _with(overrides, {})))
 
 
-def caption(cfg: Any = None, input: str | None = None, output: str | None = None, checkpoint: str | None = None,
-            **overrides: Any) -> dict[str, Any]:
+def caption(
+    cfg: Any = None,
+    input: str | None = None,
+    output: str | None = None,
+    checkpoint: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """`capray caption` from Python: caption `input` (any input kind) into `output` (default
     `<work_dir>/captions`) with `checkpoint` (default: the run's best); the summary."""
-    return _job("caption", config(cfg, _with(overrides, {"infer.input": input, "output": output, "checkpoint": checkpoint})))
+    return _job(
+        "caption", config(cfg, _with(overrides, {"infer.input": input, "output": output, "checkpoint": checkpoint}))
+    )
 
 
 def evaluate(cfg: Any = None, checkpoint: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -133,8 +161,9 @@ def evaluate(cfg: Any = None, checkpoint: str | None = None, **overrides: Any) -
     return _job("evaluate", config(cfg, _with(overrides, {"checkpoint": checkpoint})))
 
 
-def export(cfg: Any = None, output: str | None = None, checkpoint: str | None = None, overwrite: bool = False,
-           **overrides: Any) -> dict[str, Any]:
+def export(
+    cfg: Any = None, output: str | None = None, checkpoint: str | None = None, overwrite: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """`capray export` from Python: the checkpoint (default: the run's best) as a SavedModel in `output`."""
     named = {"output": output, "checkpoint": checkpoint, "export.overwrite": overwrite or None}
     return _job("export", config(cfg, _with(overrides, named)))
@@ -156,4 +185,3 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return nested
-

@@ -89,7 +89,7 @@ def _split(table: pa.Table, parts: int) -> list[pa.Table]:
     order = np.argsort(part, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(part.astype(np.int64), minlength=parts))])
     # take() copies each piece: a slice would pickle the whole table's buffers with it.
-    return [table.take(order[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+    return [table.take(order[bounds[i] : bounds[i + 1]]) for i in range(parts)]
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
@@ -119,7 +119,9 @@ def map_output(files: list[str], parts: int, cfg: Any) -> list[pa.Table]:
                 pf = pq.ParquetFile(f)
                 absent = [c for c in _OUTPUT_SCHEMA.names if c not in pf.schema_arrow.names]
                 if absent:
-                    raise InputError(f"{uri}: no {', '.join(absent)} column: not an output file of capray caption or extract")
+                    raise InputError(
+                        f"{uri}: no {', '.join(absent)} column: not an output file of capray caption or extract"
+                    )
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=_OUTPUT_SCHEMA.names):
                     tables.append(pa.Table.from_batches([batch]).cast(_OUTPUT_SCHEMA))
         except (OSError, pa.ArrowException) as e:
@@ -220,8 +222,14 @@ def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, inpu
     per_file = rows / max(len(plan.shards), 1)  # one output file per input shard
     in_groups = _groups([s.to_row() for s in plan.shards], shard_rows, group_rows)
     out_groups = _groups(files, [per_file] * len(files), group_rows)
-    log.info("audit: %d input shards, %d output files: %d + %d map tasks, %d partitions",
-             len(plan.shards), len(files), len(in_groups), len(out_groups), parts)
+    log.info(
+        "audit: %d input shards, %d output files: %d + %d map tasks, %d partitions",
+        len(plan.shards),
+        len(files),
+        len(in_groups),
+        len(out_groups),
+        parts,
+    )
 
     cfg_ref = ray.put(cfg)
     mapper_in = ray.remote(num_cpus=1)(map_input).options(num_returns=parts)
@@ -233,8 +241,10 @@ def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, inpu
     ins = [refs(mapper_in.remote(g, parts, cfg_ref)) for g in in_groups]
     outs = [refs(mapper_out.remote(g, parts, cfg_ref)) for g in out_groups]
     reducer = ray.remote(num_cpus=1)(reduce_partition)
-    pending = [reducer.remote(p, report_dir, cfg_ref, len(ins), *[r[p] for r in ins], *[r[p] for r in outs])
-               for p in range(parts)]
+    pending = [
+        reducer.remote(p, report_dir, cfg_ref, len(ins), *[r[p] for r in ins], *[r[p] for r in outs])
+        for p in range(parts)
+    ]
     # The pending reduce tasks keep their pieces alive; dropping these lets each piece go as soon
     # as its reduce task is done.
     del ins, outs
@@ -254,8 +264,21 @@ def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, inpu
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "input_shards": len(plan.shards),
         "output_files": len(files),
-        **{k: counts.get(k, 0) for k in ("input_images", "input_rows", "repeated_in_input", "output_rows",
-                                          "ok", "failed", "missing", "duplicated", "stale", "stale_rows")},
+        **{
+            k: counts.get(k, 0)
+            for k in (
+                "input_images",
+                "input_rows",
+                "repeated_in_input",
+                "output_rows",
+                "ok",
+                "failed",
+                "missing",
+                "duplicated",
+                "stale",
+                "stale_rows",
+            )
+        },
         "partitions": parts,
         "seconds": round(time.time() - t0, 2),
     }
@@ -268,8 +291,10 @@ def verdict(summary: dict[str, Any]) -> str:
     """One line: `audit: 400 images: 398 ok, 2 failed, 0 missing, 0 duplicated, 0 stale -> <report>`."""
     s = summary
     repeated = f" ({s['repeated_in_input']} listed more than once in the input)" if s["repeated_in_input"] else ""
-    return (f"audit: {s['input_images']} images{repeated}: {s['ok']} ok, {s['failed']} failed, {s['missing']} missing, "
-            f"{s['duplicated']} duplicated, {s['stale']} stale -> {s['report_dir']}")
+    return (
+        f"audit: {s['input_images']} images{repeated}: {s['ok']} ok, {s['failed']} failed, {s['missing']} missing, "
+        f"{s['duplicated']} duplicated, {s['stale']} stale -> {s['report_dir']}"
+    )
 
 
 def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
@@ -282,7 +307,11 @@ def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
         return infer.job_plan(cfg), cfg.infer.input, output_paths(cfg)["captions"]
     from capray import features
 
-    return features.job_plan(cfg), cfg.extract.input or "the images of the training split", output_paths(cfg)["features"]
+    return (
+        features.job_plan(cfg),
+        cfg.extract.input or "the images of the training split",
+        output_paths(cfg)["features"],
+    )
 
 
 def after_job(cfg: Any, job: str) -> dict[str, Any]:

@@ -79,10 +79,11 @@ def imagenet_weights(timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
             raise ValueError(f"the downloaded file's md5 is {digest.hexdigest()}, expected {WEIGHTS_MD5}")
         os.replace(tmp, path)
         tmp = None
-    except Exception as e:  # offline, proxy refused, timeout, disk full, corrupt download...
+    except Exception as e:  # noqa: BLE001 (offline, proxy refused, timeout, disk full, corrupt download...)
         reason = " ".join(str(e).split())  # one line: the CLI prints the message as it is
-        raise _failed(f"not in the Keras cache {cache} and the download from {WEIGHTS_URL} failed: "
-                      f"{type(e).__name__}: {reason}") from None
+        raise _failed(
+            f"not in the Keras cache {cache} and the download from {WEIGHTS_URL} failed: {type(e).__name__}: {reason}"
+        ) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -48,7 +48,7 @@ def restore_weights(directory: str, model: Any, uri: str | None = None, hint: st
     """Load a checkpoint's weights into a built model, refusing one of another shape clearly."""
     try:
         model.load_weights(os.path.join(directory, "model.weights.h5"))
-    except Exception as e:  # shape mismatches surface as ValueError deep inside Keras
+    except Exception as e:  # noqa: BLE001 (shape mismatches surface as ValueError deep inside Keras)
         raise CheckpointError(
             f"checkpoint {uri or directory} does not fit a model with vocabulary {model.vocab_size}, "
             f"embedding_dim {model.embedding.output_dim}, units {model.units}: {e}{hint}"
@@ -117,5 +117,7 @@ def best_checkpoint(cfg: Any) -> str:
         return cfg.checkpoint
     uri = output_paths(cfg)["best"]
     if not storage.exists(uri, cfg.storage):
-        raise CheckpointError(f"no checkpoint given and no trained run at {uri}: set checkpoint=... or run `capray train`")
+        raise CheckpointError(
+            f"no checkpoint given and no trained run at {uri}: set checkpoint=... or run `capray train`"
+        )
     return json.loads(storage.read_bytes(uri, cfg.storage))["checkpoint"]

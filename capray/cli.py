@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from capray.config import parse_args, to_yaml
 
@@ -111,7 +112,9 @@ def preflight(job: str, cfg: Any) -> None:
         backbone.check(cfg.encoder.weights, cfg.storage)
     elif job == "caption":
         if not cfg.infer.input:
-            raise InputError("infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption")
+            raise InputError(
+                "infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+            )
         _input_exists(cfg.infer.input, cfg.storage)
         _output_writable(p["captions"])
         _checkpoint_backbone(cfg)
@@ -182,18 +185,24 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     if job is None:
         parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="*", help="YAML files (later ones win), then key=value overrides")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="extract, caption: redo the output folder (a new input or other settings); export: replace it")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="extract, caption: redo the output folder (a new input or other settings); export: replace it",
+    )
     parser.add_argument("--limit", type=int, help="extract, caption: at most N new shards (a trial run)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of expected failures too (or set CAPRAY_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of expected failures too (or set CAPRAY_DEBUG=1)"
+    )
     args = parser.parse_args(argv)
     job = job or args.job
     debug = args.debug or os.environ.get("CAPRAY_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overwrite = {"export": "export.overwrite=true", "caption": "infer.overwrite=true"}.get(job, "extract.overwrite=true")
+        overwrite = {"export": "export.overwrite=true", "caption": "infer.overwrite=true"}.get(
+            job, "extract.overwrite=true"
+        )
         extra = ([overwrite] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
         cfg = parse_args(args.config + extra)
         if args.print_config:
@@ -203,12 +212,18 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         from capray.runtime import init_ray
 
         # Which code runs matters on a cluster (uploaded working dir vs. the installed wheel).
-        print(f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}", flush=True)
+        print(
+            f"[capray] {job}: capray {capray.__version__} from {os.path.dirname(os.path.abspath(capray.__file__))}",
+            flush=True,
+        )
         if job not in ("evaluate", "export", "audit"):
             from capray.config import cpu_bf16
 
-            print(f"[capray] {job}: model.precision={cfg.model.precision} (this machine's CPU: "
-                  f"{cpu_bf16() or 'no BF16 instructions'})", flush=True)
+            print(
+                f"[capray] {job}: model.precision={cfg.model.precision} (this machine's CPU: "
+                f"{cpu_bf16() or 'no BF16 instructions'})",
+                flush=True,
+            )
         preflight(job, cfg)
         if job not in LOCAL_JOBS:
             init_ray(cfg)

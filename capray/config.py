@@ -9,9 +9,9 @@ wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -329,14 +329,43 @@ _CHOICES = {
     "train.optimizer": ("adam", "sgd"),
 }
 _POSITIVE = (
-    "text.vocab_size", "model.embedding_dim", "model.units", "train.epochs", "train.batch_size",
-    "extract.batch_size", "extract.min_actors", "extract.max_actors", "infer.batch_size",
-    "infer.min_actors", "infer.max_actors", "inputs.shard_rows", "inputs.io_threads", "infer.beam_size", "ray.num_workers", "ray.inflight_batches", "data.max_pixels", "data.synthetic_images", "data.synthetic_heldout",
+    "text.vocab_size",
+    "model.embedding_dim",
+    "model.units",
+    "train.epochs",
+    "train.batch_size",
+    "extract.batch_size",
+    "extract.min_actors",
+    "extract.max_actors",
+    "infer.batch_size",
+    "infer.min_actors",
+    "infer.max_actors",
+    "inputs.shard_rows",
+    "inputs.io_threads",
+    "infer.beam_size",
+    "ray.num_workers",
+    "ray.inflight_batches",
+    "data.max_pixels",
+    "data.synthetic_images",
+    "data.synthetic_heldout",
     "evaluate.batch_size",
 )
 _NON_NEGATIVE = (
-    "data.num_examples", "text.max_length", "train.num_to_keep", "train.max_failures", "train.checkpoint_every_steps",
-    "train.attention_reg", "train.clip_norm", "train.cache_mb", "extract.num_gpus", "infer.num_gpus", "infer.max_length", "inputs.limit_shards", "infer.length_alpha", "ray.cpus_per_worker", "ray.local_cpus",
+    "data.num_examples",
+    "text.max_length",
+    "train.num_to_keep",
+    "train.max_failures",
+    "train.checkpoint_every_steps",
+    "train.attention_reg",
+    "train.clip_norm",
+    "train.cache_mb",
+    "extract.num_gpus",
+    "infer.num_gpus",
+    "infer.max_length",
+    "inputs.limit_shards",
+    "infer.length_alpha",
+    "ray.cpus_per_worker",
+    "ray.local_cpus",
     "evaluate.report_images",
 )
 
@@ -353,7 +382,9 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
     bad = [s for s in cfg.evaluate.strategies if s not in ("greedy", "beam")]
     if bad or not cfg.evaluate.strategies or len(set(cfg.evaluate.strategies)) < len(cfg.evaluate.strategies):
-        raise ConfigError(f"evaluate.strategies={list(cfg.evaluate.strategies)}: expected a non-empty list of distinct greedy, beam")
+        raise ConfigError(
+            f"evaluate.strategies={list(cfg.evaluate.strategies)}: expected a non-empty list of distinct greedy, beam"
+        )
     if cfg.text.max_length == 1:
         raise ConfigError("text.max_length=1: must be 0 (longest caption) or >= 2 (room for <start> and <end>)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -443,8 +474,11 @@ def load_config(
     # Merged one layer at a time so that an unknown key or a wrong type names the file it is in.
     for path in paths:
         source = str(path) if isinstance(path, (str, Path)) else "config given"
-        layer = _load_yaml(path) if isinstance(path, (str, Path)) else OmegaConf.create(
-            OmegaConf.to_container(path) if isinstance(path, DictConfig) else path)
+        layer = (
+            _load_yaml(path)
+            if isinstance(path, (str, Path))
+            else OmegaConf.create(OmegaConf.to_container(path) if isinstance(path, DictConfig) else path)
+        )
         _check_renamed(layer, source)
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -457,7 +491,9 @@ def load_config(
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except yaml.YAMLError as e:
         # Values are parsed as YAML: `*.jpg` reads as an alias and needs quotes ('*.jpg').
-        raise ConfigError(f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. inputs.glob=\"'*.jpg'\"") from None
+        raise ConfigError(
+            f"override not parseable as YAML ({str(e).splitlines()[0]}); quote the value, e.g. inputs.glob=\"'*.jpg'\""
+        ) from None
     except OmegaConfBaseException as e:
         raise _merge_error(e, None, _scalar_section(overrides)) from None
     _check_renamed(dotlist, "override")
@@ -475,7 +511,16 @@ def load_config(
 
 # Local paths in these keys are made absolute where the config is loaded: Ray workers run in
 # other directories, and image keys must not depend on where a job was started.
-_PATH_KEYS = ("work_dir", "output", "checkpoint", "data.annotations", "data.images", "infer.input", "extract.input", "encoder.weights")
+_PATH_KEYS = (
+    "work_dir",
+    "output",
+    "checkpoint",
+    "data.annotations",
+    "data.images",
+    "infer.input",
+    "extract.input",
+    "encoder.weights",
+)
 
 
 def _absolute_paths(cfg: DictConfig) -> None:

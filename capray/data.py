@@ -64,7 +64,9 @@ def _finish(df: pd.DataFrame, source: str, images: str) -> pd.DataFrame:
     df["image"] = df["image"].fillna("").astype(str).str.strip()
     empty = df.index[(df["caption"] == "") | (df["image"] == "")]
     if len(empty):
-        raise DataError(f"{source}: {len(empty)} row(s) with an empty image or caption, first at data row {empty[0] + 1}")
+        raise DataError(
+            f"{source}: {len(empty)} row(s) with an empty image or caption, first at data row {empty[0] + 1}"
+        )
     df["image"] = [_resolve(name, images) for name in df["image"]]
     return df.reset_index(drop=True)
 
@@ -130,7 +132,9 @@ def read_captions(cfg: Any) -> pd.DataFrame:
     return read_manifest(ann, cfg.data.images, cfg.storage)
 
 
-def sample_split(df: pd.DataFrame, num_examples: int, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sample_split(
+    df: pd.DataFrame, num_examples: int, val_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The seed's sampling: `num_examples` random captions (0 = all), then train/val split by image."""
     rng = np.random.default_rng(seed)
     if 0 < num_examples < len(df):
@@ -156,7 +160,7 @@ def save_split(train: pd.DataFrame, val: pd.DataFrame, uri: str, storage_cfg: An
 def load_split(uri: str, storage_cfg: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Inverse of `save_split`."""
     df = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg))).to_pandas()
-    pick = lambda name: df[df["split"] == name][["image", "caption"]].reset_index(drop=True)  # noqa: E731
+    pick = lambda name: df[df["split"] == name][["image", "caption"]].reset_index(drop=True)
     return pick("train"), pick("val")
 
 

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from capray.model import FEATURE_DIM, NUM_CELLS, Captioner  # first: it imports TensorFlow quietly
 from capray.text import Tokenizer
-
-import tensorflow as tf  # noqa: E402
 
 STRATEGIES = ("greedy", "beam")
 
@@ -37,8 +36,15 @@ class Caption:
 class Decoder:
     """Compiled greedy or beam-search decoding of a model on backbone features."""
 
-    def __init__(self, model: Captioner, tokenizer: Tokenizer, strategy: str = "greedy", max_length: int = 0,
-                 beam_size: int = 3, length_alpha: float = 0.7):
+    def __init__(
+        self,
+        model: Captioner,
+        tokenizer: Tokenizer,
+        strategy: str = "greedy",
+        max_length: int = 0,
+        beam_size: int = 3,
+        length_alpha: float = 0.7,
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"decoding strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
         self.tokenizer = tokenizer
@@ -47,18 +53,26 @@ class Decoder:
         if strategy == "beam":
             # The label of the caption job's `strategy` column and of evaluation tables.
             self.label = f"beam{beam_size}"
-            fn = lambda f: model.beam_search(f, steps, beam_size, length_alpha, **ids)  # noqa: E731
+            fn = lambda f: model.beam_search(f, steps, beam_size, length_alpha, **ids)
         else:
             self.label = "greedy"
-            fn = lambda f: model.greedy(f, steps, **ids)  # noqa: E731
+            fn = lambda f: model.greedy(f, steps, **ids)
         # The decoding loops stop early with data-dependent shapes, which XLA cannot compile.
         self._decode = tf.function(fn, input_signature=[tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)])
 
     @classmethod
-    def from_config(cls, model: Captioner, tokenizer: Tokenizer, infer_cfg: Any, strategy: str | None = None) -> "Decoder":
+    def from_config(
+        cls, model: Captioner, tokenizer: Tokenizer, infer_cfg: Any, strategy: str | None = None
+    ) -> Decoder:
         """A decoder with the `infer` section's settings (`strategy` overrides `infer.strategy`)."""
-        return cls(model, tokenizer, strategy or infer_cfg.strategy, infer_cfg.max_length, infer_cfg.beam_size,
-                   infer_cfg.length_alpha)
+        return cls(
+            model,
+            tokenizer,
+            strategy or infer_cfg.strategy,
+            infer_cfg.max_length,
+            infer_cfg.beam_size,
+            infer_cfg.length_alpha,
+        )
 
     def __call__(self, features: np.ndarray) -> list[Caption]:
         """Captions of a batch of (B, 64, 2048) features."""

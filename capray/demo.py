@@ -33,7 +33,9 @@ def run(cfg: Any) -> dict[str, Any]:
     # is what it was given, and the one saved next to the captions says what ran.
     # The held-out captions are redone every time: they are this run's checkpoint's to score, and
     # the caption job refuses an output folder made with another checkpoint.
-    caption_cfg = OmegaConf.merge(cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images"), "overwrite": True}})
+    caption_cfg = OmegaConf.merge(
+        cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images"), "overwrite": True}}
+    )
     cap = infer.run(caption_cfg)
 
     rows = pd.read_parquet(p["captions"])
@@ -45,7 +47,11 @@ def run(cfg: Any) -> dict[str, Any]:
     report = None
     if shown:
         report = evaluate.report_images(
-            caption_cfg, caption_cfg.checkpoint, shown, references, str(Path(cfg.work_dir) / "reports" / "heldout"),
+            caption_cfg,
+            caption_cfg.checkpoint,
+            shown,
+            references,
+            str(Path(cfg.work_dir) / "reports" / "heldout"),
             f"capray demo: held-out synthetic scenes (unseen seed), first {len(shown)} of {len(predictions)}",
         )["index"]
     minutes = (time.time() - start) / 60

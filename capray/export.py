@@ -33,6 +33,7 @@ class ExportError(ValueError):
 def _pixels(data: Any) -> Any:
     """One encoded image (scalar string) -> (299, 299, 3) float32 in [0, 255], as uint8 values."""
     from capray.model import tf
+
     # libjpeg's accurate integer IDCT, as PIL uses: the same pixels as capray.images.decode
     # (TensorFlow's default, the fast IDCT, is up to 20 grey levels off).
     img = tf.cond(
@@ -49,6 +50,7 @@ def _pixels(data: Any) -> Any:
 def build_serving_fn(encoder: Any, model: Any, tokenizer: Any, max_length: int = 0) -> Any:
     """The serving function: a batch of image bytes -> caption, log_prob, num_tokens (TF ops only)."""
     from capray.model import keras, tf
+
     steps = (max_length or tokenizer.max_length) - 1
     words = tf.constant(tokenizer.words)
     special = tf.constant([tokenizer.pad_id, tokenizer.start_id, tokenizer.end_id])
@@ -58,7 +60,9 @@ def build_serving_fn(encoder: Any, model: Any, tokenizer: Any, max_length: int =
         x = keras.applications.inception_v3.preprocess_input(pixels)
         grid = encoder.backbone(x, training=False)  # (B, 8, 8, 2048)
         features = tf.reshape(tf.cast(grid, tf.float32), (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
-        tokens, _, log_prob, lengths = model.greedy(features, steps, start_id=tokenizer.start_id, end_id=tokenizer.end_id)
+        tokens, _, log_prob, lengths = model.greedy(
+            features, steps, start_id=tokenizer.start_id, end_id=tokenizer.end_id
+        )
         keep = tf.reduce_all(tokens[..., None] != special, axis=-1)  # (B, steps): the words only
         caption = tf.strings.reduce_join(tf.ragged.boolean_mask(tf.gather(words, tokens), keep), axis=1, separator=" ")
         return {"caption": caption, "log_prob": log_prob, "num_tokens": lengths}
@@ -78,7 +82,9 @@ def check_output(output: str, storage_cfg: Any = None, overwrite: bool = False) 
     return found
 
 
-def export(checkpoint_uri: str, output: str, storage_cfg: Any = None, max_length: int = 0, overwrite: bool = False) -> str:
+def export(
+    checkpoint_uri: str, output: str, storage_cfg: Any = None, max_length: int = 0, overwrite: bool = False
+) -> str:
     """Write the checkpoint's model, with its backbone and decoding, as a SavedModel in `output`."""
     from capray import checkpoint, storage
     from capray.model import ImageEncoder, keras, set_precision, tf  # TensorFlow only once exporting
@@ -93,8 +99,11 @@ def export(checkpoint_uri: str, output: str, storage_cfg: Any = None, max_length
     archive = keras.export.ExportArchive()
     archive.track(encoder.backbone)
     archive.track(model)
-    archive.add_endpoint("serving_default", build_serving_fn(encoder, model, tokenizer, max_length),
-                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    archive.add_endpoint(
+        "serving_default",
+        build_serving_fn(encoder, model, tokenizer, max_length),
+        input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+    )
     local = output
     with tempfile.TemporaryDirectory(prefix="capray-export-") as tmp:
         if storage.is_remote(output):
@@ -111,6 +120,9 @@ def run(cfg: Any) -> dict[str, Any]:
 
     uri = best_checkpoint(cfg)
     out = export(uri, cfg.output, cfg.storage, cfg.infer.max_length, overwrite=cfg.export.overwrite)
-    print(f"[capray] export: {uri} -> {out} (SavedModel; signature serving_default: images (string) -> "
-          "caption, log_prob, num_tokens)", flush=True)
+    print(
+        f"[capray] export: {uri} -> {out} (SavedModel; signature serving_default: images (string) -> "
+        "caption, log_prob, num_tokens)",
+        flush=True,
+    )
     return {"checkpoint": uri, "output": out}

@@ -35,10 +35,22 @@ class FeatureExtractor(pipeline.ImageBatchModel):
     then the batch's other columns.
     """
 
-    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None, dtype: str = "float16",
-                 precision: str = "float32", jit_compile: bool = False, image_column: str = "image",
-                 max_pixels: int = 64_000_000):
-        from capray.model import ImageEncoder, gpu_memory_growth, set_precision  # TF is imported in the actor, not the driver
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        seed: int = 0,
+        storage: Any = None,
+        dtype: str = "float16",
+        precision: str = "float32",
+        jit_compile: bool = False,
+        image_column: str = "image",
+        max_pixels: int = 64_000_000,
+    ):
+        from capray.model import (
+            ImageEncoder,
+            gpu_memory_growth,
+            set_precision,
+        )  # TF is imported in the actor, not the driver
 
         gpu_memory_growth()
         set_precision(precision)
@@ -70,14 +82,22 @@ def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
     row_bytes = feats[0].nbytes if len(feats) else 0
     offsets = np.concatenate([[0], np.cumsum(ok.astype(np.int64) * row_bytes)])
     if offsets[-1] >= 2**31:  # the binary column's int32 offsets: ~8,000 float16 rows per batch
-        raise ValueError(f"a batch of {len(ok)} feature rows ({offsets[-1]} bytes) exceeds 2 GiB: lower extract.batch_size")
-    return pa.Array.from_buffers(pa.binary(), len(ok), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(feats)])
+        raise ValueError(
+            f"a batch of {len(ok)} feature rows ({offsets[-1]} bytes) exceeds 2 GiB: lower extract.batch_size"
+        )
+    return pa.Array.from_buffers(
+        pa.binary(), len(ok), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(feats)]
+    )
 
 
 def settings(cfg: Any) -> dict[str, Any]:
     """What the features depend on besides the input: recorded with every shard, compared on re-runs."""
-    out: dict[str, Any] = {"encoder.weights": cfg.encoder.weights, "extract.dtype": cfg.extract.dtype,
-                           "model.precision": cfg.model.precision, "data.max_pixels": cfg.data.max_pixels}
+    out: dict[str, Any] = {
+        "encoder.weights": cfg.encoder.weights,
+        "extract.dtype": cfg.extract.dtype,
+        "model.precision": cfg.model.precision,
+        "data.max_pixels": cfg.data.max_pixels,
+    }
     if cfg.encoder.weights == "random":
         out["encoder.seed"] = cfg.encoder.seed
     return out
@@ -100,7 +120,7 @@ def job_plan(cfg: Any) -> Plan:
     return inputs.names_plan(paths["split"], "image", paths["inputs"], cfg, "split")
 
 
-def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str, Any]:
+def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, Any]:
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
     if cfg.extract.overwrite:
@@ -114,13 +134,38 @@ def extract(cfg: Any, images: "list[str] | Plan", features_dir: str) -> dict[str
         )
     from capray.config import output_paths
 
-    plan = images if isinstance(images, Plan) else inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "images")
-    kwargs = dict(weights=cfg.encoder.weights, seed=cfg.encoder.seed, storage=cfg.storage, dtype=cfg.extract.dtype,
-                  precision=cfg.model.precision, jit_compile=cfg.model.jit_compile, max_pixels=cfg.data.max_pixels)
-    s = pipeline.run(cfg, plan, features_dir, FeatureExtractor, kwargs, cfg.extract, SCHEMA, "extract",
-                     compression=cfg.extract.compression, settings=settings(cfg))
+    plan = (
+        images if isinstance(images, Plan) else inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "images")
+    )
+    kwargs = dict(
+        weights=cfg.encoder.weights,
+        seed=cfg.encoder.seed,
+        storage=cfg.storage,
+        dtype=cfg.extract.dtype,
+        precision=cfg.model.precision,
+        jit_compile=cfg.model.jit_compile,
+        max_pixels=cfg.data.max_pixels,
+    )
+    s = pipeline.run(
+        cfg,
+        plan,
+        features_dir,
+        FeatureExtractor,
+        kwargs,
+        cfg.extract,
+        SCHEMA,
+        "extract",
+        compression=cfg.extract.compression,
+        settings=settings(cfg),
+    )
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
-    if s["shards_written"] or s["cleanup"]["replaced"] or s["cleanup"]["pruned"] or s["cleanup"]["legacy_removed"] or not manifest:
+    if (
+        s["shards_written"]
+        or s["cleanup"]["replaced"]
+        or s["cleanup"]["pruned"]
+        or s["cleanup"]["legacy_removed"]
+        or not manifest
+    ):
         s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])
     return s
 
@@ -133,7 +178,10 @@ def run(cfg: Any) -> dict[str, Any]:
     out = output_paths(cfg)["features"]
     plan = job_plan(cfg)
     what = cfg.extract.input or f"{plan.rows} images of the split"
-    print(f"[capray] extracting InceptionV3 features of {what} -> {out} (encoder.weights={cfg.encoder.weights})", flush=True)
+    print(
+        f"[capray] extracting InceptionV3 features of {what} -> {out} (encoder.weights={cfg.encoder.weights})",
+        flush=True,
+    )
     summary = extract(cfg, plan, out)
     if storage.exists(out, cfg.storage):
         save_next_to(cfg, out)

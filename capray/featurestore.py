@@ -11,9 +11,10 @@ functions in its own worker processes.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -75,8 +76,13 @@ def _footer_rows(uri: str, storage_cfg: Any) -> int:
         raise FeatureError(f"{uri}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
 
 
-def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: dict[str, Any] | None = None,
-                   written: dict[str, int] | None = None) -> dict[str, Any]:
+def write_manifest(
+    features_dir: str,
+    storage_cfg: Any,
+    dtype: str,
+    previous: dict[str, Any] | None = None,
+    written: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """`_manifest.json` in the features folder: every Parquet file with its row count.
 
     Counts come from `previous` (the manifest before this run) and `written` (what this run's
@@ -99,7 +105,9 @@ def write_manifest(features_dir: str, storage_cfg: Any, dtype: str, previous: di
         "rows": sum(f["rows"] for f in files),
         "files": files,
     }
-    storage.write_bytes(storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg)
+    storage.write_bytes(
+        storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg
+    )
     return manifest
 
 
@@ -119,9 +127,11 @@ def verify(features_dir: str, storage_cfg: Any = None) -> None:
     entries, _ = shards.read_index(features_dir, storage_cfg)
     replaced = sorted({shards.output_name(e["id"]) for e in entries if e.get("state") == "superseded"} & present)
     if replaced:
-        raise FeatureError(f"{features_dir}: an unfinished `capray extract` is replacing {len(replaced)} shard files of an input "
-                           f"that changed (e.g. {replaced[0]}), whose images would be read twice: re-run `capray extract` "
-                           "with the same config")
+        raise FeatureError(
+            f"{features_dir}: an unfinished `capray extract` is replacing {len(replaced)} shard files of an input "
+            f"that changed (e.g. {replaced[0]}), whose images would be read twice: re-run `capray extract` "
+            "with the same config"
+        )
     files = [storage.join(features_dir, name) for name in sorted(present)]
     for f, rows in zip(files, ThreadPoolExecutor(16).map(lambda f: _footer_rows(f, storage_cfg), files)):
         name = f.rsplit("/", 1)[-1]
@@ -140,7 +150,7 @@ def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "path"}
 
 
-def read_features(features_dir: str, storage_cfg: Any = None) -> "ray.data.Dataset":
+def read_features(features_dir: str, storage_cfg: Any = None) -> ray.data.Dataset:
     """The extracted features as a Ray Dataset (successful rows only, sizes checked)."""
     fs, path = storage.filesystem(features_dir, storage_cfg)
     ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True).filter(expr=col("error").is_null())
@@ -166,7 +176,7 @@ def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dic
     }
 
 
-def caption_dataset(features: "ray.data.Dataset", df: Any, tokenizer: "Tokenizer") -> "ray.data.Dataset":
+def caption_dataset(features: ray.data.Dataset, df: Any, tokenizer: Tokenizer) -> ray.data.Dataset:
     """Features of the images in `df`, one row per caption with its padded token ids."""
     lookup: dict[str, list[np.ndarray]] = {}
     for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
@@ -180,7 +190,7 @@ def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
     return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
 
 
-def feature_stats(features: "ray.data.Dataset") -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(features: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std over every cell of every training image, in one streaming pass."""
     n, s, ss = 0, 0.0, 0.0
     for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):

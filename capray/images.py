@@ -12,7 +12,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-
 # InceptionV3's input size, and what it makes of it: an 8x8 grid (64 attention cells) of 2048
 # channels. Defined here, not in capray.model, so that decoding tasks and the feature store's
 # readers never import TensorFlow.
@@ -61,17 +60,19 @@ def decode(data: bytes, max_pixels: int, draft: bool = True) -> np.ndarray:
         return _to_pixels(img)
     except ImageDecodeError:
         raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+    except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError... for bad files)
         raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
 def from_pil(img: Image.Image, max_pixels: int) -> np.ndarray:
     """A PIL image already in memory -> (299, 299, 3) uint8 RGB, as `decode` treats decoded files."""
     if img.width * img.height > max_pixels:
-        raise ImageDecodeError(f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels exceeds {max_pixels}")
+        raise ImageDecodeError(
+            f"image too large: {img.width}x{img.height} = {img.width * img.height} pixels exceeds {max_pixels}"
+        )
     try:
         return _to_pixels(img.copy())  # the caller's image is left as it was
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (as in decode: PIL's errors have no common base)
         raise ImageDecodeError(f"cannot convert image: {type(e).__name__}: {e}") from None
 
 

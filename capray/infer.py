@@ -40,7 +40,7 @@ class CaptionJobError(pipeline.JobError):
     """The caption job stopped part-way (storage down, worker lost...); every file it wrote is complete."""
 
 
-__all__ = ["SCHEMA", "CaptionPredictor", "CaptionJobError", "InputError", "caption", "run"]
+__all__ = ["SCHEMA", "CaptionJobError", "CaptionPredictor", "InputError", "caption", "run"]
 
 
 class CaptionPredictor(pipeline.ImageBatchModel):
@@ -56,9 +56,20 @@ class CaptionPredictor(pipeline.ImageBatchModel):
     gets `error` set and no caption), [attention], then the batch's other columns.
     """
 
-    def __init__(self, checkpoint: str, strategy: str = "greedy", beam_size: int = 3, length_alpha: float = 0.7,
-                 max_length: int = 0, attention: bool = False, precision: str = "float32", jit_compile: bool = False,
-                 storage: Any = None, image_column: str = "image", max_pixels: int = 64_000_000):
+    def __init__(
+        self,
+        checkpoint: str,
+        strategy: str = "greedy",
+        beam_size: int = 3,
+        length_alpha: float = 0.7,
+        max_length: int = 0,
+        attention: bool = False,
+        precision: str = "float32",
+        jit_compile: bool = False,
+        storage: Any = None,
+        image_column: str = "image",
+        max_pixels: int = 64_000_000,
+    ):
         from capray import checkpoint as ckpt
         from capray.decoder import Decoder
         from capray.model import ImageEncoder, gpu_memory_growth, set_precision
@@ -77,9 +88,18 @@ class CaptionPredictor(pipeline.ImageBatchModel):
     def arguments(cfg: Any, checkpoint: str) -> dict[str, Any]:
         """Constructor arguments from a job config (its infer, model and storage sections)."""
         i = cfg.infer
-        return dict(checkpoint=checkpoint, strategy=i.strategy, beam_size=i.beam_size, length_alpha=i.length_alpha,
-                    max_length=i.max_length, attention=i.attention, precision=cfg.model.precision,
-                    jit_compile=cfg.model.jit_compile, storage=cfg.storage, max_pixels=cfg.data.max_pixels)
+        return dict(
+            checkpoint=checkpoint,
+            strategy=i.strategy,
+            beam_size=i.beam_size,
+            length_alpha=i.length_alpha,
+            max_length=i.max_length,
+            attention=i.attention,
+            precision=cfg.model.precision,
+            jit_compile=cfg.model.jit_compile,
+            storage=cfg.storage,
+            max_pixels=cfg.data.max_pixels,
+        )
 
     def caption_pixels(self, pixels: np.ndarray) -> list[Any]:
         """(B, 299, 299, 3) uint8 -> B `capray.decoder.Caption`s (text, log-prob, token count, attention)."""
@@ -119,9 +139,15 @@ def settings(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
 
     size, version = stat(storage.join(checkpoint_uri, "model.weights.h5"), cfg.storage)
     i = cfg.infer
-    out = {"checkpoint": checkpoint_uri, "checkpoint weights (size:version)": f"{size}:{version}", "infer.strategy": i.strategy,
-           "infer.max_length": i.max_length, "infer.attention": i.attention, "model.precision": cfg.model.precision,
-           "data.max_pixels": cfg.data.max_pixels}
+    out = {
+        "checkpoint": checkpoint_uri,
+        "checkpoint weights (size:version)": f"{size}:{version}",
+        "infer.strategy": i.strategy,
+        "infer.max_length": i.max_length,
+        "infer.attention": i.attention,
+        "model.precision": cfg.model.precision,
+        "data.max_pixels": cfg.data.max_pixels,
+    }
     if i.strategy == "beam":
         out.update({"infer.beam_size": i.beam_size, "infer.length_alpha": i.length_alpha})
     return out
@@ -146,25 +172,40 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
-    summary = pipeline.run(cfg, plan, output, CaptionPredictor, kwargs, cfg.infer, schema, "caption", error_cls=CaptionJobError,
-                           settings=settings(cfg, checkpoint_uri))
+    summary = pipeline.run(
+        cfg,
+        plan,
+        output,
+        CaptionPredictor,
+        kwargs,
+        cfg.infer,
+        schema,
+        "caption",
+        error_cls=CaptionJobError,
+        settings=settings(cfg, checkpoint_uri),
+    )
     summary["captioned"] = summary["written"] - summary["failed"]
     return summary
 
 
 def run(cfg: Any) -> dict[str, Any]:
     """`capray caption`: caption `infer.input` with the configured (or best) checkpoint."""
-    from capray.config import output_paths, save_next_to
     from capray.checkpoint import best_checkpoint
+    from capray.config import output_paths, save_next_to
 
     if not cfg.infer.input:
-        raise InputError("infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption")
+        raise InputError(
+            "infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+        )
     out = output_paths(cfg)["captions"]
     s = caption(cfg, best_checkpoint(cfg), cfg.infer.input, out)
     save_next_to(cfg, out)
     images = "" if s["images"] is None else f"{s['images']} images in "
     if not s["shards_written"]:
-        print(f"[capray] caption: nothing to do: all {images}{s['shards']} shards already have their file in {out}", flush=True)
+        print(
+            f"[capray] caption: nothing to do: all {images}{s['shards']} shards already have their file in {out}",
+            flush=True,
+        )
     else:
         copied = f", {s['copied']} of them copied unchanged from the files they replace" if s["copied"] else ""
         done = f" ({s['already_done']} images)" if s["already_done"] is not None else ""

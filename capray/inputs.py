@@ -20,9 +20,10 @@ import logging
 import os
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,6 +46,7 @@ MANIFEST_SUFFIXES = (".csv", ".parquet")
 # whole million-row CSV as a single shard, and its file would appear only at the end.
 CSV_SPLIT_BYTES_PER_ROW = 100
 _GLOB_CHARS = "*?["
+
 
 class InputError(RuntimeError):
     """The job cannot start: inputs missing, empty, unreadable or of the wrong shape."""
@@ -78,10 +80,20 @@ class Shard:
         return d
 
     @staticmethod
-    def from_row(row: dict[str, Any]) -> "Shard":
+    def from_row(row: dict[str, Any]) -> Shard:
         """Inverse of `to_row` (Ray hands back numpy arrays for lists)."""
-        return Shard(row["id"], row["kind"], row["uri"], tuple(int(g) for g in row["row_groups"]), int(row["rows"]),
-                     row["base"], row["source"], row["lo"], row["hi"], tuple(str(s) for s in row["sources"]))
+        return Shard(
+            row["id"],
+            row["kind"],
+            row["uri"],
+            tuple(int(g) for g in row["row_groups"]),
+            int(row["rows"]),
+            row["base"],
+            row["source"],
+            row["lo"],
+            row["hi"],
+            tuple(str(s) for s in row["sources"]),
+        )
 
 
 @dataclass
@@ -104,9 +116,17 @@ def _listing_shards(chunks: list[dict[str, Any]], cfg: Any) -> list[Shard]:
     # With inputs.removed=keep a shard's file also holds rows of removed images, so its content
     # differs: switching the option rewrites (copies) the shards instead of taking them for done.
     keep = cfg.inputs.removed == "keep"
-    return [Shard(f"list-{digest(lo)}.{digest(c['digest'], 'keep') if keep else c['digest']}", "listing", c["file"],
-                  rows=c["rows"], lo=lo, hi=hi)
-            for c, (lo, hi) in zip(chunks, listing.ranges(chunks))]
+    return [
+        Shard(
+            f"list-{digest(lo)}.{digest(c['digest'], 'keep') if keep else c['digest']}",
+            "listing",
+            c["file"],
+            rows=c["rows"],
+            lo=lo,
+            hi=hi,
+        )
+        for c, (lo, hi) in zip(chunks, listing.ranges(chunks))
+    ]
 
 
 def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
@@ -118,15 +138,23 @@ def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
         raise InputError(str(e)) from None
     if not current.chunks:
         exts = ", ".join(cfg.inputs.extensions)
-        raise InputError(f"no images under {uri} (files ending in {exts}" + (f", matching {cfg.inputs.glob!r}" if cfg.inputs.glob else "") + ")")
+        raise InputError(
+            f"no images under {uri} (files ending in {exts}"
+            + (f", matching {cfg.inputs.glob!r}" if cfg.inputs.glob else "")
+            + ")"
+        )
     changes = None
     if before is not None:
         try:
             changes = listing.diff(current, before, cfg.storage)
         except Exception as e:  # noqa: BLE001 (the counts only inform; a deleted old listing must not stop the job)
             log.warning("could not compare the listing of %s with the one before it: %s", uri, e)
-    info = {"taken_at": current.taken_at, "reused": reused, "changes": changes,
-            "before_taken_at": before.taken_at if before is not None else None}
+    info = {
+        "taken_at": current.taken_at,
+        "reused": reused,
+        "changes": changes,
+        "before_taken_at": before.taken_at if before is not None else None,
+    }
     return Plan("files", _listing_shards(current.chunks, cfg), uri, info)
 
 
@@ -181,8 +209,15 @@ def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
             groups.append([g])
             rows = n
     return [
-        Shard(f"{stem(f.uri)}-{digest(f.uri)}-{g[0]:05d}.{digest(f.size, f.version, g)}", kind, f.uri, tuple(g),
-              sum(meta.row_group(i).num_rows for i in g), _folder(f.uri), f.uri)
+        Shard(
+            f"{stem(f.uri)}-{digest(f.uri)}-{g[0]:05d}.{digest(f.size, f.version, g)}",
+            kind,
+            f.uri,
+            tuple(g),
+            sum(meta.row_group(i).num_rows for i in g),
+            _folder(f.uri),
+            f.uri,
+        )
         for g in groups
     ]
 
@@ -196,7 +231,9 @@ def _schema(uri: str, cfg: Any) -> pa.Schema:
         with fs.open_input_stream(path) as f:
             return pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{uri}: not a readable {'Parquet' if uri.lower().endswith('.parquet') else 'CSV'} file ({e})") from None
+        raise InputError(
+            f"{uri}: not a readable {'Parquet' if uri.lower().endswith('.parquet') else 'CSV'} file ({e})"
+        ) from None
 
 
 def _file_kind(uri: str, cfg: Any) -> str:
@@ -222,8 +259,11 @@ def _glob(uri: str, cfg: Any) -> list[listing.Entry]:
     parent, pattern = uri.rsplit("/", 1)
     if any(c in parent for c in _GLOB_CHARS):
         raise InputError(f"{uri}: only the last part of an input path may be a glob")
-    return [e for e in walk(parent, cfg.storage, recursive=False)
-            if not e.is_dir and fnmatch.fnmatch(posixpath.basename(e.uri), pattern)]
+    return [
+        e
+        for e in walk(parent, cfg.storage, recursive=False)
+        if not e.is_dir and fnmatch.fnmatch(posixpath.basename(e.uri), pattern)
+    ]
 
 
 def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[listing.Entry]:
@@ -233,8 +273,11 @@ def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[listing.Entry]:
         return [e for e in _glob(uri, cfg) if e.uri.lower().endswith(wanted)]
     if uri.lower().endswith(wanted):
         return [listing.Entry(uri, False, *listing.stat(uri, cfg.storage))]
-    return [e for e in walk(uri, cfg.storage, recursive=True)
-            if e.uri.lower().endswith(wanted) and not posixpath.basename(e.uri).startswith(("_", "."))]
+    return [
+        e
+        for e in walk(uri, cfg.storage, recursive=True)
+        if e.uri.lower().endswith(wanted) and not posixpath.basename(e.uri).startswith(("_", "."))
+    ]
 
 
 def _detect(uri: str, cfg: Any) -> str:
@@ -249,7 +292,9 @@ def _detect(uri: str, cfg: Any) -> str:
             return "webdataset"
         if all(n.endswith(MANIFEST_SUFFIXES) for n in names):
             return "manifest"
-        raise InputError(f"{uri}: a glob input selects manifests or tars; for image files give the folder and inputs.glob")
+        raise InputError(
+            f"{uri}: a glob input selects manifests or tars; for image files give the folder and inputs.glob"
+        )
     name = uri.lower().rsplit("/", 1)[-1]
     if name.endswith(MANIFEST_SUFFIXES):
         return "manifest"
@@ -261,7 +306,15 @@ def _detect(uri: str, cfg: Any) -> str:
             break
         low = e.uri.lower()
         if not e.is_dir:
-            kinds.add("tar" if low.endswith(".tar") else "table" if low.endswith(MANIFEST_SUFFIXES) else "image" if is_image(e.uri, cfg) else "")
+            kinds.add(
+                "tar"
+                if low.endswith(".tar")
+                else "table"
+                if low.endswith(MANIFEST_SUFFIXES)
+                else "image"
+                if is_image(e.uri, cfg)
+                else ""
+            )
     if "tar" in kinds:
         return "webdataset"
     if "table" in kinds and "image" not in kinds:
@@ -282,8 +335,16 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
             tars = _expand(uri, cfg, (".tar",))
             if not tars:
                 raise InputError(f"no .tar shards under {uri}")
-            return Plan("webdataset", [Shard(f"{stem(t.uri)}-{digest(t.uri)}.{digest(t.size, t.version)}", "webdataset", t.uri,
-                                             source=t.uri) for t in tars], uri)
+            return Plan(
+                "webdataset",
+                [
+                    Shard(
+                        f"{stem(t.uri)}-{digest(t.uri)}.{digest(t.size, t.version)}", "webdataset", t.uri, source=t.uri
+                    )
+                    for t in tars
+                ],
+                uri,
+            )
         files = _expand(uri, cfg, MANIFEST_SUFFIXES)
         if not files:
             raise InputError(f"no .csv or .parquet manifest under {uri}")
@@ -291,15 +352,24 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
         if len(set(k == "parquet_bytes" for k in kinds)) > 1:
             raise InputError(f"{uri} mixes manifests and Parquet files with image bytes: give one kind per job")
 
-        big = [f for f, k in zip(files, kinds) if k == "csv" and f.size > CSV_SPLIT_BYTES_PER_ROW * cfg.inputs.shard_rows]
+        big = [
+            f for f, k in zip(files, kinds) if k == "csv" and f.size > CSV_SPLIT_BYTES_PER_ROW * cfg.inputs.shard_rows
+        ]
         split = _split_csvs(big, cfg, cache_dir) if big else {}
 
         def shards_of(f: listing.Entry, k: str) -> list[Shard]:
             if f.uri in split:
                 return split[f.uri]
             if k == "csv":
-                return [Shard(f"{stem(f.uri)}-{digest(f.uri)}.{digest(f.size, f.version)}", "csv", f.uri, base=_folder(f.uri),
-                              source=f.uri)]
+                return [
+                    Shard(
+                        f"{stem(f.uri)}-{digest(f.uri)}.{digest(f.size, f.version)}",
+                        "csv",
+                        f.uri,
+                        base=_folder(f.uri),
+                        source=f.uri,
+                    )
+                ]
             return _parquet_shards(f, cfg, k)
 
         shards = [s for group in ThreadPoolExecutor(16).map(shards_of, files, kinds) for s in group]
@@ -329,8 +399,11 @@ def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
         out.append((name, table.num_rows))
 
     with fs.open_input_stream(path) as f:
-        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=4 << 20),
-                                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}))
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=4 << 20),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
+        )
         pending = 0
         for batch in reader:
             while batch.num_rows:
@@ -356,8 +429,17 @@ def _split_csvs(csvs: list[listing.Entry], cfg: Any, cache_dir: str) -> dict[str
     pending = {}
 
     def shards(f: listing.Entry, content: str, files: list[tuple[str, int]]) -> list[Shard]:
-        return [Shard(f"{stem(f.uri)}-{digest(f.uri)}-{k:05d}.{content}", "manifest", part, rows=r, base=_folder(f.uri), source=f.uri)
-                for k, (part, r) in enumerate(files)]
+        return [
+            Shard(
+                f"{stem(f.uri)}-{digest(f.uri)}-{k:05d}.{content}",
+                "manifest",
+                part,
+                rows=r,
+                base=_folder(f.uri),
+                source=f.uri,
+            )
+            for k, (part, r) in enumerate(files)
+        ]
 
     for f in csvs:
         content = digest(f.size, f.version, cfg.inputs.shard_rows)
@@ -447,7 +529,15 @@ def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
 
 def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
     prefix = stem(shard.uri)
-    schema = pa.schema([(KEY, pa.string()), (DATA, pa.binary()), ("caption", pa.string()), ("json", pa.string()), ("_error", pa.string())])
+    schema = pa.schema(
+        [
+            (KEY, pa.string()),
+            (DATA, pa.binary()),
+            ("caption", pa.string()),
+            ("json", pa.string()),
+            ("_error", pa.string()),
+        ]
+    )
     buf: list[dict[str, Any]] = []
 
     def table() -> pa.Table:
@@ -456,7 +546,10 @@ def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
             DATA: [s.get("data") for s in buf],
             "caption": [s.get("caption") for s in buf],
             "json": [s.get("json") for s in buf],
-            "_error": [s.get("error") or (None if "data" in s else "no image member with one of inputs.extensions") for s in buf],
+            "_error": [
+                s.get("error") or (None if "data" in s else "no image member with one of inputs.extensions")
+                for s in buf
+            ],
         }
         return pa.table(rows, schema=schema)
 
@@ -481,7 +574,9 @@ def read_shard(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
             # Every column as text: types stay the same from one batch (and shard) to the next.
             names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
         with fs.open_input_file(path) as f:
-            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+            table = pacsv.read_csv(
+                f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+            )
         for batch in table.to_batches(batch_rows):
             yield _table_rows(pa.Table.from_batches([batch]), shard.base)
         return

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,7 +101,7 @@ def walk(uri: str, storage_cfg: Any = None, recursive: bool = True) -> Iterator[
 
 
 def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     prefix = key.rstrip("/") + "/" if key else ""
     args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
     for page in storage.listing_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
@@ -134,9 +136,12 @@ def _walk_local(path: str, recursive: bool) -> Iterator[Entry]:
 def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
     """(size, version) of one file, as a listing records it: S3 ETag, local mtime in ns."""
     if storage.is_remote(uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        head = storage.retrying(lambda: storage.listing_client(storage_cfg).head_object(Bucket=bucket, Key=key),
-                                f"reading the size and ETag of {uri}", storage_cfg)
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        head = storage.retrying(
+            lambda: storage.listing_client(storage_cfg).head_object(Bucket=bucket, Key=key),
+            f"reading the size and ETag of {uri}",
+            storage_cfg,
+        )
         return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
     st = os.stat(uri)
     return st.st_size, str(st.st_mtime_ns)
@@ -176,13 +181,22 @@ class ChunkWriter:
         uri = storage.join(self.out_dir, f"{self.name}-{self.written:05d}.parquet")
         self.written += 1
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({KEY: pa.array(self.keys, pa.string()), VERSION: pa.array(self.versions, pa.string())}), sink)
+        pq.write_table(
+            pa.table({KEY: pa.array(self.keys, pa.string()), VERSION: pa.array(self.versions, pa.string())}), sink
+        )
         storage.write_bytes(uri, sink.getvalue().to_pybytes(), self.storage_cfg)
         h = hashlib.sha1()
         for k, v in zip(self.keys, self.versions):
             h.update(f"{k}\t{v or ''}\n".encode("utf-8", "surrogateescape"))
-        self.chunks.append({"file": uri, "rows": len(self.keys), "first": self.keys[0], "last": self.keys[-1],
-                            "digest": h.hexdigest()[:12]})
+        self.chunks.append(
+            {
+                "file": uri,
+                "rows": len(self.keys),
+                "first": self.keys[0],
+                "last": self.keys[-1],
+                "digest": h.hexdigest()[:12],
+            }
+        )
         self.keys, self.versions = [], []
 
     def take(self) -> list[dict[str, Any]]:
@@ -262,14 +276,19 @@ class Listing:
 
 def ranges(chunks: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Each chunk's key range [lo, hi): "" is open (the first lo, the last hi)."""
-    return [("" if i == 0 else c["first"], chunks[i + 1]["first"] if i + 1 < len(chunks) else "") for i, c in enumerate(chunks)]
+    return [
+        ("" if i == 0 else c["first"], chunks[i + 1]["first"] if i + 1 < len(chunks) else "")
+        for i, c in enumerate(chunks)
+    ]
 
 
 def _check_order(chunks: list[dict[str, Any]], what: str) -> None:
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         if not a["last"] < b["first"]:
-            raise ListingError(f"{what}: the listing is not in key order ({a['last']!r} before {b['first']!r}); "
-                               "the storage returned keys in an order capray cannot track")
+            raise ListingError(
+                f"{what}: the listing is not in key order ({a['last']!r} before {b['first']!r}); "
+                "the storage returned keys in an order capray cannot track"
+            )
 
 
 def _saved(folder: str, storage_cfg: Any) -> list[str]:
@@ -329,7 +348,7 @@ def take(cfg: Any, uri: str, cache_dir: str) -> Listing:
             continue
         for k in range(0, len(items), per_group):
             group += 1
-            parts.append(task.remote(items[k:k + per_group], out_dir, group, cfg))
+            parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg))
     chunks = [c for part in parts for c in (part if isinstance(part, list) else ray.get(part))]
     _check_order(chunks, uri)
     save(out_dir, uri, started, chunks, cfg.storage)
@@ -397,7 +416,7 @@ def diff(new: Listing, old: Listing, storage_cfg: Any) -> dict[str, int]:
         else:
             pairs.append((chunk, lo, hi, [old.chunks[j]["file"] for j in olds]))
     task = ray.remote(num_cpus=0.5)(diff_chunks)
-    refs = [task.remote(pairs[k:k + 32], storage_cfg) for k in range(0, len(pairs), 32)]
+    refs = [task.remote(pairs[k : k + 32], storage_cfg) for k in range(0, len(pairs), 32)]
     for counts in ray.get(refs):
         for key, n in counts.items():
             totals[key] += n

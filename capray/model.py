@@ -19,9 +19,9 @@ from capray.tfquiet import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402
 
-from capray import backbone
-from capray.backbone import BackboneError  # noqa: F401 (re-exported)
-from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS  # noqa: F401 (re-exported)
+from capray import backbone  # noqa: E402 (after TensorFlow's quiet import above)
+from capray.backbone import BackboneError  # noqa: E402 (as above)
+from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS  # noqa: E402 (as above)
 
 
 def set_precision(precision: str) -> None:
@@ -72,16 +72,24 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None
                 f.write(st.read_bytes(source, storage))
         try:
             return keras.applications.InceptionV3(weights=local, **kwargs)
-        except Exception as e:  # not an HDF5 file, or weights of another architecture
-            raise BackboneError(f"encoder.weights={weights}: cannot load {source} as InceptionV3 no-top weights: "
-                                f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+        except Exception as e:  # noqa: BLE001 (not an HDF5 file, or weights of another architecture)
+            raise BackboneError(
+                f"encoder.weights={weights}: cannot load {source} as InceptionV3 no-top weights: "
+                f"{type(e).__name__}: {' '.join(str(e).split())}"
+            ) from None
 
 
 class ImageEncoder:
     """InceptionV3 feature extractor: uint8 RGB images -> (B, 64, 2048) features of `dtype`."""
 
-    def __init__(self, weights: str = "imagenet", seed: int = 0, storage: Any = None, jit_compile: bool = False,
-                 dtype: str = "float32"):
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        seed: int = 0,
+        storage: Any = None,
+        jit_compile: bool = False,
+        dtype: str = "float32",
+    ):
         self.backbone = build_backbone(weights, seed, storage)
         # The cast to the stored dtype runs in the graph: a float16 result leaves the device at
         # half the bytes, and no NumPy pass over the batch follows (bench/extract.py).
@@ -133,8 +141,12 @@ class Captioner(keras.Model):
         self.vocab_size, self.units = vocab_size, units
         # Per-channel standardisation of the backbone features; identity unless set from the
         # training features (model.feature_norm=channel). Stored with the weights.
-        self.feature_mean = self.add_weight(shape=(FEATURE_DIM,), initializer="zeros", trainable=False, name="feature_mean")
-        self.feature_std = self.add_weight(shape=(FEATURE_DIM,), initializer="ones", trainable=False, name="feature_std")
+        self.feature_mean = self.add_weight(
+            shape=(FEATURE_DIM,), initializer="zeros", trainable=False, name="feature_mean"
+        )
+        self.feature_std = self.add_weight(
+            shape=(FEATURE_DIM,), initializer="ones", trainable=False, name="feature_std"
+        )
         self.encoder = keras.layers.Dense(embedding_dim, activation="relu", name="encoder")
         self.attention = BahdanauAttention(units, name="attention")
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
@@ -184,14 +196,16 @@ class Captioner(keras.Model):
 
         # maximum_iterations: XLA (model.jit_compile) needs the loop's bound to size its gradient.
         _, _, outs, alphas = tf.while_loop(
-            lambda t, *_: t < steps, body, (tf.constant(0), tf.zeros((batch, self.units)), outs, alphas),
+            lambda t, *_: t < steps,
+            body,
+            (tf.constant(0), tf.zeros((batch, self.units)), outs, alphas),
             maximum_iterations=steps,
         )
         outputs = tf.transpose(outs.stack(), [1, 0, 2])  # (B, T-1, U)
         # fc1/fc2 do not feed back into the recurrence, so they run once on all steps.
         return self.head(outputs), tf.transpose(alphas.stack(), [1, 0, 2])  # (B, T-1, V), (B, T-1, 64)
 
-    def build_all(self, max_length: int = 3) -> "Captioner":
+    def build_all(self, max_length: int = 3) -> Captioner:
         """Create every weight (Keras builds lazily) so weights can be saved, loaded or mirrored."""
         self(tf.zeros((1, NUM_CELLS, FEATURE_DIM)), tf.zeros((1, max_length), tf.int32))
         return self
@@ -237,8 +251,14 @@ class Captioner(keras.Model):
         return tok, att, log_prob, lengths
 
     def beam_search(
-        self, features: tf.Tensor, max_steps: int, beam_size: int = 3, length_alpha: float = 0.7,
-        *, start_id: int, end_id: int,
+        self,
+        features: tf.Tensor,
+        max_steps: int,
+        beam_size: int = 3,
+        length_alpha: float = 0.7,
+        *,
+        start_id: int,
+        end_id: int,
     ):
         """Batched beam search; the same outputs as `greedy`, for the best beam of each image.
 
@@ -287,12 +307,19 @@ class Captioner(keras.Model):
 
         # The beam gathers lose the static batch size; say so rather than fail when it is known.
         invariants = (
-            tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None, self.units]), tf.TensorShape([None]),
-            tf.TensorShape([None]), tf.TensorShape([None]), tf.TensorShape([None, steps]),
+            tf.TensorShape([]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None, self.units]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None]),
+            tf.TensorShape([None, steps]),
             tf.TensorShape([None, steps, NUM_CELLS]),
         )
         _, _, _, _, scores, lengths, history, attention = tf.while_loop(
-            cond, body, (tf.constant(0), token, hidden, done, scores, lengths, history, attention),
+            cond,
+            body,
+            (tf.constant(0), token, hidden, done, scores, lengths, history, attention),
             shape_invariants=invariants,
         )
         norm = scores / tf.pow(tf.cast(tf.maximum(lengths, 1), tf.float32), length_alpha)
@@ -303,7 +330,6 @@ class Captioner(keras.Model):
             tf.gather(scores, pick),  # (B,)
             tf.gather(lengths, pick),  # (B,)
         )
-
 
 
 def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -342,7 +368,11 @@ def make_optimizer(
     the loss with `optimizer.scale_loss` and the optimizer unscales, skipping steps with inf/NaN
     gradients. bfloat16 has float32's exponent range and needs no scaling.
     """
-    rate = keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1)) if schedule == "cosine" else learning_rate
+    rate = (
+        keras.optimizers.schedules.CosineDecay(learning_rate, max(total_steps, 1))
+        if schedule == "cosine"
+        else learning_rate
+    )
     if kind == "adam":
         optimizer = keras.optimizers.Adam(rate)
     elif kind == "sgd":

@@ -23,8 +23,9 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +64,9 @@ def to_pixels(item: Any, storage_cfg: Any, max_pixels: int) -> np.ndarray:
         return from_pil(item, max_pixels)
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (3, 4)):
-            raise TypeError(f"unsupported array of dtype {item.dtype} and shape {item.shape}: expected uint8 (H, W[, 3|4])")
+            raise TypeError(
+                f"unsupported array of dtype {item.dtype} and shape {item.shape}: expected uint8 (H, W[, 3|4])"
+            )
         return from_pil(Image.fromarray(item), max_pixels)
     raise TypeError(f"unsupported image type {type(item).__name__}: expected {IMAGE_TYPES}")
 
@@ -99,8 +102,10 @@ class ImageBatchModel:
             consumed = {"pixels", "error", "image"}
         else:
             if self.image_column not in batch:
-                raise KeyError(f"batch has no `{self.image_column}` or `pixels` column (columns: {', '.join(batch)}); "
-                               "set image_column= to the column of image bytes or URIs")
+                raise KeyError(
+                    f"batch has no `{self.image_column}` or `pixels` column (columns: {', '.join(batch)}); "
+                    "set image_column= to the column of image bytes or URIs"
+                )
             items = list(batch[self.image_column])
             pixels, errors = self._decode(items, [""] * len(items))
             keys = items if _strings(items) else [None] * len(items)
@@ -126,7 +131,9 @@ class ImageBatchModel:
 
 
 def _decoded(column: Any) -> bool:
-    return isinstance(column, np.ndarray) and column.dtype == np.uint8 and column.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    return (
+        isinstance(column, np.ndarray) and column.dtype == np.uint8 and column.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    )
 
 
 def _strings(column: Any) -> bool:
@@ -178,7 +185,9 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         """Append rows (the first table fixes the file's schema)."""
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.metadata), compression=self.compression)
+            self.writer = pq.ParquetWriter(
+                self.tmp, table.schema.with_metadata(self.metadata), compression=self.compression
+            )
         if not table.schema.equals(self.writer.schema):
             table = table.select(self.writer.schema.names).cast(self.writer.schema)
         self.buffer.append(table)
@@ -202,7 +211,9 @@ class ShardWriter:
     def publish(self, empty_schema: pa.Schema) -> None:
         """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
         if self.writer is None:  # an empty shard still gets its file: it is done
-            self.writer = pq.ParquetWriter(self.tmp, empty_schema.with_metadata(self.metadata), compression=self.compression)
+            self.writer = pq.ParquetWriter(
+                self.tmp, empty_schema.with_metadata(self.metadata), compression=self.compression
+            )
         self._flush()
         self._wait()
         self.encoder.shutdown()
@@ -236,9 +247,18 @@ class ShardWorker:
     {image, pixels (B, 299, 299, 3) uint8, error ("" = ok)} and returning one pa.Table row per image.
     """
 
-    def __init__(self, shards: list[dict[str, Any]], output: str, cfg: Any, model_cls: Callable[..., Any],
-                 model_kwargs: dict[str, Any], batch_size: int, empty_schema: pa.Schema, compression: str = "snappy",
-                 settings: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        shards: list[dict[str, Any]],
+        output: str,
+        cfg: Any,
+        model_cls: Callable[..., Any],
+        model_kwargs: dict[str, Any],
+        batch_size: int,
+        empty_schema: pa.Schema,
+        compression: str = "snappy",
+        settings: dict[str, Any] | None = None,
+    ):
         self.model = model_cls(**model_kwargs)
         self.compression, self.settings = compression, settings or {}
         self.shards, self.output, self.cfg = shards, output, cfg
@@ -278,12 +298,19 @@ class ShardWorker:
         # job's measure of whether decoding keeps up (raise inputs.io_threads, or CPUs per GPU).
         started = time.perf_counter()
         self.wait_s += started - waited
-        out = self.model({"image": np.array(table[KEY].to_pylist(), dtype=object), "pixels": pixels,
-                          "error": np.array([e or "" for e in errors], dtype=object)})
+        out = self.model(
+            {
+                "image": np.array(table[KEY].to_pylist(), dtype=object),
+                "pixels": pixels,
+                "error": np.array([e or "" for e in errors], dtype=object),
+            }
+        )
         self.model_s += time.perf_counter() - started
         return with_input_columns(out, table)
 
-    def _old_rows(self, shard: Shard) -> tuple[dict[tuple[str, str | None], tuple[int, int]], dict[str, tuple[int, int]]]:
+    def _old_rows(
+        self, shard: Shard
+    ) -> tuple[dict[tuple[str, str | None], tuple[int, int]], dict[str, tuple[int, int]]]:
         """The rows this shard may copy from the files it replaces, as (file, row) positions:
         by (key, version) for the keys in its range (an ok row preferred; failed rows not at all
         with inputs.retry_failed), and one row per key for keeping removed images. Reads only
@@ -309,7 +336,7 @@ class ShardWorker:
                 by_version[(k, v)] = (f, r)
         return by_version, by_key
 
-    def _copy(self, shard: Shard, picks: list[tuple[int, int]], writer: "ShardWriter") -> tuple[int, int]:
+    def _copy(self, shard: Shard, picks: list[tuple[int, int]], writer: ShardWriter) -> tuple[int, int]:
         """Copy rows (file, row) of the replaced files into `writer`, a row group at a time;
         (rows copied, of which failed)."""
         rows: dict[int, set[int]] = {}
@@ -389,15 +416,34 @@ class ShardWorker:
         except BaseException:
             writer.discard()
             raise
-        return {"shard": shard.id, "rows": rows + copied, "failed": failed, "duplicates": duplicates, "copied": copied,
-                "retried": storage.retried() - retried, "seconds": round(time.time() - start, 2),
-                "model_s": round(self.model_s, 3), "wait_s": round(self.wait_s, 3),
-                "errors": json.dumps(examples)}
+        return {
+            "shard": shard.id,
+            "rows": rows + copied,
+            "failed": failed,
+            "duplicates": duplicates,
+            "copied": copied,
+            "retried": storage.retried() - retried,
+            "seconds": round(time.time() - start, 2),
+            "model_s": round(self.model_s, 3),
+            "wait_s": round(self.wait_s, 3),
+            "errors": json.dumps(examples),
+        }
 
 
-def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_kwargs: dict[str, Any],
-        job_cfg: Any, empty_schema: pa.Schema, label: str, worker_cls: type = ShardWorker,
-        error_cls: type[JobError] = JobError, compression: str = "snappy", settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    cfg: Any,
+    plan: Plan,
+    output: str,
+    model_cls: Callable[..., Any],
+    model_kwargs: dict[str, Any],
+    job_cfg: Any,
+    empty_schema: pa.Schema,
+    label: str,
+    worker_cls: type = ShardWorker,
+    error_cls: type[JobError] = JobError,
+    compression: str = "snappy",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Process every shard of `plan` that `output` does not hold yet (capray.shards); returns the
     job summary.
 
@@ -419,13 +465,21 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         raise InputError(f"cannot read the output folder {output}: {e}") from None
     todo = work.todo[: cfg.inputs.limit_shards] if cfg.inputs.limit_shards else work.todo
     summary: dict[str, Any] = {
-        "shards": len(plan.shards), "shards_done_before": len(work.done), "shards_written": 0,
-        "images": plan.rows, "already_done": None if any(s.rows < 0 for s in work.done) else sum(s.rows for s in work.done),
-        "written": 0, "failed": 0, "duplicates": 0, "copied": 0, "errors": [],
+        "shards": len(plan.shards),
+        "shards_done_before": len(work.done),
+        "shards_written": 0,
+        "images": plan.rows,
+        "already_done": None if any(s.rows < 0 for s in work.done) else sum(s.rows for s in work.done),
+        "written": 0,
+        "failed": 0,
+        "duplicates": 0,
+        "copied": 0,
+        "errors": [],
         # storage requests tried again after transient errors (throttling, outages)
         "retried": 0,
         # actor seconds in the model, and waiting for images to be read and decoded
-        "model_s": 0.0, "wait_s": 0.0,
+        "model_s": 0.0,
+        "wait_s": 0.0,
         # output file -> rows, as the workers reported them (O(shards)): manifests use these
         "files": {},
     }
@@ -433,15 +487,26 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
         print(line, flush=True)
     written: dict[str, tuple[int, int]] = {}
     if todo:
-        print(f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}", flush=True)
+        print(
+            f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}",
+            flush=True,
+        )
         # One block per shard: each actor call is one whole shard. `range` makes the blocks
         # lazily in read tasks; the shard descriptors travel once, with the actor class.
         ds = ray.data.range(len(todo), override_num_blocks=len(todo))
         ds = ds.map_batches(
             worker_cls,
-            fn_constructor_kwargs=dict(shards=[s.to_row() for s in todo], output=output, cfg=cfg, model_cls=model_cls,
-                                       model_kwargs=model_kwargs, batch_size=job_cfg.batch_size, empty_schema=empty_schema,
-                                       compression=compression, settings=settings),
+            fn_constructor_kwargs=dict(
+                shards=[s.to_row() for s in todo],
+                output=output,
+                cfg=cfg,
+                model_cls=model_cls,
+                model_kwargs=model_kwargs,
+                batch_size=job_cfg.batch_size,
+                empty_schema=empty_schema,
+                compression=compression,
+                settings=settings,
+            ),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=job_cfg.min_actors, max_size=job_cfg.max_actors),
             num_gpus=job_cfg.num_gpus,
@@ -461,12 +526,15 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
                     summary["retried"] += int(part["retried"][i])
                     summary["model_s"] += float(part["model_s"][i])
                     summary["wait_s"] += float(part["wait_s"][i])
-                    summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[:ERROR_EXAMPLES * 4]
+                    summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[: ERROR_EXAMPLES * 4]
                 if time.time() - last >= 10:
                     last = time.time()
                     rate = summary["written"] / max(last - start, 1e-9)
-                    print(f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
-                          f"({summary['failed']} failed), {rate:.1f} rows/s", flush=True)
+                    print(
+                        f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
+                        f"({summary['failed']} failed), {rate:.1f} rows/s",
+                        flush=True,
+                    )
         except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
             try:
                 _record(cfg, plan, output, work, written)
@@ -493,12 +561,19 @@ def run(cfg: Any, plan: Plan, output: str, model_cls: Callable[..., Any], model_
     return summary
 
 
-def _record(cfg: Any, plan: Plan, output: str, work: "shards.Work", written: dict[str, tuple[int, int]]) -> dict[str, int]:
+def _record(
+    cfg: Any, plan: Plan, output: str, work: shards.Work, written: dict[str, tuple[int, int]]
+) -> dict[str, int]:
     """Replace what the written shards supersede and record them in the index (also after a stop)."""
     done = shards.finish(cfg, plan, output, work, written)
     if any(done.values()):
-        log.info("%s: %d replaced files deleted, %d of removed input files, %d from before content-bound shards",
-                 output, done["replaced"], done["pruned"], done["legacy_removed"])
+        log.info(
+            "%s: %d replaced files deleted, %d of removed input files, %d from before content-bound shards",
+            output,
+            done["replaced"],
+            done["pruned"],
+            done["legacy_removed"],
+        )
     return done
 
 
@@ -529,12 +604,14 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
         lines.append(f"[capray] {label}: the earlier listing could not be compared with (see the warning above)")
     else:
         before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["before_taken_at"]))
-        lines.append(f"[capray] {label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "
-                     f"{c['removed']} removed, {c['unchanged']} unchanged images")
+        lines.append(
+            f"[capray] {label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "
+            f"{c['removed']} removed, {c['unchanged']} unchanged images"
+        )
     return lines
 
 
-def work_lines(label: str, work: "shards.Work", output: str) -> list[str]:
+def work_lines(label: str, work: shards.Work, output: str) -> list[str]:
     """What the output folder holds against the plan: done, to do, replaced, kept, legacy."""
     lines = []
     replaced = [i for i, by in work.superseded.items() if by]
@@ -543,12 +620,24 @@ def work_lines(label: str, work: "shards.Work", output: str) -> list[str]:
         lines.append(
             f"[capray] {label}: {output}: {len(work.done)} shards done, {len(work.todo)} to do "
             f"({work.copy_sources} copy the rows of unchanged images from the {len(replaced)} files they replace"
-            + (f"; {work.retried} redone for their failed rows (inputs.retry_failed)" if work.retried else "") + ")"
-            + (f"; {len(pruned)} files of input files that are gone are deleted at the end (inputs.removed=prune)" if pruned else "")
-            + (f"; {len(work.kept)} files of input files that are gone are kept (inputs.removed=keep)" if work.kept else ""))
+            + (f"; {work.retried} redone for their failed rows (inputs.retry_failed)" if work.retried else "")
+            + ")"
+            + (
+                f"; {len(pruned)} files of input files that are gone are deleted at the end (inputs.removed=prune)"
+                if pruned
+                else ""
+            )
+            + (
+                f"; {len(work.kept)} files of input files that are gone are kept (inputs.removed=keep)"
+                if work.kept
+                else ""
+            )
+        )
     if work.legacy:
-        lines.append(f"[capray] {label}: {output}: {len(work.legacy)} files were written by a capray without content-bound "
-                     "shards: their images are done again, and the old files are deleted once every shard is written")
+        lines.append(
+            f"[capray] {label}: {output}: {len(work.legacy)} files were written by a capray without content-bound "
+            "shards: their images are done again, and the old files are deleted once every shard is written"
+        )
     return lines
 
 
@@ -556,13 +645,20 @@ def report_lines(label: str, s: dict[str, Any]) -> list[str]:
     """The summary's notes on retries and on how busy the model was, for the job's log."""
     lines = []
     if s.get("retried"):
-        lines.append(f"[capray] {label}: {s['retried']} storage requests were tried again after transient errors "
-                     "(throttling, dropped connections; storage.retries)")
+        lines.append(
+            f"[capray] {label}: {s['retried']} storage requests were tried again after transient errors "
+            "(throttling, dropped connections; storage.retries)"
+        )
     if s.get("model_s"):
-        lines.append(f"[capray] {label}: the model waited for images {s['wait_share']:.0%} of its time "
-                     f"({s['wait_s']:.1f} s waiting, {s['model_s']:.1f} s computing, summed over actors)"
-                     + ("; decoding does not keep up: raise inputs.io_threads, or give the actors' nodes more CPUs"
-                        if s["wait_share"] > 0.1 else ""))
+        lines.append(
+            f"[capray] {label}: the model waited for images {s['wait_share']:.0%} of its time "
+            f"({s['wait_s']:.1f} s waiting, {s['model_s']:.1f} s computing, summed over actors)"
+            + (
+                "; decoding does not keep up: raise inputs.io_threads, or give the actors' nodes more CPUs"
+                if s["wait_share"] > 0.1
+                else ""
+            )
+        )
     return lines
 
 

@@ -37,8 +37,18 @@ from capray.inputs import InputError, Plan, Shard
 log = logging.getLogger(__name__)
 INDEX = "_shards.parquet"
 FORMAT = "capray-shards/1"
-_SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("lo", pa.string()),
-                     ("hi", pa.string()), ("rows", pa.int64()), ("failed", pa.int64()), ("state", pa.string())])
+_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("lo", pa.string()),
+        ("hi", pa.string()),
+        ("rows", pa.int64()),
+        ("failed", pa.int64()),
+        ("state", pa.string()),
+    ]
+)
 
 
 class OutputMismatchError(InputError):
@@ -79,8 +89,16 @@ def write_index(output: str, storage_cfg: Any, entries: list[dict[str, Any]], me
 
 
 def _entry(s: Shard, rows: int, failed: int) -> dict[str, Any]:
-    return {"id": s.id, "kind": s.kind, "source": s.source, "lo": s.lo, "hi": s.hi, "rows": rows, "failed": failed,
-            "state": "current"}
+    return {
+        "id": s.id,
+        "kind": s.kind,
+        "source": s.source,
+        "lo": s.lo,
+        "hi": s.hi,
+        "rows": rows,
+        "failed": failed,
+        "state": "current",
+    }
 
 
 def check_same(meta: dict[str, Any], input_uri: str, settings: dict[str, Any], output: str) -> None:
@@ -88,13 +106,19 @@ def check_same(meta: dict[str, Any], input_uri: str, settings: dict[str, Any], o
     if meta.get("input", "").rstrip("/") != input_uri.rstrip("/"):
         raise OutputMismatchError(
             f"{output} holds the output of input {meta.get('input')}, not {input_uri}: give each input its own output "
-            "folder (output=... or work_dir=...), or replace it with --overwrite")
+            "folder (output=... or work_dir=...), or replace it with --overwrite"
+        )
     old = meta.get("settings", {})
-    changed = [f"{k}: {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    changed = [
+        f"{k}: {old.get(k)} -> {settings.get(k)}"
+        for k in sorted(set(old) | set(settings))
+        if old.get(k) != settings.get(k)
+    ]
     if changed:
         raise OutputMismatchError(
             f"{output} was made with other settings ({'; '.join(changed)}); its files would mix with this run's: "
-            "write to another output folder, or redo it all with --overwrite")
+            "write to another output folder, or redo it all with --overwrite"
+        )
 
 
 @dataclass
@@ -138,7 +162,9 @@ def reconcile(cfg: Any, plan: Plan, output: str, settings: dict[str, Any]) -> Wo
     if plan.kind == "files":
         # A listing's ranges partition the keys: every old listing file is covered by the
         # current shards overlapping its range, which copy its unchanged rows.
-        for s, js in zip(plan.shards, listing.overlaps([(s.lo, s.hi) for s in plan.shards], [(e["lo"], e["hi"]) for e in old_ranges])):
+        for s, js in zip(
+            plan.shards, listing.overlaps([(s.lo, s.hi) for s in plan.shards], [(e["lo"], e["hi"]) for e in old_ranges])
+        ):
             for j in js:
                 superseded.setdefault(old_ranges[j]["id"], []).append(s.id)
                 sources[s.id].append(output_name(old_ranges[j]["id"]))
@@ -170,7 +196,9 @@ def reconcile(cfg: Any, plan: Plan, output: str, settings: dict[str, Any]) -> Wo
     return work
 
 
-def _entries(plan: Plan, work: Work, written: dict[str, tuple[int, int]], gone: set[str] = frozenset()) -> list[dict[str, Any]]:
+def _entries(
+    plan: Plan, work: Work, written: dict[str, tuple[int, int]], gone: set[str] = frozenset()
+) -> list[dict[str, Any]]:
     out = []
     for s in plan.shards:
         if s.id in written:
@@ -204,5 +232,8 @@ def finish(cfg: Any, plan: Plan, output: str, work: Work, written: dict[str, tup
 
     list(ThreadPoolExecutor(16).map(delete, sorted(gone | legacy)))
     write_index(output, cfg.storage, _entries(plan, work, written, gone), work.meta)
-    return {"replaced": len([i for i in gone if work.superseded[i]]), "pruned": len([i for i in gone if not work.superseded[i]]),
-            "legacy_removed": len(legacy)}
+    return {
+        "replaced": len([i for i in gone if work.superseded[i]]),
+        "pruned": len([i for i in gone if not work.superseded[i]]),
+        "legacy_removed": len(legacy),
+    }

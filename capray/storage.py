@@ -14,7 +14,8 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -31,9 +32,20 @@ _RETRIED = 0
 # Errors worth another try: the server or the network, not the request (a missing key or a
 # denied access fails at once). Matched in pyarrow's OSError text (AWS SDK error names).
 TRANSIENT = (
-    "NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTLING",
-    "Throttl", "REQUEST_TIMEOUT", "RequestTimeout", "curlCode", "Connection reset", "Broken pipe",
-    "timed out", "HTTP response code: 5",
+    "NETWORK_CONNECTION",
+    "SLOW_DOWN",
+    "SlowDown",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "THROTTLING",
+    "Throttl",
+    "REQUEST_TIMEOUT",
+    "RequestTimeout",
+    "curlCode",
+    "Connection reset",
+    "Broken pipe",
+    "timed out",
+    "HTTP response code: 5",
 )
 
 
@@ -60,7 +72,7 @@ def filesystem(uri: str, storage: Any = None) -> tuple[pafs.FileSystem, str]:
         if fs is None:
             fs = _FILESYSTEMS[key] = _s3(storage)
             _BUILT += 1
-    return fs, uri[len("s3://"):]
+    return fs, uri[len("s3://") :]
 
 
 def listing_client(storage: Any = None) -> Any:
@@ -79,16 +91,21 @@ def listing_client(storage: Any = None) -> Any:
                 if storage.region:
                     kwargs["region_name"] = storage.region
                 if storage.access_key_id:
-                    kwargs.update(aws_access_key_id=storage.access_key_id, aws_secret_access_key=storage.secret_access_key,
-                                  aws_session_token=storage.session_token or None)
+                    kwargs.update(
+                        aws_access_key_id=storage.access_key_id,
+                        aws_secret_access_key=storage.secret_access_key,
+                        aws_session_token=storage.session_token or None,
+                    )
             _FILESYSTEMS[key] = botocore.session.get_session().create_client("s3", **kwargs)
             _BUILT += 1
         return _FILESYSTEMS[key]
 
 
 def _key(storage: Any) -> tuple[str, ...]:
-    return tuple(str(getattr(storage, k, "") or "") for k in
-                 ("endpoint_url", "region", "access_key_id", "secret_access_key", "session_token"))
+    return tuple(
+        str(getattr(storage, k, "") or "")
+        for k in ("endpoint_url", "region", "access_key_id", "secret_access_key", "session_token")
+    )
 
 
 def filesystems_built() -> int:
@@ -144,7 +161,9 @@ def retrying(fn: Callable[[], T], what: str, storage: Any = None) -> T:
                 raise OSError(f"{e} (gave up after {retries + 1} tries)") from e
             _RETRIED += 1  # a racy += between threads only blurs a statistic
             delay = min(wait * 2**attempt, 30.0) * random.uniform(0.5, 1.0)
-            log.warning("storage: %s: %s; retrying in %.1f s (%d/%d)", what, str(e).splitlines()[0], delay, attempt + 1, retries)
+            log.warning(
+                "storage: %s: %s; retrying in %.1f s (%d/%d)", what, str(e).splitlines()[0], delay, attempt + 1, retries
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -114,6 +114,8 @@ def ensure(cfg: Any) -> str:
     if storage.is_remote(manifest):
         raise ConfigError(f"data.annotations={manifest}: the synthetic dataset is generated on local disk")
     if not Path(manifest).exists():
-        print(f"[capray] generating {cfg.data.synthetic_images} synthetic scenes in {Path(manifest).parent}", flush=True)
+        print(
+            f"[capray] generating {cfg.data.synthetic_images} synthetic scenes in {Path(manifest).parent}", flush=True
+        )
         generate(Path(manifest).parent, cfg.data.synthetic_images, cfg.data.synthetic_seed)
     return manifest

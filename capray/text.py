@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class Tokenizer:
     pad_id, unk_id, start_id, end_id = 0, 1, 2, 3
 
     @classmethod
-    def fit(cls, captions: Iterable[str], vocab_size: int = 5000, max_length: int = 0) -> "Tokenizer":
+    def fit(cls, captions: Iterable[str], vocab_size: int = 5000, max_length: int = 0) -> Tokenizer:
         """Build the vocabulary from training captions; max_length 0 = the longest caption."""
         counts: Counter[str] = Counter()
         longest = 0
@@ -90,7 +90,7 @@ class Tokenizer:
         return json.dumps({"format": "capray-tokenizer/1", "words": self.words, "max_length": self.max_length})
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str) -> Tokenizer:
         """Inverse of `to_json`."""
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != "capray-tokenizer/1":

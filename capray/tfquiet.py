@@ -27,8 +27,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 # absl's line prefix: severity, date, time, thread id, file:line]
 _ABSL = r"[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] "

@@ -17,10 +17,10 @@ SYNTHETIC_IMAGES = 96
 def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:
     """An untrained but complete checkpoint (random InceptionV3, small decoder): the caption job's
     plumbing and fault handling do not depend on what the model learned, and training costs minutes."""
+    import keras
+
     from capray import checkpoint
     from capray.model import Captioner, make_optimizer
-
-    import keras
 
     # Seeded: an untrained decoder's first word is a coin toss between `<end>` (an empty caption)
     # and a word; the tests that check captions are not empty need the same weights every session.
@@ -38,7 +38,9 @@ def extract_synthetic(work: Path) -> Path:
     """Generate SYNTHETIC_IMAGES scenes under `work` and extract their features (needs Ray)."""
     from capray import features
 
-    features.run(load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", f"data.synthetic_images={SYNTHETIC_IMAGES}"]))
+    features.run(
+        load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", f"data.synthetic_images={SYNTHETIC_IMAGES}"])
+    )
     return work
 
 
@@ -55,8 +57,11 @@ def reuse_features(shared: Path, work: Path) -> list[str]:
 
 def feature_overrides(shared: Path, work: Path) -> list[str]:
     """The overrides of a work dir made by `reuse_features(shared, work)`."""
-    return [f"work_dir={work}", f"data.annotations={shared / 'data' / 'captions.csv'}",
-            f"data.synthetic_images={SYNTHETIC_IMAGES}"]
+    return [
+        f"work_dir={work}",
+        f"data.annotations={shared / 'data' / 'captions.csv'}",
+        f"data.synthetic_images={SYNTHETIC_IMAGES}",
+    ]
 
 
 def upload_features(shared: Path, uri: str, storage_cfg) -> None:

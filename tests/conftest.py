@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from builders import extract_synthetic, write_tiny_checkpoint
+
 from capray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,9 @@ FLICKR_DEV = REPO.parent / "shared" / "data" / "flickr8k-dev"
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the whole session (starting Ray costs seconds)."""
     if os.environ.get("CAPRAY_TEST_FAST"):
-        pytest.fail("`make test-fast` runs no Ray: this test belongs in `make test` only (see the Makefile's FAST list)")
+        pytest.fail(
+            "`make test-fast` runs no Ray: this test belongs in `make test` only (see the Makefile's FAST list)"
+        )
     import ray
 
     from capray.runtime import init_ray
@@ -52,8 +54,11 @@ class S3:
         import boto3
 
         client = boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         )
         client.create_bucket(Bucket=name)
         return f"s3://{name}"

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 import capray
 from capray.featurestore import decode_features
 from capray.images import decode
 from capray.inputs import InputError
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +28,34 @@ def items() -> list[dict]:
 
 def test_caption_predictor_maps_over_a_users_dataset(ray_local, tiny_checkpoint: str, items: list[dict]) -> None:
     ds = ray.data.from_items(items)
-    out = ds.map_batches(
-        capray.CaptionPredictor,
-        fn_constructor_kwargs={"checkpoint": tiny_checkpoint, "strategy": "beam", "beam_size": 2, "max_pixels": TEST_MAX_PIXELS},
-        batch_size=3, concurrency=1,
-    ).to_pandas().set_index("id").sort_index()  # Ray Data does not keep the row order
+    out = (
+        ds.map_batches(
+            capray.CaptionPredictor,
+            fn_constructor_kwargs={
+                "checkpoint": tiny_checkpoint,
+                "strategy": "beam",
+                "beam_size": 2,
+                "max_pixels": TEST_MAX_PIXELS,
+            },
+            batch_size=3,
+            concurrency=1,
+        )
+        .to_pandas()
+        .set_index("id")
+        .sort_index()
+    )  # Ray Data does not keep the row order
     assert len(out) == len(items)
     # The user's own columns come through; the image bytes are consumed, not copied into the output.
-    assert list(out["licence"]) == [r["licence"] for r in sorted(items, key=lambda r: r["id"])] and out["image"].isna().all()
+    assert (
+        list(out["licence"]) == [r["licence"] for r in sorted(items, key=lambda r: r["id"])]
+        and out["image"].isna().all()
+    )
     assert out.loc[99, "error"] and pd.isna(out.loc[99, "caption"])
     good = out.drop(index=99)
     assert good["error"].isna().all() and (good["strategy"] == "beam2").all()
     expected = capray.Captioner.load(tiny_checkpoint, "beam", beam_size=2, max_pixels=TEST_MAX_PIXELS).caption(
-        [r["image"] for r in items[:-1]])
+        [r["image"] for r in items[:-1]]
+    )
     assert list(good["caption"]) == [c.text for c in expected]
 
 
@@ -48,11 +63,16 @@ def test_feature_extractor_maps_over_a_users_dataset(ray_local, items: list[dict
     from capray.model import ImageEncoder
 
     ds = ray.data.from_items(items[:3]).rename_columns({"image": "jpeg"})
-    out = ds.map_batches(
-        capray.FeatureExtractor,
-        fn_constructor_kwargs={"weights": "random", "dtype": "float32", "image_column": "jpeg"},
-        batch_size=2, concurrency=1,
-    ).to_pandas().sort_values("id")
+    out = (
+        ds.map_batches(
+            capray.FeatureExtractor,
+            fn_constructor_kwargs={"weights": "random", "dtype": "float32", "image_column": "jpeg"},
+            batch_size=2,
+            concurrency=1,
+        )
+        .to_pandas()
+        .sort_values("id")
+    )
     assert out["error"].isna().all() and list(out["licence"]) == ["cc-0", "cc-1", "cc-2"]
     features = decode_features(out["features"], "float32")
     pixels = np.stack([decode(r["image"], TEST_MAX_PIXELS) for r in items[:3]])
@@ -70,8 +90,14 @@ def test_the_caption_job_as_a_function(ray_local, tiny_checkpoint: str, tmp_path
     folder.mkdir()
     for name in ("scene.jpg", "gray.jpg"):
         (folder / name).write_bytes(good_images()[name])
-    summary = capray.caption("configs/demo.yaml", input=str(folder), output=str(tmp_path / "out"),
-                             checkpoint=tiny_checkpoint, work_dir=str(tmp_path / "work"), infer={"batch_size": 4})
+    summary = capray.caption(
+        "configs/demo.yaml",
+        input=str(folder),
+        output=str(tmp_path / "out"),
+        checkpoint=tiny_checkpoint,
+        work_dir=str(tmp_path / "work"),
+        infer={"batch_size": 4},
+    )
     assert (summary["written"], summary["captioned"], summary["failed"]) == (2, 2, 0)
     rows = pd.read_parquet(tmp_path / "out")
     assert sorted(Path(i).name for i in rows["image"]) == ["gray.jpg", "scene.jpg"]
@@ -95,7 +121,9 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused_naming_what_is_missing(tmp
     from capray.checkpoint import CheckpointError
 
     (tmp_path / "model.weights.h5").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="is not a complete capray checkpoint: missing tokenizer.json, config.yaml, state.json"):
+    with pytest.raises(
+        CheckpointError, match="is not a complete capray checkpoint: missing tokenizer.json, config.yaml, state.json"
+    ):
         capray.Captioner.load(str(tmp_path))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         capray.Captioner.load(str(tmp_path / "nowhere"))

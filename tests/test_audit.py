@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import good_images
 
 from capray import audit, cli, inputs, storage
 from capray.config import load_config, output_paths
-from imagezoo import good_images
 
 STALE = "s3://elsewhere/gone.jpg"
 
@@ -59,19 +59,31 @@ def _clean_then_planted(cfg, plan: inputs.Plan, keys: list[str], output: str, fe
     s = audit.audit(cfg, plan, output)
     report = storage.join(output, "_audit")
     assert s["report_dir"] == report
-    assert (s["input_images"], s["ok"], s["failed"], s["missing"], s["duplicated"], s["stale"]) == (len(keys), len(keys), 0, 0, 0, 0)
+    assert (s["input_images"], s["ok"], s["failed"], s["missing"], s["duplicated"], s["stale"]) == (
+        len(keys),
+        len(keys),
+        0,
+        0,
+        0,
+        0,
+    )
     assert s["output_rows"] == len(keys) and s["output_files"] == 2
     for kind in audit.KINDS:  # every kind's folder exists and reads, empty
         assert _kind(report, kind, sc).num_rows == 0
     line = audit.verdict(s)
-    assert line.startswith(f"audit: {len(keys)} images") and line.endswith(f": {len(keys)} ok, 0 failed, 0 missing, 0 duplicated, 0 stale -> {report}")
+    assert line.startswith(f"audit: {len(keys)} images") and line.endswith(
+        f": {len(keys)} ok, 0 failed, 0 missing, 0 duplicated, 0 stale -> {report}"
+    )
     storage.write_bytes(storage.join(report, "left-over.txt"), b"from an earlier audit", sc)
 
     missing, duplicated, failed = keys[0], keys[1], keys[-1]
     _write_output(storage.join(output, "shard-a.parquet"), [(k, None) for k in keys[1:half]], sc)
-    _write_output(storage.join(output, "shard-b.parquet"),
-                  [(k, "cannot decode" if k == failed else None) for k in keys[half:]] + [(duplicated, None), (STALE, None)],
-                  sc, features_output)
+    _write_output(
+        storage.join(output, "shard-b.parquet"),
+        [(k, "cannot decode" if k == failed else None) for k in keys[half:]] + [(duplicated, None), (STALE, None)],
+        sc,
+        features_output,
+    )
     s = audit.audit(cfg, plan, output)
     assert (s["ok"], s["failed"], s["missing"], s["duplicated"], s["stale"]) == (len(keys) - 3, 1, 1, 1, 1)
     assert s["output_rows"] == len(keys) + 1 and s["stale_rows"] == 1
@@ -127,12 +139,19 @@ def test_capray_audit_command(tmp_path: Path, ray_local, capsys: pytest.CaptureF
 
     _write_output(str(out / "shard-a.parquet"), [(k, None) for k in keys], None)
     assert cli.main(args) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[capray] audit: ") and " ok, " in line]
-    assert lines == [f"[capray] audit: {len(keys)} images: {len(keys)} ok, 0 failed, 0 missing, 0 duplicated, 0 stale -> {out / '_audit'}"]
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("[capray] audit: ") and " ok, " in line
+    ]
+    assert lines == [
+        f"[capray] audit: {len(keys)} images: {len(keys)} ok, 0 failed, 0 missing, 0 duplicated, 0 stale -> {out / '_audit'}"
+    ]
 
     _write_output(str(out / "shard-a.parquet"), [(k, None) for k in keys[1:]], None)
     assert cli.main(args) == 10
     captured = capsys.readouterr()
-    assert f"[capray] audit: {len(keys)} images: {len(keys) - 1} ok, 0 failed, 1 missing, 0 duplicated, 0 stale" in captured.out
+    assert (
+        f"[capray] audit: {len(keys)} images: {len(keys) - 1} ok, 0 failed, 1 missing, 0 duplicated, 0 stale"
+        in captured.out
+    )
     assert f"capray audit: AuditError: 1 missing and 0 duplicated of {len(keys)} images" in captured.err
     assert _keys(str(out / "_audit"), "missing", None) == {keys[0]}

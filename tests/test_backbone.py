@@ -7,8 +7,8 @@ import hashlib
 import http.server
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import keras
 import numpy as np
@@ -59,14 +59,19 @@ def weights_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     server.shutdown()
 
 
-def test_imagenet_offline_is_one_line_naming_the_alternatives(keras_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_offline_is_one_line_naming_the_alternatives(
+    keras_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(backbone, "WEIGHTS_URL", REFUSED)
     with pytest.raises(BackboneError) as e:
         backbone.check("imagenet")
     message = str(e.value)
     assert "\n" not in message and message.startswith("could not load the ImageNet InceptionV3 weights")
     assert f"not in the Keras cache {keras_home}" in message and "Connection refused" in message
-    assert f"give a local or s3:// copy of the no-top weights file with encoder.weights=/path/{backbone.WEIGHTS_FILE}" in message
+    assert (
+        f"give a local or s3:// copy of the no-top weights file with encoder.weights=/path/{backbone.WEIGHTS_FILE}"
+        in message
+    )
     assert "encoder.weights=random" in message
     assert list(keras_home.iterdir()) == []  # no partial file left behind
 
@@ -85,7 +90,9 @@ def test_a_corrupt_download_is_refused_and_not_cached(keras_home: Path, weights_
     assert list(keras_home.iterdir()) == []
 
 
-def test_the_backbone_loads_the_cached_file_without_downloading(keras_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_backbone_loads_the_cached_file_without_downloading(
+    keras_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What an actor does after the driver's check: the cached file, the network unreachable.
     keras_home.mkdir(parents=True)
     (keras_home / backbone.WEIGHTS_FILE).write_bytes(b"cached")
@@ -115,7 +122,9 @@ def test_weights_file_from_s3(s3, random_backbone_file: Path) -> None:
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("weights, message", [("imagenet21k", "expected 'imagenet', 'random'"), ("/nope/w.h5", "not found")])
+@pytest.mark.parametrize(
+    "weights, message", [("imagenet21k", "expected 'imagenet', 'random'"), ("/nope/w.h5", "not found")]
+)
 def test_bad_weights_setting_is_an_error(weights: str, message: str) -> None:
     with pytest.raises(BackboneError, match=message):
         build_backbone(weights)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 from PIL import Image
 
 import capray
@@ -17,7 +18,6 @@ from capray.checkpoint import CheckpointError
 from capray.config import load_config
 from capray.images import ImageDecodeError
 from capray.infer import InputError, caption
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,12 @@ def _rows(cfg, out: str) -> pd.DataFrame:
 
 
 def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkpoint: str) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.batch_size=4", "inputs.shard_rows=3",
-                    f"work_dir={s3.bucket('out')}/work")
+    cfg = s3.config(
+        f"data.max_pixels={TEST_MAX_PIXELS}",
+        "infer.batch_size=4",
+        "inputs.shard_rows=3",
+        f"work_dir={s3.bucket('out')}/work",
+    )
     out = f"{s3.bucket('out')}/captions"
     n = len(good_images()) + len(bad_images())
 
@@ -57,15 +61,33 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     cfg.inputs.limit_shards = 1
     first = caption(cfg, checkpoint, zoo, out)
     shards = first["shards"]
-    assert shards > 1 and first["shards_written"] == 1 and first["remaining_shards"] == shards - 1 and 0 < first["written"] < n
+    assert (
+        shards > 1
+        and first["shards_written"] == 1
+        and first["remaining_shards"] == shards - 1
+        and 0 < first["written"] < n
+    )
     cfg.inputs.limit_shards = 0
     second = caption(cfg, checkpoint, zoo, out)
-    assert (second["already_done"], second["written"], second["remaining_shards"]) == (first["written"], n - first["written"], 0)
+    assert (second["already_done"], second["written"], second["remaining_shards"]) == (
+        first["written"],
+        n - first["written"],
+        0,
+    )
     assert first["failed"] + second["failed"] == len(bad_images()) and second["images"] == n
 
     rows = _rows(cfg, out)
     assert len(rows) == n and rows["image"].is_unique
-    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error", "image_version"]
+    assert list(rows.columns) == [
+        "image",
+        "caption",
+        "log_prob",
+        "num_tokens",
+        "strategy",
+        "model",
+        "error",
+        "image_version",
+    ]
     by_image = rows.set_index("image")
     for name in good_images():
         row = by_image.loc[f"{zoo}/{name}"]
@@ -80,7 +102,9 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
 
 
 def test_job_rows_equal_the_python_api_for_every_input_type(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "infer.attention=true", f"work_dir={tmp_path}")
+    cfg = s3.config(
+        f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "infer.attention=true", f"work_dir={tmp_path}"
+    )
     out = str(tmp_path / "captions")
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")
@@ -120,14 +144,25 @@ def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) 
 
 
 def test_unreachable_endpoint_fails_with_a_clear_message(checkpoint: str, tmp_path: Path) -> None:
-    cfg = load_config(None, ["storage.endpoint_url=http://127.0.0.1:9", "storage.region=us-east-1",
-                             "storage.access_key_id=x", "storage.secret_access_key=y"])
+    cfg = load_config(
+        None,
+        [
+            "storage.endpoint_url=http://127.0.0.1:9",
+            "storage.region=us-east-1",
+            "storage.access_key_id=x",
+            "storage.secret_access_key=y",
+        ],
+    )
     with pytest.raises(InputError, match="cannot list s3://nowhere/photos"):
         caption(cfg, checkpoint, "s3://nowhere/photos", str(tmp_path / "out"))
 
 
-def test_beam_search_rows_record_the_strategy_and_match_the_library(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
-    cfg = s3.config(f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3", f"work_dir={tmp_path}")
+def test_beam_search_rows_record_the_strategy_and_match_the_library(
+    s3, zoo: str, checkpoint: str, tmp_path: Path
+) -> None:
+    cfg = s3.config(
+        f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3", f"work_dir={tmp_path}"
+    )
     out = str(tmp_path / "beam")
     caption(cfg, checkpoint, zoo, out)
     rows = pd.read_parquet(out).set_index("image")
@@ -157,8 +192,16 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
     scene.resize((2000, 1500), Image.BICUBIC).save(folder / "large.jpg", quality=90)
     (folder / "small.jpg").write_bytes(good_images()["scene.jpg"])
     (folder / "rotated.jpg").write_bytes(good_images()["rotated.jpg"])
-    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "encoder.weights=random", "extract.dtype=float32",
-                             f"extract.input={folder}", f"data.max_pixels={TEST_MAX_PIXELS * 4}"])
+    cfg = load_config(
+        None,
+        [
+            f"work_dir={tmp_path / 'work'}",
+            "encoder.weights=random",
+            "extract.dtype=float32",
+            f"extract.input={folder}",
+            f"data.max_pixels={TEST_MAX_PIXELS * 4}",
+        ],
+    )
     assert features.run(cfg)["extracted"] == 3
     stored = pd.read_parquet(tmp_path / "work" / "features").set_index("image")
     out = tmp_path / "captions"
@@ -167,6 +210,8 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
     model, tokenizer, _, _ = ckpt.load(checkpoint)
     for image, row in rows.iterrows():
         feats = np.frombuffer(stored.loc[image, "features"], np.float32).reshape(1, 64, 2048)
-        tokens, _, log_prob, _ = model.greedy(feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)
+        tokens, _, log_prob, _ = model.greedy(
+            feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id
+        )
         assert tokenizer.decode(tokens.numpy()[0]) == row["caption"], image
         assert abs(float(log_prob[0]) - row["log_prob"]) < 1e-4 * max(1.0, abs(row["log_prob"])), image

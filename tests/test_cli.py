@@ -26,7 +26,12 @@ BANNERS = [
     "to cuInit: UNKNOWN ERROR (303)",
 ]
 # What identifies each banner in a log, whatever its timestamp and thread.
-BANNER_MARKS = ["absl::InitializeLog()", "Could not find cuda drivers", "oneDNN custom operations are on", "failed call to cuInit"]
+BANNER_MARKS = [
+    "absl::InitializeLog()",
+    "Could not find cuda drivers",
+    "oneDNN custom operations are on",
+    "failed call to cuInit",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -35,8 +40,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _capray(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "capray", *args], cwd=REPO, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "capray", *args],
+        cwd=REPO,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_line_failure(done: subprocess.CompletedProcess, job: str, code: int, message: str) -> None:
@@ -51,6 +62,7 @@ def _one_line_failure(done: subprocess.CompletedProcess, job: str, code: int, me
 
 # --- exit codes ----------------------------------------------------------------------------------
 
+
 def test_exit_codes_follow_the_class_hierarchy_by_name() -> None:
     from capray.backbone import BackboneError
     from capray.checkpoint import CheckpointError
@@ -64,16 +76,26 @@ def test_exit_codes_follow_the_class_hierarchy_by_name() -> None:
     class TrainingError(RuntimeError):  # capray.train's, matched by name (importing it loads TensorFlow)
         pass
 
-    expected = {ConfigError: 2, InputError: 3, DataError: 3, CheckpointError: 4, FeatureError: 5, BackboneError: 6,
-                JobError: 7, CaptionJobError: 7, TrainingError: 8}
+    expected = {
+        ConfigError: 2,
+        InputError: 3,
+        DataError: 3,
+        CheckpointError: 4,
+        FeatureError: 5,
+        BackboneError: 6,
+        JobError: 7,
+        CaptionJobError: 7,
+        TrainingError: 8,
+    }
     for cls, code in expected.items():
         assert cli.exit_code(cls("x")) == code, cls
     assert cli.exit_code(ValueError("a bug")) is None and cli.exit_code(KeyError("a bug")) is None
 
 
 @pytest.mark.parametrize("error, code", [("CaptionJobError", 7), ("TrainingError", 8)])
-def test_a_job_stopped_part_way_is_one_line_with_its_code(error: str, code: int, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_a_job_stopped_part_way_is_one_line_with_its_code(
+    error: str, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     # Neither can be caused in a second (a storage outage mid-job, workers lost for good): the job
     # itself is replaced, the CLI around it is the real one.
     from capray.pipeline import JobError
@@ -108,7 +130,9 @@ def test_missing_input_is_one_line_and_debug_shows_the_traceback(tmp_path: Path)
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
-    done = _capray("caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}")
+    done = _capray(
+        "caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}"
+    )
     _one_line_failure(done, "caption", 4, f"CheckpointError: checkpoint not found: {tmp_path / 'ckpt'}")
 
 
@@ -118,7 +142,9 @@ def test_missing_features(tmp_path: Path) -> None:
 
 
 def test_missing_captions_file(tmp_path: Path) -> None:
-    done = _capray("extract", DEMO, f"work_dir={tmp_path}", "data.format=flickr", f"data.annotations={tmp_path / 'c.csv'}")
+    done = _capray(
+        "extract", DEMO, f"work_dir={tmp_path}", "data.format=flickr", f"data.annotations={tmp_path / 'c.csv'}"
+    )
     _one_line_failure(done, "extract", 3, f"DataError: data.annotations: file not found: {tmp_path / 'c.csv'}")
 
 
@@ -144,7 +170,9 @@ def test_bad_config(tmp_path: Path) -> None:
 def test_unwritable_output_folder(tmp_path: Path) -> None:
     # Under a file, not a read-only folder: root may write into any folder.
     (tmp_path / "file").write_text("")
-    done = _capray("caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"output={tmp_path / 'file' / 'caps'}")
+    done = _capray(
+        "caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"output={tmp_path / 'file' / 'caps'}"
+    )
     _one_line_failure(done, "caption", 3, f"InputError: cannot write the output folder {tmp_path / 'file' / 'caps'}")
 
 
@@ -155,9 +183,15 @@ def test_print_config_and_module_entry() -> None:
 
 # --- TensorFlow's start-up banners ---------------------------------------------------------------
 
+
 def test_the_filter_drops_the_banners_and_keeps_every_other_line() -> None:
-    real = ["W0000 00:00:1795695665.1 10093 some_op.cc:12] a real warning", "E0000 00:00:1.2 7 x.cc:1] real error",
-            "Traceback (most recent call last):", "UserWarning: something Python said", ""]
+    real = [
+        "W0000 00:00:1795695665.1 10093 some_op.cc:12] a real warning",
+        "E0000 00:00:1.2 7 x.cc:1] real error",
+        "Traceback (most recent call last):",
+        "UserWarning: something Python said",
+        "",
+    ]
     assert [line for line in BANNERS + real if not tfquiet.is_noise(line)] == real
     text = "\n".join(BANNERS[:2] + real[:2] + BANNERS[2:]) + "\n"
     assert tfquiet.without_noise(text) == real[0] + "\n" + real[1] + "\n"
@@ -173,8 +207,10 @@ def test_filtered_stderr_replays_what_is_not_a_banner(capfd: pytest.CaptureFixtu
 
 def test_importing_the_model_and_running_an_op_prints_no_banner() -> None:
     # Also `import tensorflow` directly and through Ray Train (as its workers do), once capray is in.
-    script = ("import capray.model as m, tensorflow, ray.train.tensorflow, sys\n"
-              "print(float(m.tf.reduce_sum(m.tf.ones((2, 2)))))\nprint('after', file=sys.stderr)\n")
+    script = (
+        "import capray.model as m, tensorflow, ray.train.tensorflow, sys\n"
+        "print(float(m.tf.reduce_sum(m.tf.ones((2, 2)))))\nprint('after', file=sys.stderr)\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip() == "4.0", done.stderr[-3000:]
     assert not [m for m in BANNER_MARKS if m in done.stderr], done.stderr[-3000:]
@@ -192,13 +228,25 @@ def test_real_job_logs_have_no_banner_or_train_noise_in_driver_or_workers(tmp_pa
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     try:
         work = tmp_path / "work"
-        common = [DEMO, "data.synthetic_images=8", f"data.annotations={work / 'data' / 'captions.csv'}",
-                  "ray.local_cpus=2", f"work_dir={work}"]
+        common = [
+            DEMO,
+            "data.synthetic_images=8",
+            f"data.annotations={work / 'data' / 'captions.csv'}",
+            "ray.local_cpus=2",
+            f"work_dir={work}",
+        ]
         done = _capray("extract", *common, "extract.batch_size=8", env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "8 extracted, 0 failed" in done.stdout
-        trained = _capray("train", *common, "train.epochs=1", "train.batch_size=4", "ray.num_workers=1",
-                          env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
+        trained = _capray(
+            "train",
+            *common,
+            "train.epochs=1",
+            "train.batch_size=4",
+            "ray.num_workers=1",
+            env=_env(RAY_TMPDIR=ray_tmp),
+            timeout=400,
+        )
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert "best checkpoint" in trained.stdout, trained.stdout[-3000:]
         for log in (done.stdout + done.stderr, trained.stdout + trained.stderr):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from capray.config import load_config
@@ -70,8 +70,8 @@ def test_cluster_yaml_pins_this_capray_version_and_cuda_tensorflow() -> None:
     assert sources == [f"dist/{wheel}"], f"cluster.yaml must mount dist/{wheel} (pyproject version); run `make wheel`"
     setup = "\n".join(cluster["setup_commands"])
     assert f"pip install -q ~/wheels/{wheel}" in setup
-    tf_pin = re.search(r'tensorflow\[and-cuda\]==([\d.]+)', setup).group(1)
-    ray_pin = re.search(r'ray\[[\w,]+\]==([\d.]+)', setup).group(1)
+    tf_pin = re.search(r"tensorflow\[and-cuda\]==([\d.]+)", setup).group(1)
+    ray_pin = re.search(r"ray\[[\w,]+\]==([\d.]+)", setup).group(1)
     deps = " ".join(project["dependencies"])
     assert tf_pin.startswith(re.search(r"tensorflow>=([\d.]+)", deps).group(1))
     assert ray_pin.startswith(re.search(r"ray\[[\w,]+\]>=([\d.]+)", deps).group(1))

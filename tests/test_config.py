@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,12 @@ def test_defaults_load_from_the_schema() -> None:
 def test_yaml_file_merges_over_defaults_and_overrides_win(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "# test\nname: mine\ntrain:\n  epochs: 7\n  batch_size: 32\nmodel:\n  units: 128\n")
     from_file = load_config(path)
-    assert (from_file.name, from_file.train.epochs, from_file.train.batch_size, from_file.model.units) == ("mine", 7, 32, 128)
+    assert (from_file.name, from_file.train.epochs, from_file.train.batch_size, from_file.model.units) == (
+        "mine",
+        7,
+        32,
+        128,
+    )
     assert from_file.train.learning_rate == 1e-3 and from_file.model.embedding_dim == 256  # untouched defaults
     cfg = load_config(str(path), ["train.epochs=3", "model.units=64", "model.units=96"])
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.units) == (3, 32, 96)  # last override wins
@@ -293,8 +298,15 @@ def test_the_cluster_layers_compose_with_a_dataset() -> None:
 
 def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["work_dir=outputs/x", "infer.input=photos", "encoder.weights=w/inception.h5",
-                             "data.annotations=s3://b/captions.csv"])
+    cfg = load_config(
+        None,
+        [
+            "work_dir=outputs/x",
+            "infer.input=photos",
+            "encoder.weights=w/inception.h5",
+            "data.annotations=s3://b/captions.csv",
+        ],
+    )
     assert cfg.work_dir == str(tmp_path / "outputs/x") and cfg.infer.input == str(tmp_path / "photos")
     assert cfg.encoder.weights == str(tmp_path / "w/inception.h5")
     assert cfg.data.annotations == "s3://b/captions.csv" and cfg.output == ""

@@ -26,10 +26,12 @@ def _write(path: Path, content: str | bytes) -> str:
 
 def _coco(*captions: tuple[int, int, str], images: dict[int, str] | None = None) -> str:
     images = images or {1: "a.jpg", 2: "b.jpg"}
-    return json.dumps({
-        "images": [{"id": i, "file_name": f} for i, f in images.items()],
-        "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in captions],
-    })
+    return json.dumps(
+        {
+            "images": [{"id": i, "file_name": f} for i, f in images.items()],
+            "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in captions],
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,13 +114,17 @@ def test_read_captions_dispatches_on_format(tmp_path: Path) -> None:
     csv = _write(tmp_path / "ds" / "captions.csv", "image,caption\nscene_0.jpg,a red circle\n")
     synthetic = data.read_captions(_cfg(tmp_path, "data.format=synthetic", f"data.annotations={csv}"))
     assert synthetic["image"].tolist() == [str(tmp_path / "ds" / "images" / "scene_0.jpg")]
-    flickr = data.read_captions(_cfg(tmp_path, "data.format=flickr", f"data.annotations={csv}", "data.images=s3://b/flickr"))
+    flickr = data.read_captions(
+        _cfg(tmp_path, "data.format=flickr", f"data.annotations={csv}", "data.images=s3://b/flickr")
+    )
     assert flickr["image"].tolist() == ["s3://b/flickr/scene_0.jpg"]
     # manifest: relative to the manifest's own folder.
     manifest = data.read_captions(_cfg(tmp_path, "data.format=manifest", f"data.annotations={csv}"))
     assert manifest["image"].tolist() == [str(tmp_path / "ds" / "scene_0.jpg")]
     coco_json = _write(tmp_path / "ann.json", _coco((5, 1, "x")))
-    coco = data.read_captions(_cfg(tmp_path, "data.format=coco", f"data.annotations={coco_json}", f"data.images={tmp_path}/train"))
+    coco = data.read_captions(
+        _cfg(tmp_path, "data.format=coco", f"data.annotations={coco_json}", f"data.images={tmp_path}/train")
+    )
     assert coco["image"].tolist() == [str(tmp_path / "train" / "a.jpg")]
     with pytest.raises(DataError, match="data.annotations is empty"):
         data.read_captions(_cfg(tmp_path, "data.format=coco"))

@@ -152,7 +152,9 @@ def test_a_caption_that_ends_at_once_is_empty_not_an_error() -> None:
 def test_attention_figure_has_one_panel_per_word(decoded) -> None:
     (greedy, _), pixels = decoded
     rng = np.random.default_rng(2)
-    made = Caption("a dog runs on the green grass", "a dog runs on the green grass".split(), rng.random((7, 64)))
+    made = Caption(
+        "a dog runs on the green grass", ["a", "dog", "runs", "on", "the", "green", "grass"], rng.random((7, 64))
+    )
     for cap in [*greedy, made]:
         fig = evaluate.attention_figure(pixels[0], cap)
         assert len(fig.axes) == len(cap.words)
@@ -164,7 +166,9 @@ def test_attention_figure_has_one_panel_per_word(decoded) -> None:
 def test_report_files_are_valid_png_and_self_contained_html(decoded, tmp_path: Path) -> None:
     (greedy, beam), pixels = decoded
     items = [
-        evaluate.ReportItem(f"/data/img{i}.jpg", pixels[i], REFERENCES["a.jpg"], {"greedy": greedy[i], "beam2": beam[i]})
+        evaluate.ReportItem(
+            f"/data/img{i}.jpg", pixels[i], REFERENCES["a.jpg"], {"greedy": greedy[i], "beam2": beam[i]}
+        )
         for i in range(3)
     ]
     metrics = {"greedy": {"bleu4": 0.1, "cider": 0.2}, "beam2": {"bleu4": 0.3, "cider": 0.4}}

@@ -10,12 +10,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 from capray import features, featurestore, storage
 from capray.config import output_paths
 from capray.images import decode
 from capray.model import ImageEncoder
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 
 @pytest.fixture(scope="module")

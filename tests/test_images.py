@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 from capray.images import ImageDecodeError, decode
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
 
 @pytest.mark.parametrize("name", sorted(good_images()))

@@ -4,17 +4,35 @@ TensorFlow (only the model actors and training workers do)."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
 # Ray Data runs functions of these modules in fresh worker processes: importing TensorFlow there
 # costs seconds of CPU per process, for nothing.
-TF_FREE = ["capray.config", "capray.storage", "capray.text", "capray.images", "capray.inputs", "capray.pipeline", "capray.data",
-           "capray.features", "capray.featurestore", "capray.infer", "capray.runtime", "capray.checkpoint",
-           "capray.backbone", "capray.tfquiet", "capray.cli", "capray.api", "capray.export", "capray.listing", "capray.shards",
-           "capray.audit"]
+TF_FREE = [
+    "capray.config",
+    "capray.storage",
+    "capray.text",
+    "capray.images",
+    "capray.inputs",
+    "capray.pipeline",
+    "capray.data",
+    "capray.features",
+    "capray.featurestore",
+    "capray.infer",
+    "capray.runtime",
+    "capray.checkpoint",
+    "capray.backbone",
+    "capray.tfquiet",
+    "capray.cli",
+    "capray.api",
+    "capray.export",
+    "capray.listing",
+    "capray.shards",
+    "capray.audit",
+]
 
 
 @pytest.mark.parametrize("module", TF_FREE)
@@ -78,7 +96,7 @@ def _circle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return path[path.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         state[m] = 2

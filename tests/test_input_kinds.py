@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 
 from capray import features, featurestore, inputs, storage
 from capray.config import load_config, output_paths
 from capray.infer import caption
 from capray.inputs import InputError
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 
 GOOD = ["scene.jpg", "gray.jpg", "alpha.png", "cmyk.jpg"]
 
@@ -31,19 +31,27 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def kinds(s3) -> dict[str, tuple[str, dict[str, str | None], list[str]]]:
     """kind -> (input URI, {row key: expected error fragment or None}, pass-through columns)."""
     bucket, cfg = s3.bucket("kinds"), s3.config()
-    put = lambda key, data: storage.write_bytes(f"{bucket}/{key}", data, cfg.storage)  # noqa: E731
+    put = lambda key, data: storage.write_bytes(f"{bucket}/{key}", data, cfg.storage)
     imgs = good_images()
     for name in GOOD:
         put(f"img/{name}", imgs[name])
     put("img/sub/notes.jpg", bad_images()["notes.jpg"][0])
     in_prefix = {f"{bucket}/img/{n}": None for n in GOOD} | {f"{bucket}/img/sub/notes.jpg": "cannot decode"}
 
-    manifest = pd.DataFrame({"image": [f"img/{n}" for n in GOOD] + ["img/missing.jpg"], "id": ["1", "2", "3", "4", "5"],
-                             "licence": ["cc-by"] * 5})
+    manifest = pd.DataFrame(
+        {
+            "image": [f"img/{n}" for n in GOOD] + ["img/missing.jpg"],
+            "id": ["1", "2", "3", "4", "5"],
+            "licence": ["cc-by"] * 5,
+        }
+    )
     put("one.csv", manifest.to_csv(index=False).encode())
     one = {f"{bucket}/img/{n}": None for n in GOOD} | {f"{bucket}/img/missing.jpg": "cannot read file"}
     # A folder of manifests: Parquet and CSV side by side, absolute URIs.
-    put("manifests/a.parquet", _parquet_bytes(pa.table({"image": [f"{bucket}/img/{n}" for n in GOOD[:2]], "id": ["a", "b"]})))
+    put(
+        "manifests/a.parquet",
+        _parquet_bytes(pa.table({"image": [f"{bucket}/img/{n}" for n in GOOD[:2]], "id": ["a", "b"]})),
+    )
     put("manifests/b.csv", f"image,id\n{bucket}/img/{GOOD[2]},c\n{bucket}/img/{GOOD[3]},d\n".encode())
     folder = {f"{bucket}/img/{n}": None for n in GOOD}
 
@@ -52,11 +60,23 @@ def kinds(s3) -> dict[str, tuple[str, dict[str, str | None], list[str]]]:
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         cut = tar.getmember("e.jpg").offset_data + 100
     put("wds/00001.tar", whole[:cut])
-    put("wds/00000.parquet", _parquet_bytes(pa.table({"key": ["a"]})))  # img2dataset's metadata beside the tars: ignored
+    put(
+        "wds/00000.parquet", _parquet_bytes(pa.table({"key": ["a"]}))
+    )  # img2dataset's metadata beside the tars: ignored
     tars = {"00000/a": None, "00000/b": None, "00001/c": None, "00001/d": None, "00001/e": "truncated or corrupt tar"}
 
-    put("laion/00000.parquet", _parquet_bytes(pa.table({"key": ["k0", "k1", "k2"], "jpg": [imgs["scene.jpg"], imgs["gray.jpg"], b"junk"],
-                                                       "url": ["http://u/0", "http://u/1", "http://u/2"]})))
+    put(
+        "laion/00000.parquet",
+        _parquet_bytes(
+            pa.table(
+                {
+                    "key": ["k0", "k1", "k2"],
+                    "jpg": [imgs["scene.jpg"], imgs["gray.jpg"], b"junk"],
+                    "url": ["http://u/0", "http://u/1", "http://u/2"],
+                }
+            )
+        ),
+    )
     laion = {"k0": None, "k1": None, "k2": "cannot decode"}
     return {
         "prefix": (f"{bucket}/img", in_prefix, ["image_version"]),
@@ -81,13 +101,19 @@ def _check(rows: pd.DataFrame, expected: dict[str, str | None]) -> None:
 def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny_checkpoint: str, ray_local) -> None:
     uri, expected, passed = kinds[kind]
     work = s3.bucket("work-" + kind.replace("_", "-")) + "/run"
-    cfg = s3.config(f"work_dir={work}", f"data.max_pixels={TEST_MAX_PIXELS}", "infer.batch_size=2", "extract.batch_size=2",
-                    "encoder.weights=random", "inputs.shard_rows=2")
+    cfg = s3.config(
+        f"work_dir={work}",
+        f"data.max_pixels={TEST_MAX_PIXELS}",
+        "infer.batch_size=2",
+        "extract.batch_size=2",
+        "encoder.weights=random",
+        "inputs.shard_rows=2",
+    )
     fs, _ = storage.filesystem(work, cfg.storage)
 
     out = f"{work}/captions"
     summary = caption(cfg, tiny_checkpoint, uri, out)
-    rows = pq.ParquetDataset(out[len("s3://"):], filesystem=fs).read().to_pandas()
+    rows = pq.ParquetDataset(out[len("s3://") :], filesystem=fs).read().to_pandas()
     _check(rows, expected)
     assert summary["written"] == len(expected) and summary["failed"] == sum(v is not None for v in expected.values())
     captioned = rows[rows["error"].isna()]
@@ -103,7 +129,7 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
     cfg.extract.input = uri
     extracted = features.run(cfg)
     assert extracted["extracted"] == sum(v is None for v in expected.values())
-    table = pq.ParquetDataset(output_paths(cfg)["features"][len("s3://"):], filesystem=fs).read().to_pandas()
+    table = pq.ParquetDataset(output_paths(cfg)["features"][len("s3://") :], filesystem=fs).read().to_pandas()
     _check(table, expected)
     assert list(table.columns) == [*featurestore.SCHEMA.names, *passed]
     # Re-runs skip every shard: nothing is read again.
@@ -170,8 +196,16 @@ def test_the_cli_reports_a_bad_input_in_one_line(tiny_checkpoint: str, tmp_path:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={tiny_checkpoint}", f"work_dir={tmp_path}",
-           f"infer.input={tmp_path / 'nonexistent_dir'}", "ray.local_cpus=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "caption",
+        f"checkpoint={tiny_checkpoint}",
+        f"work_dir={tmp_path}",
+        f"infer.input={tmp_path / 'nonexistent_dir'}",
+        "ray.local_cpus=1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3  # InputError (docs/cli.md)
     assert f"capray caption: InputError: input not found: {tmp_path / 'nonexistent_dir'}" in done.stderr

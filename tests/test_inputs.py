@@ -11,13 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import good_images, tar_shard
 
 from capray import inputs
 from capray.config import ConfigError, load_config
 from capray.inputs import InputError, Shard, read_shard
 from capray.pipeline import ShardWriter
 from capray.shards import done_ids
-from imagezoo import good_images, tar_shard
 
 
 def _cfg(tmp_path: Path, *extra: str):
@@ -73,8 +73,10 @@ def test_a_manifest_without_image_column_is_named(tmp_path: Path) -> None:
 
 def test_parquet_with_image_bytes(tmp_path: Path) -> None:
     jpgs = list(good_images().values())[:3]
-    path = _parquet(tmp_path / "laion" / "00000.parquet",
-                    pa.table({"key": ["k0", "k1", "k2"], "jpg": jpgs, "url": ["u0", "u1", "u2"]}))
+    path = _parquet(
+        tmp_path / "laion" / "00000.parquet",
+        pa.table({"key": ["k0", "k1", "k2"], "jpg": jpgs, "url": ["u0", "u1", "u2"]}),
+    )
     cfg = _cfg(tmp_path)
     plan = inputs.plan(cfg, str(tmp_path / "laion"), "unused")
     assert plan.kind == "parquet_bytes" and plan.rows == 3
@@ -90,7 +92,9 @@ def test_parquet_with_image_bytes(tmp_path: Path) -> None:
 
 def test_a_bytes_column_of_the_wrong_type_is_named(tmp_path: Path) -> None:
     _parquet(tmp_path / "bad.parquet", pa.table({"key": ["a"], "jpg": ["not bytes"]}))
-    with pytest.raises(InputError, match=r"bad\.parquet: column 'jpg' \(inputs.bytes_column\) is string, expected binary"):
+    with pytest.raises(
+        InputError, match=r"bad\.parquet: column 'jpg' \(inputs.bytes_column\) is string, expected binary"
+    ):
         inputs.plan(_cfg(tmp_path), str(tmp_path / "bad.parquet"), "unused")
 
 
@@ -106,7 +110,10 @@ def test_webdataset_members_become_rows_and_a_truncated_tar_ends_in_an_error_row
     plan = inputs.plan(cfg, str(tmp_path / "wds"), "unused")
     assert plan.kind == "webdataset" and plan.rows is None and len(plan.shards) == 2
     good = _read_all(plan.shards[0], cfg)
-    assert good["image"].to_pylist() == ["00000/a", "00000/b"] and good["caption"].to_pylist() == ["caption of a", "caption of b"]
+    assert good["image"].to_pylist() == ["00000/a", "00000/b"] and good["caption"].to_pylist() == [
+        "caption of a",
+        "caption of b",
+    ]
     assert good["_error"].null_count == 2 and good["json"].to_pylist()[0] == '{"key": "a"}'
     cut = _read_all(plan.shards[1], cfg)
     errors = dict(zip(cut["image"].to_pylist(), cut["_error"].to_pylist()))
@@ -132,8 +139,14 @@ def test_shard_files_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     assert pq.read_table(io.BytesIO((out / "empty.parquet").read_bytes())).num_rows == 0
 
 
-@pytest.mark.parametrize("old, new", [("infer.glob='*.jpg'", "inputs.glob"), ("infer.rows_per_file=5", "inputs.shard_rows"),
-                                      ("infer.limit=3", "inputs.limit_shards")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("infer.glob='*.jpg'", "inputs.glob"),
+        ("infer.rows_per_file=5", "inputs.shard_rows"),
+        ("infer.limit=3", "inputs.limit_shards"),
+    ],
+)
 def test_moved_keys_name_their_new_place(old: str, new: str) -> None:
     with pytest.raises(ConfigError, match=f"was replaced by {new}"):
         load_config(None, [old])

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,17 +56,35 @@ def ray_head() -> Iterator[dict]:
     # Short path: Ray's unix sockets live under it and are limited to 107 bytes.
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     gcs, dashboard, nm, om, client, agent, agent_grpc, metrics, env_agent = _free_ports(9)
-    log = open(Path(temp) / "ray_start.log", "w")
+    log = open(Path(temp) / "ray_start.log", "w")  # noqa: SIM115 (the head keeps writing to it after this returns)
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=3", "--num-gpus=1",
-         f"--temp-dir={temp}", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={env_agent}"],
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--num-cpus=3",
+            "--num-gpus=1",
+            f"--temp-dir={temp}",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={env_agent}",
+        ],
         # Ray 2.60 turns token authentication on when ~/.ray/auth_token exists (any earlier local
         # ray.init writes one); this head is on 127.0.0.1 for one test module, so it is off.
-        stdout=log, stderr=subprocess.STDOUT, env={**_env(), "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**_env(), "RAY_AUTH_MODE": "disabled"},
+        start_new_session=True,
     )
     try:
         from ray.job_submission import JobSubmissionClient
@@ -157,8 +175,9 @@ def test_a_failing_job_is_reported_failed_with_the_config_error(ray_head: dict) 
     from ray.job_submission import JobStatus
 
     client = ray_head["client"]
-    job_id = client.submit_job(entrypoint="python jobs/train.py configs/demo.yaml train.epochz=3",
-                               runtime_env={"working_dir": str(REPO)})
+    job_id = client.submit_job(
+        entrypoint="python jobs/train.py configs/demo.yaml train.epochz=3", runtime_env={"working_dir": str(REPO)}
+    )
     assert _wait(client, job_id, timeout=120) == JobStatus.FAILED
     assert "Key 'epochz' not in 'TrainConfig'" in client.get_job_logs(job_id)
 
@@ -172,9 +191,20 @@ def test_local_entry_point_runs_the_code_next_to_it(tmp_path: Path) -> None:
         shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
     work = tmp_path / "work"
     result = subprocess.run(
-        [sys.executable, "jobs/extract.py", "configs/demo.yaml", "data.synthetic_images=8",
-         "extract.batch_size=8", "ray.local_cpus=2", f"work_dir={work}"],
-        cwd=copy, env=_env(), capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "jobs/extract.py",
+            "configs/demo.yaml",
+            "data.synthetic_images=8",
+            "extract.batch_size=8",
+            "ray.local_cpus=2",
+            f"work_dir={work}",
+        ],
+        cwd=copy,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"capray 0.1.0 from {copy / 'capray'}" in result.stdout

@@ -80,11 +80,21 @@ def test_layer_shapes_are_the_papers(model: Captioner) -> None:
     assert not model.feature_mean.trainable and not model.feature_std.trainable
     # Nothing else is trainable: the parameter count is exactly these layers'.
     expected = (
-        2048 * 256 + 256  # encoder
-        + 256 * 512 + 512 + 512 * 512 + 512 + 512 + 1  # W1, W2, V
+        2048 * 256
+        + 256  # encoder
+        + 256 * 512
+        + 512
+        + 512 * 512
+        + 512
+        + 512
+        + 1  # W1, W2, V
         + V * 256  # embedding
-        + 2 * 512 * 1536 + 2 * 1536  # GRU kernels and (reset_after) biases
-        + 512 * 512 + 512 + 512 * V + V  # fc1, fc2
+        + 2 * 512 * 1536
+        + 2 * 1536  # GRU kernels and (reset_after) biases
+        + 512 * 512
+        + 512
+        + 512 * V
+        + V  # fc1, fc2
     )
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == expected
 
@@ -98,7 +108,9 @@ def test_bahdanau_attention_is_a_softmax_weighted_sum_of_the_features() -> None:
     assert context.shape == (2, 5) and weights.shape == (2, 64)
     assert (weights.numpy() >= 0).all()
     np.testing.assert_allclose(weights.numpy().sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(context.numpy(), np.einsum("bl,bld->bd", weights.numpy(), features.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        context.numpy(), np.einsum("bl,bld->bd", weights.numpy(), features.numpy()), rtol=1e-5, atol=1e-6
+    )
     score = np.tanh(attention.W1(features).numpy() + attention.W2(hidden).numpy()[:, None, :])
     logits = attention.V(score).numpy()[..., 0]
     expected = np.exp(logits - logits.max(1, keepdims=True))
@@ -330,7 +342,9 @@ def test_image_encoder_is_the_preprocessed_backbone_reshaped_to_64_cells() -> No
     images = np.random.default_rng(0).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
     features = encoder(images)
     assert features.shape == (2, 64, 2048) and features.dtype == np.float32
-    direct = encoder.backbone(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)), training=False)
+    direct = encoder.backbone(
+        keras.applications.inception_v3.preprocess_input(images.astype(np.float32)), training=False
+    )
     assert tuple(direct.shape) == (2, 8, 8, 2048)
     expected = np.reshape(np.asarray(direct), (2, 64, 2048))
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
@@ -349,7 +363,9 @@ def test_beam_search_of_one_is_greedy_and_wider_beams_score_higher() -> None:
     for g, b in zip(greedy, beam1):
         np.testing.assert_allclose(g, b, rtol=1e-5, atol=1e-6)
     # Compiled with a static batch size, as the caption job's tf.function sees it.
-    static = tf.function(lambda f: model.beam_search(f, 6, 3, 0.0, **IDS), input_signature=[tf.TensorSpec((4, 64, 2048))])
+    static = tf.function(
+        lambda f: model.beam_search(f, 6, 3, 0.0, **IDS), input_signature=[tf.TensorSpec((4, 64, 2048))]
+    )
     tokens, attention, log_prob, lengths = (t.numpy() for t in static(feats))
     assert tokens.shape == (4, 6) and attention.shape == (4, 6, 64) and lengths.shape == (4,)
     assert (log_prob >= greedy[2] - 1e-5).all() and (log_prob > greedy[2] + 1e-3).any()

@@ -36,7 +36,13 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         args = [str(REPO / "configs/demo.yaml"), "work_dir=out", *OVERRIDES]
         assert cli.main(args, job="extract") == 0
         # The training job evaluates its best checkpoint at the end when asked (greedy only here).
-        assert cli.main([*args, "evaluate.after_train=true", "evaluate.strategies=[greedy]", "evaluate.report_images=0"], job="train") == 0
+        assert (
+            cli.main(
+                [*args, "evaluate.after_train=true", "evaluate.strategies=[greedy]", "evaluate.report_images=0"],
+                job="train",
+            )
+            == 0
+        )
         best = json.loads(Path("out/runs/demo/best.json").read_text())["checkpoint"]
         after_train = json.loads((Path(best) / "eval_val.json").read_text())
         synthetic.generate("heldout", 12, seed=99, prefix="heldout")
@@ -79,7 +85,16 @@ def test_train_writes_checkpoints_and_best(run: dict) -> None:
 def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
     rows = pd.read_parquet(output_paths(run["cfg"])["captions"])
     assert len(rows) == 13 and rows["image"].is_unique
-    assert list(rows.columns) == ["image", "caption", "log_prob", "num_tokens", "strategy", "model", "error", "image_version"]
+    assert list(rows.columns) == [
+        "image",
+        "caption",
+        "log_prob",
+        "num_tokens",
+        "strategy",
+        "model",
+        "error",
+        "image_version",
+    ]
     broken = rows[rows["image"].str.endswith("broken.jpg")].iloc[0]
     assert "cannot decode" in broken["error"] and pd.isna(broken["caption"])
     good = rows[rows["error"].isna()]
@@ -129,7 +144,9 @@ def test_training_writes_tensorboard_curves_and_a_loss_plot(run: dict) -> None:
     from capray.train.curves import TAGS
 
     p = output_paths(run["cfg"])
-    reported = sorted(json.loads(f.read_text())["step"] for f in (Path(p["runs"]) / "demo").glob("checkpoint_*/state.json"))
+    reported = sorted(
+        json.loads(f.read_text())["step"] for f in (Path(p["runs"]) / "demo").glob("checkpoint_*/state.json")
+    )
     assert len(reported) == 2  # two epochs, one report each
     values: dict[str, list[int]] = {}
     for f in Path(p["tensorboard"]).glob("events.out.tfevents.*"):
@@ -151,15 +168,32 @@ def test_the_exported_savedmodel_captions_like_the_job_without_capray(run: dict)
     exported = run["work"] / "exported"
     captions = output_paths(run["cfg"])["captions"]
     # A fresh process that never imports capray: what a deployment has.
-    done = subprocess.run([sys.executable, str(REPO / "bench/savedmodel_agreement.py"), str(exported), captions],
-                          capture_output=True, text=True, timeout=600, cwd=run["work"])
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/savedmodel_agreement.py"), str(exported), captions],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=run["work"],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["capray_imported"] is False and result["images"] == 12
     assert result["agreement"] >= 0.95, result["differ"]
-    shown = subprocess.run([str(Path(sys.executable).parent / "saved_model_cli"), "show", "--dir", str(exported),
-                            "--tag_set", "serve", "--signature_def", "serving_default"],
-                           capture_output=True, text=True, timeout=300)
+    shown = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "saved_model_cli"),
+            "show",
+            "--dir",
+            str(exported),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     for line in ("inputs['images']", "DT_STRING", "outputs['caption']", "outputs['log_prob']", "outputs['num_tokens']"):
         assert line in shown.stdout
@@ -177,5 +211,7 @@ def _greedy_captions(checkpoint_uri: str, cfg) -> dict[str, str]:
     table = pq.read_table(output_paths(cfg)["features"]).to_pandas()
     table = table[table["image"].isin(val)]
     feats = decode_features(list(table["features"]), table["dtype"].iloc[0])
-    tokens = model.greedy(feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[0].numpy()
+    tokens = model.greedy(feats, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[
+        0
+    ].numpy()
     return {image: tokenizer.decode(t) for image, t in zip(table["image"], tokens)}

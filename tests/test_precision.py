@@ -4,16 +4,16 @@ this CPU's fast path."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-
 from builders import REPO, reuse_features
+
 from capray import synthetic, train
 from capray.config import load_config
 from capray.features import FeatureExtractor
@@ -74,7 +74,7 @@ def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> N
     assert np.allclose(attention.numpy().sum(-1), 1.0, atol=1e-3)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert float(optimizer.dynamic_scale) > 1.0
-    tokens, alphas, log_prob, lengths = model.greedy(feats, 6, start_id=Tokenizer.start_id, end_id=Tokenizer.end_id)
+    tokens, _alphas, log_prob, lengths = model.greedy(feats, 6, start_id=Tokenizer.start_id, end_id=Tokenizer.end_id)
     assert tokens.shape == (4, 6) and log_prob.dtype == tf.float32 and (lengths.numpy() >= 1).all()
 
 
@@ -97,10 +97,19 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
     # and the caption job (XLA InceptionV3) with both on, on the session's float32-extracted
     # features. XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
     base = [
-        *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
-        "model.precision=mixed_float16", "model.jit_compile=true", "train.epochs=1", "train.batch_size=8",
-        "train.clip_norm=5.0", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=mixed",
-        "infer.batch_size=8", "inputs.shard_rows=8", "inputs.limit_shards=1",
+        *reuse_features(synthetic_features, tmp_path / "work"),
+        "data.num_examples=32",
+        "model.precision=mixed_float16",
+        "model.jit_compile=true",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.clip_norm=5.0",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=0.5",
+        "name=mixed",
+        "infer.batch_size=8",
+        "inputs.shard_rows=8",
+        "inputs.limit_shards=1",
     ]
     cfg = load_config(REPO / "configs/demo.yaml", base)
     summary = train.train(cfg)
@@ -154,9 +163,17 @@ def test_extraction_actor_under_mixed_bfloat16_is_near_float32(bf16_policy) -> N
 
 def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features: Path, tmp_path: Path) -> None:
     base = [
-        *reuse_features(synthetic_features, tmp_path / "work"), "data.num_examples=32",
-        "model.precision=mixed_bfloat16", "train.epochs=1", "train.batch_size=8", "train.clip_norm=5.0",
-        "ray.num_workers=1", "ray.cpus_per_worker=0.5", "name=bf16", "infer.batch_size=8", "inputs.shard_rows=8",
+        *reuse_features(synthetic_features, tmp_path / "work"),
+        "data.num_examples=32",
+        "model.precision=mixed_bfloat16",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.clip_norm=5.0",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=0.5",
+        "name=bf16",
+        "infer.batch_size=8",
+        "inputs.shard_rows=8",
         "inputs.limit_shards=1",
     ]
     cfg = load_config(REPO / "configs/demo.yaml", base)

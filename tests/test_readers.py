@@ -28,7 +28,11 @@ def test_read_coco_resolves_file_names(tmp_path: Path) -> None:
         ],
     }
     df = data.read_coco(_write(tmp_path / "c.json", json.dumps(ann)), "s3://bucket/train2014")
-    assert df["image"].tolist() == ["s3://bucket/train2014/a.jpg", "s3://bucket/train2014/b.jpg", "s3://bucket/train2014/a.jpg"]
+    assert df["image"].tolist() == [
+        "s3://bucket/train2014/a.jpg",
+        "s3://bucket/train2014/b.jpg",
+        "s3://bucket/train2014/a.jpg",
+    ]
     assert df["caption"].tolist() == ["A dog.", "A cat", "Dog on grass"]
 
 

@@ -24,13 +24,29 @@ DEV_PATH = re.compile(
 )
 # Reports embed their figures as base64, whose alphabet can spell `/home/` by chance.
 DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
-BINARY_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".ico", ".pdf", ".gz", ".zip", ".tar", ".parquet", ".h5", ".npz"}
+BINARY_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".webp",
+    ".ico",
+    ".pdf",
+    ".gz",
+    ".zip",
+    ".tar",
+    ".parquet",
+    ".h5",
+    ".npz",
+}
 
 
 def _user_facing_files() -> list[Path]:
     files = [README]
     for folder in ("docs", "configs"):
-        files += sorted(p for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix.lower() not in BINARY_SUFFIXES)
+        files += sorted(
+            p for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix.lower() not in BINARY_SUFFIXES
+        )
     return files
 
 
@@ -83,7 +99,9 @@ def test_readme_docs_and_configs_name_no_development_machine_path() -> None:
 
 def test_readme_is_short() -> None:
     lines = len(README.read_text(encoding="utf-8").splitlines())
-    assert lines <= MAX_README_LINES, f"README.md has {lines} lines (at most {MAX_README_LINES}): move detail into docs/"
+    assert lines <= MAX_README_LINES, (
+        f"README.md has {lines} lines (at most {MAX_README_LINES}): move detail into docs/"
+    )
 
 
 # --- links ------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from imagezoo import tar_shard
 from PIL import Image
 
 from capray import features, shards, storage
 from capray.infer import caption
 from capray.shards import OutputMismatchError
-from imagezoo import tar_shard
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,9 @@ def _audit(cfg, input_uri: str, out: str) -> dict:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_images_added_among_old_names_removed_and_overwritten(where: str, tmp_path: Path, s3, checkpoint: str, capsys) -> None:
+def test_images_added_among_old_names_removed_and_overwritten(
+    where: str, tmp_path: Path, s3, checkpoint: str, capsys
+) -> None:
     if where == "s3":
         bucket = s3.bucket("rerun-folder")
         cfg = s3.config(f"work_dir={bucket}/work", "inputs.shard_rows=6", "infer.batch_size=8")
@@ -166,7 +168,9 @@ def test_removed_images_kept_on_request_and_a_partial_rerun_then_a_full_one(tmp_
     cfg.inputs.limit_shards = 0
     full = caption(cfg, checkpoint, root, out)
     current = {photos.uri(n) for n in names if n not in ("p03.jpg", "p11.jpg")}
-    current |= {photos.uri(f"p{i:02d}.jpg") for i in range(20, 40)} | {photos.uri(f"p{i:02d}x.jpg") for i in range(0, 20, 3)}
+    current |= {photos.uri(f"p{i:02d}.jpg") for i in range(20, 40)} | {
+        photos.uri(f"p{i:02d}x.jpg") for i in range(0, 20, 3)
+    }
     _exactly_once(cfg, out, current)
     assert partial["computed"] + full["computed"] == 27  # 20 + 7 new images, each computed once
     report = _audit(cfg, root, out)
@@ -231,7 +235,9 @@ def test_outputs_of_an_earlier_capray_are_redone_and_failed_rows_retried(tmp_pat
     out = tmp_path / "captions"
     out.mkdir()
     # A file as capray wrote them before content-bound shards: a positional id, no index.
-    pd.DataFrame({"image": images, "caption": ["old"] * 6, "error": [None] * 6}).to_parquet(out / "list-a1b2c3d4e5.parquet")
+    pd.DataFrame({"image": images, "caption": ["old"] * 6, "error": [None] * 6}).to_parquet(
+        out / "list-a1b2c3d4e5.parquet"
+    )
     first = caption(cfg, checkpoint, str(tmp_path / "list.csv"), str(out))
     assert first["computed"] == 6 and first["failed"] == 1
     rows = _exactly_once(cfg, str(out), set(images))
@@ -250,8 +256,10 @@ def test_outputs_of_an_earlier_capray_are_redone_and_failed_rows_retried(tmp_pat
 def test_extraction_of_a_growing_dataset_extracts_the_new_images_only(tmp_path: Path, ray_local) -> None:
     from capray.config import load_config
 
-    cfg = load_config(None, [f"work_dir={tmp_path}/work", "encoder.weights=random", "inputs.shard_rows=4",
-                             f"extract.input={tmp_path}/img"])
+    cfg = load_config(
+        None,
+        [f"work_dir={tmp_path}/work", "encoder.weights=random", "inputs.shard_rows=4", f"extract.input={tmp_path}/img"],
+    )
     (tmp_path / "img").mkdir()
     for i in range(0, 16, 2):
         (tmp_path / "img" / f"e{i:02d}.jpg").write_bytes(_jpeg(400 + i))
@@ -261,7 +269,11 @@ def test_extraction_of_a_growing_dataset_extracts_the_new_images_only(tmp_path: 
         (tmp_path / "img" / f"e{i:02d}.jpg").write_bytes(_jpeg(400 + i))
     grown = features.extract(cfg, features.job_plan(cfg), out)
     assert grown["computed"] == 4  # the other images are copied or in shards that did not change
-    rows = _exactly_once(cfg, out, {str(tmp_path / "img" / f"e{i:02d}.jpg") for i in [*range(0, 16, 2), *range(1, 8, 2)]})
+    rows = _exactly_once(
+        cfg, out, {str(tmp_path / "img" / f"e{i:02d}.jpg") for i in [*range(0, 16, 2), *range(1, 8, 2)]}
+    )
     assert (rows["features"].str.len() == 64 * 2048 * 2).all()
     manifest = features.read_manifest(out, cfg.storage)
-    assert manifest["rows"] == 12 and {f["file"] for f in manifest["files"]} == {shards.output_name(i) for i in shards.done_ids(out, None)}
+    assert manifest["rows"] == 12 and {f["file"] for f in manifest["files"]} == {
+        shards.output_name(i) for i in shards.done_ids(out, None)
+    }

@@ -25,13 +25,21 @@ def _listing_plan(bounds: list[str], tag: str) -> Plan:
     """Listing shards with key ranges cut at `bounds` (the first range open below)."""
     los = ["", *bounds]
     his = [*bounds, ""]
-    return Plan("files", [Shard(f"list-{i}{tag}.{tag}{i:011d}", "listing", f"chunk-{i}", rows=1, lo=lo, hi=hi)
-                          for i, (lo, hi) in enumerate(zip(los, his))], "in")
+    return Plan(
+        "files",
+        [
+            Shard(f"list-{i}{tag}.{tag}{i:011d}", "listing", f"chunk-{i}", rows=1, lo=lo, hi=hi)
+            for i, (lo, hi) in enumerate(zip(los, his))
+        ],
+        "in",
+    )
 
 
 def _write(out: Path, shard_id: str) -> None:
     out.mkdir(exist_ok=True)
-    pq.write_table(pa.table({"image": [shard_id], "error": pa.nulls(1, pa.string())}), out / shards.output_name(shard_id))
+    pq.write_table(
+        pa.table({"image": [shard_id], "error": pa.nulls(1, pa.string())}), out / shards.output_name(shard_id)
+    )
 
 
 def test_changed_ranges_replace_the_old_files_they_overlap_once_written(tmp_path: Path) -> None:
@@ -47,7 +55,10 @@ def test_changed_ranges_replace_the_old_files_they_overlap_once_written(tmp_path
     assert [s.id for s in work.done] == [old.shards[0].id]
     sources = {s.id: s.sources for s in work.todo}
     assert sources[new.shards[1].id] == (shards.output_name(old.shards[1].id),)  # [d, f) overlaps [d, m)
-    assert set(sources[new.shards[2].id]) == {shards.output_name(old.shards[1].id), shards.output_name(old.shards[2].id)}
+    assert set(sources[new.shards[2].id]) == {
+        shards.output_name(old.shards[1].id),
+        shards.output_name(old.shards[2].id),
+    }
     assert work.superseded[old.shards[1].id] == [new.shards[1].id, new.shards[2].id]
     # An unfinished run replaced nothing yet: training would read the old and the new files.
     _write(out, new.shards[1].id)
@@ -97,7 +108,9 @@ def test_other_settings_or_another_input_are_refused_naming_the_difference(tmp_p
     with pytest.raises(shards.OutputMismatchError, match="checkpoint: c1 -> c2; infer.strategy: greedy -> beam"):
         shards.reconcile(cfg, plan, out, {"infer.strategy": "beam", "checkpoint": "c2"})
     with pytest.raises(shards.OutputMismatchError, match="holds the output of input in, not elsewhere"):
-        shards.reconcile(cfg, Plan("files", plan.shards, "elsewhere"), out, {"infer.strategy": "greedy", "checkpoint": "c1"})
+        shards.reconcile(
+            cfg, Plan("files", plan.shards, "elsewhere"), out, {"infer.strategy": "greedy", "checkpoint": "c1"}
+        )
 
 
 def test_failed_rows_are_retried_on_request_from_the_files_own_rows(tmp_path: Path) -> None:

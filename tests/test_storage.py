@@ -14,19 +14,21 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+from conftest import S3
+from imagezoo import TEST_MAX_PIXELS, good_images
 
 from capray import inputs, storage
 from capray.infer import caption
 from capray.pipeline import ShardWorker
-from conftest import S3
-from imagezoo import TEST_MAX_PIXELS, good_images
 
 
 class Echo:
     """A stand-in model for the worker: one row per image, its decode error if any."""
 
     def __call__(self, batch: dict) -> pa.Table:
-        return pa.table({"image": list(batch["image"]), "error": pa.array([e or None for e in batch["error"]], pa.string())})
+        return pa.table(
+            {"image": list(batch["image"]), "error": pa.array([e or None for e in batch["error"]], pa.string())}
+        )
 
 
 SCHEMA = pa.schema([("image", pa.string()), ("error", pa.string())])
@@ -92,15 +94,26 @@ def test_an_s3_outage_mid_job_loses_no_image(tiny_checkpoint: str, ray_local, tm
     try:
         s3 = S3(f"http://127.0.0.1:{port}")
         bucket = s3.bucket("flaky")
-        cfg = s3.config(f"work_dir={tmp_path / 'work'}", "inputs.shard_rows=8", "infer.batch_size=4",
-                        f"data.max_pixels={TEST_MAX_PIXELS}", "storage.retries=6", "storage.retry_wait_s=0.5")
+        cfg = s3.config(
+            f"work_dir={tmp_path / 'work'}",
+            "inputs.shard_rows=8",
+            "infer.batch_size=4",
+            f"data.max_pixels={TEST_MAX_PIXELS}",
+            "storage.retries=6",
+            "storage.retry_wait_s=0.5",
+        )
         images = list(good_images().values())
         for i in range(64):
-            storage.write_bytes(f"{bucket}/photos/{i:03d}.jpg" if i % 2 else f"{bucket}/photos/{i:03d}.png",
-                                images[i % len(images)], cfg.storage)
+            storage.write_bytes(
+                f"{bucket}/photos/{i:03d}.jpg" if i % 2 else f"{bucket}/photos/{i:03d}.png",
+                images[i % len(images)],
+                cfg.storage,
+            )
         out = tmp_path / "captions"
         result: dict = {}
-        job = threading.Thread(target=lambda: result.update(caption(cfg, tiny_checkpoint, f"{bucket}/photos", str(out))))
+        job = threading.Thread(
+            target=lambda: result.update(caption(cfg, tiny_checkpoint, f"{bucket}/photos", str(out)))
+        )
         job.start()
         # The outage starts when the first of ~8 shards is written (not the index, `_shards.parquet`,
         # written before any work), so the others are read

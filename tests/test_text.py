@@ -26,7 +26,16 @@ def test_clean_applies_the_seeds_punctuation_filter() -> None:
     # Each filtered character becomes a space; the apostrophe is not in the seed's filter.
     assert clean("A Dog's ball, (red)!") == ["a", "dog's", "ball", "red"]
     assert clean("well-lit 100% #1 a_b x=y @home ~tilde~") == [
-        "well", "lit", "100", "1", "a", "b", "x", "y", "home", "tilde",
+        "well",
+        "lit",
+        "100",
+        "1",
+        "a",
+        "b",
+        "x",
+        "y",
+        "home",
+        "tilde",
     ]
     assert clean("no.space,between!words") == ["no", "space", "between", "words"]
     for ch in FILTERS:

@@ -8,8 +8,8 @@ import glob
 from pathlib import Path
 
 import numpy as np
-
 from builders import checkpoint_states, reuse_features, upload_features
+
 from capray import checkpoint, storage, synthetic, train
 from capray.config import load_config, output_paths
 from capray.images import decode
@@ -27,13 +27,22 @@ SMALL = [
 ]
 
 
-def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_path: Path, synthetic_features: Path) -> None:
+def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(
+    s3, tmp_path: Path, synthetic_features: Path
+) -> None:
     # Features, split, tokenizer, checkpoints all on S3 (extraction to S3 is tests/test_extract.py's).
     work = f"{s3.bucket('train')}/run"
-    cfg = s3.config(f"work_dir={work}", f"data.annotations={synthetic_features / 'data' / 'captions.csv'}", *SMALL,
-                    "train.epochs=2", "ray.num_workers=2", "name=s3run",
-                    # The optional extras run under MultiWorkerMirroredStrategy too.
-                    "train.attention_reg=1.0", "train.clip_norm=5.0")
+    cfg = s3.config(
+        f"work_dir={work}",
+        f"data.annotations={synthetic_features / 'data' / 'captions.csv'}",
+        *SMALL,
+        "train.epochs=2",
+        "ray.num_workers=2",
+        "name=s3run",
+        # The optional extras run under MultiWorkerMirroredStrategy too.
+        "train.attention_reg=1.0",
+        "train.clip_norm=5.0",
+    )
     upload_features(synthetic_features, output_paths(cfg)["features"], cfg.storage)
     summary = train.train(cfg)
     p = output_paths(cfg)
@@ -48,7 +57,9 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_pat
     # Rank 0's TensorBoard events, uploaded to S3 after every report: one value per epoch and tag.
     from capray.train import curves
 
-    assert {tag: len(points) for tag, points in curves.read(p["tensorboard"], cfg.storage).items()} == {t: 2 for t in curves.TAGS}
+    assert {tag: len(points) for tag, points in curves.read(p["tensorboard"], cfg.storage).items()} == {
+        t: 2 for t in curves.TAGS
+    }
     assert storage.read_bytes(summary["loss_plot"], cfg.storage).startswith(b"\x89PNG")
     saved = storage.read_bytes(f"{p['best_checkpoint']}/config.yaml", cfg.storage).decode()
     assert "secret_access_key: ''" in saved and "testing" not in saved
@@ -66,7 +77,9 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(s3, tmp_pat
     encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed)
     names = sorted(glob.glob(str(heldout / "images" / "*.jpg")))
     pixels = np.stack([decode(Path(n).read_bytes(), cfg.data.max_pixels) for n in names])
-    tokens = model.greedy(encoder(pixels), tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id)[0].numpy()
+    tokens = model.greedy(
+        encoder(pixels), tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id
+    )[0].numpy()
     assert [tokenizer.decode(t) for t in tokens] == [rows.loc[n, "caption"] for n in names]
 
 
@@ -77,9 +90,19 @@ def test_two_workers_take_exactly_the_sgd_steps_of_one(synthetic_features: Path,
     # instead of the global batch doubles every step on 2 workers and fails here.
     work = tmp_path / "work"
     # 20 of the shared scenes (one caption each): 4 for validation, 16 for training.
-    common = [*reuse_features(synthetic_features, work), "data.num_examples=20", "model.embedding_dim=16",
-              "model.units=32", "train.batch_size=16", "train.epochs=2", "train.optimizer=sgd",
-              f"train.learning_rate={SGD_RATE}", "train.shuffle=false", "train.num_to_keep=0", "ray.cpus_per_worker=0.5"]
+    common = [
+        *reuse_features(synthetic_features, work),
+        "data.num_examples=20",
+        "model.embedding_dim=16",
+        "model.units=32",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.optimizer=sgd",
+        f"train.learning_rate={SGD_RATE}",
+        "train.shuffle=false",
+        "train.num_to_keep=0",
+        "ray.cpus_per_worker=0.5",
+    ]
     curves = {}
     for n in (1, 2):
         cfg = load_config(REPO / "configs/demo.yaml", [*common, f"ray.num_workers={n}", f"name=w{n}"])

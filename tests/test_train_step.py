@@ -3,7 +3,7 @@ strategy, no Ray: it learns, and gradient clipping acts on the whole gradient as
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import keras
 import numpy as np
@@ -61,7 +61,9 @@ def _one_sgd_step(clip_norm: float) -> tuple[list[np.ndarray], list[np.ndarray],
     optimizer.build(model.trainable_variables)
     before = [v.numpy() for v in model.trainable_variables]
     grads = _gradients(model, features, captions)
-    step = make_train_step(model, optimizer, tf.distribute.get_strategy(), B, clip_norm=clip_norm, signature=_signature())
+    step = make_train_step(
+        model, optimizer, tf.distribute.get_strategy(), B, clip_norm=clip_norm, signature=_signature()
+    )
     step(features, captions)
     return before, [v.numpy() for v in model.trainable_variables], grads
 

@@ -4,5 +4,18 @@ from capray.evaluate.job import evaluate, print_table, report_images, run
 from capray.evaluate.metrics import METRICS, NO_JAVA, coco_metrics, java_available, score
 from capray.evaluate.report import ReportItem, attention_figure, upsample, write_report
 
-__all__ = ["METRICS", "NO_JAVA", "ReportItem", "attention_figure", "coco_metrics", "evaluate", "java_available",
-           "print_table", "report_images", "run", "score", "upsample", "write_report"]
+__all__ = [
+    "METRICS",
+    "NO_JAVA",
+    "ReportItem",
+    "attention_figure",
+    "coco_metrics",
+    "evaluate",
+    "java_available",
+    "print_table",
+    "report_images",
+    "run",
+    "score",
+    "upsample",
+    "write_report",
+]

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
                 if image in shown:
                     report_caps.setdefault(image, {})[label] = cap
     if not predictions[labels[0]]:
-        raise ValueError(f"no extracted features for any of the {len(references)} validation images: run `capray extract` first")
+        raise ValueError(
+            f"no extracted features for any of the {len(references)} validation images: run `capray extract` first"
+        )
     metrics = {label: score(predictions[label], references) for label in labels}
     notes = _notes(train_cfg, metrics)
     unscored = len(references) - len(predictions[labels[0]])
@@ -75,7 +78,9 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
         "metrics": {label: {k: v for k, v in m.items() if k in METRICS} for label, m in metrics.items()},
     }
     if shown:
-        items = [ReportItem(img, _pixels(img, cfg), list(references[img]), report_caps[img]) for img in sorted(report_caps)]
+        items = [
+            ReportItem(img, _pixels(img, cfg), list(references[img]), report_caps[img]) for img in sorted(report_caps)
+        ]
         title = f"capray evaluation: {cfg.name}, validation split ({result['images']} images)"
         # The run's loss curves, written next to the checkpoint when training ended.
         curves = join(checkpoint_uri, "loss.png")
@@ -87,8 +92,9 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
     return result
 
 
-def report_images(cfg: Any, checkpoint_uri: str, images: Sequence[str], references: Mapping[str, Sequence[str]],
-                  out: str, title: str) -> dict[str, Any]:
+def report_images(
+    cfg: Any, checkpoint_uri: str, images: Sequence[str], references: Mapping[str, Sequence[str]], out: str, title: str
+) -> dict[str, Any]:
     """A report on images that have no extracted features (e.g. the demo's held-out folder)."""
     from capray import checkpoint
     from capray.decoder import Decoder

@@ -12,7 +12,8 @@ import contextlib
 import io
 import shutil
 import subprocess
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from capray.text import clean
 
@@ -22,6 +23,8 @@ NO_JAVA = (
     "METEOR skipped: no Java (`java` is not on PATH; install a JRE, e.g. apt-get install default-jre-headless); "
     "captions tokenised with capray.text.clean instead of the PTB tokenizer"
 )
+
+
 def _norm(caption: str) -> str:
     return " ".join(clean(caption))
 
@@ -31,7 +34,9 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def coco_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> tuple[dict[str, float], list[str]]:
+def coco_metrics(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, float], list[str]]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr with pycocoevalcap, all references per image; (scores, notes)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

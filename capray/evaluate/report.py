@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from capray.evaluate.metrics import METRICS
 
 if TYPE_CHECKING:
     from capray.decoder import Caption
+
 
 def upsample(weights: np.ndarray, size: int) -> np.ndarray:
     """64 attention weights -> the 8x8 grid bilinearly resized to (size, size)."""
@@ -86,8 +88,9 @@ def _template() -> Any:
     import jinja2
 
     # Autoescaping: captions, references and file names are data, never markup.
-    env = jinja2.Environment(loader=jinja2.PackageLoader("capray.evaluate", "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("capray.evaluate", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
     return env.get_template("report.html")
 
 
@@ -95,9 +98,15 @@ def _data_uri(data: bytes, kind: str) -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
 
 
-def write_report(out: str, items: Sequence[ReportItem], title: str, notes: Sequence[str] = (),
-                 metrics: Mapping[str, Mapping[str, Any]] | None = None, storage_cfg: Any = None,
-                 loss_png: bytes | None = None) -> dict[str, Any]:
+def write_report(
+    out: str,
+    items: Sequence[ReportItem],
+    title: str,
+    notes: Sequence[str] = (),
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    storage_cfg: Any = None,
+    loss_png: bytes | None = None,
+) -> dict[str, Any]:
     """PNG attention figures (of each item's first strategy) and one self-contained index.html under
     `out`; with `loss_png`, the run's loss curves on the page too."""
     from capray.storage import join, write_bytes
@@ -113,14 +122,16 @@ def write_report(out: str, items: Sequence[ReportItem], title: str, notes: Seque
         png = _png(attention_figure(item.pixels, first))
         files.append(join(out, f"{i:03d}_attention.png"))
         write_bytes(files[-1], png, storage_cfg)
-        shown.append({
-            "name": item.image.rsplit("/", 1)[-1],
-            "photo": _data_uri(_image_jpeg(item.pixels), "jpeg"),
-            "captions": [(s, c.text) for s, c in item.captions.items()],
-            "references": item.references,
-            "label": label,
-            "figure": _data_uri(png, "png"),
-        })
+        shown.append(
+            {
+                "name": item.image.rsplit("/", 1)[-1],
+                "photo": _data_uri(_image_jpeg(item.pixels), "jpeg"),
+                "captions": [(s, c.text) for s, c in item.captions.items()],
+                "references": item.references,
+                "label": label,
+                "figure": _data_uri(png, "png"),
+            }
+        )
     curves = _data_uri(loss_png, "png") if loss_png else None
     page = _template().render(title=title, notes=list(notes), table=table, items=shown, curves=curves)
     index = join(out, "index.html")

@@ -8,6 +8,14 @@ from capray.train.job import TrainingError, latest_checkpoint, prepare_tokenizer
 from capray.train.loop import BatchCache, make_eval_step, make_train_step, restore, train_loop_per_worker
 
 __all__ = [
-    "BatchCache", "TrainingError", "latest_checkpoint", "make_eval_step", "make_train_step", "prepare_tokenizer",
-    "restore", "run", "train", "train_loop_per_worker",
+    "BatchCache",
+    "TrainingError",
+    "latest_checkpoint",
+    "make_eval_step",
+    "make_train_step",
+    "prepare_tokenizer",
+    "restore",
+    "run",
+    "train",
+    "train_loop_per_worker",
 ]

@@ -71,8 +71,10 @@ def loss_png(curves: dict[str, list[tuple[int, float]]], title: str = "") -> byt
 
     fig = Figure(figsize=(6, 3.6), dpi=96)
     ax = fig.add_subplot(1, 1, 1)
-    for tag, label in (("train_loss", "training loss (mean of the steps since the last report)"),
-                       ("val_loss", "validation loss")):
+    for tag, label in (
+        ("train_loss", "training loss (mean of the steps since the last report)"),
+        ("val_loss", "validation loss"),
+    ):
         if curves.get(tag):
             steps, values = zip(*curves[tag])
             ax.plot(steps, values, marker="o", markersize=3, label=label)

@@ -15,6 +15,10 @@ from omegaconf import OmegaConf
 from ray.data import Dataset
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
+# After capray.train.loop (capray.model): ray.train.tensorflow imports TensorFlow, which
+# capray.model imports first with its start-up noise filtered.
+from ray.train.tensorflow import TensorflowTrainer
+
 from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import output_paths, to_yaml
@@ -23,10 +27,6 @@ from capray.featurestore import FeatureError, caption_dataset, feature_stats, re
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
-
-# After capray.train.loop (capray.model): ray.train.tensorflow imports TensorFlow, which
-# capray.model imports first with its start-up noise filtered.
-from ray.train.tensorflow import TensorflowTrainer
 
 
 class TrainingError(RuntimeError):
@@ -148,7 +148,13 @@ def run(cfg: Any) -> dict[str, Any]:
     """`capray train`: train, print where the best checkpoint is, and return it with its metrics."""
     summary = train(cfg)
     m = summary["metrics"]
-    print(f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})", flush=True)
-    print(f"[capray] train: loss curves {summary['loss_plot']}; TensorBoard: tensorboard --logdir "
-          f"{output_paths(cfg)['tensorboard']}", flush=True)
+    print(
+        f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})",
+        flush=True,
+    )
+    print(
+        f"[capray] train: loss curves {summary['loss_plot']}; TensorBoard: tensorboard --logdir "
+        f"{output_paths(cfg)['tensorboard']}",
+        flush=True,
+    )
     return summary

@@ -14,22 +14,22 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import ray
 import ray.train
-from ray.train import Checkpoint
-
-# capray.model first: it imports TensorFlow with its start-up log noise filtered.
-from capray.model import Captioner, attention_penalty, caption_loss, gpu_memory_growth, make_optimizer, set_precision
-
 import tensorflow as tf
+from ray.train import Checkpoint
 
 from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import from_yaml, output_paths
 from capray.featurestore import FEATURE_SHAPE, decode_features
+
+# capray.model first: it imports TensorFlow with its start-up log noise filtered.
+from capray.model import Captioner, attention_penalty, caption_loss, gpu_memory_growth, make_optimizer, set_precision
 from capray.text import Tokenizer
 from capray.train.curves import CurveWriter
 
@@ -107,7 +107,9 @@ def make_eval_step(model: tf.keras.Model) -> Callable[[Any, Any], tuple[tf.Tenso
     return eval_step
 
 
-def restore(checkpoint: Checkpoint | None, model: tf.keras.Model, optimizer: Any, announce: bool = False) -> tuple[int, int, int]:
+def restore(
+    checkpoint: Checkpoint | None, model: tf.keras.Model, optimizer: Any, announce: bool = False
+) -> tuple[int, int, int]:
     """Load a Ray Train checkpoint into model and optimizer; returns (epoch, step, steps of that epoch done)."""
     if not checkpoint:
         return 0, 0, 0
@@ -179,8 +181,11 @@ class WorkerInput:
         """One epoch's training batches (`end_epoch` after it); a resumed epoch is not a whole pass."""
         # A resumed epoch that skips steps is not a whole pass: it is not cached.
         cache = self._pass = self.train_cache if whole_pass else None
-        stream = {} if cache and cache.complete else dict(
-            local_shuffle_buffer_size=8 * batch_size if shuffle else None, local_shuffle_seed=seed)
+        stream = (
+            {}
+            if cache and cache.complete
+            else dict(local_shuffle_buffer_size=8 * batch_size if shuffle else None, local_shuffle_seed=seed)
+        )
         # drop_last: every worker must run the same number of all-reduce steps.
         return self._batches(cache, self.train_shard.iter_batches, batch_size, seed, drop_last=True, **stream)
 
@@ -193,7 +198,9 @@ class WorkerInput:
         """The worker's validation batches, in a fixed order."""
         return self._batches(self.val_cache, self.val_shard.iter_batches, 128, None)
 
-    def _batches(self, cache: BatchCache | None, stream: Any, batch_size: int, seed: int | None, **kwargs: Any) -> Iterator[Batch]:
+    def _batches(
+        self, cache: BatchCache | None, stream: Any, batch_size: int, seed: int | None, **kwargs: Any
+    ) -> Iterator[Batch]:
         if cache is not None and cache.complete:
             yield from cache.batches(batch_size, seed, drop_last=kwargs.get("drop_last", False))
             return
@@ -209,8 +216,11 @@ class WorkerInput:
         was_complete = cache.complete or cache.overflow
         cache.finish()
         if self.announce and cache.overflow and not was_complete:
-            print(f"[capray] the {cache.name} input of a worker exceeds train.cache_mb={self.cache_mb}: "
-                  "it is read from the feature files every epoch", flush=True)
+            print(
+                f"[capray] the {cache.name} input of a worker exceeds train.cache_mb={self.cache_mb}: "
+                "it is read from the feature files every epoch",
+                flush=True,
+            )
 
 
 class EpochMeter:
@@ -252,9 +262,23 @@ def _recorded_best(uri: str, storage_cfg: Any) -> float:
 class Reporter:
     """Validates, then reports metrics and a checkpoint to Ray Train; rank 0 writes it and keeps the best."""
 
-    def __init__(self, cfg: Any, storage_cfg: Any, model: tf.keras.Model, optimizer: Any, tokenizer: Tokenizer,
-                 inputs: WorkerInput, rank: int):
-        self.cfg, self.storage_cfg, self.model, self.optimizer, self.tokenizer = cfg, storage_cfg, model, optimizer, tokenizer
+    def __init__(
+        self,
+        cfg: Any,
+        storage_cfg: Any,
+        model: tf.keras.Model,
+        optimizer: Any,
+        tokenizer: Tokenizer,
+        inputs: WorkerInput,
+        rank: int,
+    ):
+        self.cfg, self.storage_cfg, self.model, self.optimizer, self.tokenizer = (
+            cfg,
+            storage_cfg,
+            model,
+            optimizer,
+            tokenizer,
+        )
         self.inputs, self.rank = inputs, rank
         self.eval_step = make_eval_step(model)
         self.paths = output_paths(cfg)
@@ -273,8 +297,9 @@ class Reporter:
             val_captions += len(caps)
         return val_sum / max(val_tokens, 1.0), val_sum / max(val_captions, 1)
 
-    def report(self, epochs_done: int, epoch_step: int, step: int, train_loss: float, captions_per_s: float,
-               input_wait: float) -> None:
+    def report(
+        self, epochs_done: int, epoch_step: int, step: int, train_loss: float, captions_per_s: float, input_wait: float
+    ) -> None:
         """Validation loss, `ray.train.report` and a checkpoint (rank 0 writes it, all report)."""
         val_loss, val_per_caption = self.validate()
         metrics = {
@@ -293,7 +318,11 @@ class Reporter:
             ray.train.report(metrics, checkpoint=None)
             return
         epochs = self.cfg.train.epochs
-        where = f"epoch {epochs_done + 1}/{epochs} step {step} (mid-epoch)" if epoch_step else f"epoch {epochs_done}/{epochs} step {step}"
+        where = (
+            f"epoch {epochs_done + 1}/{epochs} step {step} (mid-epoch)"
+            if epoch_step
+            else f"epoch {epochs_done}/{epochs} step {step}"
+        )
         print(
             f"[capray] {where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s, "
             f"{input_wait:.0%} of it waiting for input)",
@@ -352,18 +381,35 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
-        optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.lr_schedule, cfg.train.epochs * steps_per_epoch,
-                                   mixed, cfg.train.optimizer)
+        optimizer = make_optimizer(
+            cfg.train.learning_rate,
+            cfg.train.lr_schedule,
+            cfg.train.epochs * steps_per_epoch,
+            mixed,
+            cfg.train.optimizer,
+        )
         optimizer.build(model.trainable_variables)
     if config.get("feature_mean") is not None:
         model.set_feature_stats(np.array(config["feature_mean"]), np.array(config["feature_std"]))
     start_epoch, step, skip_steps = restore(ray.train.get_checkpoint(), model, optimizer, announce=rank == 0)
-    signature = (tf.TensorSpec((local_batch, *FEATURE_SHAPE), tf.float32),
-                 tf.TensorSpec((local_batch, tokenizer.max_length), tf.int32))
-    train_step = make_train_step(model, optimizer, strategy, global_batch, cfg.train.clip_norm, cfg.train.attention_reg,
-                                 mixed, cfg.model.jit_compile, signature)
-    inputs = WorkerInput(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.train.cache_mb,
-                         announce=rank == 0)
+    signature = (
+        tf.TensorSpec((local_batch, *FEATURE_SHAPE), tf.float32),
+        tf.TensorSpec((local_batch, tokenizer.max_length), tf.int32),
+    )
+    train_step = make_train_step(
+        model,
+        optimizer,
+        strategy,
+        global_batch,
+        cfg.train.clip_norm,
+        cfg.train.attention_reg,
+        mixed,
+        cfg.model.jit_compile,
+        signature,
+    )
+    inputs = WorkerInput(
+        ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.train.cache_mb, announce=rank == 0
+    )
     reporter = Reporter(cfg, config["storage"], model, optimizer, tokenizer, inputs, rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):

@@ -4,7 +4,7 @@ shared synthetic features come from tests/conftest.py)."""
 from __future__ import annotations
 
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,13 +43,26 @@ class RestartableS3:
         """A boto3 client of this server."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def config(self, *overrides: str):
         """A capray config that reaches this server."""
-        return load_config(None, [f"storage.endpoint_url={self.endpoint_url}", "storage.region=us-east-1",
-                                  "storage.access_key_id=testing", "storage.secret_access_key=testing", *overrides])
+        return load_config(
+            None,
+            [
+                f"storage.endpoint_url={self.endpoint_url}",
+                "storage.region=us-east-1",
+                "storage.access_key_id=testing",
+                "storage.secret_access_key=testing",
+                *overrides,
+            ],
+        )
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.cluster_utils import Cluster
@@ -57,7 +58,7 @@ def run_job(job: Callable[[], Any], nodes: dict, until: Callable[[], bool] | Non
     def target() -> None:
         try:
             outcome["result"] = job()
-        except Exception as e:  # reported to the test
+        except Exception as e:  # noqa: BLE001 (reported to the test)
             outcome["error"] = f"{type(e).__name__}: {e}"
 
     thread = threading.Thread(target=target)
@@ -88,13 +89,25 @@ def main(images: str, checkpoint: str, work: str) -> None:
     report: dict = {}
 
     uris = sorted(str(p) for p in Path(images).glob("*.jpg"))
-    cfg = load_config(None, [f"work_dir={work}", "encoder.weights=random", "extract.batch_size=4",
-                             "extract.min_actors=2", "extract.max_actors=2", "inputs.shard_rows=4"])
-    report["extract"] = run_job(lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items()
-                                         if k != "errors"}, nodes, None)
+    cfg = load_config(
+        None,
+        [
+            f"work_dir={work}",
+            "encoder.weights=random",
+            "extract.batch_size=4",
+            "extract.min_actors=2",
+            "extract.max_actors=2",
+            "inputs.shard_rows=4",
+        ],
+    )
+    report["extract"] = run_job(
+        lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items() if k != "errors"}, nodes, None
+    )
 
-    cfg = load_config(None, [f"work_dir={work}", "infer.batch_size=2", "inputs.shard_rows=2",
-                             "infer.min_actors=2", "infer.max_actors=2"])
+    cfg = load_config(
+        None,
+        [f"work_dir={work}", "infer.batch_size=2", "inputs.shard_rows=2", "infer.min_actors=2", "infer.max_actors=2"],
+    )
     out = f"{work}/captions"
     killed: dict = {}
 

@@ -37,6 +37,7 @@ def test_cli_refuses_a_bad_config_with_exit_code_2(override: str, message: str, 
 
 # --- checkpoints that do not fit -------------------------------------------------------------
 
+
 def _tokenizer(n_words: int) -> Tokenizer:
     return Tokenizer.fit([" ".join(f"w{i}" for i in range(n_words))], vocab_size=n_words + 3)
 
@@ -105,6 +106,7 @@ def test_pickled_optimizer_state_is_refused_not_executed(tmp_path: Path) -> None
 
 # --- corrupted feature shards ----------------------------------------------------------------
 
+
 def _shard(images: list[str], size: int | None = None) -> bytes:
     """A features Parquet file as extraction writes it (zeros as features)."""
     n = int(np.prod(FEATURE_SHAPE)) * 2 if size is None else size
@@ -139,7 +141,9 @@ def test_truncated_shard_is_named_before_training_starts(tmp_path: Path) -> None
     shards = _features_dir(work, images)
     whole = (shards / "part-b.parquet").read_bytes()
     (shards / "part-b.parquet").write_bytes(whole[: len(whole) // 2])
-    cfg = load_config(None, [f"work_dir={work}", "data.format=manifest", f"data.annotations={tmp_path / 'captions.csv'}"])
+    cfg = load_config(
+        None, [f"work_dir={work}", "data.format=manifest", f"data.annotations={tmp_path / 'captions.csv'}"]
+    )
     with pytest.raises(FeatureError, match=f"{shards / 'part-b.parquet'}: not a readable Parquet file"):
         train.train(cfg)
 
@@ -161,7 +165,9 @@ def test_wrong_size_feature_bytes_name_the_file_and_image(tmp_path: Path, ray_lo
     (shards / "part-b.parquet").write_bytes(_shard(images[2:], size=1000))
     featurestore.write_manifest(str(shards), None, "float16")
     featurestore.verify(str(shards))  # the file itself is valid Parquet: only its content is wrong
-    with pytest.raises(Exception, match=r"part-b\.parquet: image s3://b/img2\.jpg: feature row of 1000 bytes, expected 262144"):
+    with pytest.raises(
+        Exception, match=r"part-b\.parquet: image s3://b/img2\.jpg: feature row of 1000 bytes, expected 262144"
+    ):
         featurestore.read_features(str(shards)).take_all()
     with pytest.raises(FeatureError, match="feature row of 1000 bytes"):
         featurestore.decode_features([bytes(1000)], "float16")

@@ -24,8 +24,18 @@ N = 2000
 
 
 def _cmd(checkpoint: str, root: Path, out: str) -> list[str]:
-    return [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={checkpoint}", f"infer.input={root / 'in' / 'images'}",
-            f"output={root / out}", f"work_dir={root / 'work'}", "inputs.shard_rows=50", "ray.local_cpus=2"]
+    return [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "caption",
+        f"checkpoint={checkpoint}",
+        f"infer.input={root / 'in' / 'images'}",
+        f"output={root / out}",
+        f"work_dir={root / 'work'}",
+        "inputs.shard_rows=50",
+        "ray.local_cpus=2",
+    ]
 
 
 def _files(folder: Path) -> list[Path]:
@@ -36,7 +46,9 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as f:  # a file: an unread pipe would block the job
-        return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _wait_for_ray_to_exit(log: Path) -> None:
@@ -92,8 +104,14 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     kept = len(_files(tmp_path / "killed"))
     assert 0 < kept < shards, f"{kept} files when killed"
     _wait_for_ray_to_exit(tmp_path / "killed.log")
-    resumed = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "killed"), cwd=tmp_path, capture_output=True, text=True,
-                             timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    resumed = subprocess.run(
+        _cmd(tiny_checkpoint, tmp_path, "killed"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = pd.read_parquet(tmp_path / "killed")
     assert len(rows) == N and rows["image"].is_unique and rows["error"].isna().all()
@@ -103,11 +121,19 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     assert found, resumed.stdout[-1000:]
     done_before, done_images, written = int(found.group(1)), int(found.group(2)), int(found.group(4))
     assert done_before >= kept and written == N - done_images and written <= 0.6 * N
-    print(f"killed at {wall / 2:.0f} s with {kept} files kept ({done_before} when re-run); "
-          f"the re-run captioned {written} of {N} images")
+    print(
+        f"killed at {wall / 2:.0f} s with {kept} files kept ({done_before} when re-run); "
+        f"the re-run captioned {written} of {N} images"
+    )
 
     # 3. A re-run of the finished job lists the output folder and stops: no Ray Data execution at all.
-    again = subprocess.run(_cmd(tiny_checkpoint, tmp_path, "full"), cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    again = subprocess.run(
+        _cmd(tiny_checkpoint, tmp_path, "full"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert "Starting execution of Dataset" not in again.stdout + again.stderr

@@ -32,13 +32,18 @@ def test_jobs_spread_over_nodes_and_a_killed_node_loses_no_image(tiny_checkpoint
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     try:
-        done = subprocess.run([sys.executable, str(HERE / "multinode_driver.py"), str(images), tiny_checkpoint,
-                               str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=1500)
+        done = subprocess.run(
+            [sys.executable, str(HERE / "multinode_driver.py"), str(images), tiny_checkpoint, str(tmp_path / "work")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
-    report = json.loads(lines[-1][len("RESULT "):])
+    report = json.loads(lines[-1][len("RESULT ") :])
     print("multinode report:", json.dumps(report))  # shown with `pytest -rP`
 
     # Extraction: two map actors on two different nodes, every image extracted.

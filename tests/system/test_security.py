@@ -23,8 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _bucket_objects(s3, bucket: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
@@ -43,10 +48,18 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
     try:
         synthetic.generate(root / "heldout", 4, seed=7, prefix="h")
         args = [
-            str(REPO / "configs/demo.yaml"), f"work_dir={bucket}/work", f"data.annotations={root}/data/captions.csv",
-            "data.synthetic_images=32", "train.epochs=1", "train.batch_size=8", "ray.num_workers=1",
-            "ray.local_cpus=2", f"storage.endpoint_url={s3.endpoint_url}", "storage.region=us-east-1",
-            "storage.access_key_id=capraykey", f"storage.secret_access_key={config_secret}",
+            str(REPO / "configs/demo.yaml"),
+            f"work_dir={bucket}/work",
+            f"data.annotations={root}/data/captions.csv",
+            "data.synthetic_images=32",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "ray.num_workers=1",
+            "ray.local_cpus=2",
+            f"storage.endpoint_url={s3.endpoint_url}",
+            "storage.region=us-east-1",
+            "storage.access_key_id=capraykey",
+            f"storage.secret_access_key={config_secret}",
         ]
         script = textwrap.dedent(f"""
             import sys
@@ -58,8 +71,13 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
                     sys.exit(code)
             sys.exit(cli.main(args + ["--print-config"], job="train"))
         """)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(root / "ray"),
-               "AWS_ACCESS_KEY_ID": "envkey", "AWS_SECRET_ACCESS_KEY": env_secret}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RAY_TMPDIR": str(root / "ray"),
+            "AWS_ACCESS_KEY_ID": "envkey",
+            "AWS_SECRET_ACCESS_KEY": env_secret,
+        }
         env.pop("RAY_ADDRESS", None)
         done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, timeout=540)
         console = done.stdout + done.stderr
@@ -74,9 +92,19 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
         written.update({f"{bucket}/{k}": v for k, v in objects.items()})
         # What must be there was searched: Ray's logs, checkpoints, saved configs and Parquet outputs.
         names = "\n".join(written)
-        for expected in ("/logs/", "best/model.weights.h5", "best/optimizer.npz", "best/config.yaml",
-                         "features/_capray_config.yaml", "captions/_capray_config.yaml", "captions/list-",
-                         "features/list-", "features/_shards.parquet", "inputs/split-", "split.parquet"):
+        for expected in (
+            "/logs/",
+            "best/model.weights.h5",
+            "best/optimizer.npz",
+            "best/config.yaml",
+            "features/_capray_config.yaml",
+            "captions/_capray_config.yaml",
+            "captions/list-",
+            "features/list-",
+            "features/_shards.parquet",
+            "inputs/split-",
+            "split.parquet",
+        ):
             assert expected in names, expected
         for secret in (config_secret, env_secret):
             leaks = [name for name, data in written.items() if secret.encode() in data]
@@ -99,18 +127,32 @@ def test_library_never_unpickles_stored_data() -> None:
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
                 if any(n.split(".")[0] in _PICKLE_LOADERS for n in names):
                     problems.append(f"{path.name}:{node.lineno} imports {names}")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 name = node.func.attr
-                if name in ("read_pickle", "loads") and isinstance(node.func.value, ast.Name) and node.func.value.id in ("pd", "pickle"):
+                if (
+                    name in ("read_pickle", "loads")
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in ("pd", "pickle")
+                ):
                     problems.append(f"{path.name}:{node.lineno} {name}")
-                if name == "load" and isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "numpy", "torch"):
-                    safe = any(k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
-                               for k in node.keywords)
+                if (
+                    name == "load"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id in ("np", "numpy", "torch")
+                ):
+                    safe = any(
+                        k.arg == "allow_pickle" and isinstance(k.value, ast.Constant) and k.value.value is False
+                        for k in node.keywords
+                    )
                     if not safe:
-                        problems.append(f"{path.name}:{node.lineno} {node.func.value.id}.load without allow_pickle=False")
+                        problems.append(
+                            f"{path.name}:{node.lineno} {node.func.value.id}.load without allow_pickle=False"
+                        )
     assert not problems, problems
     # The check sees the calls that matter (it would not pass vacuously).
     assert "allow_pickle=False" in (REPO / "capray/checkpoint.py").read_text()
@@ -118,8 +160,10 @@ def test_library_never_unpickles_stored_data() -> None:
 
 # --- pixel bombs --------------------------------------------------------------------------------
 
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height RGB pixels but carries almost no data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -144,8 +188,13 @@ def test_image_above_the_pixel_limit_is_refused_before_decoding() -> None:
             sys.exit(0)
         sys.exit("decoded")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     seconds, message = done.stdout.split(" ", 1)
     assert message.startswith("image too large") and "10000000000 pixels" in message, message

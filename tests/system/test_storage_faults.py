@@ -33,8 +33,12 @@ def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
 
 
 def _images(objects: dict[str, bytes]) -> list[str]:
-    return [img for key, data in objects.items() if key.endswith(".parquet") and not key.rsplit("/", 1)[-1].startswith("_")
-            for img in pq.read_table(io.BytesIO(data))["image"].to_pylist()]  # shard files, not the index
+    return [
+        img
+        for key, data in objects.items()
+        if key.endswith(".parquet") and not key.rsplit("/", 1)[-1].startswith("_")
+        for img in pq.read_table(io.BytesIO(data))["image"].to_pylist()
+    ]  # shard files, not the index
 
 
 def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactly_once(
@@ -44,10 +48,22 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     s3.client().create_bucket(Bucket="outage")
     synthetic.generate(tmp_path / "in", N_IMAGES, seed=3, prefix="o")
     # Two rows per file: the job writes a dozen objects, so the outage lands between writes.
-    cmd = [sys.executable, "-m", "capray.cli", "caption", f"checkpoint={tiny_checkpoint}",
-           f"infer.input={tmp_path / 'in' / 'images'}", "output=s3://outage/captions", "infer.batch_size=2",
-           "inputs.shard_rows=2", "ray.local_cpus=2", f"storage.endpoint_url={s3.endpoint_url}",
-           "storage.region=us-east-1", "storage.access_key_id=testing", "storage.secret_access_key=testing"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "caption",
+        f"checkpoint={tiny_checkpoint}",
+        f"infer.input={tmp_path / 'in' / 'images'}",
+        "output=s3://outage/captions",
+        "infer.batch_size=2",
+        "inputs.shard_rows=2",
+        "ray.local_cpus=2",
+        f"storage.endpoint_url={s3.endpoint_url}",
+        "storage.region=us-east-1",
+        "storage.access_key_id=testing",
+        "storage.secret_access_key=testing",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "first.log"
@@ -75,8 +91,10 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
         assert f"({N_IMAGES} rows:" in first
     # Whatever is visible is complete: every object is a readable Parquet file of this job.
     after_outage = _objects(s3, "outage", "captions/")
-    assert all(k.startswith("captions/") and k.endswith(".parquet") or k == "captions/_capray_config.yaml"
-               for k in after_outage), sorted(after_outage)
+    assert all(
+        (k.startswith("captions/") and k.endswith(".parquet")) or k == "captions/_capray_config.yaml"
+        for k in after_outage
+    ), sorted(after_outage)
     seen = _images(after_outage)
     assert 0 < len(seen) == len(set(seen)) <= N_IMAGES
 

@@ -39,8 +39,10 @@ def work(tmp_path_factory: pytest.TempPathFactory, synthetic_features: Path) -> 
 
 
 def _states(run_dir: Path) -> list[dict]:
-    return sorted((json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")),
-                  key=lambda s: s["epoch"])
+    return sorted(
+        (json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")),
+        key=lambda s: s["epoch"],
+    )
 
 
 def _registered(run_dir: Path) -> list[int]:
@@ -82,12 +84,25 @@ def _train_workers(pid: int) -> list[int]:
     return found
 
 
-def _run_and_kill_a_worker(work: Path, shared: Path, name: str, max_failures: int) -> tuple[subprocess.CompletedProcess, int]:
+def _run_and_kill_a_worker(
+    work: Path, shared: Path, name: str, max_failures: int
+) -> tuple[subprocess.CompletedProcess, int]:
     """`capray train` in its own Ray instance; once epoch 1's checkpoint exists (the workers are then
     in epoch 2), SIGKILL one training worker process. Returns the finished process and the epoch
     reached when it was killed."""
-    cmd = [sys.executable, "-m", "capray.cli", "train", str(REPO / "configs/demo.yaml"), *feature_overrides(shared, work), *SMALL,
-           f"train.epochs={EPOCHS}", "ray.num_workers=2", f"train.max_failures={max_failures}", f"name={name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "train",
+        str(REPO / "configs/demo.yaml"),
+        *feature_overrides(shared, work),
+        *SMALL,
+        f"train.epochs={EPOCHS}",
+        "ray.num_workers=2",
+        f"train.max_failures={max_failures}",
+        f"name={name}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     log = work / f"{name}.log"
@@ -127,11 +142,16 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_completes(work: Pat
     assert f"[capray] train: best checkpoint {work}/runs/f1/best" in done.stdout
 
 
-def test_without_retries_the_job_fails_clearly_and_the_last_checkpoint_loads(work: Path, synthetic_features: Path) -> None:
+def test_without_retries_the_job_fails_clearly_and_the_last_checkpoint_loads(
+    work: Path, synthetic_features: Path
+) -> None:
     done, killed_at = _run_and_kill_a_worker(work, synthetic_features, "f0", max_failures=0)
     assert done.returncode != 0
-    found = re.search(r"TrainingError: training run 'f0' failed \(.*\); the last good checkpoint is (\S+): "
-                      r"re-run the same command to resume from it, or set train.max_failures \(now 0\)", done.stdout)
+    found = re.search(
+        r"TrainingError: training run 'f0' failed \(.*\); the last good checkpoint is (\S+): "
+        r"re-run the same command to resume from it, or set train.max_failures \(now 0\)",
+        done.stdout,
+    )
     assert found, done.stdout[-3000:]
     last = found.group(1)
     assert last.startswith(f"{work}/runs/f0/checkpoint_")

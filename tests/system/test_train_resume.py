@@ -26,9 +26,20 @@ SMALL = ["train.batch_size=16", "ray.cpus_per_worker=0.5", "train.cache_mb=0"]
 
 
 def _train_cmd(data: list[str], epochs: int) -> list[str]:
-    return [sys.executable, "-m", "capray.cli", "train", "configs/demo.yaml", *data, *SMALL,
-            f"train.epochs={epochs}", "train.num_to_keep=0", "ray.num_workers=2", "name=resume",
-            "train.checkpoint_every_steps=3"]
+    return [
+        sys.executable,
+        "-m",
+        "capray.cli",
+        "train",
+        "configs/demo.yaml",
+        *data,
+        *SMALL,
+        f"train.epochs={epochs}",
+        "train.num_to_keep=0",
+        "ray.num_workers=2",
+        "name=resume",
+        "train.checkpoint_every_steps=3",
+    ]
 
 
 def _registered_steps(run_dir: str) -> list[int]:
@@ -47,8 +58,14 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
     data = reuse_features(synthetic_features, work)
     run_dir = str(work / "runs" / "resume")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_train_cmd(data, 6), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _train_cmd(data, 6),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def mid_epoch_registered() -> bool:
         mid = {s["step"] for s in checkpoint_states(run_dir) if s["epoch_step"] and s["epoch"] >= 1}
@@ -75,7 +92,10 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
     assert f"resuming from epoch {killed['epoch']} (step {resumed_from})" in done.stdout + done.stderr
     states = checkpoint_states(run_dir)
     per_epoch = min(s["step"] for s in states if not s["epoch_step"])
-    new = [json.loads(Path(d, "state.json").read_text()) for d in sorted(set(glob.glob(f"{run_dir}/checkpoint_*")) - before)]
+    new = [
+        json.loads(Path(d, "state.json").read_text())
+        for d in sorted(set(glob.glob(f"{run_dir}/checkpoint_*")) - before)
+    ]
     new.sort(key=lambda s: s["step"])
     # Every remaining step ran exactly once: checkpoints every 3 steps inside epochs and at every
     # epoch end, from the resumed step on, ending after exactly 6 epochs' worth of steps.
