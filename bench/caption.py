@@ -105,12 +105,14 @@ def main() -> None:
     from capray.config import load_config
     from capray.images import decode
     from capray.infer import CaptionPredictor, caption
-    from capray.model import ImageEncoder, set_precision
+    from capray.logs import install_cli_handler
+    from capray.model import Backbone, set_precision
     from capray.runtime import init_ray
 
+    install_cli_handler()  # the jobs' `[capray]` lines, as the CLI prints them
     init_ray(load_config(None, []))
     tmp = tempfile.mkdtemp(prefix="capray-bench-")
-    base = [f"infer.batch_size={args.batch_size}", f"work_dir={tmp}"]
+    base = [f"caption.batch_size={args.batch_size}", f"work_dir={tmp}"]
     try:
         one = linked(paths, 1, os.path.join(tmp, "x1"))
         four = linked(paths, 4, os.path.join(tmp, "x4"))
@@ -122,7 +124,7 @@ def main() -> None:
         bf16 = ["model.precision=mixed_bfloat16"]
         for name, folder, extra in (
             ("greedy", one, []),
-            ("beam3", one, ["infer.strategy=beam", "infer.beam_size=3"]),
+            ("beam3", one, ["caption.strategy=beam", "caption.beam_size=3"]),
             ("greedy x4", four, []),
             ("bf16", one, bf16),
             ("bf16 x4", four, bf16),
@@ -139,11 +141,11 @@ def main() -> None:
         bounds, model_bounds = {}, {}
         for precision in ("float32", "mixed_bfloat16"):
             set_precision(precision)
-            encoder = ImageEncoder("random")  # the forward cost does not depend on the weights
-            encoder(pixels[: args.batch_size])
+            backbone = Backbone("random")  # the forward cost does not depend on the weights
+            backbone(pixels[: args.batch_size])
             start = time.perf_counter()
             for i in range(0, len(pixels), args.batch_size):
-                encoder(pixels[i : i + args.batch_size])
+                backbone(pixels[i : i + args.batch_size])
             bounds[precision] = len(pixels) / (time.perf_counter() - start)
             cfg = load_config(None, [*base, f"model.precision={precision}"])
             predictor = CaptionPredictor(**CaptionPredictor.arguments(cfg, args.checkpoint))

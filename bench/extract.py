@@ -41,16 +41,16 @@ def dir_bytes(path: str) -> int:
 def forward_rate(paths: list[str], batch_size: int, precision: str = "float32") -> float:
     """Images/s of the compiled forward alone on pre-decoded batches, in this process."""
     from capray.images import decode
-    from capray.model import ImageEncoder, set_precision
+    from capray.model import Backbone, set_precision
 
     set_precision(precision)
     try:
-        encoder = ImageEncoder("random", seed=0)
+        backbone = Backbone("random", seed=0)
         pixels = np.stack([decode(Path(p).read_bytes(), 64_000_000) for p in paths])
-        encoder(pixels[:batch_size])  # trace once, as the job's actors do before their first batch
+        backbone(pixels[:batch_size])  # trace once, as the job's actors do before their first batch
         start = time.perf_counter()
         for i in range(0, len(pixels), batch_size):
-            encoder(pixels[i : i + batch_size])
+            backbone(pixels[i : i + batch_size])
         return len(pixels) / (time.perf_counter() - start)
     finally:
         set_precision("float32")
@@ -76,7 +76,7 @@ def job(
     cfg = load_config(
         None,
         [
-            "encoder.weights=random",
+            "backbone.weights=random",
             f"extract.batch_size={batch_size}",
             f"work_dir={out}.work",
             f"model.precision={precision}",
@@ -141,8 +141,10 @@ def main() -> None:
     import ray
 
     from capray.config import load_config
+    from capray.logs import install_cli_handler
     from capray.runtime import init_ray
 
+    install_cli_handler()  # the jobs' `[capray]` lines, as the CLI prints them
     init_ray(load_config(None, []))
     rows = {}
     try:

@@ -1,7 +1,7 @@
 """Benchmark: the features files' Parquet codec (`extract.compression`): bytes, write and read cost;
 and the cast to float16 in the compiled forward vs after it in NumPy.
 
-Features of real photos (InceptionV3 with `encoder.weights=random`, float16 as stored, computed in
+Features of real photos (InceptionV3 with `backbone.weights=random`, float16 as stored, computed in
 float32 and in bfloat16) are written as the extraction job writes them (`FeatureExtractor.rows`,
 one file of one row group) with each codec, then read back; best of 3 per figure, one thread.
 
@@ -51,12 +51,12 @@ def cast_cost(paths: list[str], precision: str = "mixed_bfloat16", rounds: int =
     """ms/image of InceptionV3 with the float16 cast in the graph, and with float32 output cast
     by NumPy afterwards (as before), batch 16, interleaved batch by batch."""
     from capray.images import decode
-    from capray.model import ImageEncoder, set_precision
+    from capray.model import Backbone, set_precision
 
     set_precision(precision)
     try:
         pixels = np.stack([decode(Path(p).read_bytes(), 64_000_000) for p in paths])
-        in_graph, numpy_cast = ImageEncoder("random", 0, dtype="float16"), ImageEncoder("random", 0)
+        in_graph, numpy_cast = Backbone("random", 0, dtype="float16"), Backbone("random", 0)
         in_graph(pixels[:16]), numpy_cast(pixels[:16])  # traced once each
         a = b = 0.0
         for _ in range(rounds):

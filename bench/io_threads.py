@@ -74,14 +74,14 @@ def main() -> None:
                     f"work_dir={tmp}/work-{n}",
                     f"inputs.io_threads={n}",
                     "inputs.shard_rows=200",
-                    "infer.min_actors=1",
-                    "infer.max_actors=1",
-                    "infer.batch_size=16",
+                    "caption.min_actors=1",
+                    "caption.max_actors=1",
+                    "caption.batch_size=16",
                 ],
             )
             plan = inputs.plan(job, "s3://bench/photos/", f"{tmp}/work-{n}/inputs")
             out = f"{tmp}/out-{n}-{time.time_ns()}"
-            s = pipeline.run(job, plan, out, NoModel, {}, job.infer, schema, f"io_threads={n}")
+            s = pipeline.run(job, plan, out, NoModel, {}, job.caption, schema, f"io_threads={n}")
             assert s["written"] == len(uris) and s["failed"] == 0, s
             # The actor's own time on its shards (reading, decoding, writing), without the job's start-up.
             results[n] = len(uris) / (s["model_s"] + s["wait_s"])

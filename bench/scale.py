@@ -118,7 +118,9 @@ def scenario(args: argparse.Namespace) -> None:
     t_plan = time.time() - t0
     kwargs = {"marker": str(marker)}
     schema = pa.schema([("image", pa.string()), ("caption", pa.string()), ("error", pa.string())])
-    s = pipeline.run(cfg, plan, args.output, StandInModel, kwargs, cfg.infer, schema, "scale", worker_cls=StandInWorker)
+    s = pipeline.run(
+        cfg, plan, args.output, StandInModel, kwargs, cfg.caption, schema, "scale", worker_cls=StandInWorker
+    )
     wall = time.time() - t0
     rss_mb = rss.stop()
     first = float(marker.read_text()) - t0 if marker.exists() else float("nan")

@@ -29,7 +29,10 @@ def main() -> None:
 
     from capray import features, train
     from capray.config import load_config
+    from capray.logs import install_cli_handler
     from capray.runtime import init_ray
+
+    install_cli_handler()  # the jobs' `[capray]` lines, as the CLI prints them
 
     work = tempfile.mkdtemp(prefix="capray-scaling-")
     common = [

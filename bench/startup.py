@@ -46,7 +46,7 @@ def main() -> None:
 
     from capray import checkpoint
     from capray.images import decode
-    from capray.model import FEATURE_DIM, NUM_CELLS, ImageEncoder
+    from capray.model import FEATURE_DIM, NUM_CELLS, Backbone
 
     data = [Path(p).read_bytes() for p in paths]
     start = time.perf_counter()
@@ -54,10 +54,10 @@ def main() -> None:
     print(f"{'decode (per image)':34s} {1000 * (time.perf_counter() - start) / len(data):6.2f} ms", flush=True)
     batch = pixels[: args.batch_size]
 
-    encoder = timed("backbone built", ImageEncoder, "random")
+    backbone = timed("backbone built", Backbone, "random")
     model, tokenizer, _, _ = timed("checkpoint loaded", checkpoint.load, args.checkpoint)
-    features = timed("backbone first batch", encoder, batch)
-    timed("backbone later batch", encoder, batch)
+    features = timed("backbone first batch", backbone, batch)
+    timed("backbone later batch", backbone, batch)
     spec = tf.TensorSpec([None, NUM_CELLS, FEATURE_DIM], tf.float32)
     greedy = tf.function(
         lambda f: model.greedy(f, tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id),

@@ -25,7 +25,7 @@ def main() -> None:
     """Time both training steps on identical batches and print captions/s and the ratio."""
     import tensorflow as tf
 
-    from capray.model import Captioner, caption_loss, make_optimizer
+    from capray.model import ShowAttendTell, caption_loss, make_optimizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=64)
@@ -40,7 +40,7 @@ def main() -> None:
     caps[:, 0] = 2
     caps[:, -1] = 3
 
-    model = Captioner(args.vocab).build_all()
+    model = ShowAttendTell(args.vocab).build_all()
     opt = make_optimizer(1e-3)
 
     @tf.function

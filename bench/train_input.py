@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    if not (args.work_dir / "features" / "_manifest.json").is_file():
+    if not (args.work_dir / "features" / "_files.json").is_file():
         raise SystemExit(f"no extracted features in {args.work_dir}: run `make demo` first or pass --work-dir")
     results = {}
     for label, extra in (("stream", ["train.cache_mb=0"]), ("cache", [])):

@@ -6,6 +6,7 @@ Keras choice, made once here: Keras 3 on the TensorFlow backend (what `tf.keras`
 training and inference code needs, and it is the line that receives fixes.
 """
 
+import logging
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -16,6 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from capray import tfquiet
 
 tfquiet.install()
+
+# The library logs, the application decides what to show (capray.logs): nothing until it
+# configures logging, not even Python's last-resort printing of warnings.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +31,7 @@ def storage_config(storage: Mapping[str, Any] | DictConfig | None = None) -> Dic
     from capray.config import StorageConfig
 
     base = OmegaConf.structured(StorageConfig)
-    return base if storage is None else OmegaConf.merge(base, storage)
+    return base if storage is None else cast(DictConfig, OmegaConf.merge(base, storage))
 
 
 class Captioner:
@@ -114,7 +114,7 @@ def config(
     or a nested mapping), checked against the schema as the CLI does."""
     from capray.config import load_config
 
-    layers = list(cfg) if isinstance(cfg, (list, tuple)) else ([] if cfg is None else [cfg])
+    layers: list[Any] = list(cfg) if isinstance(cfg, (list, tuple)) else ([] if cfg is None else [cfg])
     if isinstance(overrides, Mapping):
         return load_config([*layers, dict(overrides)] if overrides else layers)
     return load_config(layers, list(overrides))
@@ -152,7 +152,7 @@ def caption(
     """`capray caption` from Python: caption `input` (any input kind) into `output` (default
     `<work_dir>/captions`) with `checkpoint` (default: the run's best); the summary."""
     return _job(
-        "caption", config(cfg, _with(overrides, {"infer.input": input, "output": output, "checkpoint": checkpoint}))
+        "caption", config(cfg, _with(overrides, {"caption.input": input, "output": output, "checkpoint": checkpoint}))
     )
 
 

@@ -185,10 +185,10 @@ def output_files(output: str, storage_cfg: Any = None) -> list[str]:
     return [storage.join(output, shards.output_name(i)) for i in sorted(shards.done_ids(output, storage_cfg))]
 
 
-def _groups(items: list[Any], sizes: list[int], target: int) -> list[list[Any]]:
+def _groups(items: list[Any], sizes: list[float], target: int) -> list[list[Any]]:
     """Consecutive items in groups of about `target` (size) each."""
     groups: list[list[Any]] = []
-    total = target
+    total: float = target
     for item, size in zip(items, sizes):
         if total + size > target and (not groups or groups[-1]):
             groups.append([])
@@ -297,6 +297,11 @@ def verdict(summary: dict[str, Any]) -> str:
     )
 
 
+def _level(summary: dict[str, Any]) -> int:
+    """The verdict is a problem (WARNING) when an image is missing or duplicated."""
+    return logging.WARNING if summary["missing"] or summary["duplicated"] else logging.INFO
+
+
 def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
     """(plan, input, output folder) of the caption or extract job as `cfg` configures it."""
     from capray.config import output_paths
@@ -304,7 +309,7 @@ def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
     if job == "caption":
         from capray import infer
 
-        return infer.job_plan(cfg), cfg.infer.input, output_paths(cfg)["captions"]
+        return infer.job_plan(cfg), cfg.caption.input, output_paths(cfg)["captions"]
     from capray import features
 
     return (
@@ -316,13 +321,13 @@ def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
 
 def after_job(cfg: Any, job: str) -> dict[str, Any]:
     """The audit of a caption or extract job that just finished (`audit.after_job`): its verdict
-    printed, its problems reported but not raised (the job itself succeeded). A listed folder is
+    logged, its problems reported but not raised (the job itself succeeded). A listed folder is
     compared as the job listed it (its saved listing), not as it is a moment later."""
     from omegaconf import OmegaConf
 
     plan, input_uri, output = _target(OmegaConf.merge(cfg, {"inputs": {"relist": False}}), job)
     summary = audit(cfg, plan, output, input_uri=input_uri)
-    print(f"[capray] {job}: {verdict(summary)}", flush=True)
+    log.log(_level(summary), "%s: %s", job, verdict(summary))
     return summary
 
 
@@ -332,7 +337,7 @@ def run(cfg: Any) -> dict[str, Any]:
     job = cfg.audit.job
     plan, input_uri, output = _target(cfg, job)
     summary = audit(cfg, plan, output, input_uri=input_uri)
-    print(f"[capray] {verdict(summary)}", flush=True)
+    log.log(_level(summary), verdict(summary))
     if summary["missing"] or summary["duplicated"]:
         raise AuditError(
             f"{summary['missing']} missing and {summary['duplicated']} duplicated of {summary['input_images']} images "

@@ -1,4 +1,4 @@
-"""Where the InceptionV3 backbone's weights come from (`encoder.weights`), without TensorFlow.
+"""Where the InceptionV3 backbone's weights come from (`backbone.weights`), without TensorFlow.
 
 The driver calls `check` before any Ray work, so a missing file or an offline machine is one
 clear line instead of a failure inside every actor; the actors call it again and find the file
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 import urllib.request
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # The no-top weights file keras.applications.InceptionV3(weights="imagenet") downloads: same
 # name, origin and hash, so a file Keras cached before is used, and one fetched here serves Keras.
@@ -52,8 +55,8 @@ def _md5(path: str) -> str:
 def _failed(reason: str) -> BackboneError:
     return BackboneError(
         f"could not load the ImageNet InceptionV3 weights ({reason}). "
-        f"Either give a local or s3:// copy of the no-top weights file with encoder.weights=/path/{WEIGHTS_FILE}, "
-        "or use encoder.weights=random for a seeded random backbone."
+        f"Either give a local or s3:// copy of the no-top weights file with backbone.weights=/path/{WEIGHTS_FILE}, "
+        "or use backbone.weights=random for a seeded random backbone."
     )
 
 
@@ -63,7 +66,7 @@ def imagenet_weights(timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
     path = os.path.join(cache, WEIGHTS_FILE)
     if os.path.exists(path) and _md5(path) == WEIGHTS_MD5:
         return path
-    print(f"[capray] downloading the ImageNet InceptionV3 weights (87 MB) into {cache}", flush=True)
+    log.info("downloading the ImageNet InceptionV3 weights (87 MB) into %s", cache)
     tmp = None
     try:
         os.makedirs(cache, exist_ok=True)
@@ -92,20 +95,20 @@ def imagenet_weights(timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
 
 
 def check(weights: str, storage_cfg: Any = None) -> str | None:
-    """Where `encoder.weights` loads from (a local path or s3:// URI; None for `random`), fetching
+    """Where `backbone.weights` loads from (a local path or s3:// URI; None for `random`), fetching
     the ImageNet file into the cache if needed; raises BackboneError when it cannot be had."""
     if weights == "random":
         return None
     if weights == "imagenet":
         return imagenet_weights()
     if not weights.endswith(".h5"):
-        raise BackboneError(f"encoder.weights={weights!r}: expected 'imagenet', 'random' or a path/URI ending in .h5")
+        raise BackboneError(f"backbone.weights={weights!r}: expected 'imagenet', 'random' or a path/URI ending in .h5")
     from capray import storage  # pyarrow only for a file setting
 
     try:
         found = storage.exists(weights, storage_cfg)
     except OSError as e:  # unreachable endpoint, bad credentials...
-        raise BackboneError(f"encoder.weights: cannot read {weights}: {e}") from None
+        raise BackboneError(f"backbone.weights: cannot read {weights}: {e}") from None
     if not found:
-        raise BackboneError(f"encoder.weights: file not found: {weights}")
+        raise BackboneError(f"backbone.weights: file not found: {weights}")
     return weights

@@ -90,7 +90,7 @@ def localize(uri: str, storage_cfg: Any = None) -> tuple[str, tempfile.Temporary
 
 def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
     """Rebuild the captioning model from a checkpoint: (model, tokenizer, train config, state)."""
-    from capray.model import Captioner  # TensorFlow only when a model is actually needed
+    from capray.model import ShowAttendTell  # TensorFlow only when a model is actually needed
 
     check(uri, storage_cfg)
     local, tmp = localize(uri, storage_cfg)
@@ -101,7 +101,7 @@ def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
             cfg = from_yaml(f.read())
         with open(os.path.join(local, "state.json"), encoding="utf-8") as f:
             state = json.load(f)
-        model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
+        model = ShowAttendTell(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
         restore_weights(local, model, uri)
     finally:
         if tmp is not None:

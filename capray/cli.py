@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from capray.config import parse_args, to_yaml
+from capray.logs import install_cli_handler
 
 # job -> module whose `run(cfg)` performs it
 JOBS = {
@@ -87,7 +88,7 @@ def _checkpoint_backbone(cfg: Any) -> None:
     uri = checkpoint.best_checkpoint(cfg)
     checkpoint.check(uri, cfg.storage)
     trained = from_yaml(storage.read_bytes(storage.join(uri, "config.yaml"), cfg.storage).decode("utf-8"))
-    backbone.check(trained.encoder.weights, cfg.storage)
+    backbone.check(trained.backbone.weights, cfg.storage)
 
 
 def preflight(job: str, cfg: Any) -> None:
@@ -109,13 +110,13 @@ def preflight(job: str, cfg: Any) -> None:
             if not storage.exists(cfg.data.annotations, cfg.storage):
                 raise DataError(f"data.annotations: file not found: {cfg.data.annotations}")
         _output_writable(p["features"])
-        backbone.check(cfg.encoder.weights, cfg.storage)
+        backbone.check(cfg.backbone.weights, cfg.storage)
     elif job == "caption":
-        if not cfg.infer.input:
+        if not cfg.caption.input:
             raise InputError(
-                "infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+                "caption.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
             )
-        _input_exists(cfg.infer.input, cfg.storage)
+        _input_exists(cfg.caption.input, cfg.storage)
         _output_writable(p["captions"])
         _checkpoint_backbone(cfg)
     elif job == "train":
@@ -134,7 +135,7 @@ def preflight(job: str, cfg: Any) -> None:
         _checkpoint_backbone(cfg)
     elif job == "demo":
         _output_writable(cfg.work_dir)
-        backbone.check(cfg.encoder.weights, cfg.storage)
+        backbone.check(cfg.backbone.weights, cfg.storage)
     elif job == "audit":
         _audit_target(cfg)
 
@@ -147,9 +148,9 @@ def _audit_target(cfg: Any) -> None:
 
     p = output_paths(cfg)
     if cfg.audit.job == "caption":
-        if not cfg.infer.input:
-            raise InputError("infer.input is empty: give the input of the caption job to audit")
-        _input_exists(cfg.infer.input, cfg.storage)
+        if not cfg.caption.input:
+            raise InputError("caption.input is empty: give the input of the caption job to audit")
+        _input_exists(cfg.caption.input, cfg.storage)
         output = p["captions"]
     else:
         if cfg.extract.input:
@@ -193,14 +194,19 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     parser.add_argument("--limit", type=int, help="extract, caption: at most N new shards (a trial run)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
-        "--debug", action="store_true", help="print the traceback of expected failures too (or set CAPRAY_DEBUG=1)"
+        "--debug",
+        action="store_true",
+        help="print capray's debug messages and the traceback of expected failures too (or set CAPRAY_DEBUG=1)",
     )
     args = parser.parse_args(argv)
     job = job or args.job
     debug = args.debug or os.environ.get("CAPRAY_DEBUG", "") not in ("", "0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # capray's records print as `[capray] ...` lines on stdout (capray.logs); the root handler is
+    # for the other libraries' warnings and errors, whose INFO records are not this job's news.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    restore_logging = install_cli_handler(logging.DEBUG if debug else logging.INFO)
     try:
-        overwrite = {"export": "export.overwrite=true", "caption": "infer.overwrite=true"}.get(
+        overwrite = {"export": "export.overwrite=true", "caption": "caption.overwrite=true"}.get(
             job, "extract.overwrite=true"
         )
         extra = ([overwrite] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
@@ -237,6 +243,9 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         # Its message says what to do; the class name says which kind (and exit code) it is.
         print(f"capray {job}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return code
+    finally:
+        # `main` called in-process (tests, a notebook) leaves the caller's logging as it was.
+        restore_logging()
     return 0
 
 

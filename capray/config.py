@@ -1,383 +1,66 @@
-"""One config schema for every job: OmegaConf structured dataclasses, YAML on top, dotted overrides.
+"""Loading a job's config: schema defaults, YAML layers, dotted overrides; validated.
 
-Defaults live here and only here; `configs/*.yaml` override them (several files are layered, the
-later one winning) and the command line overrides those
+The keys, defaults and meanings are in `capray.schema`; `configs/*.yaml` override the defaults
+(several files are layered, the later one winning) and the command line overrides those
 (`capray train configs/coco2014.yaml configs/gpu-cluster.yaml train.epochs=3`). Unknown keys and
-wrong types are errors that name the key and the file.
+wrong types are errors that name the key and the file; a renamed key is refused with its new name,
+while a config saved by an earlier capray (in a checkpoint or an output folder) is read with the
+old keys carried over to the new ones (`capray.schema.RENAMED`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from capray.hardware import cpu_bf16, resolve_precision
+from capray.schema import (
+    CHOICES,
+    NON_NEGATIVE,
+    POSITIVE,
+    RENAMED,
+    RENAMED_VALUES,
+    SECRET_KEYS,
+    Config,
+    StorageConfig,
+)
+
+# Re-exported: the schema's names are part of `capray.config`'s public face.
+__all__ = [
+    "Config",
+    "ConfigError",
+    "StorageConfig",
+    "cpu_bf16",
+    "current_key",
+    "from_yaml",
+    "load_config",
+    "output_paths",
+    "parse_args",
+    "resolve_precision",
+    "save_next_to",
+    "to_yaml",
+]
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
 
-@dataclass
-class DataConfig:
-    """Which captions/images to use and how to sample and split them."""
-
-    # synthetic | coco | flickr | manifest
-    format: str = "synthetic"
-    # coco: captions_*.json; flickr: captions.csv; manifest: CSV/Parquet with image,caption columns.
-    annotations: str = ""
-    # Folder (or s3:// prefix) that relative image names are resolved against.
-    images: str = ""
-    # Synthetic dataset: number of scenes to generate.
-    synthetic_images: int = 2400
-    # Seed of the synthetic scene generator.
-    synthetic_seed: int = 0
-    # Scenes generated with another seed for the demo's held-out captioning test.
-    synthetic_heldout: int = 300
-    # Images with more pixels are refused from their header, before decoding (both jobs).
-    max_pixels: int = 64_000_000
-    # The seed's sampling: this many captions at random (0 = all), split by image.
-    num_examples: int = 30000
-    # Fraction of the images (not captions) held out for validation.
-    val_fraction: float = 0.2
-    # Seed of the caption sampling and the train/val split.
-    seed: int = 42
-
-
-@dataclass
-class TextConfig:
-    """Tokenizer settings (the seed's: top 5,000 words, `<unk>`, `<pad>` = 0)."""
-
-    # Most frequent training words kept; the rest become <unk>.
-    vocab_size: int = 5000
-    # 0 = pad to the longest training caption.
-    max_length: int = 0
-
-
-@dataclass
-class EncoderConfig:
-    """InceptionV3 backbone: `imagenet` (Keras download/cache), `random` (seeded), or an .h5 path/URI."""
-
-    # imagenet | random | path or s3:// URI of a no-top InceptionV3 .h5 weights file.
-    weights: str = "imagenet"
-    # Seed of the `random` backbone (extraction and captioning must use the same).
-    seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    """Show, Attend and Tell decoder sizes and feature normalisation."""
-
-    # Encoder output and word embedding size (E).
-    embedding_dim: int = 256
-    # GRU and attention size (U).
-    units: int = 512
-    # none | channel. `channel` standardises each of the 2048 feature channels with statistics of
-    # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
-    # scale and need it, ImageNet features do not.
-    feature_norm: str = "none"
-    # float32 | mixed_float16 | mixed_bfloat16 | auto: the Keras dtype policy of training,
-    # extraction and captioning (mixed: 16-bit compute, float32 weights; logits, softmax and loss
-    # in float32). mixed_float16 for GPUs with tensor cores (V100, T4, A10G, A100, L4...), with
-    # dynamic loss scaling in training; mixed_bfloat16 for CPUs with AVX512-BF16 or AMX
-    # (InceptionV3 ~1.8x float32 there) and for A100/H100/L4 GPUs; no loss scaling needed.
-    # auto is decided where the config is loaded: mixed_float16 when the job uses GPUs, else
-    # mixed_bfloat16 when this machine's CPU has BF16 instructions, else float32.
-    precision: str = "float32"
-    # XLA-compile the InceptionV3 forward pass and the training step's forward/backward pass
-    # (a GPU option: on CPU it only costs compile time).
-    jit_compile: bool = False
-
-
-@dataclass
-class TrainConfig:
-    """Custom-loop training with teacher forcing; batch_size is global (split across workers)."""
-
-    # Passes over the training captions.
-    epochs: int = 20
-    # Global batch (all workers together); must be divisible by ray.num_workers.
-    batch_size: int = 64
-    # adam (the seed's) | sgd (plain gradient descent: its step scales with the gradient, unlike
-    # Adam's, which makes it the optimizer for checking that workers average gradients exactly).
-    optimizer: str = "adam"
-    # The optimizer's learning rate (the peak, with lr_schedule=cosine).
-    learning_rate: float = 1e-3
-    # constant (the seed's Adam) | cosine (decays to 0 over all epochs: steadier final accuracy).
-    lr_schedule: str = "constant"
-    # lambda of Xu et al.'s doubly stochastic attention regulariser (0 = off, the seed's setting).
-    attention_reg: float = 0.0
-    # Clip the global gradient norm (after the all-reduce, so all replicas agree); 0 = off.
-    clip_norm: float = 0.0
-    # Shuffle the training captions every epoch (local shuffle buffer, seeded per epoch).
-    shuffle: bool = True
-    # Seed of the shuffle and of the model's initial weights.
-    shuffle_seed: int = 0
-    # MB of memory per training worker for its share of the training captions and the
-    # validation set, kept (features in their stored dtype) after the first pass: later epochs
-    # then shuffle and batch in memory instead of re-reading, filtering and pairing the feature
-    # files through Ray Data (the demo's workers waited for input ~50% of the time without it).
-    # A worker whose data does not fit streams every epoch (and says so). 0 = always stream.
-    cache_mb: int = 4096
-    # The last K epoch checkpoints are kept under runs/<name>/; the best by val_loss is copied
-    # to runs/<name>/best/ (pointed to by best.json) and never deleted.
-    num_to_keep: int = 2
-    # Also validate, report and checkpoint every N steps inside an epoch (0 = at epoch ends only);
-    # a resumed run then loses at most N steps. Mid-epoch checkpoints count towards num_to_keep.
-    checkpoint_every_steps: int = 0
-    # Ray Train restarts after a worker failure, from the last checkpoint.
-    max_failures: int = 0
-
-
-@dataclass
-class ExtractConfig:
-    """Ray Data feature extraction: an actor pool holding InceptionV3."""
-
-    # Images per forward pass of an InceptionV3 actor.
-    batch_size: int = 16
-    # Size range of the InceptionV3 actor pool (Ray Data autoscales within it).
-    min_actors: int = 1
-    max_actors: int = 1
-    # GPUs per actor: 1 on GPU clusters, 0 on CPU.
-    num_gpus: float = 0.0
-    # float16 halves storage and I/O; float32 keeps every bit.
-    dtype: str = "float16"
-    # Parquet codec of the features files: zstd writes 24-30% fewer bytes than snappy for about
-    # the same CPU (~1 ms per image) and reads faster (bench/feature_codec.py); none when CPUs,
-    # not storage, are the limit (GPU nodes with few vCPUs).
-    compression: str = "zstd"
-    # Recompute every feature (deletes the features folder first); also --overwrite.
-    overwrite: bool = False
-    # Any input kind (see `inputs`) to featurize into `<work_dir>/features`, with its columns
-    # (e.g. captions) passed through; "" = the images of the training split (data.*).
-    input: str = ""
-
-
-@dataclass
-class InputsConfig:
-    """How a job's input becomes shards: the unit of work, of output files and of resume."""
-
-    # auto | files | manifest | webdataset. auto: a .csv/.parquet file, glob or folder of them is a
-    # manifest (or Parquet with image bytes, when it has `bytes_column` and no `image`), .tar files
-    # are WebDataset shards, anything else a folder/prefix of image files.
-    format: str = "auto"
-    # Images per shard (one output file each) of a listed folder/prefix or a large CSV manifest
-    # (split once); Parquet inputs: whole row groups up to this many rows; a tar is one shard.
-    shard_rows: int = 1000
-    # Which files of a folder/prefix (or tar members) are images (case-insensitive), and an
-    # optional file name glob (values are YAML: quote it, "inputs.glob='*.jpg'").
-    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "gif"])
-    glob: str = ""
-    # Parquet with image bytes (img2dataset's output_format=parquet): the binary image column and
-    # the column that names each row (without it: `<file>/<row number>`).
-    bytes_column: str = "jpg"
-    key_column: str = "key"
-    # Threads per actor reading and decoding images ahead of the model.
-    io_threads: int = 4
-    # Process at most this many new shards (0 = all): a trial run.
-    limit_shards: int = 0
-    # A folder/prefix is listed again on every run (true), so that a re-run finds the images
-    # added, overwritten or removed since; false reuses the last saved listing (resuming a killed
-    # run over a huge prefix without paying for another listing). docs/inputs.md#re-runs.
-    relist: bool = True
-    # Output rows of images that are no longer in the input: prune (deleted, so the output holds
-    # every current image exactly once) | keep (kept; `capray audit` reports them as stale).
-    removed: str = "prune"
-    # Also redo the rows that failed in earlier runs (e.g. after a storage outage); the rows that
-    # succeeded are copied, not computed again.
-    retry_failed: bool = False
-
-
-@dataclass
-class InferConfig:
-    """Bulk captioning: any input kind (see `inputs`) in, one Parquet file per input shard out."""
-
-    # Folder, s3:// prefix, manifest(s), WebDataset tars or Parquet with image bytes to caption.
-    input: str = ""
-    # Images per forward pass of a captioning actor.
-    batch_size: int = 16
-    # Size range of the captioning actor pool (InceptionV3 + decoder in each actor).
-    min_actors: int = 1
-    max_actors: int = 1
-    # GPUs per actor: 1 on GPU clusters, 0 on CPU.
-    num_gpus: float = 0.0
-    # 0 = the trained maximum caption length.
-    max_length: int = 0
-    # greedy | beam (batched beam search of beam_size, ranked by log-prob / length**length_alpha).
-    strategy: str = "greedy"
-    beam_size: int = 3
-    length_alpha: float = 0.7
-    # Also write each word's 64 attention weights (`attention` column).
-    attention: bool = False
-    # Redo every caption in the output folder (deletes its shard files first); also --overwrite.
-    # Without it, an output folder made from another input or with other settings is refused.
-    overwrite: bool = False
-
-
-@dataclass
-class AuditConfig:
-    """`capray audit`: a job's output folder checked against its input, image by image."""
-
-    # Whose output to audit: caption (infer.input vs. the captions folder) | extract (its input vs. features/).
-    job: str = "caption"
-    # The caption and extract jobs run the audit of their output when they finish and print its verdict.
-    after_job: bool = False
-
-
-@dataclass
-class EvaluateConfig:
-    """`capray evaluate`: COCO caption metrics on the validation split and an attention report."""
-
-    # Decoding strategies to score: greedy and/or beam (beam uses infer.beam_size, infer.length_alpha).
-    strategies: list[str] = field(default_factory=lambda: ["greedy", "beam"])
-    # Validation images shown in the report (caption, references, one attention map per word); 0 = none.
-    report_images: int = 8
-    # Run this evaluation on the best checkpoint when `capray train` finishes.
-    after_train: bool = False
-    # Validation images decoded per step.
-    batch_size: int = 64
-
-
-@dataclass
-class ExportConfig:
-    """`capray export`: the checkpoint as a TensorFlow SavedModel (in `output`)."""
-
-    # Replace an existing SavedModel folder (the CLI's --overwrite); otherwise it is refused.
-    overwrite: bool = False
-
-
-@dataclass
-class StorageConfig:
-    """Object storage access. Empty values fall back to the standard AWS environment variables."""
-
-    # S3-compatible endpoint (MinIO, moto...); empty for AWS.
-    endpoint_url: str = ""
-    # Bucket region (e.g. us-east-1); empty = the endpoint's or environment's default.
-    region: str = ""
-    # Explicit credentials; on a cluster leave them empty and use an instance profile.
-    access_key_id: str = ""
-    secret_access_key: str = ""
-    session_token: str = ""
-    # Transient errors (throttling, 5xx, dropped connections) are tried again this many times,
-    # waiting retry_wait_s, then twice that... (up to 30 s, with jitter); an image becomes an
-    # error row, or an upload stops the job, only after the last try.
-    retries: int = 5
-    retry_wait_s: float = 0.5
-
-
-@dataclass
-class RayConfig:
-    """Where jobs run and how training scales."""
-
-    # "" = RAY_ADDRESS if set, else a local Ray instance.
-    address: str = ""
-    # Ray Train workers (one MultiWorkerMirroredStrategy replica each).
-    num_workers: int = 2
-    # One GPU per training worker.
-    use_gpu: bool = False
-    # CPUs reserved per training worker.
-    cpus_per_worker: float = 1.0
-    # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
-    local_cpus: int = 0
-    # Extraction and captioning: batches each actor reads and decodes ahead of its model. Enough to
-    # keep the model busy; few enough that an actor's memory stays a few batches of pixels.
-    inflight_batches: int = 2
-
-
-@dataclass
-class Config:
-    """The whole capray configuration."""
-
-    # Run name: checkpoints go to <work_dir>/runs/<name>/.
-    name: str = "capray"
-    # Root of every output: features/, runs/, captions/, split.parquet (local path or s3:// URI).
-    work_dir: str = "outputs/capray"
-    # Where the caption job writes ("" = <work_dir>/captions); `capray export` needs it set.
-    output: str = ""
-    # Checkpoint to caption/evaluate with; "" = the best checkpoint of run `name`.
-    checkpoint: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    inputs: InputsConfig = field(default_factory=InputsConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
-_CHOICES = {
-    "data.format": ("synthetic", "coco", "flickr", "manifest"),
-    "model.feature_norm": ("none", "channel"),
-    "model.precision": ("float32", "mixed_float16", "mixed_bfloat16", "auto"),
-    "extract.dtype": ("float16", "float32"),
-    "extract.compression": ("zstd", "snappy", "lz4", "none"),
-    "infer.strategy": ("greedy", "beam"),
-    "audit.job": ("caption", "extract"),
-    "inputs.format": ("auto", "files", "manifest", "webdataset"),
-    "inputs.removed": ("prune", "keep"),
-    "train.lr_schedule": ("constant", "cosine"),
-    "train.optimizer": ("adam", "sgd"),
-}
-_POSITIVE = (
-    "text.vocab_size",
-    "model.embedding_dim",
-    "model.units",
-    "train.epochs",
-    "train.batch_size",
-    "extract.batch_size",
-    "extract.min_actors",
-    "extract.max_actors",
-    "infer.batch_size",
-    "infer.min_actors",
-    "infer.max_actors",
-    "inputs.shard_rows",
-    "inputs.io_threads",
-    "infer.beam_size",
-    "ray.num_workers",
-    "ray.inflight_batches",
-    "data.max_pixels",
-    "data.synthetic_images",
-    "data.synthetic_heldout",
-    "evaluate.batch_size",
-)
-_NON_NEGATIVE = (
-    "data.num_examples",
-    "text.max_length",
-    "train.num_to_keep",
-    "train.max_failures",
-    "train.checkpoint_every_steps",
-    "train.attention_reg",
-    "train.clip_norm",
-    "train.cache_mb",
-    "extract.num_gpus",
-    "infer.num_gpus",
-    "infer.max_length",
-    "inputs.limit_shards",
-    "infer.length_alpha",
-    "ray.cpus_per_worker",
-    "ray.local_cpus",
-    "evaluate.report_images",
-)
-
-
 def _validate(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
+    for key, allowed in CHOICES.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: expected one of {', '.join(allowed)}")
-    for key in _POSITIVE:
+    for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
-    for key in _NON_NEGATIVE:
+    for key in NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
     bad = [s for s in cfg.evaluate.strategies if s not in ("greedy", "beam")]
@@ -391,44 +74,64 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={cfg.train.learning_rate}: must be > 0")
-    if cfg.extract.min_actors > cfg.extract.max_actors or cfg.infer.min_actors > cfg.infer.max_actors:
+    if cfg.extract.min_actors > cfg.extract.max_actors or cfg.caption.min_actors > cfg.caption.max_actors:
         raise ConfigError("min_actors must not exceed max_actors (extract.*, infer.*)")
 
 
-# Keys that moved: a config that still uses one is told the new name, not just "unknown key".
-_RENAMED = {
-    "infer.glob": "inputs.glob",
-    "infer.extensions": "inputs.extensions",
-    "infer.limit": "inputs.limit_shards (shards, not images)",
-    "infer.rows_per_file": "inputs.shard_rows (one output file per input shard)",
-    "model.mixed_precision": "model.precision (float32 | mixed_float16 | mixed_bfloat16 | auto)",
-}
+def current_key(key: str) -> str:
+    """A dotted key as named today (`caption.strategy` -> `caption.strategy`), for configs and
+    settings recorded by an earlier capray."""
+    for old, (new, _) in RENAMED.items():
+        if "." not in old and key.split(".", 1)[0] == old:
+            return f"{new}.{key.split('.', 1)[1]}" if "." in key else new
+    return key
 
 
-def cpu_bf16() -> str:
-    """The BF16 instruction set of this machine's CPU (`amx_bf16`, `avx512_bf16`), or ""."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: no way to tell here, so no BF16 claim
-        return ""
-    return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), "")
-
-
-def resolve_precision(cfg: DictConfig) -> str:
-    """`model.precision` with `auto` decided (GPUs in the job, then this machine's CPU)."""
-    if cfg.model.precision != "auto":
-        return cfg.model.precision
-    if cfg.ray.use_gpu or cfg.extract.num_gpus > 0 or cfg.infer.num_gpus > 0:
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_bf16() else "float32"
+def _flat(layer: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a layer, sections included."""
+    out: list[str] = []
+    if isinstance(layer, DictConfig):
+        for key in layer:
+            out += [f"{prefix}{key!s}", *_flat(layer[key], f"{prefix}{key!s}.")]
+    return out
 
 
 def _check_renamed(layer: DictConfig, source: str) -> None:
-    for old, new in _RENAMED.items():
-        section, key = old.split(".")
-        if isinstance(layer.get(section), DictConfig) and key in layer[section]:
+    """Refuse a user's layer that names a key or value by its old name, naming the new one."""
+    flat = _flat(layer)
+    # Keys first: a key that moved out of a renamed section (infer.glob) names where it went.
+    for old, (new, _) in sorted(RENAMED.items(), key=lambda item: "." not in item[0]):
+        if old in flat:
+            if "." not in old:  # a section: name the first key under it, the one the user wrote
+                inner = next((k for k in flat if k.startswith(f"{old}.")), old)
+                raise ConfigError(f"{source}: {inner} was renamed {current_key(inner)} (section {old}: is now {new}:)")
             raise ConfigError(f"{source}: {old} was replaced by {new}")
+    for (key, value), new_value in RENAMED_VALUES.items():
+        if key in flat and OmegaConf.select(layer, key) == value:
+            raise ConfigError(f"{source}: {key}={value} was renamed {key}={new_value}")
+
+
+def _carry_renamed(saved: DictConfig) -> None:
+    """Bring a config saved by an earlier capray to today's keys, keeping what it meant."""
+    for old, (new, how) in RENAMED.items():
+        if "." not in old:
+            if isinstance(saved.get(old), DictConfig):
+                section = saved.pop(old)
+                merged = OmegaConf.merge(section, saved.get(new) or {})
+                saved[new] = merged
+            continue
+        section, key = current_key(old).split(".")
+        if not (isinstance(saved.get(section), DictConfig) and key in saved[section]):
+            continue
+        value = saved[section].pop(key)
+        if how == "drop":
+            continue
+        new_key = new.split(" ", 1)[0]
+        if OmegaConf.select(saved, new_key) is None:
+            OmegaConf.update(saved, new_key, value if how == "same" else how(value), force_add=True)
+    for (key, value), new_value in RENAMED_VALUES.items():
+        if OmegaConf.select(saved, key) == value:
+            OmegaConf.update(saved, key, new_value)
 
 
 def _scalar_section(overrides: Sequence[str]) -> str | None:
@@ -463,21 +166,22 @@ def _merge_error(e: OmegaConfBaseException, source: str | None, key: str | None 
 
 
 def load_config(
-    paths: str | Path | DictConfig | dict | Sequence[str | Path | DictConfig | dict] | None = None,
+    paths: str | Path | DictConfig | Mapping | Sequence[str | Path | DictConfig | Mapping] | None = None,
     overrides: Sequence[str] = (),
 ) -> DictConfig:
     """Schema defaults, then each layer in order (later wins): a YAML file, or a mapping / loaded
     config (the Python API), then `key=value` overrides; validated."""
-    if paths is None or isinstance(paths, (str, Path, DictConfig, dict)):
+    if paths is None or isinstance(paths, (str, Path, DictConfig, Mapping)):
         paths = [paths] if paths else []  # "" as None: no file, as before layering
     cfg = OmegaConf.structured(Config)
     # Merged one layer at a time so that an unknown key or a wrong type names the file it is in.
     for path in paths:
         source = str(path) if isinstance(path, (str, Path)) else "config given"
-        layer = (
+        layer = cast(
+            DictConfig,
             _load_yaml(path)
             if isinstance(path, (str, Path))
-            else OmegaConf.create(OmegaConf.to_container(path) if isinstance(path, DictConfig) else path)
+            else OmegaConf.create(OmegaConf.to_container(path) if isinstance(path, DictConfig) else cast(Any, path)),
         )
         _check_renamed(layer, source)
         try:
@@ -501,6 +205,7 @@ def load_config(
         cfg = OmegaConf.merge(cfg, dotlist)
     except OmegaConfBaseException as e:
         raise _merge_error(e, None, _scalar_section(overrides)) from None
+    cfg = cast(DictConfig, cfg)
     OmegaConf.set_readonly(cfg, False)
     _validate(cfg)
     _absolute_paths(cfg)
@@ -517,16 +222,16 @@ _PATH_KEYS = (
     "checkpoint",
     "data.annotations",
     "data.images",
-    "infer.input",
+    "caption.input",
     "extract.input",
-    "encoder.weights",
+    "backbone.weights",
 )
 
 
 def _absolute_paths(cfg: DictConfig) -> None:
     for key in _PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if not value or "://" in value or (key == "encoder.weights" and not value.endswith(".h5")):
+        if not value or "://" in value or (key == "backbone.weights" and not value.endswith(".h5")):
             continue
         OmegaConf.update(cfg, key, os.path.abspath(value))
 
@@ -542,7 +247,7 @@ def parse_args(argv: Sequence[str]) -> DictConfig:
 
 def redacted(cfg: DictConfig) -> DictConfig:
     """A copy with credentials blanked, safe to write next to outputs."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
     for key in SECRET_KEYS:
         if out.storage.get(key):
             out.storage[key] = ""
@@ -555,16 +260,14 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def from_yaml(text: str) -> DictConfig:
-    """Parse a saved config (e.g. from a checkpoint) back through the schema."""
+    """Parse a saved config (a checkpoint's, an output folder's) back through the schema; keys
+    renamed since it was written are carried over with their meaning (`schema.RENAMED`)."""
     saved = OmegaConf.create(text)
-    # A checkpoint written before a key was renamed still loads: its old keys describe how it
-    # was trained, not how it is used now.
-    for old in _RENAMED:
-        section, key = old.split(".")
-        if isinstance(saved.get(section), DictConfig) and key in saved[section]:
-            saved[section].pop(key)
+    if not isinstance(saved, DictConfig):
+        raise ConfigError("invalid saved config: not a mapping")
+    _carry_renamed(saved)
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), saved))
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid saved config: {str(e).splitlines()[0]}") from None
 

@@ -1,4 +1,4 @@
-"""The configuration reference (docs/configuration.md), generated from the schema in capray/config.py.
+"""The configuration reference (docs/configuration.md), generated from the schema in capray/schema.py.
 
 Every key, its type, its default and the comment above it in the schema, so the reference cannot
 drift from the code: `python -m capray.configdoc` rewrites the file, and tests/test_configdoc.py
@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from capray import config as schema
+from capray import schema
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 COMMAND = "python -m capray.configdoc"
@@ -63,12 +63,12 @@ def _rows(cls: type, prefix: str) -> list[str]:
     comments = _field_comments(cls)
     rows = []
     for f in fields(cls):
-        if f.default is MISSING and is_dataclass(f.default_factory()):
+        if f.default is MISSING and f.default_factory is not MISSING and is_dataclass(f.default_factory()):
             continue
         key = f"{prefix}{f.name}"
         meaning = comments.get(f.name, "")
-        if key in schema._CHOICES and not all(c in meaning for c in schema._CHOICES[key]):
-            meaning = f"{meaning} One of: {', '.join(schema._CHOICES[key])}.".strip()
+        if key in schema.CHOICES and not all(c in meaning for c in schema.CHOICES[key]):
+            meaning = f"{meaning} One of: {', '.join(schema.CHOICES[key])}.".strip()
         rows.append(f"| `{key}` | {_cell(str(f.type))} | {_show(_default(f))} | {_cell(meaning)} |")
     return rows
 
@@ -89,7 +89,7 @@ def render() -> str:
         *_rows(schema.Config, ""),
     ]
     for f in fields(schema.Config):
-        if f.default is MISSING and is_dataclass(section := f.default_factory()):
+        if f.default is MISSING and f.default_factory is not MISSING and is_dataclass(section := f.default_factory()):
             doc = (type(section).__doc__ or "").strip()
             out += ["", f"## `{f.name}`", "", doc, "", header, *_rows(type(section), f"{f.name}.")]
     return "\n".join(out) + "\n"

@@ -112,9 +112,9 @@ def read_flickr(annotations: str, images: str, storage_cfg: Any = None) -> pd.Da
     return _finish(_read_table(annotations, storage_cfg), annotations, images)
 
 
-def read_manifest(path: str, images: str = "", storage_cfg: Any = None) -> pd.DataFrame:
-    """CSV or Parquet with `image` (path or URI) and `caption`; relative paths resolved against
-    `images`, or the manifest's own folder."""
+def read_table(path: str, images: str = "", storage_cfg: Any = None) -> pd.DataFrame:
+    """A captions table (`data.format=table`): CSV or Parquet with `image` (path or URI) and
+    `caption`; relative paths resolved against `images`, or the table's own folder."""
     return _finish(_read_table(path, storage_cfg), path, images or _dirname(path))
 
 
@@ -129,7 +129,7 @@ def read_captions(cfg: Any) -> pd.DataFrame:
         return read_coco(ann, cfg.data.images, cfg.storage)
     if fmt in ("flickr", "synthetic"):
         return read_flickr(ann, images, cfg.storage)
-    return read_manifest(ann, cfg.data.images, cfg.storage)
+    return read_table(ann, cfg.data.images, cfg.storage)
 
 
 def sample_split(

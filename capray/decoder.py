@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from capray.model import FEATURE_DIM, NUM_CELLS, Captioner  # first: it imports TensorFlow quietly
+from capray.model import FEATURE_DIM, NUM_CELLS, ShowAttendTell  # first: it imports TensorFlow quietly
 from capray.text import Tokenizer
 
 STRATEGIES = ("greedy", "beam")
@@ -38,7 +38,7 @@ class Decoder:
 
     def __init__(
         self,
-        model: Captioner,
+        model: ShowAttendTell,
         tokenizer: Tokenizer,
         strategy: str = "greedy",
         max_length: int = 0,
@@ -62,16 +62,16 @@ class Decoder:
 
     @classmethod
     def from_config(
-        cls, model: Captioner, tokenizer: Tokenizer, infer_cfg: Any, strategy: str | None = None
+        cls, model: ShowAttendTell, tokenizer: Tokenizer, caption_cfg: Any, strategy: str | None = None
     ) -> Decoder:
-        """A decoder with the `infer` section's settings (`strategy` overrides `infer.strategy`)."""
+        """A decoder with the `caption` section's settings (`strategy` overrides `caption.strategy`)."""
         return cls(
             model,
             tokenizer,
-            strategy or infer_cfg.strategy,
-            infer_cfg.max_length,
-            infer_cfg.beam_size,
-            infer_cfg.length_alpha,
+            strategy or caption_cfg.strategy,
+            caption_cfg.max_length,
+            caption_cfg.beam_size,
+            caption_cfg.length_alpha,
         )
 
     def __call__(self, features: np.ndarray) -> list[Caption]:

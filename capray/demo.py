@@ -56,9 +56,11 @@ def run(cfg: Any) -> dict[str, Any]:
         )["index"]
     minutes = (time.time() - start) / 60
 
+    # Printed, not logged: this table is what `capray demo` (a CLI job only, not in capray.api)
+    # is run for, and it is the same whatever the caller's logging.
     print("\n================ capray demo summary ================")
-    if cfg.encoder.weights == "random":
-        print("NOTE: encoder.weights=random - a seeded, untrained InceptionV3 (no ImageNet download here);")
+    if cfg.backbone.weights == "random":
+        print("NOTE: backbone.weights=random - a seeded, untrained InceptionV3 (no ImageNet download here);")
         print("      the synthetic scenes are learnable from its features, real photos are not.")
     print(f"rows written          {len(rows)} ({cap['failed']} failed) -> {p['captions']}")
     print(f"held-out images       {metrics['images']} (unseen seed)")

@@ -19,11 +19,14 @@ What differs from capray's own decoding (capray.images), so captions can differ 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
 
 from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -47,7 +50,7 @@ def _pixels(data: Any) -> Any:
     return tf.round(tf.clip_by_value(img, 0.0, 255.0))
 
 
-def build_serving_fn(encoder: Any, model: Any, tokenizer: Any, max_length: int = 0) -> Any:
+def build_serving_fn(backbone: Any, model: Any, tokenizer: Any, max_length: int = 0) -> Any:
     """The serving function: a batch of image bytes -> caption, log_prob, num_tokens (TF ops only)."""
     from capray.model import keras, tf
 
@@ -58,7 +61,7 @@ def build_serving_fn(encoder: Any, model: Any, tokenizer: Any, max_length: int =
     def serve(images: Any) -> dict[str, Any]:
         pixels = tf.map_fn(_pixels, images, fn_output_signature=tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.float32))
         x = keras.applications.inception_v3.preprocess_input(pixels)
-        grid = encoder.backbone(x, training=False)  # (B, 8, 8, 2048)
+        grid = backbone.inception(x, training=False)  # (B, 8, 8, 2048)
         features = tf.reshape(tf.cast(grid, tf.float32), (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
         tokens, _, log_prob, lengths = model.greedy(
             features, steps, start_id=tokenizer.start_id, end_id=tokenizer.end_id
@@ -87,7 +90,7 @@ def export(
 ) -> str:
     """Write the checkpoint's model, with its backbone and decoding, as a SavedModel in `output`."""
     from capray import checkpoint, storage
-    from capray.model import ImageEncoder, keras, set_precision, tf  # TensorFlow only once exporting
+    from capray.model import Backbone, keras, set_precision, tf  # TensorFlow only once exporting
 
     if check_output(output, storage_cfg, overwrite):
         fs, path = storage.filesystem(output, storage_cfg)
@@ -95,13 +98,13 @@ def export(
     set_precision("float32")  # what Serving runs on any device; the exported graph is fixed
     model, tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, storage_cfg)
     # The backbone the training features came from.
-    encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage_cfg)
+    backbone = Backbone(train_cfg.backbone.weights, train_cfg.backbone.seed, storage_cfg)
     archive = keras.export.ExportArchive()
-    archive.track(encoder.backbone)
+    archive.track(backbone.inception)
     archive.track(model)
     archive.add_endpoint(
         "serving_default",
-        build_serving_fn(encoder, model, tokenizer, max_length),
+        build_serving_fn(backbone, model, tokenizer, max_length),
         input_signature=[tf.TensorSpec([None], tf.string, name="images")],
     )
     local = output
@@ -119,10 +122,10 @@ def run(cfg: Any) -> dict[str, Any]:
     from capray.checkpoint import best_checkpoint
 
     uri = best_checkpoint(cfg)
-    out = export(uri, cfg.output, cfg.storage, cfg.infer.max_length, overwrite=cfg.export.overwrite)
-    print(
-        f"[capray] export: {uri} -> {out} (SavedModel; signature serving_default: images (string) -> "
-        "caption, log_prob, num_tokens)",
-        flush=True,
+    out = export(uri, cfg.output, cfg.storage, cfg.caption.max_length, overwrite=cfg.export.overwrite)
+    log.info(
+        "export: %s -> %s (SavedModel; signature serving_default: images (string) -> caption, log_prob, num_tokens)",
+        uri,
+        out,
     )
     return {"checkpoint": uri, "output": out}

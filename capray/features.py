@@ -2,7 +2,7 @@
 
 Pipeline (capray.pipeline): input shards -> InceptionV3 in an actor pool (model built once per
 actor; `num_gpus` per actor on GPU clusters) -> one Parquet file per shard, in the feature
-store's format (capray.featurestore: schema, manifest, readers).
+store's format (capray.featurestore: schema, file list, readers).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 
 from capray import inputs, pipeline, storage
-from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_manifest, write_manifest
+from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_file_list, write_file_list
 from capray.inputs import Plan
 
 log = logging.getLogger(__name__)
@@ -46,23 +46,19 @@ class FeatureExtractor(pipeline.ImageBatchModel):
         image_column: str = "image",
         max_pixels: int = 64_000_000,
     ):
-        from capray.model import (
-            ImageEncoder,
-            gpu_memory_growth,
-            set_precision,
-        )  # TF is imported in the actor, not the driver
+        from capray.model import Backbone, gpu_memory_growth, set_precision  # TF in the actor, not the driver
 
         gpu_memory_growth()
         set_precision(precision)
         self.storage_cfg, self.image_column, self.max_pixels = storage, image_column, max_pixels
-        self.encoder = ImageEncoder(weights, seed, storage, jit_compile=jit_compile, dtype=dtype)
+        self.backbone = Backbone(weights, seed, storage, jit_compile=jit_compile, dtype=dtype)
         self.dtype = np.dtype(dtype)
 
     def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
         """One feature row per image; an image with an error gets the error and empty features."""
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(ok)
-        feats = self.encoder(pixels[ok]) if ok.any() else np.zeros((0, *FEATURE_SHAPE), self.dtype)
+        feats = self.backbone(pixels[ok]) if ok.any() else np.zeros((0, *FEATURE_SHAPE), self.dtype)
         return pa.table(
             {
                 "image": keys,
@@ -93,13 +89,13 @@ def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
 def settings(cfg: Any) -> dict[str, Any]:
     """What the features depend on besides the input: recorded with every shard, compared on re-runs."""
     out: dict[str, Any] = {
-        "encoder.weights": cfg.encoder.weights,
+        "backbone.weights": cfg.backbone.weights,
         "extract.dtype": cfg.extract.dtype,
         "model.precision": cfg.model.precision,
         "data.max_pixels": cfg.data.max_pixels,
     }
-    if cfg.encoder.weights == "random":
-        out["encoder.seed"] = cfg.encoder.seed
+    if cfg.backbone.weights == "random":
+        out["backbone.seed"] = cfg.backbone.seed
     return out
 
 
@@ -125,11 +121,11 @@ def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, 
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
     if cfg.extract.overwrite:
         storage.delete_dir(features_dir, cfg.storage)
-    manifest = read_manifest(features_dir, cfg.storage)
-    if manifest and manifest["dtype"] != cfg.extract.dtype:
+    file_list = read_file_list(features_dir, cfg.storage)
+    if file_list and file_list["dtype"] != cfg.extract.dtype:
         # Training decodes a batch with one dtype; never mix them in one folder.
         raise FeatureError(
-            f"{features_dir} holds {manifest['dtype']} features but extract.dtype={cfg.extract.dtype}: "
+            f"{features_dir} holds {file_list['dtype']} features but extract.dtype={cfg.extract.dtype}: "
             "use the same dtype, another work_dir, or --overwrite"
         )
     from capray.config import output_paths
@@ -138,8 +134,8 @@ def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, 
         images if isinstance(images, Plan) else inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "images")
     )
     kwargs = dict(
-        weights=cfg.encoder.weights,
-        seed=cfg.encoder.seed,
+        weights=cfg.backbone.weights,
+        seed=cfg.backbone.seed,
         storage=cfg.storage,
         dtype=cfg.extract.dtype,
         precision=cfg.model.precision,
@@ -164,9 +160,9 @@ def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, 
         or s["cleanup"]["replaced"]
         or s["cleanup"]["pruned"]
         or s["cleanup"]["legacy_removed"]
-        or not manifest
+        or not file_list
     ):
-        s["manifest"] = write_manifest(features_dir, cfg.storage, cfg.extract.dtype, manifest, s["files"])
+        s["file_list"] = write_file_list(features_dir, cfg.storage, cfg.extract.dtype, file_list, s["files"])
     return s
 
 
@@ -178,22 +174,18 @@ def run(cfg: Any) -> dict[str, Any]:
     out = output_paths(cfg)["features"]
     plan = job_plan(cfg)
     what = cfg.extract.input or f"{plan.rows} images of the split"
-    print(
-        f"[capray] extracting InceptionV3 features of {what} -> {out} (encoder.weights={cfg.encoder.weights})",
-        flush=True,
-    )
+    log.info(f"extracting InceptionV3 features of {what} -> {out} (backbone.weights={cfg.backbone.weights})")
     summary = extract(cfg, plan, out)
     if storage.exists(out, cfg.storage):
         save_next_to(cfg, out)
-    print(
-        f"[capray] extract: {summary['shards']} shards, {summary['shards_done_before']} already done "
+    log.info(
+        f"extract: {summary['shards']} shards, {summary['shards_done_before']} already done "
         f"({summary['skipped']} images); {summary['extracted']} extracted, {summary['failed']} failed "
         "(rows with `error` set in the features files); "
-        f"{summary['seconds']} s, {summary['images_per_s']} images/s",
-        flush=True,
+        f"{summary['seconds']} s, {summary['images_per_s']} images/s"
     )
     for key, err in summary["errors"][:5]:
-        print(f"[capray] extract: failed: {key}: {err}", flush=True)
+        log.warning("extract: failed: %s: %s", key, err)
     for line in pipeline.report_lines("extract", summary):
-        print(line, flush=True)
+        log.info(line)
     return summary

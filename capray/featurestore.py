@@ -1,7 +1,8 @@
 """The feature store: the on-disk contract between extraction (writer) and training and
 evaluation (readers).
 
-A features folder holds one Parquet file per input shard and `_manifest.json`. One row per image:
+A features folder holds one Parquet file per input shard and its file list, `_files.json`
+(`_manifest.json` in folders of earlier builds, still read). One row per image:
 `image` (URI or key), `features` (raw bytes of the (64, 2048) array), `dtype`, `shape`, `error`,
 then the input's own columns (e.g. `caption`). Raw bytes keep the files readable by plain
 pyarrow/numpy without Ray's tensor extension types. No TensorFlow here: Ray Data runs these
@@ -62,9 +63,18 @@ def decode_features(column: Iterable[bytes], dtype: str, as_stored: bool = False
     return out if as_stored else out.astype(np.float32)
 
 
-def read_manifest(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
-    uri = storage.join(features_dir, "_manifest.json")
-    return json.loads(storage.read_bytes(uri, storage_cfg)) if storage.exists(uri, storage_cfg) else None
+FILE_LIST = "_files.json"
+# Its name in earlier builds, when "manifest" also meant a captions table and an input kind.
+OLD_FILE_LIST = "_manifest.json"
+
+
+def read_file_list(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
+    """The features folder's file list (every Parquet file with its row count), None if it has none."""
+    for name in (FILE_LIST, OLD_FILE_LIST):
+        uri = storage.join(features_dir, name)
+        if storage.exists(uri, storage_cfg):
+            return json.loads(storage.read_bytes(uri, storage_cfg))
+    return None
 
 
 def _footer_rows(uri: str, storage_cfg: Any) -> int:
@@ -76,16 +86,16 @@ def _footer_rows(uri: str, storage_cfg: Any) -> int:
         raise FeatureError(f"{uri}: not a readable Parquet file ({e}); delete it and re-run `capray extract`") from None
 
 
-def write_manifest(
+def write_file_list(
     features_dir: str,
     storage_cfg: Any,
     dtype: str,
     previous: dict[str, Any] | None = None,
     written: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """`_manifest.json` in the features folder: every Parquet file with its row count.
+    """`_files.json` in the features folder: every Parquet file with its row count.
 
-    Counts come from `previous` (the manifest before this run) and `written` (what this run's
+    Counts come from `previous` (the file list before this run) and `written` (what this run's
     workers reported); only a file in neither (e.g. written by a killed run) is opened, for its
     footer (in parallel): O(shards), never O(images).
     """
@@ -97,7 +107,7 @@ def write_manifest(
     counts = ThreadPoolExecutor(16).map(lambda n: _footer_rows(storage.join(features_dir, n), storage_cfg), new)
     known.update(zip(new, counts))
     files = [{"file": n, "rows": known[n]} for n in names]
-    manifest = {
+    file_list = {
         "format": "capray-features/1",
         "columns": SCHEMA.names,
         "shape": list(FEATURE_SHAPE),
@@ -105,25 +115,23 @@ def write_manifest(
         "rows": sum(f["rows"] for f in files),
         "files": files,
     }
-    storage.write_bytes(
-        storage.join(features_dir, "_manifest.json"), json.dumps(manifest, indent=1).encode(), storage_cfg
-    )
-    return manifest
+    storage.write_bytes(storage.join(features_dir, FILE_LIST), json.dumps(file_list, indent=1).encode(), storage_cfg)
+    old = storage.join(features_dir, OLD_FILE_LIST)
+    if storage.exists(old, storage_cfg):  # superseded by the file list just written
+        storage.delete(old, storage_cfg)
+    return file_list
 
 
 def verify(features_dir: str, storage_cfg: Any = None) -> None:
     """Fail before training starts, naming the file, if a shard is unreadable or disagrees with
-    `_manifest.json`, or if an unfinished `capray extract` is still replacing files of an input
+    the file list, or if an unfinished `capray extract` is still replacing files of an input
     that changed (their images would be read twice; a partial extraction, e.g. `--limit`, is fine).
     Reads Parquet footers only, not the features."""
-    uri = storage.join(features_dir, "_manifest.json")
-    listed = {}
-    if storage.exists(uri, storage_cfg):
-        listed = {f["file"]: f["rows"] for f in json.loads(storage.read_bytes(uri, storage_cfg))["files"]}
+    listed = {f["file"]: f["rows"] for f in (read_file_list(features_dir, storage_cfg) or {}).get("files", [])}
     present = {shards.output_name(i) for i in shards.done_ids(features_dir, storage_cfg)}
     missing = sorted(set(listed) - present)
     if missing:
-        raise FeatureError(f"{features_dir}: shard(s) listed in _manifest.json are missing: {', '.join(missing)}")
+        raise FeatureError(f"{features_dir}: shard(s) listed in its file list are missing: {', '.join(missing)}")
     entries, _ = shards.read_index(features_dir, storage_cfg)
     replaced = sorted({shards.output_name(e["id"]) for e in entries if e.get("state") == "superseded"} & present)
     if replaced:
@@ -136,7 +144,7 @@ def verify(features_dir: str, storage_cfg: Any = None) -> None:
     for f, rows in zip(files, ThreadPoolExecutor(16).map(lambda f: _footer_rows(f, storage_cfg), files)):
         name = f.rsplit("/", 1)[-1]
         if name in listed and listed[name] != rows:
-            raise FeatureError(f"{f}: {rows} rows, _manifest.json says {listed[name]}; re-run `capray extract`")
+            raise FeatureError(f"{f}: {rows} rows, its file list says {listed[name]}; re-run `capray extract`")
 
 
 def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +200,7 @@ def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
 
 def feature_stats(features: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std over every cell of every training image, in one streaming pass."""
-    n, s, ss = 0, 0.0, 0.0
+    n, s, ss = 0, np.zeros(()), np.zeros(())
     for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
         n += part["n"].sum()
         s = s + part["s"].sum(0)

@@ -87,5 +87,5 @@ def _to_pixels(img: Image.Image) -> np.ndarray:
         img.paste(rgba, mask=rgba.getchannel("A"))
     if img.mode != "RGB":  # L, P, CMYK, I;16 ...; convert() would copy an RGB image too
         img = img.convert("RGB")
-    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -32,7 +32,7 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-# Optional column (infer.attention=true): per emitted word, its 64 attention weights.
+# Optional column (caption.attention=true): per emitted word, its 64 attention weights.
 ATTENTION_FIELD = pa.field("attention", pa.list_(pa.list_(pa.float32())))
 
 
@@ -72,7 +72,7 @@ class CaptionPredictor(pipeline.ImageBatchModel):
     ):
         from capray import checkpoint as ckpt
         from capray.decoder import Decoder
-        from capray.model import ImageEncoder, gpu_memory_growth, set_precision
+        from capray.model import Backbone, gpu_memory_growth, set_precision
 
         gpu_memory_growth()
         set_precision(precision)  # before the model and backbone are built
@@ -80,14 +80,14 @@ class CaptionPredictor(pipeline.ImageBatchModel):
         model, self.tokenizer, train_cfg, _ = ckpt.load(checkpoint, storage)
         # The backbone must be the one the training features came from; XLA may compile it
         # (the decoder's loops stop early with data-dependent shapes, which XLA cannot compile).
-        self.encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, storage, jit_compile=jit_compile)
+        self.backbone = Backbone(train_cfg.backbone.weights, train_cfg.backbone.seed, storage, jit_compile=jit_compile)
         self.decoder = Decoder(model, self.tokenizer, strategy, max_length, beam_size, length_alpha)
         self.model_id, self.attention, self.strategy = checkpoint, attention, self.decoder.label
 
     @staticmethod
     def arguments(cfg: Any, checkpoint: str) -> dict[str, Any]:
         """Constructor arguments from a job config (its infer, model and storage sections)."""
-        i = cfg.infer
+        i = cfg.caption
         return dict(
             checkpoint=checkpoint,
             strategy=i.strategy,
@@ -103,7 +103,7 @@ class CaptionPredictor(pipeline.ImageBatchModel):
 
     def caption_pixels(self, pixels: np.ndarray) -> list[Any]:
         """(B, 299, 299, 3) uint8 -> B `capray.decoder.Caption`s (text, log-prob, token count, attention)."""
-        return self.decoder(self.encoder(pixels))
+        return self.decoder(self.backbone(pixels))
 
     def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
         """One caption row per image; an image with an error gets the error and no caption."""
@@ -138,26 +138,26 @@ def settings(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
     from capray.listing import stat
 
     size, version = stat(storage.join(checkpoint_uri, "model.weights.h5"), cfg.storage)
-    i = cfg.infer
+    i = cfg.caption
     out = {
         "checkpoint": checkpoint_uri,
         "checkpoint weights (size:version)": f"{size}:{version}",
-        "infer.strategy": i.strategy,
-        "infer.max_length": i.max_length,
-        "infer.attention": i.attention,
+        "caption.strategy": i.strategy,
+        "caption.max_length": i.max_length,
+        "caption.attention": i.attention,
         "model.precision": cfg.model.precision,
         "data.max_pixels": cfg.data.max_pixels,
     }
     if i.strategy == "beam":
-        out.update({"infer.beam_size": i.beam_size, "infer.length_alpha": i.length_alpha})
+        out.update({"caption.beam_size": i.beam_size, "caption.length_alpha": i.length_alpha})
     return out
 
 
 def job_plan(cfg: Any) -> inputs.Plan:
-    """The caption job's input (`infer.input`) as shards."""
+    """The caption job's input (`caption.input`) as shards."""
     from capray.config import output_paths
 
-    return inputs.plan(cfg, cfg.infer.input, output_paths(cfg)["inputs"])
+    return inputs.plan(cfg, cfg.caption.input, output_paths(cfg)["inputs"])
 
 
 def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
@@ -167,10 +167,10 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
 
     # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
-    if cfg.infer.overwrite:
+    if cfg.caption.overwrite:
         storage.delete_dir(output, cfg.storage)
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
-    schema = SCHEMA.append(ATTENTION_FIELD) if cfg.infer.attention else SCHEMA
+    schema = SCHEMA.append(ATTENTION_FIELD) if cfg.caption.attention else SCHEMA
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
     summary = pipeline.run(
         cfg,
@@ -178,7 +178,7 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
         output,
         CaptionPredictor,
         kwargs,
-        cfg.infer,
+        cfg.caption,
         schema,
         "caption",
         error_cls=CaptionJobError,
@@ -189,36 +189,32 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """`capray caption`: caption `infer.input` with the configured (or best) checkpoint."""
+    """`capray caption`: caption `caption.input` with the configured (or best) checkpoint."""
     from capray.checkpoint import best_checkpoint
     from capray.config import output_paths, save_next_to
 
-    if not cfg.infer.input:
+    if not cfg.caption.input:
         raise InputError(
-            "infer.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+            "caption.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
         )
     out = output_paths(cfg)["captions"]
-    s = caption(cfg, best_checkpoint(cfg), cfg.infer.input, out)
+    s = caption(cfg, best_checkpoint(cfg), cfg.caption.input, out)
     save_next_to(cfg, out)
     images = "" if s["images"] is None else f"{s['images']} images in "
     if not s["shards_written"]:
-        print(
-            f"[capray] caption: nothing to do: all {images}{s['shards']} shards already have their file in {out}",
-            flush=True,
-        )
+        log.info(f"caption: nothing to do: all {images}{s['shards']} shards already have their file in {out}")
     else:
         copied = f", {s['copied']} of them copied unchanged from the files they replace" if s["copied"] else ""
         done = f" ({s['already_done']} images)" if s["already_done"] is not None else ""
-        print(
-            f"[capray] caption: {images}{s['shards']} shards, {s['shards_done_before']} already done{done}, "
+        log.info(
+            f"caption: {images}{s['shards']} shards, {s['shards_done_before']} already done{done}, "
             f"{s['shards_written']} written ({s['written']} rows: {s['written'] - s['failed']} captioned, {s['failed']} failed{copied}), "
-            f"{s['remaining_shards']} shards left; {s['seconds']} s, {s['images_per_s']} images/s -> {out}",
-            flush=True,
+            f"{s['remaining_shards']} shards left; {s['seconds']} s, {s['images_per_s']} images/s -> {out}"
         )
         for key, err in s["errors"][:5]:
-            print(f"[capray] caption: failed: {key}: {err}", flush=True)
+            log.warning("caption: failed: %s: %s", key, err)
     if s["duplicates"]:
-        print(f"[capray] caption: {s['duplicates']} repeated images in the input were captioned once", flush=True)
+        log.info("caption: %d repeated images in the input were captioned once", s["duplicates"])
     for line in pipeline.report_lines("caption", s):
-        print(line, flush=True)
+        log.info(line)
     return s

@@ -388,7 +388,9 @@ def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
     fs, path = storage.filesystem(uri, cfg.storage)
     with fs.open_input_file(path) as f:
         names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
-    n, out, buf = cfg.inputs.shard_rows, [], []
+    n = cfg.inputs.shard_rows
+    out: list[tuple[str, int]] = []
+    buf: list[Any] = []
 
     def flush(rows: list) -> None:
         name = storage.join(out_dir, f"part-{len(out):05d}.parquet")
@@ -507,7 +509,9 @@ def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
                         yield sample
                         sample = {}
                     sample.setdefault("key", base)
-                    data = tar.extractfile(member).read()
+                    stream = tar.extractfile(member)
+                    assert stream is not None  # a regular file (checked above) always has one
+                    data = stream.read()
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"member {member.name}: {len(data)} of {member.size} bytes")
                     if f".{ext.lower()}" in exts:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from capray.tfquiet import import_tensorflow
 # Every TensorFlow import of capray goes through here (Keras below imports it too), so job logs
 # are free of its CUDA/oneDNN start-up banners: import capray.model instead of tensorflow.
 tf = import_tensorflow()
+# For annotations: TensorFlow ships no type information, so a tensor is Any to the type checker.
+Tensor: TypeAlias = Any
 import keras  # noqa: E402
 
 from capray import backbone  # noqa: E402 (after TensorFlow's quiet import above)
@@ -62,6 +64,7 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None
         return keras.applications.InceptionV3(weights=None, **kwargs)
     # imagenet: the file the driver's check left in the Keras cache (no second download).
     source = backbone.check(weights, storage)
+    assert source is not None  # only `random` has no file, returned above
     from capray import storage as st  # local import: storage pulls in pyarrow only when needed
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,12 +77,12 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, storage: Any = None
             return keras.applications.InceptionV3(weights=local, **kwargs)
         except Exception as e:  # noqa: BLE001 (not an HDF5 file, or weights of another architecture)
             raise BackboneError(
-                f"encoder.weights={weights}: cannot load {source} as InceptionV3 no-top weights: "
+                f"backbone.weights={weights}: cannot load {source} as InceptionV3 no-top weights: "
                 f"{type(e).__name__}: {' '.join(str(e).split())}"
             ) from None
 
 
-class ImageEncoder:
+class Backbone:
     """InceptionV3 feature extractor: uint8 RGB images -> (B, 64, 2048) features of `dtype`."""
 
     def __init__(
@@ -90,7 +93,7 @@ class ImageEncoder:
         jit_compile: bool = False,
         dtype: str = "float32",
     ):
-        self.backbone = build_backbone(weights, seed, storage)
+        self.inception = build_backbone(weights, seed, storage)
         # The cast to the stored dtype runs in the graph: a float16 result leaves the device at
         # half the bytes, and no NumPy pass over the batch follows (bench/extract.py).
         self.dtype = tf.as_dtype(dtype)
@@ -99,16 +102,16 @@ class ImageEncoder:
         spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)
         self._forward = tf.function(self._features, input_signature=[spec], jit_compile=jit_compile)
 
-    def _features(self, images: tf.Tensor) -> tf.Tensor:
+    def _features(self, images: Tensor) -> Tensor:
         x = keras.applications.inception_v3.preprocess_input(tf.cast(images, tf.float32))
-        grid = self.backbone(x, training=False)  # (B, 8, 8, 2048); 16-bit under mixed precision
+        grid = self.inception(x, training=False)  # (B, 8, 8, 2048); 16-bit under mixed precision
         return tf.reshape(tf.cast(grid, self.dtype), (-1, NUM_CELLS, FEATURE_DIM))  # (B, 64, 2048)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Features of a batch of (B, 299, 299, 3) uint8 images."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
-            raise TypeError(f"ImageEncoder takes uint8 pixels (capray.images.decode), got {images.dtype}")
+            raise TypeError(f"Backbone takes uint8 pixels (capray.images.decode), got {images.dtype}")
         return self._forward(tf.convert_to_tensor(images)).numpy()
 
 
@@ -121,11 +124,11 @@ class BahdanauAttention(keras.layers.Layer):
         self.W2 = keras.layers.Dense(units, name="W2")
         self.V = keras.layers.Dense(1, name="V")
 
-    def project(self, features: tf.Tensor) -> tf.Tensor:
+    def project(self, features: Tensor) -> Tensor:
         """W1 f, which does not depend on the step: computed once per caption, not per word."""
         return self.W1(features)  # (B, 64, U)
 
-    def call(self, features: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def call(self, features: Tensor, projected: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         score = tf.tanh(projected + self.W2(hidden)[:, None, :])  # (B, 64, U)
         # Softmax in float32 (a no-op cast unless mixed precision computes the scores in 16 bits).
         weights = tf.nn.softmax(tf.cast(self.V(score)[..., 0], tf.float32), axis=1)  # (B, 64)
@@ -133,7 +136,7 @@ class BahdanauAttention(keras.layers.Layer):
         return context, weights
 
 
-class Captioner(keras.Model):
+class ShowAttendTell(keras.Model):
     """Encoder Dense(E, relu) + Bahdanau attention + GRU(U) decoder with Dense(U), Dense(V) heads."""
 
     def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512, **kwargs: Any):
@@ -159,13 +162,13 @@ class Captioner(keras.Model):
         self.feature_mean.assign(np.asarray(mean, np.float32))
         self.feature_std.assign(np.maximum(np.asarray(std, np.float32), 1e-6))
 
-    def encode(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def encode(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features (B, 64, 2048) -> encoded (B, 64, E) and attention projection (B, 64, U)."""
         x = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
         encoded = self.encoder(x)  # (B, 64, E)
         return encoded, self.attention.project(encoded)
 
-    def step(self, token: tf.Tensor, encoded: tf.Tensor, projected: tf.Tensor, hidden: tf.Tensor):
+    def step(self, token: Tensor, encoded: Tensor, projected: Tensor, hidden: Tensor):
         """One decoder step: previous word (B,) and state (B, U) -> GRU output (B, U), state, attention (B, 64)."""
         context, alpha = self.attention(encoded, projected, hidden)  # (B, E), (B, 64)
         x = tf.concat([context, self.embedding(token)], axis=-1)  # (B, 2E)
@@ -175,11 +178,11 @@ class Captioner(keras.Model):
         # The loops carry float32 (16-bit outputs under mixed precision would not match their state).
         return tf.cast(output, tf.float32), tf.cast(state[0], tf.float32), alpha
 
-    def head(self, outputs: tf.Tensor) -> tf.Tensor:
+    def head(self, outputs: Tensor) -> Tensor:
         """GRU outputs (..., U) -> vocabulary logits (..., V), float32 (softmax and loss stay float32)."""
         return tf.cast(self.fc2(self.fc1(outputs)), tf.float32)
 
-    def call(self, features: tf.Tensor, captions: tf.Tensor, training: bool = False):
+    def call(self, features: Tensor, captions: Tensor, training: bool = False):
         """Teacher forcing: logits (B, T-1, V) predicting captions[:, 1:] and attention (B, T-1, 64)."""
         encoded, projected = self.encode(features)
         batch = tf.shape(captions)[0]
@@ -205,12 +208,12 @@ class Captioner(keras.Model):
         # fc1/fc2 do not feed back into the recurrence, so they run once on all steps.
         return self.head(outputs), tf.transpose(alphas.stack(), [1, 0, 2])  # (B, T-1, V), (B, T-1, 64)
 
-    def build_all(self, max_length: int = 3) -> Captioner:
+    def build_all(self, max_length: int = 3) -> ShowAttendTell:
         """Create every weight (Keras builds lazily) so weights can be saved, loaded or mirrored."""
         self(tf.zeros((1, NUM_CELLS, FEATURE_DIM)), tf.zeros((1, max_length), tf.int32))
         return self
 
-    def greedy(self, features: tf.Tensor, max_steps: int, *, start_id: int, end_id: int):
+    def greedy(self, features: Tensor, max_steps: int, *, start_id: int, end_id: int):
         """Batched greedy decoding until every caption has emitted `<end>` or max_steps words
         (`start_id`, `end_id`: the tokenizer's; capray.decoder.Decoder passes them).
 
@@ -252,7 +255,7 @@ class Captioner(keras.Model):
 
     def beam_search(
         self,
-        features: tf.Tensor,
+        features: Tensor,
         max_steps: int,
         beam_size: int = 3,
         length_alpha: float = 0.7,
@@ -332,7 +335,7 @@ class Captioner(keras.Model):
         )
 
 
-def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def caption_loss(captions: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """Masked sparse softmax cross-entropy: (sum over real tokens, number of real tokens).
 
     Targets are captions[:, 1:]; `<pad>` (0) targets contribute nothing, so extra padding never
@@ -344,7 +347,7 @@ def caption_loss(captions: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
 
 
-def attention_penalty(captions: tf.Tensor, attention: tf.Tensor) -> tf.Tensor:
+def attention_penalty(captions: Tensor, attention: Tensor) -> Tensor:
     """Xu et al.'s doubly stochastic regulariser, summed over the batch: sum_i (1 - sum_t alpha_ti)^2.
 
     It pushes the model to look at every cell over the course of a caption; only real (non-pad)

@@ -169,11 +169,12 @@ class ShardWriter:
     """
 
     def __init__(self, uri: str, storage_cfg: Any, compression: str = "snappy", metadata: dict[str, str] | None = None):
-        self.uri, self.storage_cfg, self.compression, self.writer = uri, storage_cfg, compression, None
+        self.uri, self.storage_cfg, self.compression = uri, storage_cfg, compression
+        self.writer: pq.ParquetWriter | None = None
         self.metadata = metadata or {}
         self.buffer: list[pa.Table] = []
         self.buffered_bytes = self.buffered_rows = 0
-        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet")
+        self.codec = ThreadPoolExecutor(1, thread_name_prefix="parquet")  # encodes and compresses row groups
         self.in_flight: Any = None
         if storage.is_remote(uri):
             fd, self.tmp = tempfile.mkstemp(suffix=".parquet")
@@ -199,7 +200,8 @@ class ShardWriter:
     def _flush(self) -> None:
         self._wait()  # the previous row group's error, if any, surfaces here
         if self.buffer:
-            self.in_flight = self.encoder.submit(self.writer.write_table, pa.concat_tables(self.buffer))
+            assert self.writer is not None  # made by the first write (or publish) before any flush
+            self.in_flight = self.codec.submit(self.writer.write_table, pa.concat_tables(self.buffer))
             self.buffer = []
             self.buffered_bytes = self.buffered_rows = 0
 
@@ -216,7 +218,7 @@ class ShardWriter:
             )
         self._flush()
         self._wait()
-        self.encoder.shutdown()
+        self.codec.shutdown()
         self.writer.close()
         try:
             if storage.is_remote(self.uri):
@@ -233,7 +235,7 @@ class ShardWriter:
             self._wait()
         except Exception:  # noqa: BLE001 (the error that matters is the one being handled)
             pass
-        self.encoder.shutdown()
+        self.codec.shutdown()
         if self.writer is not None:
             self.writer.close()
         if os.path.exists(self.tmp):
@@ -390,7 +392,10 @@ class ShardWorker:
             for table in read_shard(shard, self.cfg, self.batch_size):
                 # The same image twice in one shard (a manifest listing it twice) is done once.
                 keys = table[KEY].to_pylist()
-                keep = [k not in seen and not seen.add(k) for k in keys]
+                keep = []
+                for k in keys:
+                    keep.append(k not in seen)
+                    seen.add(k)
                 if not all(keep):
                     duplicates += keep.count(False)
                     table = table.filter(pa.array(keep))
@@ -458,7 +463,7 @@ def run(
     start = time.time()
     settings = settings or {}
     for line in listing_lines(label, plan):
-        print(line, flush=True)
+        log.info(line)
     try:
         work = shards.reconcile(cfg, plan, output, settings)
     except OSError as e:
@@ -484,13 +489,10 @@ def run(
         "files": {},
     }
     for line in work_lines(label, work, output):
-        print(line, flush=True)
+        log.info(line)
     written: dict[str, tuple[int, int]] = {}
     if todo:
-        print(
-            f"[capray] {label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}",
-            flush=True,
-        )
+        log.info(f"{label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}")
         # One block per shard: each actor call is one whole shard. `range` makes the blocks
         # lazily in read tasks; the shard descriptors travel once, with the actor class.
         ds = ray.data.range(len(todo), override_num_blocks=len(todo))
@@ -530,10 +532,9 @@ def run(
                 if time.time() - last >= 10:
                     last = time.time()
                     rate = summary["written"] / max(last - start, 1e-9)
-                    print(
-                        f"[capray] {label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
-                        f"({summary['failed']} failed), {rate:.1f} rows/s",
-                        flush=True,
+                    log.info(
+                        f"{label}: {summary['shards_written']}/{len(todo)} shards, {summary['written']} rows "
+                        f"({summary['failed']} failed), {rate:.1f} rows/s"
                     )
         except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
             try:
@@ -596,16 +597,16 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
         head = f"using the saved listing of {plan.input} taken {when} ({age} old; inputs.relist=true lists again)"
     else:
         head = f"listed {plan.input} now ({when}; inputs.relist=false would reuse the saved listing)"
-    lines = [f"[capray] {label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]
+    lines = [f"{label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]
     c = info.get("changes")
     if info.get("before_taken_at") is None:
-        lines.append(f"[capray] {label}: no earlier listing of this input to compare with")
+        lines.append(f"{label}: no earlier listing of this input to compare with")
     elif c is None:
-        lines.append(f"[capray] {label}: the earlier listing could not be compared with (see the warning above)")
+        lines.append(f"{label}: the earlier listing could not be compared with (see the warning above)")
     else:
         before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["before_taken_at"]))
         lines.append(
-            f"[capray] {label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "
+            f"{label}: since the listing of {before}: {c['new']} new, {c['changed']} changed, "
             f"{c['removed']} removed, {c['unchanged']} unchanged images"
         )
     return lines
@@ -618,7 +619,7 @@ def work_lines(label: str, work: shards.Work, output: str) -> list[str]:
     pruned = [i for i, by in work.superseded.items() if not by]
     if replaced or pruned or work.kept or work.retried:
         lines.append(
-            f"[capray] {label}: {output}: {len(work.done)} shards done, {len(work.todo)} to do "
+            f"{label}: {output}: {len(work.done)} shards done, {len(work.todo)} to do "
             f"({work.copy_sources} copy the rows of unchanged images from the {len(replaced)} files they replace"
             + (f"; {work.retried} redone for their failed rows (inputs.retry_failed)" if work.retried else "")
             + ")"
@@ -635,7 +636,7 @@ def work_lines(label: str, work: shards.Work, output: str) -> list[str]:
         )
     if work.legacy:
         lines.append(
-            f"[capray] {label}: {output}: {len(work.legacy)} files were written by a capray without content-bound "
+            f"{label}: {output}: {len(work.legacy)} files were written by a capray without content-bound "
             "shards: their images are done again, and the old files are deleted once every shard is written"
         )
     return lines
@@ -646,12 +647,12 @@ def report_lines(label: str, s: dict[str, Any]) -> list[str]:
     lines = []
     if s.get("retried"):
         lines.append(
-            f"[capray] {label}: {s['retried']} storage requests were tried again after transient errors "
+            f"{label}: {s['retried']} storage requests were tried again after transient errors "
             "(throttling, dropped connections; storage.retries)"
         )
     if s.get("model_s"):
         lines.append(
-            f"[capray] {label}: the model waited for images {s['wait_share']:.0%} of its time "
+            f"{label}: the model waited for images {s['wait_share']:.0%} of its time "
             f"({s['wait_s']:.1f} s waiting, {s['model_s']:.1f} s computing, summed over actors)"
             + (
                 "; decoding does not keep up: raise inputs.io_threads, or give the actors' nodes more CPUs"

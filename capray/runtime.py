@@ -8,6 +8,8 @@ from typing import Any
 
 import ray
 
+from capray import logs
+
 WORKER_ENV = {
     # Workers import TensorFlow too: its C++ INFO and WARNING logs stay out of every job log
     # (its start-up banners ignore this: capray.tfquiet filters those).
@@ -25,8 +27,16 @@ RUNTIME_ENV = {
     "env_vars": WORKER_ENV,
     # Before a worker runs anything: Ray Train's TensorFlow backend imports TensorFlow in its
     # workers before any capray code, so capray/__init__ alone would come too late there.
-    "worker_process_setup_hook": "capray.tfquiet.install",
+    "worker_process_setup_hook": "capray.runtime.setup_worker",
 }
+
+
+def setup_worker() -> None:
+    """What every worker process of a capray Ray job does first (RUNTIME_ENV)."""
+    from capray import tfquiet
+
+    tfquiet.install()
+    logs.worker_logging(os.environ.get(logs.WORKER_ENV))
 
 
 def init_ray(cfg: Any) -> None:
@@ -34,7 +44,10 @@ def init_ray(cfg: Any) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"runtime_env": RUNTIME_ENV, "logging_level": logging.WARNING}
+    # The workers print capray's records at the level this driver shows them (capray.logs).
+    level = logs.worker_level()
+    runtime_env = {**RUNTIME_ENV, "env_vars": {**WORKER_ENV, **({logs.WORKER_ENV: level} if level else {})}}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
     if address is None and cfg.ray.local_cpus:
         kwargs["num_cpus"] = cfg.ray.local_cpus
     ray.init(address=address, **kwargs)

@@ -108,7 +108,10 @@ def check_same(meta: dict[str, Any], input_uri: str, settings: dict[str, Any], o
             f"{output} holds the output of input {meta.get('input')}, not {input_uri}: give each input its own output "
             "folder (output=... or work_dir=...), or replace it with --overwrite"
         )
-    old = meta.get("settings", {})
+    from capray.config import current_key
+
+    # An output written before a config key was renamed recorded it under its old name.
+    old = {current_key(k): v for k, v in meta.get("settings", {}).items()}
     changed = [
         f"{k}: {old.get(k)} -> {settings.get(k)}"
         for k in sorted(set(old) | set(settings))
@@ -197,7 +200,7 @@ def reconcile(cfg: Any, plan: Plan, output: str, settings: dict[str, Any]) -> Wo
 
 
 def _entries(
-    plan: Plan, work: Work, written: dict[str, tuple[int, int]], gone: set[str] = frozenset()
+    plan: Plan, work: Work, written: dict[str, tuple[int, int]], gone: frozenset[str] | set[str] = frozenset()
 ) -> list[dict[str, Any]]:
     out = []
     for s in plan.shards:

@@ -226,6 +226,15 @@ def delete_dir(uri: str, storage: Any = None) -> None:
         fs.delete_dir(path)
 
 
+def delete(uri: str, storage: Any = None) -> None:
+    """Delete one file; nothing to do when it does not exist."""
+    fs, path = filesystem(uri, storage)
+    try:
+        retrying(lambda: fs.delete_file(path), f"deleting {uri}", storage)
+    except FileNotFoundError:
+        pass
+
+
 def list_files(uri: str, storage: Any = None, suffixes: tuple[str, ...] = ()) -> list[str]:
     """All files under a folder/prefix (recursively), as URIs of the same kind, sorted."""
     fs, path = filesystem(uri, storage)

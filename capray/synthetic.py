@@ -8,12 +8,15 @@ demo and the learning tests rely on that.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -114,8 +117,6 @@ def ensure(cfg: Any) -> str:
     if storage.is_remote(manifest):
         raise ConfigError(f"data.annotations={manifest}: the synthetic dataset is generated on local disk")
     if not Path(manifest).exists():
-        print(
-            f"[capray] generating {cfg.data.synthetic_images} synthetic scenes in {Path(manifest).parent}", flush=True
-        )
+        log.info("generating %d synthetic scenes in %s", cfg.data.synthetic_images, Path(manifest).parent)
         generate(Path(manifest).parent, cfg.data.synthetic_images, cfg.data.synthetic_seed)
     return manifest

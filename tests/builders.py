@@ -20,14 +20,14 @@ def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:
     import keras
 
     from capray import checkpoint
-    from capray.model import Captioner, make_optimizer
+    from capray.model import ShowAttendTell, make_optimizer
 
     # Seeded: an untrained decoder's first word is a coin toss between `<end>` (an empty caption)
     # and a word; the tests that check captions are not empty need the same weights every session.
     keras.utils.set_random_seed(1)
     tokenizer = Tokenizer.fit(["a red circle", "two blue squares left of a green triangle"], max_length=6)
-    cfg = load_config(None, ["encoder.weights=random", "model.embedding_dim=8", f"model.units={units}"])
-    model = Captioner(tokenizer.vocab_size, 8, units).build_all()
+    cfg = load_config(None, ["backbone.weights=random", "model.embedding_dim=8", f"model.units={units}"])
+    model = ShowAttendTell(tokenizer.vocab_size, 8, units).build_all()
     optimizer = make_optimizer(1e-3)
     optimizer.build(model.trainable_variables)
     checkpoint.write(str(directory), model, optimizer, tokenizer, cfg, {"epoch": 1, "step": 1})

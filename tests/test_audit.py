@@ -35,7 +35,7 @@ def _write_output(uri: str, rows: list[tuple[str, str | None]], storage_cfg, fea
 def _metadata(output: str, storage_cfg) -> None:
     """What sits next to the data files and is not data: never read as output rows."""
     storage.write_bytes(storage.join(output, "_capray_config.yaml"), b"name: x\n", storage_cfg)
-    storage.write_bytes(storage.join(output, "_manifest.json"), b"{}", storage_cfg)
+    storage.write_bytes(storage.join(output, "_files.json"), b"{}", storage_cfg)
     _write_output(storage.join(output, "_shards.parquet"), [(STALE, None)], storage_cfg)
 
 
@@ -132,7 +132,7 @@ def test_audit_on_s3_with_a_manifest_listing_a_key_twice(s3, ray_local) -> None:
 def test_capray_audit_command(tmp_path: Path, ray_local, capsys: pytest.CaptureFixture) -> None:
     keys = _image_folder(tmp_path / "images")
     out = tmp_path / "captions"
-    args = ["audit", f"work_dir={tmp_path / 'work'}", f"infer.input={tmp_path / 'images'}", f"output={out}"]
+    args = ["audit", f"work_dir={tmp_path / 'work'}", f"caption.input={tmp_path / 'images'}", f"output={out}"]
     # Checked before Ray is needed: the output folder must be there.
     assert cli.main(args) == 3
     assert f"capray audit: InputError: output folder not found: {out}" in capsys.readouterr().err

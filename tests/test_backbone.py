@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from capray import backbone, storage
-from capray.model import BackboneError, ImageEncoder, build_backbone
+from capray.model import Backbone, BackboneError, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,10 @@ def test_imagenet_offline_is_one_line_naming_the_alternatives(
     assert "\n" not in message and message.startswith("could not load the ImageNet InceptionV3 weights")
     assert f"not in the Keras cache {keras_home}" in message and "Connection refused" in message
     assert (
-        f"give a local or s3:// copy of the no-top weights file with encoder.weights=/path/{backbone.WEIGHTS_FILE}"
+        f"give a local or s3:// copy of the no-top weights file with backbone.weights=/path/{backbone.WEIGHTS_FILE}"
         in message
     )
-    assert "encoder.weights=random" in message
+    assert "backbone.weights=random" in message
     assert list(keras_home.iterdir()) == []  # no partial file left behind
 
 
@@ -106,10 +106,10 @@ def test_the_backbone_loads_the_cached_file_without_downloading(
 
 def test_weights_file_loads_the_same_backbone(random_backbone_file: Path) -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
-    expected = ImageEncoder("random", seed=5)(pixels)
-    loaded = ImageEncoder(str(random_backbone_file))(pixels)
+    expected = Backbone("random", seed=5)(pixels)
+    loaded = Backbone(str(random_backbone_file))(pixels)
     np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-6)
-    other_seed = ImageEncoder("random", seed=6)(pixels)
+    other_seed = Backbone("random", seed=6)(pixels)
     assert not np.allclose(other_seed, expected)
 
 

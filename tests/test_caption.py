@@ -50,7 +50,7 @@ def _rows(cfg, out: str) -> pd.DataFrame:
 def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkpoint: str) -> None:
     cfg = s3.config(
         f"data.max_pixels={TEST_MAX_PIXELS}",
-        "infer.batch_size=4",
+        "caption.batch_size=4",
         "inputs.shard_rows=3",
         f"work_dir={s3.bucket('out')}/work",
     )
@@ -103,7 +103,7 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
 
 def test_job_rows_equal_the_python_api_for_every_input_type(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
     cfg = s3.config(
-        f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "infer.attention=true", f"work_dir={tmp_path}"
+        f"data.max_pixels={TEST_MAX_PIXELS}", "inputs.glob='*.jpg'", "caption.attention=true", f"work_dir={tmp_path}"
     )
     out = str(tmp_path / "captions")
     caption(cfg, checkpoint, zoo, out)
@@ -161,7 +161,7 @@ def test_beam_search_rows_record_the_strategy_and_match_the_library(
     s3, zoo: str, checkpoint: str, tmp_path: Path
 ) -> None:
     cfg = s3.config(
-        f"data.max_pixels={TEST_MAX_PIXELS}", "infer.strategy=beam", "infer.beam_size=3", f"work_dir={tmp_path}"
+        f"data.max_pixels={TEST_MAX_PIXELS}", "caption.strategy=beam", "caption.beam_size=3", f"work_dir={tmp_path}"
     )
     out = str(tmp_path / "beam")
     caption(cfg, checkpoint, zoo, out)
@@ -196,7 +196,7 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
         None,
         [
             f"work_dir={tmp_path / 'work'}",
-            "encoder.weights=random",
+            "backbone.weights=random",
             "extract.dtype=float32",
             f"extract.input={folder}",
             f"data.max_pixels={TEST_MAX_PIXELS * 4}",

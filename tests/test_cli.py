@@ -121,7 +121,7 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch
 
 
 def test_missing_input_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
-    args = ("caption", DEMO, f"work_dir={tmp_path}", "infer.input=nonexistent_dir")
+    args = ("caption", DEMO, f"work_dir={tmp_path}", "caption.input=nonexistent_dir")
     missing = REPO / "nonexistent_dir"
     _one_line_failure(_capray(*args), "caption", 3, f"InputError: input not found: {missing}")
     for debug in (_capray(*args, "--debug"), _capray(*args, env=_env(CAPRAY_DEBUG="1"))):
@@ -131,7 +131,7 @@ def test_missing_input_is_one_line_and_debug_shows_the_traceback(tmp_path: Path)
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
     done = _capray(
-        "caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}"
+        "caption", DEMO, f"work_dir={tmp_path}", f"caption.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}"
     )
     _one_line_failure(done, "caption", 4, f"CheckpointError: checkpoint not found: {tmp_path / 'ckpt'}")
 
@@ -149,8 +149,8 @@ def test_missing_captions_file(tmp_path: Path) -> None:
 
 
 def test_bad_encoder_weights_path(tmp_path: Path) -> None:
-    done = _capray("extract", DEMO, f"work_dir={tmp_path}", f"encoder.weights={tmp_path / 'w.h5'}")
-    _one_line_failure(done, "extract", 6, f"BackboneError: encoder.weights: file not found: {tmp_path / 'w.h5'}")
+    done = _capray("extract", DEMO, f"work_dir={tmp_path}", f"backbone.weights={tmp_path / 'w.h5'}")
+    _one_line_failure(done, "extract", 6, f"BackboneError: backbone.weights: file not found: {tmp_path / 'w.h5'}")
 
 
 def test_imagenet_weights_offline_fail_in_the_driver_in_one_line(tmp_path: Path) -> None:
@@ -158,9 +158,9 @@ def test_imagenet_weights_offline_fail_in_the_driver_in_one_line(tmp_path: Path)
     refused = "http://127.0.0.1:9"
     env = {k: v for k, v in _env().items() if k.lower() not in ("no_proxy", "all_proxy")}
     env.update(KERAS_HOME=str(tmp_path / "keras"), https_proxy=refused, HTTPS_PROXY=refused)
-    done = _capray("extract", DEMO, f"work_dir={tmp_path / 'work'}", "encoder.weights=imagenet", env=env)
+    done = _capray("extract", DEMO, f"work_dir={tmp_path / 'work'}", "backbone.weights=imagenet", env=env)
     _one_line_failure(done, "extract", 6, "BackboneError: could not load the ImageNet InceptionV3 weights")
-    assert "give a local or s3:// copy of the no-top weights file with encoder.weights=" in done.stderr
+    assert "give a local or s3:// copy of the no-top weights file with backbone.weights=" in done.stderr
 
 
 def test_bad_config(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
     # Under a file, not a read-only folder: root may write into any folder.
     (tmp_path / "file").write_text("")
     done = _capray(
-        "caption", DEMO, f"work_dir={tmp_path}", f"infer.input={tmp_path}", f"output={tmp_path / 'file' / 'caps'}"
+        "caption", DEMO, f"work_dir={tmp_path}", f"caption.input={tmp_path}", f"output={tmp_path / 'file' / 'caps'}"
     )
     _one_line_failure(done, "caption", 3, f"InputError: cannot write the output folder {tmp_path / 'file' / 'caps'}")
 
@@ -249,6 +249,8 @@ def test_real_job_logs_have_no_banner_or_train_noise_in_driver_or_workers(tmp_pa
         )
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert "best checkpoint" in trained.stdout, trained.stdout[-3000:]
+        # A training worker's line reaches the driver's console, once (capray.logs: the driver tells it to print).
+        assert trained.stdout.count("[capray] epoch 1/1 step ") == 1, trained.stdout[-3000:]
         for log in (done.stdout + done.stderr, trained.stdout + trained.stderr):
             assert not [m for m in BANNER_MARKS + TRAIN_NOISE if m in log], log[-3000:]
         workers = list(Path(ray_tmp).glob("ray/session_2*/logs/worker-*"))  # not session_latest, a link

@@ -97,7 +97,7 @@ def test_every_config_file_loads_and_its_header_gives_the_command(path: Path) ->
 def test_cluster_configs_use_gpu_actors_and_workers() -> None:
     coco = [REPO / "configs/coco2014.yaml", REPO / "configs/coco2014-s3.yaml"]
     cfg = load_config([*coco, REPO / "configs/gpu-cluster.yaml"])
-    for stage in (cfg.extract, cfg.infer):
+    for stage in (cfg.extract, cfg.caption):
         # Two actors per GPU (fractional num_gpus), each with its decode threads.
         assert stage.num_gpus == 0.5 and stage.min_actors < stage.max_actors
     assert cfg.inputs.io_threads > 4
@@ -105,7 +105,7 @@ def test_cluster_configs_use_gpu_actors_and_workers() -> None:
     assert cfg.model.precision == "mixed_float16" and cfg.model.jit_compile
     assert cfg.work_dir.startswith("s3://") and not cfg.storage.access_key_id
     cpu = load_config([*coco, REPO / "configs/cpu-cluster.yaml"])
-    assert cpu.extract.num_gpus == cpu.infer.num_gpus == 0 and not cpu.ray.use_gpu
+    assert cpu.extract.num_gpus == cpu.caption.num_gpus == 0 and not cpu.ray.use_gpu
     assert cpu.model.precision == "mixed_bfloat16" and not cpu.model.jit_compile
 
 

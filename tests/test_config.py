@@ -47,7 +47,7 @@ def test_defaults_load_from_the_schema() -> None:
     # The defaults that the model card fixes (the seed's vocabulary and sizes, ImageNet weights);
     # the other defaults are choices the schema documents, not restated here.
     assert (cfg.text.vocab_size, cfg.model.embedding_dim, cfg.model.units) == (5000, 256, 512)
-    assert cfg.encoder.weights == "imagenet" and cfg.storage.secret_access_key == ""
+    assert cfg.backbone.weights == "imagenet" and cfg.storage.secret_access_key == ""
     cfg.train.epochs = 2  # the loaded config is writable (jobs adjust it)
     assert cfg.train.epochs == 2
 
@@ -139,7 +139,7 @@ def test_bad_overrides_are_refused_naming_the_key(override: str, names: str) -> 
 
 
 def test_choice_errors_list_the_allowed_values() -> None:
-    with pytest.raises(ConfigError, match="synthetic, coco, flickr, manifest"):
+    with pytest.raises(ConfigError, match="synthetic, coco, flickr, table"):
         load_config(None, ["data.format=xml"])
 
 
@@ -244,6 +244,44 @@ def test_from_yaml_refuses_unknown_keys() -> None:
         from_yaml("train:\n  epochz: 1\n")
 
 
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ("encoder:\n  weights: random\n", "encoder.weights was renamed backbone.weights"),
+        ("infer:\n  input: photos\n", "infer.input was renamed caption.input"),
+        ("data:\n  format: manifest\n", "data.format=manifest was renamed data.format=table"),
+    ],
+)
+def test_a_users_config_with_a_renamed_key_is_told_the_new_name(tmp_path: Path, layer: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"c.yaml: {re.escape(message)}"):
+        load_config(_yaml(tmp_path, layer))
+    override = message.split(" was ")[0]
+    override = override if "=" in override else f"{override}=x"
+    with pytest.raises(ConfigError, match=f"override: {re.escape(message.split(' was ')[0])}"):
+        load_config(None, [override])
+
+
+def test_a_config_saved_before_a_rename_keeps_its_meaning() -> None:
+    # A checkpoint trained on a random backbone must not come back as an imagenet one.
+    saved = from_yaml(
+        "encoder:\n  weights: random\n  seed: 7\ninfer:\n  strategy: beam\n  limit: 3\n"
+        "data:\n  format: manifest\nmodel:\n  mixed_precision: true\n"
+    )
+    assert (saved.backbone.weights, saved.backbone.seed) == ("random", 7)
+    assert saved.caption.strategy == "beam" and saved.data.format == "table"
+    assert saved.model.precision == "mixed_float16"  # the old boolean's meaning
+    assert "encoder" not in saved and "infer" not in saved
+    assert from_yaml("model:\n  mixed_precision: false\n").model.precision == "float32"
+
+
+def test_settings_recorded_under_old_names_compare_under_the_new_ones() -> None:
+    from capray.config import current_key
+
+    assert current_key("infer.strategy") == "caption.strategy"
+    assert current_key("encoder.weights") == "backbone.weights"
+    assert current_key("model.precision") == "model.precision"
+
+
 def test_output_paths_live_under_work_dir() -> None:
     paths = output_paths(load_config(None, ["work_dir=s3://bucket/w", "name=r1"]))
     assert all(p.startswith("s3://bucket/w/") for p in paths.values()), paths
@@ -302,12 +340,12 @@ def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatc
         None,
         [
             "work_dir=outputs/x",
-            "infer.input=photos",
-            "encoder.weights=w/inception.h5",
+            "caption.input=photos",
+            "backbone.weights=w/inception.h5",
             "data.annotations=s3://b/captions.csv",
         ],
     )
-    assert cfg.work_dir == str(tmp_path / "outputs/x") and cfg.infer.input == str(tmp_path / "photos")
-    assert cfg.encoder.weights == str(tmp_path / "w/inception.h5")
+    assert cfg.work_dir == str(tmp_path / "outputs/x") and cfg.caption.input == str(tmp_path / "photos")
+    assert cfg.backbone.weights == str(tmp_path / "w/inception.h5")
     assert cfg.data.annotations == "s3://b/captions.csv" and cfg.output == ""
-    assert load_config(None, ["encoder.weights=random"]).encoder.weights == "random"
+    assert load_config(None, ["backbone.weights=random"]).backbone.weights == "random"

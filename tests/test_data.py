@@ -59,13 +59,13 @@ def test_csv_row_with_too_many_fields_is_refused(tmp_path: Path, content: str) -
 def test_unreadable_manifests_name_the_file(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     path = _write(tmp_path / name, content)
     with pytest.raises(DataError, match=message) as err:
-        data.read_manifest(path)
+        data.read_table(path)
     assert name in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["gone.csv", "gone.parquet", "gone.json"])
 def test_missing_file_is_a_data_error(tmp_path: Path, name: str) -> None:
-    read = data.read_coco if name.endswith(".json") else data.read_manifest
+    read = data.read_coco if name.endswith(".json") else data.read_table
     with pytest.raises(DataError, match=f"{name}: file not found"):
         read(str(tmp_path / name), str(tmp_path))
 
@@ -73,13 +73,13 @@ def test_missing_file_is_a_data_error(tmp_path: Path, name: str) -> None:
 def test_parquet_manifest_missing_column_names_it(tmp_path: Path) -> None:
     pd.DataFrame({"image": ["a.jpg"], "text": ["x"]}).to_parquet(tmp_path / "m.parquet")
     with pytest.raises(DataError, match=r"m\.parquet: missing column\(s\) caption \(found: image, text\)"):
-        data.read_manifest(str(tmp_path / "m.parquet"))
+        data.read_table(str(tmp_path / "m.parquet"))
 
 
 def test_parquet_null_caption_is_refused_not_dropped(tmp_path: Path) -> None:
     pd.DataFrame({"image": ["a.jpg", "b.jpg", "c.jpg"], "caption": ["x", None, " "]}).to_parquet(tmp_path / "m.parquet")
     with pytest.raises(DataError, match="2 row.* first at data row 2"):
-        data.read_manifest(str(tmp_path / "m.parquet"))
+        data.read_table(str(tmp_path / "m.parquet"))
 
 
 def test_coco_bad_inputs(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_read_captions_dispatches_on_format(tmp_path: Path) -> None:
     )
     assert flickr["image"].tolist() == ["s3://b/flickr/scene_0.jpg"]
     # manifest: relative to the manifest's own folder.
-    manifest = data.read_captions(_cfg(tmp_path, "data.format=manifest", f"data.annotations={csv}"))
+    manifest = data.read_captions(_cfg(tmp_path, "data.format=table", f"data.annotations={csv}"))
     assert manifest["image"].tolist() == [str(tmp_path / "ds" / "scene_0.jpg")]
     coco_json = _write(tmp_path / "ann.json", _coco((5, 1, "x")))
     coco = data.read_captions(
@@ -174,6 +174,6 @@ def test_s3_errors_are_data_errors(s3) -> None:
     cfg = s3.config()
     storage.write_bytes(f"{bucket}/m.csv", b"image,caption\na.jpg,caf\xe9\n", cfg.storage)
     with pytest.raises(DataError, match=f"{bucket}/m.csv: not valid UTF-8"):
-        data.read_manifest(f"{bucket}/m.csv", storage_cfg=cfg.storage)
+        data.read_table(f"{bucket}/m.csv", storage_cfg=cfg.storage)
     with pytest.raises(DataError, match=f"{bucket}/gone.parquet: file not found"):
-        data.read_manifest(f"{bucket}/gone.parquet", storage_cfg=cfg.storage)
+        data.read_table(f"{bucket}/gone.parquet", storage_cfg=cfg.storage)

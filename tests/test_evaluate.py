@@ -17,7 +17,7 @@ from PIL import Image
 from capray import evaluate
 from capray.config import load_config
 from capray.decoder import Caption, Decoder
-from capray.model import Captioner
+from capray.model import ShowAttendTell
 from capray.text import Tokenizer, clean
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -119,8 +119,8 @@ def decoded() -> tuple[list[Caption], np.ndarray]:
     """A tiny untrained model's greedy and beam captions of 3 random images."""
     tokenizer = Tokenizer.fit([c for refs in REFERENCES.values() for c in refs], max_length=8)
     keras.utils.set_random_seed(0)
-    model = Captioner(tokenizer.vocab_size, embedding_dim=16, units=32).build_all()
-    infer = load_config(None, ["infer.beam_size=2"]).infer
+    model = ShowAttendTell(tokenizer.vocab_size, embedding_dim=16, units=32).build_all()
+    infer = load_config(None, ["caption.beam_size=2"]).infer
     features = np.random.default_rng(0).random((3, 64, 2048), dtype=np.float32)
     greedy = Decoder.from_config(model, tokenizer, infer, "greedy")(features)
     beam = Decoder.from_config(model, tokenizer, infer, "beam")(features)
@@ -138,11 +138,11 @@ def test_a_caption_that_ends_at_once_is_empty_not_an_error() -> None:
     # Found by the pipeline test: a weakly trained model's first token can be <end>.
     tokenizer = Tokenizer.fit(["a dog runs"], max_length=6)
     keras.utils.set_random_seed(0)
-    model = Captioner(tokenizer.vocab_size, embedding_dim=8, units=16).build_all()
+    model = ShowAttendTell(tokenizer.vocab_size, embedding_dim=8, units=16).build_all()
     bias = model.fc2.bias.numpy()
     bias[tokenizer.end_id] = 1e4  # <end> always wins
     model.fc2.bias.assign(bias)
-    infer = load_config(None, ["infer.beam_size=2"]).infer
+    infer = load_config(None, ["caption.beam_size=2"]).infer
     features = np.random.default_rng(0).random((2, 64, 2048), dtype=np.float32)
     for strategy in ("greedy", "beam"):
         for cap in Decoder.from_config(model, tokenizer, infer, strategy)(features):

@@ -15,7 +15,7 @@ from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 from capray import features, featurestore, storage
 from capray.config import output_paths
 from capray.images import decode
-from capray.model import ImageEncoder
+from capray.model import Backbone
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,10 @@ def photos(s3) -> str:
 def _config(s3, photos: str, work_dir: str):
     return s3.config(
         f"work_dir={work_dir}",
-        "data.format=manifest",
+        "data.format=table",
         f"data.annotations={photos}/manifest.csv",
         f"data.max_pixels={TEST_MAX_PIXELS}",
-        "encoder.weights=random",
+        "backbone.weights=random",
         "extract.batch_size=4",
     )
 
@@ -60,7 +60,7 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
         assert reason in failed[f"{photos}/img/{name}"]
 
     # The stored features are what the model gives for the same image (float16 rounding).
-    encoder = ImageEncoder("random", seed=0)
+    encoder = Backbone("random", seed=0)
     for name in ("scene.jpg", "dir with space/ünïcode café.jpg", "cmyk.jpg"):
         row = table.set_index("image").loc[f"{photos}/img/{name}"]
         stored = featurestore.decode_features([row["features"]], row["dtype"])[0]
@@ -72,7 +72,7 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
     assert (table.loc[table["error"].notna(), "features"].str.len() == 0).all()  # error rows hold no features
     assert {key for key, _ in summary["errors"]} <= set(failed.index) and summary["errors"]
     assert storage.exists(f"{output_paths(cfg)['features']}/_capray_config.yaml", cfg.storage)
-    manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_manifest.json", cfg.storage))
+    manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_files.json", cfg.storage))
     assert manifest["rows"] == n_good + n_bad and manifest["shape"] == [64, 2048]
 
     again = features.run(cfg)

@@ -104,9 +104,9 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
     cfg = s3.config(
         f"work_dir={work}",
         f"data.max_pixels={TEST_MAX_PIXELS}",
-        "infer.batch_size=2",
+        "caption.batch_size=2",
         "extract.batch_size=2",
-        "encoder.weights=random",
+        "backbone.weights=random",
         "inputs.shard_rows=2",
     )
     fs, _ = storage.filesystem(work, cfg.storage)
@@ -203,7 +203,7 @@ def test_the_cli_reports_a_bad_input_in_one_line(tiny_checkpoint: str, tmp_path:
         "caption",
         f"checkpoint={tiny_checkpoint}",
         f"work_dir={tmp_path}",
-        f"infer.input={tmp_path / 'nonexistent_dir'}",
+        f"caption.input={tmp_path / 'nonexistent_dir'}",
         "ray.local_cpus=1",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -6,17 +6,17 @@ import numpy as np
 import tensorflow as tf
 
 from capray import synthetic
-from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer
+from capray.model import Backbone, ShowAttendTell, caption_loss, make_optimizer
 from capray.text import Tokenizer
 
 
 def test_loss_falls_on_synthetic_scenes() -> None:
     scenes = [synthetic.render(seed=3, index=i) for i in range(48)]
     pixels = np.stack([np.asarray(img) for img, _ in scenes])
-    feats = ImageEncoder("random", seed=0)(pixels)
+    feats = Backbone("random", seed=0)(pixels)
     tokenizer = Tokenizer.fit([c for _, c in scenes])
     captions = tokenizer.encode_batch([c for _, c in scenes])
-    model = Captioner(tokenizer.vocab_size, 64, 128).build_all()
+    model = ShowAttendTell(tokenizer.vocab_size, 64, 128).build_all()
     model.set_feature_stats(feats.reshape(-1, 2048).mean(0), feats.reshape(-1, 2048).std(0))
     opt = make_optimizer(3e-3)
 

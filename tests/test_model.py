@@ -1,5 +1,5 @@
 """Unit tests: Show, Attend and Tell architecture and shapes, the padding mask, greedy decoding,
-feature statistics and the weight round trip, learning, and the InceptionV3 backbone/encoder."""
+feature statistics and the weight round trip, learning, and the InceptionV3 backbone."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 from capray.model import (
+    Backbone,
     BackboneError,
     BahdanauAttention,
-    Captioner,
-    ImageEncoder,
+    ShowAttendTell,
     attention_penalty,
     build_backbone,
     caption_loss,
@@ -29,10 +29,10 @@ SMALL = dict(embedding_dim=16, units=32)
 
 
 @pytest.fixture(scope="module")
-def model() -> Captioner:
+def model() -> ShowAttendTell:
     """The paper's sizes (embedding 256, units 512), built, untrained."""
     keras.utils.set_random_seed(0)
-    return Captioner(V).build_all()
+    return ShowAttendTell(V).build_all()
 
 
 def _features(seed: int = 0, n: int = B) -> np.ndarray:
@@ -45,7 +45,7 @@ def _standardised(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 64, 2048), dtype=np.float32)
 
 
-def _train(model: Captioner, features: np.ndarray, captions: np.ndarray, steps: int, lr: float) -> list[float]:
+def _train(model: ShowAttendTell, features: np.ndarray, captions: np.ndarray, steps: int, lr: float) -> list[float]:
     """Adam on the per-token masked loss in a compiled step; returns the loss before each step."""
     opt = make_optimizer(lr)
     f, c = tf.constant(features), tf.constant(captions)
@@ -64,7 +64,7 @@ def _train(model: Captioner, features: np.ndarray, captions: np.ndarray, steps: 
 # --- architecture -----------------------------------------------------------------------------
 
 
-def test_layer_shapes_are_the_papers(model: Captioner) -> None:
+def test_layer_shapes_are_the_papers(model: ShowAttendTell) -> None:
     assert tuple(model.encoder.kernel.shape) == (2048, 256)  # Dense(256, relu) on 2048 channels
     assert model.encoder.activation is keras.activations.relu
     assert tuple(model.attention.W1.kernel.shape) == (256, 512)  # on the encoded features
@@ -120,7 +120,7 @@ def test_bahdanau_attention_is_a_softmax_weighted_sum_of_the_features() -> None:
 # --- shapes -----------------------------------------------------------------------------------
 
 
-def test_teacher_forcing_output_shapes(model: Captioner) -> None:
+def test_teacher_forcing_output_shapes(model: ShowAttendTell) -> None:
     captions = np.array([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0], [2, 4, 4, 4, 3]], np.int32)
     logits, attention = model(_features(), captions)
     assert logits.shape == (B, 4, V) and logits.dtype == tf.float32
@@ -132,7 +132,7 @@ def test_teacher_forcing_output_shapes(model: Captioner) -> None:
     assert model(_features(n=2), np.zeros((2, 9), np.int32))[1].shape == (2, 8, 64)
 
 
-def test_greedy_output_shapes_and_dtypes(model: Captioner) -> None:
+def test_greedy_output_shapes_and_dtypes(model: ShowAttendTell) -> None:
     tokens, attention, log_prob, lengths = model.greedy(_features(), max_steps=5, **IDS)
     assert tokens.shape == (B, 5) and tokens.dtype == tf.int32
     assert attention.shape == (B, 5, 64) and attention.dtype == tf.float32
@@ -156,7 +156,7 @@ def test_caption_loss_counts_real_targets_only() -> None:
     assert float(caption_loss(captions, noisy)[0]) == pytest.approx(float(total), rel=1e-6)
 
 
-def test_extra_padding_does_not_change_the_loss(model: Captioner) -> None:
+def test_extra_padding_does_not_change_the_loss(model: ShowAttendTell) -> None:
     captions = np.array([[2, 5, 6, 3], [2, 7, 3, 0], [2, 4, 3, 0]], np.int32)
     features = _features()
     logits, _ = model(features, captions)
@@ -188,12 +188,12 @@ def test_attention_penalty_counts_real_steps_only() -> None:
 
 
 @pytest.fixture(scope="module")
-def two_caption_model() -> tuple[Captioner, np.ndarray, list[float]]:
+def two_caption_model() -> tuple[ShowAttendTell, np.ndarray, list[float]]:
     """A tiny captioner trained until it maps 2 random feature arrays to 2 different captions."""
     features = _standardised(1, 2)
     captions = np.array([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]], np.int32)
     keras.utils.set_random_seed(0)
-    model = Captioner(8, **SMALL).build_all()
+    model = ShowAttendTell(8, **SMALL).build_all()
     losses = _train(model, features, captions, steps=40, lr=1e-2)
     return model, features, losses
 
@@ -218,7 +218,7 @@ def test_greedy_stops_at_end_after_training(two_caption_model) -> None:
 
 def test_greedy_stops_at_max_steps_when_no_end_is_emitted() -> None:
     keras.utils.set_random_seed(3)
-    model = Captioner(V, **SMALL).build_all()
+    model = ShowAttendTell(V, **SMALL).build_all()
     features = _features(2)
     tokens, _, _, lengths = (t.numpy() for t in model.greedy(features, max_steps=4, **IDS))
     assert tokens.shape == (B, 4) and (lengths <= 4).all() and (lengths >= 1).all()
@@ -256,7 +256,7 @@ def test_masked_loss_halves_within_30_steps() -> None:
     for i, n in enumerate([2, 3, 4, 5, 3, 4]):  # random words 4..9, then <end>, then padding
         captions[i, : n + 2] = [2, *rng.integers(4, 10, n), 3]
     keras.utils.set_random_seed(5)
-    model = Captioner(10, **SMALL).build_all()
+    model = ShowAttendTell(10, **SMALL).build_all()
     losses = _train(model, features, captions, steps=31, lr=1e-2)
     assert losses[0] == pytest.approx(np.log(10), rel=0.2)  # about uniform at the start
     assert losses[30] < 0.5 * losses[0], (losses[0], losses[30])
@@ -280,7 +280,7 @@ def test_make_optimizer_constant_and_cosine() -> None:
 
 def test_feature_stats_normalise_the_encoding_and_survive_save_and_load(tmp_path: Path) -> None:
     keras.utils.set_random_seed(7)
-    model = Captioner(V, **SMALL).build_all()
+    model = ShowAttendTell(V, **SMALL).build_all()
     features = _features(3)
     captions = np.array([[2, 5, 6, 3], [2, 7, 3, 0], [2, 4, 3, 0]], np.int32)
     plain, _ = model.encode(features)
@@ -304,7 +304,7 @@ def test_feature_stats_normalise_the_encoding_and_survive_save_and_load(tmp_path
     path = tmp_path / "x.weights.h5"
     model.save_weights(path)
     keras.utils.set_random_seed(8)
-    again = Captioner(V, **SMALL).build_all()
+    again = ShowAttendTell(V, **SMALL).build_all()
     assert not np.allclose(again(features, captions)[0].numpy(), logits)  # a different model before loading
     again.load_weights(path)
     np.testing.assert_array_equal(again.feature_mean.numpy(), model.feature_mean.numpy())
@@ -313,7 +313,7 @@ def test_feature_stats_normalise_the_encoding_and_survive_save_and_load(tmp_path
     np.testing.assert_array_equal(again.greedy(features, 6, **IDS)[0].numpy(), tokens)
 
 
-# --- backbone and image encoder ---------------------------------------------------------------
+# --- backbone (InceptionV3) -------------------------------------------------------------------
 
 
 def test_random_backbone_is_seeded_and_has_the_8x8x2048_grid() -> None:
@@ -337,12 +337,12 @@ def test_bad_backbone_weights_are_an_error(weights: str, message: str, tmp_path:
         build_backbone(weights.format(tmp=tmp_path))
 
 
-def test_image_encoder_is_the_preprocessed_backbone_reshaped_to_64_cells() -> None:
-    encoder = ImageEncoder("random", seed=0)
+def test_backbone_is_the_preprocessed_inception_reshaped_to_64_cells() -> None:
+    backbone = Backbone("random", seed=0)
     images = np.random.default_rng(0).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
-    features = encoder(images)
+    features = backbone(images)
     assert features.shape == (2, 64, 2048) and features.dtype == np.float32
-    direct = encoder.backbone(
+    direct = backbone.inception(
         keras.applications.inception_v3.preprocess_input(images.astype(np.float32)), training=False
     )
     assert tuple(direct.shape) == (2, 8, 8, 2048)
@@ -353,7 +353,7 @@ def test_image_encoder_is_the_preprocessed_backbone_reshaped_to_64_cells() -> No
 
 def test_beam_search_of_one_is_greedy_and_wider_beams_score_higher() -> None:
     keras.utils.set_random_seed(1)
-    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    model = ShowAttendTell(12, embedding_dim=16, units=32).build_all()
     rng = np.random.default_rng(0)
     for w in (model.fc2.kernel, model.embedding.embeddings):  # sharper, more varied predictions
         w.assign(rng.normal(size=w.shape).astype("float32"))

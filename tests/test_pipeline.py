@@ -47,7 +47,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         after_train = json.loads((Path(best) / "eval_val.json").read_text())
         synthetic.generate("heldout", 12, seed=99, prefix="heldout")
         Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-        assert cli.main([*args, "infer.input=heldout/images"], job="caption") == 0
+        assert cli.main([*args, "caption.input=heldout/images"], job="caption") == 0
         assert cli.main([*args, "evaluate.report_images=2"], job="evaluate") == 0
         assert cli.main([*args, "output=exported"], job="export") == 0
         refused = cli.main([*args, "output=exported"], job="export")  # exists, and no --overwrite
@@ -123,7 +123,7 @@ def test_evaluate_scores_the_validation_split(run: dict) -> None:
     assert ("meteor" in greedy) == (not any("METEOR skipped" in n for n in result["notes"]))
     # Evaluating at the end of training scored the same checkpoint the same way.
     assert run["after_train"]["metrics"]["greedy"] == greedy
-    assert any("encoder.weights=random" in n for n in result["notes"])
+    assert any("backbone.weights=random" in n for n in result["notes"])
     report = Path(result["report"])
     assert report == Path(best["checkpoint"]) / "report_val" / "index.html"
     assert sorted(p.name for p in report.parent.glob("*.png")) == ["000_attention.png", "001_attention.png"]

@@ -19,7 +19,7 @@ from capray.config import load_config
 from capray.features import FeatureExtractor
 from capray.featurestore import decode_features
 from capray.infer import caption
-from capray.model import Captioner, ImageEncoder, caption_loss, make_optimizer, set_precision
+from capray.model import Backbone, ShowAttendTell, caption_loss, make_optimizer, set_precision
 from capray.text import Tokenizer
 
 
@@ -46,7 +46,7 @@ def bf16_policy() -> Iterator[None]:
 
 
 def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> None:
-    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    model = ShowAttendTell(12, embedding_dim=16, units=32).build_all()
     # float16 compute, float32 weights.
     assert model.fc2.compute_dtype == "float16" and model.fc2.kernel.dtype == "float32"
     optimizer = make_optimizer(1e-2, loss_scale=True)
@@ -86,7 +86,7 @@ def test_extraction_actor_under_mixed_float16_matches_float32(mixed_policy) -> N
     assert keras.mixed_precision.dtype_policy().name == "mixed_float16"
     mixed = decode_features(table["features"].to_pylist(), "float16")
     set_precision("float32")
-    exact = ImageEncoder("random", seed=0)(pixels)
+    exact = Backbone("random", seed=0)(pixels)
     # float16 compute through 94 conv layers: close to float32, not equal.
     assert np.abs(mixed - exact).mean() < 0.01 * np.abs(exact).mean()
     assert not np.array_equal(mixed, exact.astype(np.float16).astype(np.float32))
@@ -107,7 +107,7 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
         "ray.num_workers=1",
         "ray.cpus_per_worker=0.5",
         "name=mixed",
-        "infer.batch_size=8",
+        "caption.batch_size=8",
         "inputs.shard_rows=8",
         "inputs.limit_shards=1",
     ]
@@ -123,7 +123,7 @@ def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_pat
 
 
 def test_model_trains_under_mixed_bfloat16_without_loss_scaling(bf16_policy) -> None:
-    model = Captioner(12, embedding_dim=16, units=32).build_all()
+    model = ShowAttendTell(12, embedding_dim=16, units=32).build_all()
     assert model.fc2.compute_dtype == "bfloat16" and model.fc2.kernel.dtype == "float32"
     optimizer = make_optimizer(1e-2)  # bfloat16 keeps float32's exponent range: no loss scale
     optimizer.build(model.trainable_variables)
@@ -155,7 +155,7 @@ def test_extraction_actor_under_mixed_bfloat16_is_near_float32(bf16_policy) -> N
     assert keras.mixed_precision.dtype_policy().name == "mixed_bfloat16"
     bf16 = decode_features(table["features"].to_pylist(), "float32")
     set_precision("float32")
-    exact = ImageEncoder("random", seed=0)(pixels)
+    exact = Backbone("random", seed=0)(pixels)
     # 8-bit mantissas through 94 conv layers: a few percent of the mean magnitude, no more.
     rel = np.abs(bf16 - exact).mean() / np.abs(exact).mean()
     assert 0 < rel < 0.05, rel
@@ -172,7 +172,7 @@ def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features:
         "ray.num_workers=1",
         "ray.cpus_per_worker=0.5",
         "name=bf16",
-        "infer.batch_size=8",
+        "caption.batch_size=8",
         "inputs.shard_rows=8",
         "inputs.limit_shards=1",
     ]

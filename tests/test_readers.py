@@ -54,9 +54,9 @@ def test_read_manifest_csv_and_parquet_resolution(tmp_path: Path) -> None:
     rows.to_csv(tmp_path / "m.csv", index=False)
     rows.to_parquet(tmp_path / "m.parquet")
     for name in ("m.csv", "m.parquet"):
-        df = data.read_manifest(str(tmp_path / name))
+        df = data.read_table(str(tmp_path / name))
         assert df["image"].tolist() == [str(tmp_path / "rel/a.jpg"), "/abs/b.jpg", "s3://bkt/c.jpg"]
-    assert data.read_manifest(str(tmp_path / "m.csv"), images="/root")["image"][0] == "/root/rel/a.jpg"
+    assert data.read_table(str(tmp_path / "m.csv"), images="/root")["image"][0] == "/root/rel/a.jpg"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_read_real_flickr8k_dev(flickr_dev: Path) -> None:
 
 def test_manifest_and_split_on_s3(s3) -> None:
     bucket = s3.bucket("captions")
-    cfg = s3.config(f"work_dir={bucket}/work", "data.format=manifest", f"data.annotations={bucket}/m.csv")
+    cfg = s3.config(f"work_dir={bucket}/work", "data.format=table", f"data.annotations={bucket}/m.csv")
     from capray import storage
 
     storage.write_bytes(f"{bucket}/m.csv", b"image,caption\nphotos/a.jpg,one\nphotos/b.jpg,two\n", cfg.storage)

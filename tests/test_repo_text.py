@@ -77,7 +77,7 @@ def test_development_paths_are_recognised(line: str) -> None:
     [
         "grep -o 'avx512_bf16' /proc/cpuinfo",
         "/usr/bin/java, /etc/hosts, /dev/sda1, /opt/conda",
-        "infer.input=s3://my-bucket/home/photos/ work_dir=s3://b/tmp/x",
+        "caption.input=s3://my-bucket/home/photos/ work_dir=s3://b/tmp/x",
         "https://example.com/work/index.html",
         "outputs/demo/runs/demo/best, data.images=<flickr8k-dev>/images",
         "~/wheels/capray-0.1.0-py3-none-any.whl",

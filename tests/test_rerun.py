@@ -7,6 +7,7 @@ changed images went through the model."""
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +82,17 @@ def _audit(cfg, input_uri: str, out: str) -> dict:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_images_added_among_old_names_removed_and_overwritten(
-    where: str, tmp_path: Path, s3, checkpoint: str, capsys
+    where: str, tmp_path: Path, s3, checkpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="capray")
     if where == "s3":
         bucket = s3.bucket("rerun-folder")
-        cfg = s3.config(f"work_dir={bucket}/work", "inputs.shard_rows=6", "infer.batch_size=8")
+        cfg = s3.config(f"work_dir={bucket}/work", "inputs.shard_rows=6", "caption.batch_size=8")
         root, out = f"{bucket}/photos", f"{bucket}/captions"
     else:
         from capray.config import load_config
 
-        cfg = load_config(None, [f"work_dir={tmp_path}/work", "inputs.shard_rows=6", "infer.batch_size=8"])
+        cfg = load_config(None, [f"work_dir={tmp_path}/work", "inputs.shard_rows=6", "caption.batch_size=8"])
         root, out = str(tmp_path / "photos"), str(tmp_path / "captions")
     photos = Folder(root, cfg)
     for i in range(0, 60, 2):  # 30 images with even numbers
@@ -109,15 +111,16 @@ def test_images_added_among_old_names_removed_and_overwritten(
     current = {photos.uri(f"img_{i:03d}.jpg") for i in [*range(0, 60, 2), *range(1, 20, 2)] if i not in (40, 42, 44)}
 
     # Reusing the saved listing sees none of it, and says which listing it used.
-    capsys.readouterr()
+    caplog.clear()
     cfg.inputs.relist = False
     stale = caption(cfg, checkpoint, root, out)
     assert stale["shards_written"] == 0
-    assert "using the saved listing of" in capsys.readouterr().out
+    assert "using the saved listing of" in caplog.text
     cfg.inputs.relist = True
 
+    caplog.clear()
     second = caption(cfg, checkpoint, root, out)
-    said = capsys.readouterr().out
+    said = caplog.text
     assert "10 new, 2 changed, 3 removed, 25 unchanged images" in said, said
     assert second["computed"] == 12, second  # the 10 new and the 2 overwritten, nothing else
     rows = _exactly_once(cfg, out, current)
@@ -130,14 +133,15 @@ def test_images_added_among_old_names_removed_and_overwritten(
     entries, meta = shards.read_index(out, cfg.storage)
     assert {e["id"] for e in entries} == shards.done_ids(out, cfg.storage) and meta["input"] == root
 
+    caplog.clear()
     third = caption(cfg, checkpoint, root, out)
-    assert third["shards_written"] == 0 and "0 new, 0 changed, 0 removed" in capsys.readouterr().out
+    assert third["shards_written"] == 0 and "0 new, 0 changed, 0 removed" in caplog.text
 
 
 def test_removed_images_kept_on_request_and_a_partial_rerun_then_a_full_one(tmp_path: Path, checkpoint: str) -> None:
     from capray.config import load_config
 
-    cfg = load_config(None, [f"work_dir={tmp_path}/work", "inputs.shard_rows=4", "infer.batch_size=8"])
+    cfg = load_config(None, [f"work_dir={tmp_path}/work", "inputs.shard_rows=4", "caption.batch_size=8"])
     root, out = str(tmp_path / "photos"), str(tmp_path / "captions")
     photos = Folder(root, cfg)
     names = [f"p{i:02d}.jpg" for i in range(20)]
@@ -179,7 +183,7 @@ def test_removed_images_kept_on_request_and_a_partial_rerun_then_a_full_one(tmp_
 
 def test_manifest_and_tar_rewritten_under_the_same_name(s3, checkpoint: str) -> None:
     bucket = s3.bucket("rerun-files")
-    cfg = s3.config(f"work_dir={bucket}/work", "infer.batch_size=8")
+    cfg = s3.config(f"work_dir={bucket}/work", "caption.batch_size=8")
     photos = Folder(f"{bucket}/img", cfg)
     for i in range(14):
         photos.put(f"m{i:02d}.jpg", _jpeg(200 + i))
@@ -212,13 +216,13 @@ def test_manifest_and_tar_rewritten_under_the_same_name(s3, checkpoint: str) -> 
     assert (report["ok"], report["missing"], report["duplicated"], report["stale"]) == (2, 0, 0, 0)
 
     # Other settings or another input into the same output: refused, naming what differs.
-    cfg.infer.strategy = "beam"
-    with pytest.raises(OutputMismatchError, match="infer.strategy: greedy -> beam"):
+    cfg.caption.strategy = "beam"
+    with pytest.raises(OutputMismatchError, match="caption.strategy: greedy -> beam"):
         caption(cfg, checkpoint, manifest, s3_out)
-    cfg.infer.overwrite = True
+    cfg.caption.overwrite = True
     redone = caption(cfg, checkpoint, manifest, s3_out)
     assert redone["computed"] == 12 and set(_rows(cfg, s3_out)["strategy"]) == {"beam3"}
-    cfg.infer.overwrite, cfg.infer.strategy = False, "greedy"
+    cfg.caption.overwrite, cfg.caption.strategy = False, "greedy"
     with pytest.raises(OutputMismatchError, match="holds the output of input"):
         caption(cfg, checkpoint, f"{bucket}/wds", s3_out)
 
@@ -226,7 +230,7 @@ def test_manifest_and_tar_rewritten_under_the_same_name(s3, checkpoint: str) -> 
 def test_outputs_of_an_earlier_capray_are_redone_and_failed_rows_retried(tmp_path: Path, checkpoint: str) -> None:
     from capray.config import load_config
 
-    cfg = load_config(None, [f"work_dir={tmp_path}/work", "infer.batch_size=8"])
+    cfg = load_config(None, [f"work_dir={tmp_path}/work", "caption.batch_size=8"])
     (tmp_path / "img").mkdir()
     for i in range(5):
         (tmp_path / "img" / f"r{i}.jpg").write_bytes(_jpeg(300 + i))
@@ -258,7 +262,12 @@ def test_extraction_of_a_growing_dataset_extracts_the_new_images_only(tmp_path: 
 
     cfg = load_config(
         None,
-        [f"work_dir={tmp_path}/work", "encoder.weights=random", "inputs.shard_rows=4", f"extract.input={tmp_path}/img"],
+        [
+            f"work_dir={tmp_path}/work",
+            "backbone.weights=random",
+            "inputs.shard_rows=4",
+            f"extract.input={tmp_path}/img",
+        ],
     )
     (tmp_path / "img").mkdir()
     for i in range(0, 16, 2):
@@ -273,7 +282,7 @@ def test_extraction_of_a_growing_dataset_extracts_the_new_images_only(tmp_path: 
         cfg, out, {str(tmp_path / "img" / f"e{i:02d}.jpg") for i in [*range(0, 16, 2), *range(1, 8, 2)]}
     )
     assert (rows["features"].str.len() == 64 * 2048 * 2).all()
-    manifest = features.read_manifest(out, cfg.storage)
-    assert manifest["rows"] == 12 and {f["file"] for f in manifest["files"]} == {
+    file_list = features.read_file_list(out, cfg.storage)
+    assert file_list["rows"] == 12 and {f["file"] for f in file_list["files"]} == {
         shards.output_name(i) for i in shards.done_ids(out, None)
     }

@@ -104,13 +104,23 @@ def test_files_of_removed_inputs_are_pruned_or_kept_and_earlier_outputs_redone(t
 def test_other_settings_or_another_input_are_refused_naming_the_difference(tmp_path: Path) -> None:
     cfg, out = _cfg(tmp_path), str(tmp_path / "out")
     plan = _listing_plan([], "a")
-    shards.reconcile(cfg, plan, out, {"infer.strategy": "greedy", "checkpoint": "c1"})
-    with pytest.raises(shards.OutputMismatchError, match="checkpoint: c1 -> c2; infer.strategy: greedy -> beam"):
-        shards.reconcile(cfg, plan, out, {"infer.strategy": "beam", "checkpoint": "c2"})
+    shards.reconcile(cfg, plan, out, {"caption.strategy": "greedy", "checkpoint": "c1"})
+    with pytest.raises(shards.OutputMismatchError, match="caption.strategy: greedy -> beam; checkpoint: c1 -> c2"):
+        shards.reconcile(cfg, plan, out, {"caption.strategy": "beam", "checkpoint": "c2"})
     with pytest.raises(shards.OutputMismatchError, match="holds the output of input in, not elsewhere"):
         shards.reconcile(
-            cfg, Plan("files", plan.shards, "elsewhere"), out, {"infer.strategy": "greedy", "checkpoint": "c1"}
+            cfg, Plan("files", plan.shards, "elsewhere"), out, {"caption.strategy": "greedy", "checkpoint": "c1"}
         )
+
+
+def test_an_output_recorded_under_old_key_names_is_the_same_settings(tmp_path: Path) -> None:
+    cfg, out = _cfg(tmp_path), str(tmp_path / "out")
+    plan = _listing_plan([], "a")
+    # What capray wrote before `infer` and `encoder` became `caption` and `backbone`.
+    shards.reconcile(cfg, plan, out, {"infer.strategy": "greedy", "encoder.weights": "random"})
+    shards.reconcile(cfg, plan, out, {"caption.strategy": "greedy", "backbone.weights": "random"})
+    with pytest.raises(shards.OutputMismatchError, match="backbone.weights: random -> imagenet"):
+        shards.reconcile(cfg, plan, out, {"caption.strategy": "greedy", "backbone.weights": "imagenet"})
 
 
 def test_failed_rows_are_retried_on_request_from_the_files_own_rows(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_an_s3_outage_mid_job_loses_no_image(tiny_checkpoint: str, ray_local, tm
         cfg = s3.config(
             f"work_dir={tmp_path / 'work'}",
             "inputs.shard_rows=8",
-            "infer.batch_size=4",
+            "caption.batch_size=4",
             f"data.max_pixels={TEST_MAX_PIXELS}",
             "storage.retries=6",
             "storage.retry_wait_s=0.5",

@@ -14,13 +14,13 @@ from capray import checkpoint, storage, synthetic, train
 from capray.config import load_config, output_paths
 from capray.images import decode
 from capray.infer import caption
-from capray.model import ImageEncoder
+from capray.model import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SGD_RATE = 0.1
 SMALL = [
     "data.synthetic_images=96",
-    "encoder.weights=random",
+    "backbone.weights=random",
     "model.feature_norm=channel",
     "train.batch_size=16",
     "ray.cpus_per_worker=0.5",
@@ -74,7 +74,7 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(
 
     rows = pd.read_parquet(out).set_index("image")
     model, tokenizer, train_cfg, _ = checkpoint.load(summary["checkpoint"], cfg.storage)
-    encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed)
+    encoder = Backbone(train_cfg.backbone.weights, train_cfg.backbone.seed)
     names = sorted(glob.glob(str(heldout / "images" / "*.jpg")))
     pixels = np.stack([decode(Path(n).read_bytes(), cfg.data.max_pixels) for n in names])
     tokens = model.greedy(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from capray.model import Captioner, caption_loss, make_optimizer
+from capray.model import ShowAttendTell, caption_loss, make_optimizer
 from capray.train.loop import make_eval_step, make_train_step
 
 B, T, V = 4, 7, 11  # batch, padded caption length, vocabulary
@@ -36,16 +36,16 @@ def _batch() -> tuple[np.ndarray, np.ndarray]:
     return features, captions
 
 
-def _model() -> Captioner:
+def _model() -> ShowAttendTell:
     keras.utils.set_random_seed(0)
-    return Captioner(V, embedding_dim=8, units=16).build_all()
+    return ShowAttendTell(V, embedding_dim=8, units=16).build_all()
 
 
 def _signature() -> tuple[tf.TensorSpec, tf.TensorSpec]:
     return tf.TensorSpec((B, 64, 2048), tf.float32), tf.TensorSpec((B, T), tf.int32)
 
 
-def _gradients(model: Captioner, features: np.ndarray, captions: np.ndarray) -> list[tf.Tensor]:
+def _gradients(model: ShowAttendTell, features: np.ndarray, captions: np.ndarray) -> list[tf.Tensor]:
     """Dense gradients of the step's loss (token losses summed, divided by the global batch)."""
     with tf.GradientTape() as tape:
         logits, _ = model(features, captions, training=True)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,8 +14,10 @@ import numpy as np
 from capray.evaluate.metrics import METRICS, score
 from capray.evaluate.report import ReportItem, write_report
 
+log = logging.getLogger(__name__)
+
 RANDOM_BACKBONE = (
-    "encoder.weights=random: a seeded, untrained InceptionV3 (no ImageNet weights on this machine), "
+    "backbone.weights=random: a seeded, untrained InceptionV3 (no ImageNet weights on this machine), "
     "so captions of real photos are not expected to be good"
 )
 
@@ -27,7 +30,7 @@ def _pixels(image: str, cfg: Any) -> np.ndarray:
 
 
 def _notes(train_cfg: Any, metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    notes = [RANDOM_BACKBONE] if train_cfg.encoder.weights == "random" else []
+    notes = [RANDOM_BACKBONE] if train_cfg.backbone.weights == "random" else []
     for m in metrics.values():
         notes += [n for n in m.get("notes", []) if n not in notes]
     return notes
@@ -46,7 +49,7 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
     model, tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, cfg.storage)
     _, val_df = prepare_split(cfg)
     references = val_df.groupby("image")["caption"].apply(list).to_dict()
-    decoders = [Decoder.from_config(model, tokenizer, cfg.infer, s) for s in cfg.evaluate.strategies]
+    decoders = [Decoder.from_config(model, tokenizer, cfg.caption, s) for s in cfg.evaluate.strategies]
     labels = [d.label for d in decoders]
     # The first N validation images by name: the same images in every report of a run.
     shown = set(sorted(references)[: cfg.evaluate.report_images])
@@ -70,7 +73,7 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
     unscored = len(references) - len(predictions[labels[0]])
     if unscored:
         notes.append(f"{unscored} validation images have no features (extraction failed) and are not scored")
-    result = {
+    result: dict[str, Any] = {
         "checkpoint": checkpoint_uri,
         "split": "val",
         "images": len(predictions[labels[0]]),
@@ -98,35 +101,36 @@ def report_images(
     """A report on images that have no extracted features (e.g. the demo's held-out folder)."""
     from capray import checkpoint
     from capray.decoder import Decoder
-    from capray.model import ImageEncoder
+    from capray.model import Backbone
 
     model, tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, cfg.storage)
     # The backbone must be the one the training features came from.
-    encoder = ImageEncoder(train_cfg.encoder.weights, train_cfg.encoder.seed, cfg.storage)
+    backbone = Backbone(train_cfg.backbone.weights, train_cfg.backbone.seed, cfg.storage)
     pixels = np.stack([_pixels(img, cfg) for img in images])
-    features = encoder(pixels)
-    decoders = [Decoder.from_config(model, tokenizer, cfg.infer, s) for s in cfg.evaluate.strategies]
+    features = backbone(pixels)
+    decoders = [Decoder.from_config(model, tokenizer, cfg.caption, s) for s in cfg.evaluate.strategies]
     caps = {d.label: d(features) for d in decoders}
     items = [
         ReportItem(img, pixels[i], list(references[img]), {label: c[i] for label, c in caps.items()})
         for i, img in enumerate(images)
     ]
-    notes = [RANDOM_BACKBONE] if train_cfg.encoder.weights == "random" else []
+    notes = [RANDOM_BACKBONE] if train_cfg.backbone.weights == "random" else []
     return write_report(out, items, title, notes, storage_cfg=cfg.storage)
 
 
 def print_table(result: Mapping[str, Any]) -> None:
-    """The metrics as a small table: one row per metric, one column per decoding strategy."""
+    """The metrics as a small table: one row per metric, one column per decoding strategy (logged
+    at INFO as one record)."""
     labels = list(result["metrics"])
-    print(f"[capray] evaluate: {result['split']} split, {result['images']} images, checkpoint {result['checkpoint']}")
-    print(f"  {'metric':12s}" + "".join(f"{s:>10s}" for s in labels))
+    lines = [f"evaluate: {result['split']} split, {result['images']} images, checkpoint {result['checkpoint']}"]
+    lines.append(f"  {'metric':12s}" + "".join(f"{s:>10s}" for s in labels))
     for m in METRICS:
         if any(m in result["metrics"][s] for s in labels):
-            print(f"  {m:12s}" + "".join(f"{result['metrics'][s].get(m, float('nan')):10.4f}" for s in labels))
-    for note in result["notes"]:
-        print(f"  NOTE: {note}")
+            lines.append(f"  {m:12s}" + "".join(f"{result['metrics'][s].get(m, float('nan')):10.4f}" for s in labels))
+    lines += [f"  NOTE: {note}" for note in result["notes"]]
     if result.get("report"):
-        print(f"  report: {result['report']}")
+        lines.append(f"  report: {result['report']}")
+    log.info("\n".join(lines))
 
 
 def run(cfg: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def upsample(weights: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     grid = np.asarray(weights, np.float32).reshape(8, 8)
-    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def attention_figure(pixels: np.ndarray, caption: Caption, columns: int = 5) -> Any:

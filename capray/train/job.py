@@ -8,6 +8,7 @@ checkpoint; a run that fails for good raises `TrainingError` naming the checkpoi
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import ray.train
@@ -27,6 +28,8 @@ from capray.featurestore import FeatureError, caption_dataset, feature_stats, re
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -135,7 +138,7 @@ def latest_checkpoint(cfg: Any) -> str | None:
     run_dir = storage.join(output_paths(cfg)["runs"], cfg.name)
     states = [u for u in storage.list_files(run_dir, cfg.storage, ("state.json",)) if "/checkpoint_" in u]
     epochs = {u.rsplit("/", 1)[0]: json.loads(storage.read_bytes(u, cfg.storage))["epoch"] for u in states}
-    for uri in sorted(epochs, key=epochs.get, reverse=True):
+    for uri in sorted(epochs, key=lambda u: epochs[u], reverse=True):
         try:
             ckpt.check(uri, cfg.storage)  # a copy cut short by the failure may lack files
         except ckpt.CheckpointError:
@@ -145,16 +148,11 @@ def latest_checkpoint(cfg: Any) -> str | None:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """`capray train`: train, print where the best checkpoint is, and return it with its metrics."""
+    """`capray train`: train, log where the best checkpoint is, and return it with its metrics."""
     summary = train(cfg)
     m = summary["metrics"]
-    print(
-        f"[capray] train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})",
-        flush=True,
-    )
-    print(
-        f"[capray] train: loss curves {summary['loss_plot']}; TensorBoard: tensorboard --logdir "
-        f"{output_paths(cfg)['tensorboard']}",
-        flush=True,
+    log.info(f"train: best checkpoint {summary['checkpoint']} (epoch {m['epoch']}, val_loss {m['val_loss']:.4f})")
+    log.info(
+        f"train: loss curves {summary['loss_plot']}; TensorBoard: tensorboard --logdir {output_paths(cfg)['tensorboard']}"
     )
     return summary

@@ -29,10 +29,18 @@ from capray.config import from_yaml, output_paths
 from capray.featurestore import FEATURE_SHAPE, decode_features
 
 # capray.model first: it imports TensorFlow with its start-up log noise filtered.
-from capray.model import Captioner, attention_penalty, caption_loss, gpu_memory_growth, make_optimizer, set_precision
+from capray.model import (
+    ShowAttendTell,
+    attention_penalty,
+    caption_loss,
+    gpu_memory_growth,
+    make_optimizer,
+    set_precision,
+)
 from capray.text import Tokenizer
 from capray.train.curves import CurveWriter
 
+log = logging.getLogger(__name__)
 Batch = tuple[np.ndarray, np.ndarray]  # features (B, 64, 2048) float32, captions (B, T) int32
 
 
@@ -120,7 +128,7 @@ def restore(
             state = json.load(f)
     epoch, step = state["epoch"], state["step"]
     if announce:
-        print(f"[capray] resuming from epoch {epoch} (step {step})", flush=True)
+        log.info("resuming from epoch %d (step %d)", epoch, step)
     # Checkpoints written before mid-epoch ones existed have no epoch_step: they end an epoch.
     return epoch, step, state.get("epoch_step", 0)
 
@@ -216,10 +224,10 @@ class WorkerInput:
         was_complete = cache.complete or cache.overflow
         cache.finish()
         if self.announce and cache.overflow and not was_complete:
-            print(
-                f"[capray] the {cache.name} input of a worker exceeds train.cache_mb={self.cache_mb}: "
-                "it is read from the feature files every epoch",
-                flush=True,
+            log.warning(
+                "the %s input of a worker exceeds train.cache_mb=%d: it is read from the feature files every epoch",
+                cache.name,
+                self.cache_mb,
             )
 
 
@@ -323,11 +331,11 @@ class Reporter:
             if epoch_step
             else f"epoch {epochs_done}/{epochs} step {step}"
         )
-        print(
-            f"[capray] {where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s, "
-            f"{input_wait:.0%} of it waiting for input)",
-            flush=True,
+        log.info(
+            f"{where} train_loss {train_loss:.4f} val_loss {val_loss:.4f} ({captions_per_s:.0f} captions/s, "
+            f"{input_wait:.0%} of it waiting for input)"
         )
+        assert self.curves is not None  # rank 0 reports; the others returned above
         self.curves.add(step, {**metrics, "learning_rate": _learning_rate(self.optimizer)})
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.write(tmp, self.model, self.optimizer, self.tokenizer, self.cfg, state)
@@ -380,7 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = Captioner(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
+        model = ShowAttendTell(tokenizer.vocab_size, cfg.model.embedding_dim, cfg.model.units).build_all()
         optimizer = make_optimizer(
             cfg.train.learning_rate,
             cfg.train.lr_schedule,

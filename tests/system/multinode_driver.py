@@ -93,7 +93,7 @@ def main(images: str, checkpoint: str, work: str) -> None:
         None,
         [
             f"work_dir={work}",
-            "encoder.weights=random",
+            "backbone.weights=random",
             "extract.batch_size=4",
             "extract.min_actors=2",
             "extract.max_actors=2",
@@ -106,7 +106,13 @@ def main(images: str, checkpoint: str, work: str) -> None:
 
     cfg = load_config(
         None,
-        [f"work_dir={work}", "infer.batch_size=2", "inputs.shard_rows=2", "infer.min_actors=2", "infer.max_actors=2"],
+        [
+            f"work_dir={work}",
+            "caption.batch_size=2",
+            "inputs.shard_rows=2",
+            "caption.min_actors=2",
+            "caption.max_actors=2",
+        ],
     )
     out = f"{work}/captions"
     killed: dict = {}

@@ -43,11 +43,11 @@ def _tokenizer(n_words: int) -> Tokenizer:
 
 
 def _write_checkpoint(directory: Path, n_words: int = 10, units: int = 16) -> Tokenizer:
-    from capray.model import Captioner, make_optimizer
+    from capray.model import ShowAttendTell, make_optimizer
 
     tokenizer = _tokenizer(n_words)
     cfg = load_config(None, ["model.embedding_dim=8", f"model.units={units}"])
-    model = Captioner(tokenizer.vocab_size, 8, units).build_all()
+    model = ShowAttendTell(tokenizer.vocab_size, 8, units).build_all()
     optimizer = make_optimizer(1e-3)
     optimizer.build(model.trainable_variables)
     checkpoint.write(str(directory), model, optimizer, tokenizer, cfg, {"epoch": 1, "step": 1})
@@ -72,10 +72,10 @@ def test_checkpoint_with_another_architecture_is_refused_with_a_message(tmp_path
 def test_resuming_into_another_model_is_refused_with_a_message(tmp_path: Path) -> None:
     """What a training worker does on resume (capray.train): the run's checkpoint, a model built
     from the current config."""
-    from capray.model import Captioner
+    from capray.model import ShowAttendTell
 
     _write_checkpoint(tmp_path / "ckpt", n_words=10, units=16)
-    other = Captioner(_tokenizer(25).vocab_size, 8, 16).build_all()
+    other = ShowAttendTell(_tokenizer(25).vocab_size, 8, 16).build_all()
     with pytest.raises(CheckpointError, match="does not fit a model with vocabulary 29, embedding_dim 8, units 16"):
         checkpoint.restore_weights(str(tmp_path / "ckpt"), other)
 
@@ -130,7 +130,7 @@ def _features_dir(root: Path, images: list[str]) -> Path:
     out.mkdir(parents=True)
     (out / "part-a.parquet").write_bytes(_shard(images[:2]))
     (out / "part-b.parquet").write_bytes(_shard(images[2:]))
-    featurestore.write_manifest(str(out), None, "float16")
+    featurestore.write_file_list(str(out), None, "float16")
     return out
 
 
@@ -141,29 +141,40 @@ def test_truncated_shard_is_named_before_training_starts(tmp_path: Path) -> None
     shards = _features_dir(work, images)
     whole = (shards / "part-b.parquet").read_bytes()
     (shards / "part-b.parquet").write_bytes(whole[: len(whole) // 2])
-    cfg = load_config(
-        None, [f"work_dir={work}", "data.format=manifest", f"data.annotations={tmp_path / 'captions.csv'}"]
-    )
+    cfg = load_config(None, [f"work_dir={work}", "data.format=table", f"data.annotations={tmp_path / 'captions.csv'}"])
     with pytest.raises(FeatureError, match=f"{shards / 'part-b.parquet'}: not a readable Parquet file"):
         train.train(cfg)
 
 
-def test_shard_disagreeing_with_the_manifest_or_missing_is_named(tmp_path: Path) -> None:
+def test_shard_disagreeing_with_the_file_list_or_missing_is_named(tmp_path: Path) -> None:
     images = [f"s3://b/img{i}.jpg" for i in range(4)]
     shards = _features_dir(tmp_path, images)
     (shards / "part-b.parquet").write_bytes(_shard(images[2:3]))  # replaced by a shorter file
-    with pytest.raises(FeatureError, match=r"part-b\.parquet: 1 rows, _manifest\.json says 2"):
+    with pytest.raises(FeatureError, match=r"part-b\.parquet: 1 rows, its file list says 2"):
         featurestore.verify(str(shards))
     os.remove(shards / "part-b.parquet")
-    with pytest.raises(FeatureError, match="listed in _manifest.json are missing: part-b.parquet"):
+    with pytest.raises(FeatureError, match="listed in its file list are missing: part-b.parquet"):
         featurestore.verify(str(shards))
+
+
+def test_a_features_folder_of_an_earlier_capray_keeps_its_file_list(tmp_path: Path) -> None:
+    # Earlier builds named the file list `_manifest.json`: still read, and replaced when next written.
+    images = [f"s3://b/img{i}.jpg" for i in range(4)]
+    shards = _features_dir(tmp_path, images)
+    os.replace(shards / "_files.json", shards / "_manifest.json")
+    assert featurestore.read_file_list(str(shards), None)["rows"] == 4
+    (shards / "part-b.parquet").write_bytes(_shard(images[2:3]))
+    with pytest.raises(FeatureError, match=r"part-b\.parquet: 1 rows, its file list says 2"):
+        featurestore.verify(str(shards))
+    featurestore.write_file_list(str(shards), None, "float16")
+    assert not (shards / "_manifest.json").exists() and featurestore.read_file_list(str(shards), None)["rows"] == 3
 
 
 def test_wrong_size_feature_bytes_name_the_file_and_image(tmp_path: Path, ray_local) -> None:
     images = [f"s3://b/img{i}.jpg" for i in range(4)]
     shards = _features_dir(tmp_path, images)
     (shards / "part-b.parquet").write_bytes(_shard(images[2:], size=1000))
-    featurestore.write_manifest(str(shards), None, "float16")
+    featurestore.write_file_list(str(shards), None, "float16")
     featurestore.verify(str(shards))  # the file itself is valid Parquet: only its content is wrong
     with pytest.raises(
         Exception, match=r"part-b\.parquet: image s3://b/img2\.jpg: feature row of 1000 bytes, expected 262144"

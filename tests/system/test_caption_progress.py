@@ -30,7 +30,7 @@ def _cmd(checkpoint: str, root: Path, out: str) -> list[str]:
         "capray.cli",
         "caption",
         f"checkpoint={checkpoint}",
-        f"infer.input={root / 'in' / 'images'}",
+        f"caption.input={root / 'in' / 'images'}",
         f"output={root / out}",
         f"work_dir={root / 'work'}",
         "inputs.shard_rows=50",

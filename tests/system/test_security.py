@@ -65,7 +65,7 @@ def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> 
             import sys
             from capray import cli
             args = {args!r}
-            for job, extra in (("extract", []), ("train", []), ("caption", ["infer.input={root}/heldout/images"])):
+            for job, extra in (("extract", []), ("train", []), ("caption", ["caption.input={root}/heldout/images"])):
                 code = cli.main(args + extra, job=job)
                 if code:
                     sys.exit(code)
