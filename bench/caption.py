@@ -2,7 +2,7 @@
 
   bound   compiled InceptionV3 forward on already decoded, resized batches; and the caption job's
           own bound: the whole model (InceptionV3 + greedy decoding, `CaptionPredictor`) on them
-  greedy  `capray.infer.caption`: JPEG files -> decode -> features -> greedy -> Parquet rows
+  greedy  `capray.captioning.caption`: JPEG files -> decode -> features -> greedy -> Parquet rows
   beam    the same with beam search of 3
   memory  peak RSS of all Ray processes (the driver and every process it started) while
           captioning 1x and 4x the images (the 4x set is each image under 4 names)
@@ -102,9 +102,9 @@ def main() -> None:
     """Measure bound, greedy, beam and memory; print figures and ratios."""
     args, paths = parse_args(__doc__)
 
+    from capray.captioning import CaptionPredictor, caption
     from capray.config import load_config
     from capray.images import decode
-    from capray.infer import CaptionPredictor, caption
     from capray.logs import install_cli_handler
     from capray.model import Backbone, set_precision
     from capray.runtime import init_ray

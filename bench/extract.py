@@ -2,7 +2,7 @@
 
   (a) bound     compiled InceptionV3 forward on already decoded, resized batches, in a Ray worker
                 like the job's actor (before and after the jobs: their mean)
-  (b) job       `capray.features.extract` end to end: read, decode, resize, forward, write Parquet,
+  (b) job       `capray.extraction.extract` end to end: read, decode, resize, forward, write Parquet,
                 on the images once (1x) and each under 4 names (4x); the pair separates the
                 job's fixed start-up from its steady-state rate: (N4 - N1) / (t4 - t1)
   (c) tutorial  the TF tutorial's loop: one image at a time, eager, one .npy file per image
@@ -70,7 +70,7 @@ def job(
 ) -> tuple[float, float, int, float]:
     """(b): seconds and images/s of the extraction job (Ray already running), bytes written, and the
     share of the model's time spent waiting for decoded images."""
-    from capray import features
+    from capray import extraction
     from capray.config import load_config
 
     cfg = load_config(
@@ -84,7 +84,7 @@ def job(
         ],
     )
     start = time.perf_counter()
-    summary = features.extract(cfg, paths, out)
+    summary = extraction.extract(cfg, paths, out)
     seconds = time.perf_counter() - start
     assert summary["extracted"] == len(paths), summary
     return seconds, len(paths) / seconds, dir_bytes(out), summary["wait_share"]

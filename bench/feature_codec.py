@@ -31,7 +31,7 @@ CODECS = ("none", "snappy", "lz4", "zstd")
 
 def feature_table(paths: list[str], precision: str) -> pa.Table:
     """The job's feature rows (float16) for `paths`, computed under `precision`."""
-    from capray.features import FeatureExtractor
+    from capray.extraction import FeatureExtractor
     from capray.images import decode
     from capray.model import set_precision
 

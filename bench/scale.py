@@ -92,18 +92,18 @@ def scenario(args: argparse.Namespace) -> None:
     """One job in this process: the real planner, pipeline and writer; a stand-in model."""
     import ray
 
-    from capray import inputs, pipeline
+    from capray import inputs, pipeline, worker
     from capray.config import load_config
     from capray.runtime import init_ray
 
-    class StandInWorker(pipeline.ShardWorker):
+    class StandInWorker(worker.ShardWorker):
         """The real worker (shard reading, dedupe, writer, summary) without reading and decoding."""
 
         def _submit(self, table: pa.Table) -> list:
             return []
 
         def _run_model(self, table: pa.Table, futures: list) -> pa.Table:
-            return pipeline.with_input_columns(self.model({"image": table["image"]}), table)
+            return worker.with_input_columns(self.model({"image": table["image"]}), table)
 
     cfg = load_config(None, [f"work_dir={args.work}", "ray.local_cpus=2", f"inputs.shard_rows={FILE_ROWS}", *args.set])
     init_ray(cfg)

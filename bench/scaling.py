@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
 
-    from capray import features, train
+    from capray import extraction, train
     from capray.config import load_config
     from capray.logs import install_cli_handler
     from capray.runtime import init_ray
@@ -43,7 +43,7 @@ def main() -> None:
         "train.num_to_keep=0",
     ]
     init_ray(load_config(REPO / "configs/demo.yaml", common))
-    features.run(load_config(REPO / "configs/demo.yaml", common))
+    extraction.run(load_config(REPO / "configs/demo.yaml", common))
     results = {}
     for n in (1, 2):
         cfg = load_config(REPO / "configs/demo.yaml", [*common, f"ray.num_workers={n}", f"name=w{n}"])

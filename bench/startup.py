@@ -1,6 +1,6 @@
 """Benchmark: what a caption actor pays before its steady state, step by step, in one process.
 
-The steps of `capray.infer.CaptionPredictor.__init__` and its first batch, timed one after the
+The steps of `capray.captioning.CaptionPredictor.__init__` and its first batch, timed one after the
 other (a Ray actor runs the same steps, plus its process start):
 
   import      `import tensorflow, keras` in a fresh interpreter (a subprocess, so it is cold)

@@ -30,8 +30,8 @@ _PUBLIC = {
     "Captioner": "capray.api",
     "caption": "capray.api",
     "extract": "capray.api",
-    "CaptionPredictor": "capray.infer",
-    "FeatureExtractor": "capray.features",
+    "CaptionPredictor": "capray.captioning",
+    "FeatureExtractor": "capray.extraction",
     "Caption": "capray.decoder",
 }
 __all__ = sorted(_PUBLIC)

@@ -49,7 +49,7 @@ class Captioner:
         max_pixels: int = 64_000_000,
         storage: Mapping[str, Any] | DictConfig | None = None,
     ):
-        from capray.infer import CaptionPredictor
+        from capray.captioning import CaptionPredictor
 
         self.storage, self.batch_size, self.max_pixels = storage_config(storage), batch_size, max_pixels
         # The caption job's own actor class: the same checkpoint loading, backbone and decoder.
@@ -85,7 +85,7 @@ class Captioner:
         return out
 
     def _pixels(self, image: Any, index: int) -> np.ndarray:
-        from capray.pipeline import to_pixels
+        from capray.batch_model import to_pixels
 
         try:
             return to_pixels(image, self.storage, self.max_pixels)
@@ -122,13 +122,9 @@ def config(
 
 def _job(job: str, cfg: DictConfig) -> dict[str, Any]:
     """What the CLI does after parsing: the checks before Ray, Ray, the job (and its composition)."""
-    from capray.cli import LOCAL_JOBS, preflight, run_job
-    from capray.runtime import init_ray
+    from capray.runner import run
 
-    preflight(job, cfg)
-    if job not in LOCAL_JOBS:
-        init_ray(cfg)
-    return run_job(job, cfg)
+    return run(job, cfg)
 
 
 def extract(cfg: Any = None, input: str | None = None, **overrides: Any) -> dict[str, Any]:

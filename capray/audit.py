@@ -9,7 +9,7 @@ count, the keys the input itself lists more than once.
 
 How, at 10^8 rows with O(shards) in the driver: a hash-partitioned group-by in plain Ray tasks.
 
-    map tasks     one per group of input shards (`inputs.read_shard`, keys only) and one per group
+    map tasks     one per group of input shards (`reader.read_shard`, keys only) and one per group
                   of output files (only `image` and `error` read: a features file's `features`
                   column is never fetched); each hashes its keys into P partitions and returns one
                   table per partition
@@ -40,7 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capray import shards, storage
-from capray.inputs import KEY, InputError, Plan, Shard, read_shard
+from capray.inputs import KEY, InputError, Plan, Shard
+from capray.reader import read_shard
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +308,13 @@ def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
     from capray.config import output_paths
 
     if job == "caption":
-        from capray import infer
+        from capray import captioning
 
-        return infer.job_plan(cfg), cfg.caption.input, output_paths(cfg)["captions"]
-    from capray import features
+        return captioning.job_plan(cfg), cfg.caption.input, output_paths(cfg)["captions"]
+    from capray import extraction
 
     return (
-        features.job_plan(cfg),
+        extraction.job_plan(cfg),
         cfg.extract.input or "the images of the training split",
         output_paths(cfg)["features"],
     )

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import posixpath
 import warnings
 from typing import Any
 
@@ -43,16 +41,7 @@ def _read_text(uri: str, storage_cfg: Any) -> str:
 
 
 def _dirname(uri: str) -> str:
-    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri) or "."
-
-
-def _resolve(name: str, images: str) -> str:
-    # Local paths become absolute: image keys must not depend on the directory a job ran from.
-    if storage.is_remote(name):
-        return name
-    if not os.path.isabs(name) and images:
-        name = storage.join(images, name)
-    return name if storage.is_remote(name) else os.path.abspath(name)
+    return storage.dirname(uri) or "."
 
 
 def _finish(df: pd.DataFrame, source: str, images: str) -> pd.DataFrame:
@@ -67,7 +56,7 @@ def _finish(df: pd.DataFrame, source: str, images: str) -> pd.DataFrame:
         raise DataError(
             f"{source}: {len(empty)} row(s) with an empty image or caption, first at data row {empty[0] + 1}"
         )
-    df["image"] = [_resolve(name, images) for name in df["image"]]
+    df["image"] = [storage.resolve(name, images) for name in df["image"]]
     return df.reset_index(drop=True)
 
 
@@ -118,11 +107,19 @@ def read_table(path: str, images: str = "", storage_cfg: Any = None) -> pd.DataF
     return _finish(_read_table(path, storage_cfg), path, images or _dirname(path))
 
 
+def require_annotations(cfg: Any) -> None:
+    """DataError unless the configured captions file is given and exists."""
+    if not cfg.data.annotations:
+        raise DataError(f"data.annotations is empty: give the {cfg.data.format} captions file")
+    if not storage.exists(cfg.data.annotations, cfg.storage):
+        raise DataError(f"data.annotations: file not found: {cfg.data.annotations}")
+
+
 def read_captions(cfg: Any) -> pd.DataFrame:
     """The configured dataset's captions (`data.format`, `data.annotations`, `data.images`)."""
     ann, fmt = cfg.data.annotations, cfg.data.format
     if not ann:
-        raise DataError(f"data.annotations is empty: give the {fmt} captions file")
+        require_annotations(cfg)
     # Synthetic and Flickr layouts keep their photos in images/ beside the captions file.
     images = cfg.data.images or storage.join(_dirname(ann), "images")
     if fmt == "coco":

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from capray import evaluate, features, infer, synthetic, train
+from capray import captioning, evaluate, extraction, synthetic, train
 from capray.config import output_paths
 
 
@@ -27,7 +27,7 @@ def run(cfg: Any) -> dict[str, Any]:
     if not (heldout / "captions.csv").exists():
         # Another seed: these scenes were never seen in training or validation.
         synthetic.generate(heldout, cfg.data.synthetic_heldout, seed=cfg.data.synthetic_seed + 1, prefix="heldout")
-    features.run(cfg)
+    extraction.run(cfg)
     trained = train.run(cfg)
     # The caption job's own config, derived rather than written into `cfg`: every stage's config
     # is what it was given, and the one saved next to the captions says what ran.
@@ -36,7 +36,7 @@ def run(cfg: Any) -> dict[str, Any]:
     caption_cfg = OmegaConf.merge(
         cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images"), "overwrite": True}}
     )
-    cap = infer.run(caption_cfg)
+    cap = captioning.run(caption_cfg)
 
     rows = pd.read_parquet(p["captions"])
     refs = pd.read_csv(heldout / "captions.csv")

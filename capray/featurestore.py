@@ -179,7 +179,7 @@ def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dic
     return {
         "features": np.array(feats, dtype=object),
         "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
-        # One dtype per features folder (capray.features.extract refuses to mix them).
+        # One dtype per features folder (capray.extraction.extract refuses to mix them).
         "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
     }
 

@@ -3,8 +3,8 @@
 An input is a folder or s3:// prefix of image files, a manifest (.csv/.parquet with an `image`
 column; a file, a folder or a glob of them), WebDataset tar shards (img2dataset's layout), or
 Parquet files with image bytes (img2dataset's `output_format=parquet`). Each becomes a list of
-`Shard`s; the driver holds that list (O(shards)) and never one object per image. A worker reads
-its shard with `read_shard`, streaming, in batches of rows.
+`Shard`s; the driver holds that list (O(shards)) and never one object per image. This module
+plans, in the driver; a worker reads its shard with `capray.reader.read_shard`, streaming.
 
 A shard's id names what it holds, not where: `<location>.<content digest>`. A folder/prefix is
 listed by Ray tasks into content-defined chunks of keys with their versions (capray.listing);
@@ -17,21 +17,17 @@ can tell which earlier output files a new shard replaces.
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
-import tarfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capray import listing, storage
-from capray.listing import ListingError, digest, is_image, stem, suffixes, walk
+from capray.listing import ListingError, digest, is_image, stem, walk
 
 log = logging.getLogger(__name__)
 # The columns every reader yields before the pass-through ones: the row's key (a URI, or
@@ -190,10 +186,6 @@ def names_plan(table_uri: str, column: str, cache_dir: str, cfg: Any, name: str)
 # --- manifests, tars and Parquet with bytes: one shard per file or per group of row groups ----
 
 
-def _folder(uri: str) -> str:
-    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
-
-
 def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
     fs, path = storage.filesystem(f.uri, cfg.storage)
     with fs.open_input_file(path) as handle:
@@ -215,7 +207,7 @@ def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
             f.uri,
             tuple(g),
             sum(meta.row_group(i).num_rows for i in g),
-            _folder(f.uri),
+            storage.dirname(f.uri),
             f.uri,
         )
         for g in groups
@@ -322,12 +314,17 @@ def _detect(uri: str, cfg: Any) -> str:
     return "files"
 
 
+def require(uri: str, storage_cfg: Any) -> None:
+    """InputError unless input `uri` exists (a glob is expanded by `plan`, which names what it matched)."""
+    if not any(c in uri for c in _GLOB_CHARS) and not storage.exists(uri, storage_cfg):
+        raise InputError(f"input not found: {uri}")
+
+
 def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
     """The shards of input `uri` (any kind above); fails with InputError before any work.
     `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
     try:
-        if not any(c in uri for c in _GLOB_CHARS) and not storage.exists(uri, cfg.storage):
-            raise InputError(f"input not found: {uri}")
+        require(uri, cfg.storage)
         kind = _detect(uri, cfg)
         if kind == "files":
             return _list_images(cfg, uri, cache_dir)
@@ -366,7 +363,7 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
                         f"{stem(f.uri)}-{digest(f.uri)}.{digest(f.size, f.version)}",
                         "csv",
                         f.uri,
-                        base=_folder(f.uri),
+                        base=storage.dirname(f.uri),
                         source=f.uri,
                     )
                 ]
@@ -437,7 +434,7 @@ def _split_csvs(csvs: list[listing.Entry], cfg: Any, cache_dir: str) -> dict[str
                 "manifest",
                 part,
                 rows=r,
-                base=_folder(f.uri),
+                base=storage.dirname(f.uri),
                 source=f.uri,
             )
             for k, (part, r) in enumerate(files)
@@ -459,139 +456,3 @@ def _split_csvs(csvs: list[listing.Entry], cfg: Any, cache_dir: str) -> dict[str
 
 
 # --- reading one shard, in the worker ---------------------------------------------------------
-
-
-def _resolve(images: pa.Array, base: str) -> pa.Array:
-    images = pc.utf8_trim_whitespace(pc.fill_null(images, ""))
-    if pc.all(pc.or_(pc.starts_with(images, "s3://"), pc.starts_with(images, "/"))).as_py():
-        return images  # URIs and absolute paths: nothing to resolve, no Python loop per row
-    out = []
-    for name in images.to_pylist():
-        if name and not storage.is_remote(name) and not os.path.isabs(name) and base:
-            name = storage.join(base, name)
-        out.append(name if not name or storage.is_remote(name) else os.path.abspath(name))
-    return pa.array(out, pa.string())
-
-
-def _table_rows(table: pa.Table, base: str) -> pa.Table:
-    """A manifest batch -> key, uri and every other column passed through."""
-    images = _resolve(table[KEY].cast(pa.string()), base)
-    rest = table.drop_columns([KEY])
-    return pa.Table.from_arrays([images, images, *rest.columns], names=[KEY, URI, *rest.column_names])
-
-
-def _bytes_rows(table: pa.Table, shard: Shard, cfg: Any, first_row: int) -> pa.Table:
-    col, key = cfg.inputs.bytes_column, cfg.inputs.key_column
-    if key in table.column_names:
-        keys = table[key].cast(pa.string())
-    else:  # no key column: the row's position in the file
-        keys = pa.array([f"{stem(shard.uri)}/{first_row + i}" for i in range(table.num_rows)], pa.string())
-    rest = table.drop_columns([c for c in (col, key) if c in table.column_names])  # the key is the row's `image`
-    return pa.Table.from_arrays([keys, table[col], *rest.columns], names=[KEY, DATA, *rest.column_names])
-
-
-def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
-    """img2dataset's layout: consecutive members `<key>.<ext>` per sample; one image, optional
-    `.txt` (-> caption) and `.json` (-> json). A truncated tar ends with an error row."""
-    fs, path = storage.filesystem(shard.uri, cfg.storage)
-    exts = suffixes(cfg.inputs.extensions)
-    sample: dict[str, Any] = {}
-    last = "?"
-    with fs.open_input_stream(path) as raw:
-        try:
-            with tarfile.open(fileobj=raw, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    last = member.name
-                    base, _, ext = member.name.rpartition(".")
-                    if sample and sample["key"] != base:
-                        yield sample
-                        sample = {}
-                    sample.setdefault("key", base)
-                    stream = tar.extractfile(member)
-                    assert stream is not None  # a regular file (checked above) always has one
-                    data = stream.read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name}: {len(data)} of {member.size} bytes")
-                    if f".{ext.lower()}" in exts:
-                        sample["data"] = data
-                    elif ext.lower() == "txt":
-                        sample["caption"] = data.decode("utf-8", "replace").strip()
-                    elif ext.lower() == "json":
-                        sample["json"] = data.decode("utf-8", "replace")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            if sample.get("key") == last.rpartition(".")[0]:
-                sample.pop("data", None)
-            broken = sample or {"key": last.rpartition(".")[0] or last}
-            broken["error"] = f"truncated or corrupt tar {shard.uri} at member {last}: {type(e).__name__}: {e}"
-            yield broken
-            return
-    if sample:
-        yield sample
-
-
-def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
-    prefix = stem(shard.uri)
-    schema = pa.schema(
-        [
-            (KEY, pa.string()),
-            (DATA, pa.binary()),
-            ("caption", pa.string()),
-            ("json", pa.string()),
-            ("_error", pa.string()),
-        ]
-    )
-    buf: list[dict[str, Any]] = []
-
-    def table() -> pa.Table:
-        rows = {
-            KEY: [f"{prefix}/{s['key']}" for s in buf],
-            DATA: [s.get("data") for s in buf],
-            "caption": [s.get("caption") for s in buf],
-            "json": [s.get("json") for s in buf],
-            "_error": [
-                s.get("error") or (None if "data" in s else "no image member with one of inputs.extensions")
-                for s in buf
-            ],
-        }
-        return pa.table(rows, schema=schema)
-
-    for s in _tar_samples(shard, cfg):
-        buf.append(s)
-        if len(buf) >= batch_rows:
-            yield table()
-            buf = []
-    if buf:
-        yield table()
-
-
-def read_shard(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
-    """Stream a shard as tables of at most `batch_rows` rows: `image` (key), `_uri` or `_data`,
-    optionally `_error` (the row cannot be read at all), then the pass-through columns."""
-    if shard.kind == "webdataset":
-        yield from _tar_batches(shard, cfg, batch_rows)
-        return
-    fs, path = storage.filesystem(shard.uri, cfg.storage)
-    if shard.kind == "csv":
-        with fs.open_input_file(path) as f:
-            # Every column as text: types stay the same from one batch (and shard) to the next.
-            names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
-        with fs.open_input_file(path) as f:
-            table = pacsv.read_csv(
-                f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
-            )
-        for batch in table.to_batches(batch_rows):
-            yield _table_rows(pa.Table.from_batches([batch]), shard.base)
-        return
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        groups = list(shard.row_groups) or list(range(pf.num_row_groups))
-        first = sum(pf.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
-            table = pa.Table.from_batches([batch])
-            if shard.kind == "parquet_bytes":
-                yield _bytes_rows(table, shard, cfg, first)
-            else:
-                yield _table_rows(table, shard.base if shard.kind == "manifest" else "")
-            first += table.num_rows

@@ -61,6 +61,21 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def dirname(uri: str) -> str:
+    """The folder of a local path or the prefix of an s3:// URI ("" for a bare name)."""
+    return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
+
+
+def resolve(name: str, base: str = "") -> str:
+    """An image name as the jobs key it: a URI as it is; a relative path joined to `base`; a local
+    path absolute (keys must not depend on the directory a job ran from)."""
+    if not name or is_remote(name):
+        return name
+    if not os.path.isabs(name) and base:
+        name = join(base, name)
+    return name if is_remote(name) else os.path.abspath(name)
+
+
 def filesystem(uri: str, storage: Any = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for `uri` and the path inside it."""
     if not is_remote(uri):

@@ -36,9 +36,9 @@ def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:
 
 def extract_synthetic(work: Path) -> Path:
     """Generate SYNTHETIC_IMAGES scenes under `work` and extract their features (needs Ray)."""
-    from capray import features
+    from capray import extraction
 
-    features.run(
+    extraction.run(
         load_config(REPO / "configs/demo.yaml", [f"work_dir={work}", f"data.synthetic_images={SYNTHETIC_IMAGES}"])
     )
     return work

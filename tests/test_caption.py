@@ -14,10 +14,10 @@ from PIL import Image
 
 import capray
 from capray import storage
+from capray.captioning import InputError, caption
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
 from capray.images import ImageDecodeError
-from capray.infer import InputError, caption
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
     from PIL import Image
 
     from capray import checkpoint as ckpt
-    from capray import features
+    from capray import extraction
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -202,7 +202,7 @@ def test_the_caption_job_sees_the_features_the_extract_job_stored(checkpoint: st
             f"data.max_pixels={TEST_MAX_PIXELS * 4}",
         ],
     )
-    assert features.run(cfg)["extracted"] == 3
+    assert extraction.run(cfg)["extracted"] == 3
     stored = pd.read_parquet(tmp_path / "work" / "features").set_index("image")
     out = tmp_path / "captions"
     assert caption(cfg, checkpoint, str(folder), str(out))["captioned"] == 3

@@ -65,11 +65,11 @@ def _one_line_failure(done: subprocess.CompletedProcess, job: str, code: int, me
 
 def test_exit_codes_follow_the_class_hierarchy_by_name() -> None:
     from capray.backbone import BackboneError
+    from capray.captioning import CaptionJobError
     from capray.checkpoint import CheckpointError
     from capray.config import ConfigError
     from capray.data import DataError
     from capray.featurestore import FeatureError
-    from capray.infer import CaptionJobError
     from capray.inputs import InputError
     from capray.pipeline import JobError
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 
-from capray import features, featurestore, storage
+from capray import extraction, featurestore, storage
 from capray.config import output_paths
 from capray.images import decode
 from capray.model import Backbone
@@ -49,7 +49,7 @@ def _table(cfg) -> pd.DataFrame:
 
 def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None:
     cfg = _config(s3, photos, f"{s3.bucket('work')}/run")
-    summary = features.run(cfg)
+    summary = extraction.run(cfg)
     n_good, n_bad = len(good_images()), len(bad_images())
     assert (summary["extracted"], summary["failed"]) == (n_good, n_bad)
 
@@ -75,18 +75,18 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
     manifest = json.loads(storage.read_bytes(f"{output_paths(cfg)['features']}/_files.json", cfg.storage))
     assert manifest["rows"] == n_good + n_bad and manifest["shape"] == [64, 2048]
 
-    again = features.run(cfg)
+    again = extraction.run(cfg)
     assert (again["extracted"], again["failed"], again["skipped"]) == (0, 0, n_good + n_bad)
     assert len(_table(cfg)) == n_good + n_bad
 
 
 def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) -> None:
     cfg = _config(s3, photos, str(tmp_path / "run"))
-    assert features.run(cfg)["extracted"] == len(good_images())
+    assert extraction.run(cfg)["extracted"] == len(good_images())
     files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
     assert files and pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "ZSTD"  # the default
     cfg.extract.overwrite, cfg.extract.compression = True, "none"
-    assert features.run(cfg)["extracted"] == len(good_images())
+    assert extraction.run(cfg)["extracted"] == len(good_images())
     assert len(_table(cfg)) == len(good_images()) + len(bad_images())
     files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
     assert pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "UNCOMPRESSED"
@@ -94,16 +94,16 @@ def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) ->
 
 def test_the_features_column_points_into_the_batch_without_copies() -> None:
     feats = np.arange(2 * 64 * 2048, dtype=np.float16).reshape(2, 64, 2048)
-    column = features.features_column(feats, np.array([True, False, True]))
+    column = extraction.features_column(feats, np.array([True, False, True]))
     assert column.type == pa.binary() and len(column) == 3
     rows = column.to_pylist()
     assert rows[1] == b"" and rows[0] == feats[0].tobytes() and rows[2] == feats[1].tobytes()
-    assert features.features_column(np.zeros((0, 64, 2048), np.float16), np.array([False])).to_pylist() == [b""]
+    assert extraction.features_column(np.zeros((0, 64, 2048), np.float16), np.array([False])).to_pylist() == [b""]
 
 
 def test_mixing_feature_dtypes_in_one_folder_is_refused(s3, photos: str, tmp_path, ray_local) -> None:
     cfg = _config(s3, photos, str(tmp_path / "run"))
-    features.run(cfg)
+    extraction.run(cfg)
     cfg.extract.dtype = "float32"
     with pytest.raises(ValueError, match="holds float16 features but extract.dtype=float32"):
-        features.run(cfg)
+        extraction.run(cfg)

@@ -13,15 +13,23 @@ import pytest
 # costs seconds of CPU per process, for nothing.
 TF_FREE = [
     "capray.config",
+    "capray.schema",
+    "capray.hardware",
+    "capray.logs",
+    "capray.reader",
+    "capray.writer",
+    "capray.worker",
+    "capray.batch_model",
+    "capray.runner",
     "capray.storage",
     "capray.text",
     "capray.images",
     "capray.inputs",
     "capray.pipeline",
     "capray.data",
-    "capray.features",
+    "capray.extraction",
     "capray.featurestore",
-    "capray.infer",
+    "capray.captioning",
     "capray.runtime",
     "capray.checkpoint",
     "capray.backbone",
@@ -121,9 +129,69 @@ def test_capray_modules_import_each_other_one_way() -> None:
     # The lowest layer imports nothing above it: plain Python, pyarrow and PIL only.
     for base in ("capray.storage", "capray.text", "capray.images"):
         assert graph[base] == set(), f"{base} imports {graph[base]}"
-    # Job modules never import each other: composition lives in the CLI and the demo.
-    jobs = {"capray.features", "capray.infer", "capray.train", "capray.evaluate"}
+    # Job modules never import each other: composition lives in capray.runner (and the demo).
+    jobs = {"capray.extraction", "capray.captioning", "capray.train", "capray.evaluate"}
     for job in jobs:
         inside = {m for m in graph if m == job or m.startswith(job + ".")}
         for m in inside:
             assert not {t for t in graph[m] - inside if any(t == j or t.startswith(j + ".") for j in jobs)}, m
+
+
+# The layers of docs/architecture.md, lowest first: a module imports modules of its own layer or
+# below, never above. Every capray module is in exactly one (a new module is placed on purpose).
+LAYERS = {
+    "base": {"storage", "text", "images", "schema", "hardware", "logs", "tfquiet"},
+    "config": {"config", "runtime"},
+    "blocks": {
+        "listing",
+        "inputs",
+        "reader",
+        "writer",
+        "worker",
+        "batch_model",
+        "pipeline",
+        "shards",
+        "featurestore",
+        "data",
+        "synthetic",
+        "backbone",
+        "model",
+        "decoder",
+        "checkpoint",
+    },
+    "jobs": {"extraction", "captioning", "train", "evaluate", "export"},
+    "composition": {"runner", "audit", "demo"},
+    "faces": {"cli", "api", "__main__", "configdoc"},
+}
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of a capray module (a package's submodules share its layer)."""
+    name = module.removeprefix("capray.").split(".")[0]
+    found = [i for i, members in enumerate(LAYERS.values()) if name in members]
+    assert len(found) == 1, f"{module} is in {len(found)} layers of LAYERS: place it in one"
+    return found[0]
+
+
+def test_modules_import_only_their_own_layer_or_below() -> None:
+    graph = _import_graph()
+    names = list(LAYERS)
+    upward = [
+        f"{m} ({names[_layer(m)]}) imports {t} ({names[_layer(t)]})"
+        for m in sorted(graph)
+        if m != "capray"
+        for t in sorted(graph[m])
+        if t != "capray" and _layer(t) > _layer(m)
+    ]
+    assert not upward, "imports against the layers: " + "; ".join(upward)
+
+
+def test_the_two_faces_share_the_runner_and_never_import_each_other() -> None:
+    graph = _import_graph()
+    assert "capray.cli" not in graph["capray.api"] and "capray.api" not in graph["capray.cli"]
+    assert "capray.runner" in graph["capray.api"] and "capray.runner" in graph["capray.cli"]
+
+
+def test_the_layer_rule_fails_on_an_upward_import() -> None:
+    graph = {"capray.api": {"capray.cli"}, "capray.storage": {"capray.runner"}}
+    assert [t for m in graph for t in graph[m] if _layer(t) > _layer(m)] == ["capray.runner"]

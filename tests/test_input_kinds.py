@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 
-from capray import features, featurestore, inputs, storage
+from capray import extraction, featurestore, inputs, reader, storage
+from capray.captioning import caption
 from capray.config import load_config, output_paths
-from capray.infer import caption
 from capray.inputs import InputError
 
 GOOD = ["scene.jpg", "gray.jpg", "alpha.png", "cmyk.jpg"]
@@ -127,14 +127,14 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
         assert rows.set_index("image").loc["00000/b", "input_caption"] == "caption of b"
 
     cfg.extract.input = uri
-    extracted = features.run(cfg)
+    extracted = extraction.run(cfg)
     assert extracted["extracted"] == sum(v is None for v in expected.values())
     table = pq.ParquetDataset(output_paths(cfg)["features"][len("s3://") :], filesystem=fs).read().to_pandas()
     _check(table, expected)
     assert list(table.columns) == [*featurestore.SCHEMA.names, *passed]
     # Re-runs skip every shard: nothing is read again.
     assert caption(cfg, tiny_checkpoint, uri, out)["shards_written"] == 0
-    assert features.run(cfg)["shards_written"] == 0
+    assert extraction.run(cfg)["shards_written"] == 0
 
 
 def test_missing_and_empty_inputs_fail_clearly(tmp_path: Path, ray_local) -> None:
@@ -178,7 +178,7 @@ def test_a_large_csv_manifest_is_split_into_shards_once(tmp_path: Path, ray_loca
     cache = str(tmp_path / "inputs")
     plan = inputs.plan(cfg, str(tmp_path / "big.csv"), cache)
     assert [s.rows for s in plan.shards] == [4] * 7 + [2] and plan.rows == 30
-    read = [t for s in plan.shards for t in inputs.read_shard(s, cfg, 3)]
+    read = [t for s in plan.shards for t in reader.read_shard(s, cfg, 3)]
     table = pa.concat_tables(read)
     assert table["image"].to_pylist() == [str(tmp_path / "img" / f"{i:03d}.jpg") for i in range(30)]
     assert table["id"].to_pylist() == [str(i) for i in range(30)] and table["licence"][29].as_py() == "licence 29"

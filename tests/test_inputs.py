@@ -15,9 +15,10 @@ from imagezoo import good_images, tar_shard
 
 from capray import inputs
 from capray.config import ConfigError, load_config
-from capray.inputs import InputError, Shard, read_shard
-from capray.pipeline import ShardWriter
+from capray.inputs import InputError, Shard
+from capray.reader import read_shard
 from capray.shards import done_ids
+from capray.writer import ShardWriter
 
 
 def _cfg(tmp_path: Path, *extra: str):

@@ -15,10 +15,10 @@ import tensorflow as tf
 from builders import REPO, reuse_features
 
 from capray import synthetic, train
+from capray.captioning import caption
 from capray.config import load_config
-from capray.features import FeatureExtractor
+from capray.extraction import FeatureExtractor
 from capray.featurestore import decode_features
-from capray.infer import caption
 from capray.model import Backbone, ShowAttendTell, caption_loss, make_optimizer, set_precision
 from capray.text import Tokenizer
 

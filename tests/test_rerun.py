@@ -17,8 +17,8 @@ import pytest
 from imagezoo import tar_shard
 from PIL import Image
 
-from capray import features, shards, storage
-from capray.infer import caption
+from capray import extraction, shards, storage
+from capray.captioning import caption
 from capray.shards import OutputMismatchError
 
 
@@ -273,16 +273,16 @@ def test_extraction_of_a_growing_dataset_extracts_the_new_images_only(tmp_path: 
     for i in range(0, 16, 2):
         (tmp_path / "img" / f"e{i:02d}.jpg").write_bytes(_jpeg(400 + i))
     out = str(tmp_path / "work" / "features")
-    features.extract(cfg, features.job_plan(cfg), out)
+    extraction.extract(cfg, extraction.job_plan(cfg), out)
     for i in range(1, 8, 2):
         (tmp_path / "img" / f"e{i:02d}.jpg").write_bytes(_jpeg(400 + i))
-    grown = features.extract(cfg, features.job_plan(cfg), out)
+    grown = extraction.extract(cfg, extraction.job_plan(cfg), out)
     assert grown["computed"] == 4  # the other images are copied or in shards that did not change
     rows = _exactly_once(
         cfg, out, {str(tmp_path / "img" / f"e{i:02d}.jpg") for i in [*range(0, 16, 2), *range(1, 8, 2)]}
     )
     assert (rows["features"].str.len() == 64 * 2048 * 2).all()
-    file_list = features.read_file_list(out, cfg.storage)
+    file_list = extraction.read_file_list(out, cfg.storage)
     assert file_list["rows"] == 12 and {f["file"] for f in file_list["files"]} == {
         shards.output_name(i) for i in shards.done_ids(out, None)
     }

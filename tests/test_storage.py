@@ -18,8 +18,8 @@ from conftest import S3
 from imagezoo import TEST_MAX_PIXELS, good_images
 
 from capray import inputs, storage
-from capray.infer import caption
-from capray.pipeline import ShardWorker
+from capray.captioning import caption
+from capray.worker import ShardWorker
 
 
 class Echo:

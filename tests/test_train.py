@@ -11,9 +11,9 @@ import numpy as np
 from builders import checkpoint_states, reuse_features, upload_features
 
 from capray import checkpoint, storage, synthetic, train
+from capray.captioning import caption
 from capray.config import load_config, output_paths
 from capray.images import decode
-from capray.infer import caption
 from capray.model import Backbone
 
 REPO = Path(__file__).resolve().parents[1]

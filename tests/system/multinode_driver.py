@@ -15,9 +15,9 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
-from capray import features
+from capray import extraction
+from capray.captioning import caption
 from capray.config import load_config
-from capray.infer import caption
 from capray.runtime import RUNTIME_ENV
 
 
@@ -101,7 +101,9 @@ def main(images: str, checkpoint: str, work: str) -> None:
         ],
     )
     report["extract"] = run_job(
-        lambda: {k: v for k, v in features.extract(cfg, uris, f"{work}/features").items() if k != "errors"}, nodes, None
+        lambda: {k: v for k, v in extraction.extract(cfg, uris, f"{work}/features").items() if k != "errors"},
+        nodes,
+        None,
     )
 
     cfg = load_config(

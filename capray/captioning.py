@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from capray import inputs, pipeline, storage
+from capray.batch_model import ImageBatchModel
 from capray.inputs import InputError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class CaptionJobError(pipeline.JobError):
 __all__ = ["SCHEMA", "CaptionJobError", "CaptionPredictor", "InputError", "caption", "run"]
 
 
-class CaptionPredictor(pipeline.ImageBatchModel):
+class CaptionPredictor(ImageBatchModel):
     """Ray Data callable class: images -> caption rows (greedy or beam), the model loaded once per actor.
 
     The caption job's actor, and a building block for your own Ray Data pipelines:
@@ -188,15 +189,20 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
     return summary
 
 
+def require_input(cfg: Any) -> None:
+    """InputError unless the job has an input to caption."""
+    if not cfg.caption.input:
+        raise InputError(
+            "caption.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+        )
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """`capray caption`: caption `caption.input` with the configured (or best) checkpoint."""
     from capray.checkpoint import best_checkpoint
     from capray.config import output_paths, save_next_to
 
-    if not cfg.caption.input:
-        raise InputError(
-            "caption.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
-        )
+    require_input(cfg)
     out = output_paths(cfg)["captions"]
     s = caption(cfg, best_checkpoint(cfg), cfg.caption.input, out)
     save_next_to(cfg, out)

@@ -15,13 +15,14 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 
 from capray import inputs, pipeline, storage
+from capray.batch_model import ImageBatchModel
 from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_file_list, write_file_list
 from capray.inputs import Plan
 
 log = logging.getLogger(__name__)
 
 
-class FeatureExtractor(pipeline.ImageBatchModel):
+class FeatureExtractor(ImageBatchModel):
     """Ray Data callable class: images -> InceptionV3 feature rows, the backbone built once per actor.
 
     The extract job's actor, and a building block for your own Ray Data pipelines:
