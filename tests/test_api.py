@@ -60,7 +60,7 @@ def test_caption_predictor_maps_over_a_users_dataset(ray_local, tiny_checkpoint:
 
 
 def test_feature_extractor_maps_over_a_users_dataset(ray_local, items: list[dict]) -> None:
-    from capray.model import FeatureExtractor
+    from capray.model import Backbone
 
     ds = ray.data.from_items(items[:3]).rename_columns({"image": "jpeg"})
     out = (
@@ -76,7 +76,7 @@ def test_feature_extractor_maps_over_a_users_dataset(ray_local, items: list[dict
     assert out["error"].isna().all() and list(out["licence"]) == ["cc-0", "cc-1", "cc-2"]
     features = decode_features(out["features"], "float32")
     pixels = np.stack([decode(r["image"], TEST_MAX_PIXELS) for r in items[:3]])
-    np.testing.assert_allclose(features, FeatureExtractor("random", seed=0)(pixels), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(features, Backbone("random", seed=0)(pixels), rtol=1e-4, atol=1e-4)
 
 
 def test_a_dataset_without_an_image_column_is_refused_naming_it(ray_local, items: list[dict]) -> None:
