@@ -24,6 +24,7 @@ from capray.images import ImageDecodeError
 
 if TYPE_CHECKING:
     from capray.decoder import Caption
+    from capray.schema import Config
 
 
 def storage_config(storage: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
@@ -109,7 +110,7 @@ def _name(image: Any) -> str:
 def config(
     cfg: str | DictConfig | Mapping[str, Any] | Sequence[str] | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
-) -> DictConfig:
+) -> Config:
     """A job config: YAML path(s), a loaded config or a mapping, then overrides (`["key=value"]`
     or a nested mapping), checked against the schema as the CLI does."""
     from capray.config import load_config
@@ -120,7 +121,7 @@ def config(
     return load_config(layers, list(overrides))
 
 
-def _job(job: str, cfg: DictConfig) -> dict[str, Any]:
+def _job(job: str, cfg: Config) -> dict[str, Any]:
     """What the CLI does after parsing: the checks before Ray, Ray, the job (and its composition)."""
     from capray.runner import run
 
@@ -166,7 +167,7 @@ def export(
 
 
 def _with(overrides: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword overrides (`infer__batch_size=8` or a nested dict) plus the named arguments that were given."""
+    """Keyword overrides (`caption__batch_size=8` or a nested dict) plus the named arguments that were given."""
     out: dict[str, Any] = {k.replace("__", "."): v for k, v in overrides.items()}
     out.update({k: v for k, v in named.items() if v is not None})
     return _nest(out)

@@ -32,7 +32,8 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,9 @@ import pyarrow.parquet as pq
 from capray import shards, storage
 from capray.inputs import KEY, InputError, Plan, Shard
 from capray.reader import read_shard
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def map_input(shard_rows: list[dict[str, Any]], parts: int, cfg: Any) -> list[pa.Table]:
+def map_input(shard_rows: list[dict[str, Any]], parts: int, cfg: Config) -> list[pa.Table]:
     """Ray task: the keys of some input shards (one row per input row, repeats kept), by partition."""
     tables = []
     for row in shard_rows:
@@ -110,7 +114,7 @@ def map_input(shard_rows: list[dict[str, Any]], parts: int, cfg: Any) -> list[pa
     return _split(_concat(tables, _INPUT_SCHEMA).combine_chunks(), parts)
 
 
-def map_output(files: list[str], parts: int, cfg: Any) -> list[pa.Table]:
+def map_output(files: list[str], parts: int, cfg: Config) -> list[pa.Table]:
     """Ray task: `image` and `error` of some output files, by partition."""
     tables = []
     for uri in files:
@@ -139,7 +143,7 @@ def _write(table: pa.Table, uri: str, storage_cfg: Any) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
-def reduce_partition(part: int, report_dir: str, cfg: Any, n_inputs: int, *pieces: pa.Table) -> dict[str, Any]:
+def reduce_partition(part: int, report_dir: str, cfg: Config, n_inputs: int, *pieces: pa.Table) -> dict[str, Any]:
     """Ray task: classify every key of partition `part`; writes `<kind>/part-<part>.parquet`
     (partition 0 always, so that every kind's folder exists and reads with its schema)."""
     inp = _concat(list(pieces[:n_inputs]), _INPUT_SCHEMA)
@@ -186,7 +190,7 @@ def output_files(output: str, storage_cfg: Any = None) -> list[str]:
     return [storage.join(output, shards.output_name(i)) for i in sorted(shards.done_ids(output, storage_cfg))]
 
 
-def _groups(items: list[Any], sizes: list[float], target: int) -> list[list[Any]]:
+def _groups(items: list[Any], sizes: Sequence[float], target: int) -> list[list[Any]]:
     """Consecutive items in groups of about `target` (size) each."""
     groups: list[list[Any]] = []
     total: float = target
@@ -199,7 +203,7 @@ def _groups(items: list[Any], sizes: list[float], target: int) -> list[list[Any]
     return groups
 
 
-def audit(cfg: Any, plan: Plan, output: str, report_dir: str | None = None, input_uri: str = "") -> dict[str, Any]:
+def audit(cfg: Config, plan: Plan, output: str, report_dir: str | None = None, input_uri: str = "") -> dict[str, Any]:
     """Audit `output` (the folder a caption or extract job wrote for `plan`) into `report_dir`
     (default `<output>/_audit`, replaced): `report.json` (written last) and the keys of each
     problem kind as Parquet under `missing/`, `duplicated/`, `stale/`, `failed/`. Returns the
@@ -303,7 +307,7 @@ def _level(summary: dict[str, Any]) -> int:
     return logging.WARNING if summary["missing"] or summary["duplicated"] else logging.INFO
 
 
-def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
+def _target(cfg: Config, job: str) -> tuple[Plan, str, str]:
     """(plan, input, output folder) of the caption or extract job as `cfg` configures it."""
     from capray.config import output_paths
 
@@ -320,19 +324,19 @@ def _target(cfg: Any, job: str) -> tuple[Plan, str, str]:
     )
 
 
-def after_job(cfg: Any, job: str) -> dict[str, Any]:
+def after_job(cfg: Config, job: str) -> dict[str, Any]:
     """The audit of a caption or extract job that just finished (`audit.after_job`): its verdict
     logged, its problems reported but not raised (the job itself succeeded). A listed folder is
     compared as the job listed it (its saved listing), not as it is a moment later."""
-    from omegaconf import OmegaConf
+    from capray.config import updated
 
-    plan, input_uri, output = _target(OmegaConf.merge(cfg, {"inputs": {"relist": False}}), job)
+    plan, input_uri, output = _target(updated(cfg, {"inputs": {"relist": False}}), job)
     summary = audit(cfg, plan, output, input_uri=input_uri)
     log.log(_level(summary), "%s: %s", job, verdict(summary))
     return summary
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray audit`: audit the output of `audit.job`; AuditError (after the report is written)
     when an image is missing or duplicated."""
     job = cfg.audit.job

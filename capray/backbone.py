@@ -13,7 +13,10 @@ import logging
 import os
 import tempfile
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from another input or with other settings (checkpoint, decoding, precision) unle
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ import pyarrow as pa
 from capray import inputs, pipeline, storage
 from capray.batch_model import ImageBatchModel
 from capray.inputs import InputError
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 # The documented output schema (docs/outputs.md); explicit so all-null columns keep types.
@@ -86,7 +89,7 @@ class CaptionPredictor(ImageBatchModel):
         self.model_id, self.attention, self.strategy = checkpoint, attention, self.decoder.label
 
     @staticmethod
-    def arguments(cfg: Any, checkpoint: str) -> dict[str, Any]:
+    def arguments(cfg: Config, checkpoint: str) -> dict[str, Any]:
         """Constructor arguments from a job config (its infer, model and storage sections)."""
         i = cfg.caption
         return dict(
@@ -134,7 +137,7 @@ class CaptionPredictor(ImageBatchModel):
         return pa.table(columns, schema=schema)
 
 
-def settings(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
+def settings(cfg: Config, checkpoint_uri: str) -> dict[str, Any]:
     """What the captions depend on besides the input: recorded with every shard, compared on re-runs."""
     from capray.listing import stat
 
@@ -154,14 +157,14 @@ def settings(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
     return out
 
 
-def job_plan(cfg: Any) -> inputs.Plan:
+def job_plan(cfg: Config) -> inputs.Plan:
     """The caption job's input (`caption.input`) as shards."""
     from capray.config import output_paths
 
     return inputs.plan(cfg, cfg.caption.input, output_paths(cfg)["inputs"])
 
 
-def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
+def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
     """Caption every shard of `input_uri` that `output` does not hold yet; returns the summary."""
     from capray import checkpoint
     from capray.config import output_paths
@@ -189,7 +192,7 @@ def caption(cfg: Any, checkpoint_uri: str, input_uri: str, output: str) -> dict[
     return summary
 
 
-def require_input(cfg: Any) -> None:
+def require_input(cfg: Config) -> None:
     """InputError unless the job has an input to caption."""
     if not cfg.caption.input:
         raise InputError(
@@ -197,7 +200,7 @@ def require_input(cfg: Any) -> None:
         )
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray caption`: caption `caption.input` with the configured (or best) checkpoint."""
     from capray.checkpoint import best_checkpoint
     from capray.config import output_paths, save_next_to

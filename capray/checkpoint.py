@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -22,6 +22,9 @@ import pyarrow.fs as pafs
 from capray import storage
 from capray.config import from_yaml, to_yaml
 from capray.text import Tokenizer
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 # What a model needs; optimizer.npz only matters for resuming training.
 REQUIRED = ("model.weights.h5", "tokenizer.json", "config.yaml", "state.json")
@@ -31,7 +34,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the model being built."""
 
 
-def write(directory: str, model: Any, optimizer: Any, tokenizer: Tokenizer, cfg: Any, state: dict) -> None:
+def write(directory: str, model: Any, optimizer: Any, tokenizer: Tokenizer, cfg: Config, state: dict) -> None:
     """Write every checkpoint file into a local directory."""
     os.makedirs(directory, exist_ok=True)
     model.save_weights(os.path.join(directory, "model.weights.h5"))
@@ -109,7 +112,7 @@ def load(uri: str, storage_cfg: Any = None) -> tuple[Any, Tokenizer, Any, dict]:
     return model, tokenizer, cfg, state
 
 
-def best_checkpoint(cfg: Any) -> str:
+def best_checkpoint(cfg: Config) -> str:
     """The checkpoint to use: `cfg.checkpoint` if set, else the best one recorded for run `name`."""
     from capray.config import output_paths
 

@@ -46,6 +46,7 @@ __all__ = [
     "resolve_precision",
     "save_next_to",
     "to_yaml",
+    "updated",
 ]
 
 
@@ -168,7 +169,7 @@ def _merge_error(e: OmegaConfBaseException, source: str | None, key: str | None 
 def load_config(
     paths: str | Path | DictConfig | Mapping | Sequence[str | Path | DictConfig | Mapping] | None = None,
     overrides: Sequence[str] = (),
-) -> DictConfig:
+) -> Config:
     """Schema defaults, then each layer in order (later wins): a YAML file, or a mapping / loaded
     config (the Python API), then `key=value` overrides; validated."""
     if paths is None or isinstance(paths, (str, Path, DictConfig, Mapping)):
@@ -211,7 +212,18 @@ def load_config(
     _absolute_paths(cfg)
     # Decided once, here, so that every process of every job of a run uses the same policy.
     cfg.model.precision = resolve_precision(cfg)
-    return cfg
+    # A DictConfig that behaves as the schema's dataclass: typed so that the type checker checks
+    # every `cfg.<section>.<key>` of the code against the schema.
+    return cast(Config, cfg)
+
+
+def updated(cfg: Config, changes: Mapping[str, Any]) -> Config:
+    """A copy of a loaded config with `changes` (a nested mapping) merged in: how a job derives the
+    config of the job it runs next (the demo's captioning, the audit's planning). An old key name
+    is refused with its new one, as in a user's config."""
+    layer = OmegaConf.create(dict(changes))
+    _check_renamed(layer, "changes")
+    return cast(Config, OmegaConf.merge(cfg, layer))
 
 
 # Local paths in these keys are made absolute where the config is loaded: Ray workers run in
@@ -236,7 +248,7 @@ def _absolute_paths(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, key, os.path.abspath(value))
 
 
-def parse_args(argv: Sequence[str]) -> DictConfig:
+def parse_args(argv: Sequence[str]) -> Config:
     """CLI form: YAML paths first (merged in order, later wins), then `key=value` overrides."""
     argv = list(argv)
     # Every argument before the first `key=value` is a file: the rest must all be overrides, so a
@@ -245,7 +257,7 @@ def parse_args(argv: Sequence[str]) -> DictConfig:
     return load_config(argv[:first_override], argv[first_override:])
 
 
-def redacted(cfg: DictConfig) -> DictConfig:
+def redacted(cfg: Config | DictConfig) -> DictConfig:
     """A copy with credentials blanked, safe to write next to outputs."""
     out = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
     for key in SECRET_KEYS:
@@ -254,12 +266,12 @@ def redacted(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def to_yaml(cfg: DictConfig) -> str:
+def to_yaml(cfg: Config | DictConfig) -> str:
     """The resolved config as YAML, credentials removed."""
     return OmegaConf.to_yaml(redacted(cfg))
 
 
-def from_yaml(text: str) -> DictConfig:
+def from_yaml(text: str) -> Config:
     """Parse a saved config (a checkpoint's, an output folder's) back through the schema; keys
     renamed since it was written are carried over with their meaning (`schema.RENAMED`)."""
     saved = OmegaConf.create(text)
@@ -267,12 +279,12 @@ def from_yaml(text: str) -> DictConfig:
         raise ConfigError("invalid saved config: not a mapping")
     _carry_renamed(saved)
     try:
-        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), saved))
+        return cast(Config, OmegaConf.merge(OmegaConf.structured(Config), saved))
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid saved config: {str(e).splitlines()[0]}") from None
 
 
-def output_paths(cfg: DictConfig) -> dict[str, str]:
+def output_paths(cfg: Config) -> dict[str, str]:
     """Where each stage reads and writes: everything lives under `work_dir`."""
     from capray.storage import join
 
@@ -292,7 +304,7 @@ def output_paths(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def save_next_to(cfg: DictConfig, output_dir: str) -> str:
+def save_next_to(cfg: Config, output_dir: str) -> str:
     """Write the resolved config (no credentials) as `_capray_config.yaml` inside an output folder.
 
     The leading underscore keeps Parquet readers (pyarrow, Ray Data) from taking it for data.

@@ -10,7 +10,7 @@ import io
 import json
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 
 class DataError(ValueError):
@@ -107,7 +110,7 @@ def read_table(path: str, images: str = "", storage_cfg: Any = None) -> pd.DataF
     return _finish(_read_table(path, storage_cfg), path, images or _dirname(path))
 
 
-def require_annotations(cfg: Any) -> None:
+def require_annotations(cfg: Config) -> None:
     """DataError unless the configured captions file is given and exists."""
     if not cfg.data.annotations:
         raise DataError(f"data.annotations is empty: give the {cfg.data.format} captions file")
@@ -115,7 +118,7 @@ def require_annotations(cfg: Any) -> None:
         raise DataError(f"data.annotations: file not found: {cfg.data.annotations}")
 
 
-def read_captions(cfg: Any) -> pd.DataFrame:
+def read_captions(cfg: Config) -> pd.DataFrame:
     """The configured dataset's captions (`data.format`, `data.annotations`, `data.images`)."""
     ann, fmt = cfg.data.annotations, cfg.data.format
     if not ann:
@@ -161,7 +164,7 @@ def load_split(uri: str, storage_cfg: Any = None) -> tuple[pd.DataFrame, pd.Data
     return pick("train"), pick("val")
 
 
-def prepare_split(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+def prepare_split(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run's split: reused from `<work_dir>/split.parquet` if present, else sampled and saved."""
     from capray.config import output_paths
 

@@ -8,13 +8,16 @@ emitted token's 64 attention weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 
 from capray.model import FEATURE_DIM, NUM_CELLS, ShowAttendTell  # first: it imports TensorFlow quietly
 from capray.text import Tokenizer
+
+if TYPE_CHECKING:
+    pass
 
 STRATEGIES = ("greedy", "beam")
 

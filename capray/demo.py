@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from capray import captioning, evaluate, extraction, synthetic, train
-from capray.config import output_paths
+from capray.config import output_paths, updated
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """Run every stage on local Ray and print the summary (rows, accuracy, COCO metrics, report, examples)."""
     if cfg.data.format != "synthetic":
         raise ValueError("the demo runs on the built-in synthetic dataset (data.format=synthetic)")
@@ -33,8 +35,8 @@ def run(cfg: Any) -> dict[str, Any]:
     # is what it was given, and the one saved next to the captions says what ran.
     # The held-out captions are redone every time: they are this run's checkpoint's to score, and
     # the caption job refuses an output folder made with another checkpoint.
-    caption_cfg = OmegaConf.merge(
-        cfg, {"checkpoint": trained["checkpoint"], "infer": {"input": str(heldout / "images"), "overwrite": True}}
+    caption_cfg = updated(
+        cfg, {"checkpoint": trained["checkpoint"], "caption": {"input": str(heldout / "images"), "overwrite": True}}
     )
     cap = captioning.run(caption_cfg)
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capray.images import FEATURE_DIM, IMAGE_SIZE, NUM_CELLS
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def export(
     return output
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray export CONFIG [checkpoint=...] output=DIR`: the best (or given) checkpoint as a SavedModel."""
     from capray.checkpoint import best_checkpoint
 

@@ -8,16 +8,18 @@ store's format (capray.featurestore: schema, file list, readers).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from omegaconf import OmegaConf
 
 from capray import inputs, pipeline, storage
 from capray.batch_model import ImageBatchModel
 from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_file_list, write_file_list
 from capray.inputs import Plan
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
     )
 
 
-def settings(cfg: Any) -> dict[str, Any]:
+def settings(cfg: Config) -> dict[str, Any]:
     """What the features depend on besides the input: recorded with every shard, compared on re-runs."""
     out: dict[str, Any] = {
         "backbone.weights": cfg.backbone.weights,
@@ -100,10 +102,10 @@ def settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def job_plan(cfg: Any) -> Plan:
+def job_plan(cfg: Config) -> Plan:
     """The extract job's input as shards: `extract.input`, or the images of the training split
     (chunked from `split.parquet` by a Ray task: the driver never holds the image list)."""
-    from capray.config import output_paths
+    from capray.config import output_paths, updated
 
     paths = output_paths(cfg)
     if cfg.extract.input:
@@ -112,12 +114,12 @@ def job_plan(cfg: Any) -> Plan:
     from capray.synthetic import ensure
 
     if cfg.data.format == "synthetic":
-        cfg = OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})
+        cfg = updated(cfg, {"data": {"annotations": ensure(cfg)}})
     prepare_split(cfg)
     return inputs.names_plan(paths["split"], "image", paths["inputs"], cfg, "split")
 
 
-def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, Any]:
+def extract(cfg: Config, images: list[str] | Plan, features_dir: str) -> dict[str, Any]:
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
     if cfg.extract.overwrite:
@@ -167,7 +169,7 @@ def extract(cfg: Any, images: list[str] | Plan, features_dir: str) -> dict[str, 
     return s
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray extract`: features of every image of the split (train and validation), or of
     `extract.input` (any input kind, its columns passed through)."""
     from capray.config import output_paths, save_next_to

@@ -20,7 +20,7 @@ import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 
 from capray import listing, storage
 from capray.listing import ListingError, digest, is_image, stem, walk
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 # The columns every reader yields before the pass-through ones: the row's key (a URI, or
@@ -108,7 +111,7 @@ class Plan:
         return None if any(s.rows < 0 for s in self.shards) else sum(s.rows for s in self.shards)
 
 
-def _listing_shards(chunks: list[dict[str, Any]], cfg: Any) -> list[Shard]:
+def _listing_shards(chunks: list[dict[str, Any]], cfg: Config) -> list[Shard]:
     # With inputs.removed=keep a shard's file also holds rows of removed images, so its content
     # differs: switching the option rewrites (copies) the shards instead of taking them for done.
     keep = cfg.inputs.removed == "keep"
@@ -125,7 +128,7 @@ def _listing_shards(chunks: list[dict[str, Any]], cfg: Any) -> list[Shard]:
     ]
 
 
-def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
+def _list_images(cfg: Config, uri: str, cache_dir: str) -> Plan:
     """Plan of a folder/prefix of images: listed by Ray tasks (or the saved listing reused, with
     inputs.relist=false), compared with the listing before it."""
     try:
@@ -154,7 +157,7 @@ def _list_images(cfg: Any, uri: str, cache_dir: str) -> Plan:
     return Plan("files", _listing_shards(current.chunks, cfg), uri, info)
 
 
-def _chunked_once(out_dir: str, what: str, cfg: Any, make: Any) -> Plan:
+def _chunked_once(out_dir: str, what: str, cfg: Config, make: Any) -> Plan:
     """The chunks saved under `out_dir`, or `make()`'s, saved there (a content-addressed folder)."""
     if storage.exists(storage.join(out_dir, listing.LISTING), cfg.storage):
         chunks = listing.load(out_dir, cfg.storage).chunks
@@ -164,7 +167,7 @@ def _chunked_once(out_dir: str, what: str, cfg: Any, make: Any) -> Plan:
     return Plan("files", _listing_shards(chunks, cfg), what)
 
 
-def images_plan(images: list[str], cache_dir: str, cfg: Any, name: str) -> Plan:
+def images_plan(images: list[str], cache_dir: str, cfg: Config, name: str) -> Plan:
     """Plan of an explicit image list the caller already holds (the Python API), chunked like a
     listing (no versions: the images are keyed by name), written once per distinct list."""
     images = sorted(set(images))
@@ -172,7 +175,7 @@ def images_plan(images: list[str], cache_dir: str, cfg: Any, name: str) -> Plan:
     return _chunked_once(out_dir, name, cfg, lambda: listing.chunk_list(images, out_dir, cfg))
 
 
-def names_plan(table_uri: str, column: str, cache_dir: str, cfg: Any, name: str) -> Plan:
+def names_plan(table_uri: str, column: str, cache_dir: str, cfg: Config, name: str) -> Plan:
     """Plan of the distinct values of a table's column (the split's images), chunked like a
     listing by a Ray task (the driver never holds the names); made again when the table changes."""
     import ray
@@ -186,7 +189,7 @@ def names_plan(table_uri: str, column: str, cache_dir: str, cfg: Any, name: str)
 # --- manifests, tars and Parquet with bytes: one shard per file or per group of row groups ----
 
 
-def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
+def _parquet_shards(f: listing.Entry, cfg: Config, kind: str) -> list[Shard]:
     fs, path = storage.filesystem(f.uri, cfg.storage)
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle).metadata
@@ -214,7 +217,7 @@ def _parquet_shards(f: listing.Entry, cfg: Any, kind: str) -> list[Shard]:
     ]
 
 
-def _schema(uri: str, cfg: Any) -> pa.Schema:
+def _schema(uri: str, cfg: Config) -> pa.Schema:
     fs, path = storage.filesystem(uri, cfg.storage)
     try:
         if uri.lower().endswith(".parquet"):
@@ -228,7 +231,7 @@ def _schema(uri: str, cfg: Any) -> pa.Schema:
         ) from None
 
 
-def _file_kind(uri: str, cfg: Any) -> str:
+def _file_kind(uri: str, cfg: Config) -> str:
     """manifest | csv | parquet_bytes for one .csv/.parquet file, from its schema; errors name the file."""
     schema = _schema(uri, cfg)
     col = cfg.inputs.bytes_column
@@ -245,7 +248,7 @@ def _file_kind(uri: str, cfg: Any) -> str:
     return "manifest" if uri.lower().endswith(".parquet") else "csv"
 
 
-def _glob(uri: str, cfg: Any) -> list[listing.Entry]:
+def _glob(uri: str, cfg: Config) -> list[listing.Entry]:
     import fnmatch
 
     parent, pattern = uri.rsplit("/", 1)
@@ -258,7 +261,7 @@ def _glob(uri: str, cfg: Any) -> list[listing.Entry]:
     ]
 
 
-def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[listing.Entry]:
+def _expand(uri: str, cfg: Config, wanted: tuple[str, ...]) -> list[listing.Entry]:
     """The files a manifest/tar input names (one file, a glob, or a folder recursively), each
     with its size and version."""
     if any(c in uri for c in _GLOB_CHARS):
@@ -272,7 +275,7 @@ def _expand(uri: str, cfg: Any, wanted: tuple[str, ...]) -> list[listing.Entry]:
     ]
 
 
-def _detect(uri: str, cfg: Any) -> str:
+def _detect(uri: str, cfg: Config) -> str:
     """files | manifest | webdataset: from the name, a glob's matches, or a folder's first entries."""
     if cfg.inputs.format != "auto":
         return cfg.inputs.format
@@ -320,7 +323,7 @@ def require(uri: str, storage_cfg: Any) -> None:
         raise InputError(f"input not found: {uri}")
 
 
-def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
+def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
     """The shards of input `uri` (any kind above); fails with InputError before any work.
     `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
     try:
@@ -379,7 +382,7 @@ def plan(cfg: Any, uri: str, cache_dir: str) -> Plan:
         raise
 
 
-def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
+def split_csv(uri: str, out_dir: str, cfg: Config) -> list[tuple[str, int]]:
     """Ray task: a large CSV manifest -> Parquet files of `inputs.shard_rows` rows (text columns),
     streamed; returns [(file, rows)]."""
     fs, path = storage.filesystem(uri, cfg.storage)
@@ -417,7 +420,7 @@ def split_csv(uri: str, out_dir: str, cfg: Any) -> list[tuple[str, int]]:
     return out
 
 
-def _split_csvs(csvs: list[listing.Entry], cfg: Any, cache_dir: str) -> dict[str, list[Shard]]:
+def _split_csvs(csvs: list[listing.Entry], cfg: Config, cache_dir: str) -> dict[str, list[Shard]]:
     """Shards of the large CSV files, split once per version of the file (cached under
     `cache_dir` like listings): a rewritten CSV is split again and none of it passes for done."""
     import json

@@ -31,12 +31,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 KEY, VERSION = "image", "image_version"
@@ -80,7 +83,7 @@ def suffixes(extensions: Any) -> tuple[str, ...]:
     return tuple(f".{str(e).lower().lstrip('.')}" for e in extensions)
 
 
-def is_image(name: str, cfg: Any) -> bool:
+def is_image(name: str, cfg: Config) -> bool:
     """Whether a listed file is an image to process (`inputs.extensions`, `inputs.glob`)."""
     base = posixpath.basename(name)
     if base.startswith(".") or not base.lower().endswith(suffixes(cfg.inputs.extensions)):
@@ -205,7 +208,7 @@ class ChunkWriter:
         return out
 
 
-def list_top(uri: str, out_dir: str, cfg: Any) -> list[list[Any]]:
+def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
     """Ray task: the top level of `uri` in key order, as segments: ["chunks", [chunk...]] for a
     run of image files (written here) and ["folders", [uri...]] for a run of sub-folders."""
     writer = ChunkWriter(out_dir, "top", cfg.inputs.shard_rows, cfg.storage)
@@ -227,7 +230,7 @@ def list_top(uri: str, out_dir: str, cfg: Any) -> list[list[Any]]:
     return segments
 
 
-def list_folders(folders: list[str], out_dir: str, group: int, cfg: Any) -> list[dict[str, Any]]:
+def list_folders(folders: list[str], out_dir: str, group: int, cfg: Config) -> list[dict[str, Any]]:
     """Ray task: the image files under consecutive sub-folders, recursively, as chunks."""
     writer = ChunkWriter(out_dir, f"g{group:05d}", cfg.inputs.shard_rows, cfg.storage)
     for folder in folders:
@@ -238,7 +241,7 @@ def list_folders(folders: list[str], out_dir: str, group: int, cfg: Any) -> list
     return writer.chunks
 
 
-def chunk_names(table_uri: str, column: str, out_dir: str, cfg: Any) -> list[dict[str, Any]]:
+def chunk_names(table_uri: str, column: str, out_dir: str, cfg: Config) -> list[dict[str, Any]]:
     """Ray task: the distinct values of a table's column (e.g. the split's images), sorted and
     chunked like a listing; no versions (images named by a table are keyed by name only)."""
     import pyarrow.compute as pc
@@ -249,7 +252,7 @@ def chunk_names(table_uri: str, column: str, out_dir: str, cfg: Any) -> list[dic
     return chunk_list(sorted(names), out_dir, cfg)
 
 
-def chunk_list(names: list[str], out_dir: str, cfg: Any) -> list[dict[str, Any]]:
+def chunk_list(names: list[str], out_dir: str, cfg: Config) -> list[dict[str, Any]]:
     """Sorted names -> chunks (written under `out_dir`)."""
     writer = ChunkWriter(out_dir, "names", cfg.inputs.shard_rows, cfg.storage)
     for name in names:
@@ -310,12 +313,12 @@ def load(folder: str, storage_cfg: Any) -> Listing:
     return Listing(folder, saved["taken_at"], saved["chunks"])
 
 
-def home(cfg: Any, uri: str, cache_dir: str) -> str:
+def home(cfg: Config, uri: str, cache_dir: str) -> str:
     """Where the listings of input `uri` are kept (one folder per input and image filter)."""
     return storage.join(cache_dir, f"{stem(uri)}-{digest(uri, list(cfg.inputs.extensions), cfg.inputs.glob)}")
 
 
-def obtain(cfg: Any, uri: str, cache_dir: str) -> tuple[Listing, Listing | None, bool]:
+def obtain(cfg: Config, uri: str, cache_dir: str) -> tuple[Listing, Listing | None, bool]:
     """(the listing to use, the one before it or None, whether it was reused): a new listing
     unless `inputs.relist` is false and one is saved."""
     saved = _saved(home(cfg, uri, cache_dir), cfg.storage)
@@ -325,7 +328,7 @@ def obtain(cfg: Any, uri: str, cache_dir: str) -> tuple[Listing, Listing | None,
     return take(cfg, uri, cache_dir), before, False
 
 
-def take(cfg: Any, uri: str, cache_dir: str) -> Listing:
+def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
     """List `uri` now, in Ray tasks (the top level, then groups of sub-folders in parallel), and
     save the listing; older listings beyond the previous one are deleted."""
     import ray

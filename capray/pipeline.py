@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -25,6 +25,9 @@ from capray import shards
 from capray.inputs import InputError, Plan
 from capray.shards import output_name
 from capray.worker import ERROR_EXAMPLES, ShardWorker
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ class JobError(RuntimeError):
 
 
 def run(
-    cfg: Any,
+    cfg: Config,
     plan: Plan,
     output: str,
     model_cls: Callable[..., Any],
@@ -161,7 +164,7 @@ def run(
 
 
 def _record(
-    cfg: Any, plan: Plan, output: str, work: shards.Work, written: dict[str, tuple[int, int]]
+    cfg: Config, plan: Plan, output: str, work: shards.Work, written: dict[str, tuple[int, int]]
 ) -> dict[str, int]:
     """Replace what the written shards supersede and record them in the index (also after a stop)."""
     done = shards.finish(cfg, plan, output, work, written)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 from capray import storage
 from capray.inputs import DATA, KEY, URI, Shard
 from capray.listing import stem, suffixes
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 
 def _resolve(images: pa.Array, base: str) -> pa.Array:
@@ -36,7 +39,7 @@ def _table_rows(table: pa.Table, base: str) -> pa.Table:
     return pa.Table.from_arrays([images, images, *rest.columns], names=[KEY, URI, *rest.column_names])
 
 
-def _bytes_rows(table: pa.Table, shard: Shard, cfg: Any, first_row: int) -> pa.Table:
+def _bytes_rows(table: pa.Table, shard: Shard, cfg: Config, first_row: int) -> pa.Table:
     col, key = cfg.inputs.bytes_column, cfg.inputs.key_column
     if key in table.column_names:
         keys = table[key].cast(pa.string())
@@ -46,7 +49,7 @@ def _bytes_rows(table: pa.Table, shard: Shard, cfg: Any, first_row: int) -> pa.T
     return pa.Table.from_arrays([keys, table[col], *rest.columns], names=[KEY, DATA, *rest.column_names])
 
 
-def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
+def _tar_samples(shard: Shard, cfg: Config) -> Iterator[dict[str, Any]]:
     """img2dataset's layout: consecutive members `<key>.<ext>` per sample; one image, optional
     `.txt` (-> caption) and `.json` (-> json). A truncated tar ends with an error row."""
     fs, path = storage.filesystem(shard.uri, cfg.storage)
@@ -87,7 +90,7 @@ def _tar_samples(shard: Shard, cfg: Any) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
+def _tar_batches(shard: Shard, cfg: Config, batch_rows: int) -> Iterator[pa.Table]:
     prefix = stem(shard.uri)
     schema = pa.schema(
         [
@@ -122,7 +125,7 @@ def _tar_batches(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
         yield table()
 
 
-def read_shard(shard: Shard, cfg: Any, batch_rows: int) -> Iterator[pa.Table]:
+def read_shard(shard: Shard, cfg: Config, batch_rows: int) -> Iterator[pa.Table]:
     """Stream a shard as tables of at most `batch_rows` rows: `image` (key), `_uri` or `_data`,
     optionally `_error` (the row cannot be read at all), then the pass-through columns."""
     if shard.kind == "webdataset":

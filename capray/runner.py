@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 # job -> module whose `run(cfg)` performs it
 JOBS = {
@@ -40,7 +43,7 @@ def _output_writable(uri: str) -> None:
         raise InputError(f"cannot write the output folder {uri}: {existing} is not a writable folder")
 
 
-def _checkpoint_backbone(cfg: Any) -> None:
+def _checkpoint_backbone(cfg: Config) -> None:
     """The checkpoint the job would use is complete, and the backbone it was trained on loads."""
     from capray import backbone, checkpoint, storage
     from capray.config import from_yaml
@@ -51,7 +54,7 @@ def _checkpoint_backbone(cfg: Any) -> None:
     backbone.check(trained.backbone.weights, cfg.storage)
 
 
-def preflight(job: str, cfg: Any) -> None:
+def preflight(job: str, cfg: Config) -> None:
     """Check in the driver, before Ray starts, what would otherwise fail in every actor or late:
     inputs, output folders, checkpoint, feature store and backbone weights (fetched into the cache)."""
     from capray import backbone, inputs, storage
@@ -95,7 +98,7 @@ def preflight(job: str, cfg: Any) -> None:
         _audit_target(cfg)
 
 
-def _audit_target(cfg: Any) -> None:
+def _audit_target(cfg: Config) -> None:
     """The input and the output folder of the job `audit.job` names exist."""
     from capray import inputs, storage
     from capray.config import output_paths
@@ -118,7 +121,7 @@ def _audit_target(cfg: Any) -> None:
         raise InputError(f"output folder not found: {output}: nothing to audit (run `capray {cfg.audit.job}` first)")
 
 
-def run_job(job: str, cfg: Any) -> Any:
+def run_job(job: str, cfg: Config) -> Any:
     """Run one job on the Ray that is already connected; `train` is followed by `evaluate` when
     `evaluate.after_train`, `caption` and `extract` by their audit when `audit.after_job`
     (composition lives here, not in the job modules)."""
@@ -130,11 +133,11 @@ def run_job(job: str, cfg: Any) -> Any:
         # Imported here: the evaluation job loads what only this path needs.
         evaluate = importlib.import_module("capray.evaluate")
         result["evaluation"] = evaluate.evaluate(cfg, result["checkpoint"])
-        evaluate.print_table(result["evaluation"])
+        evaluate.log_table(result["evaluation"])
     return result
 
 
-def run(job: str, cfg: Any) -> Any:
+def run(job: str, cfg: Config) -> Any:
     """`capray <job>` after parsing: the checks (`preflight`), Ray (unless the job needs none), the
     job and what follows it (`run_job`); returns the job's summary."""
     from capray.runtime import init_ray

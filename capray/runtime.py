@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from capray import logs
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 WORKER_ENV = {
     # Workers import TensorFlow too: its C++ INFO and WARNING logs stay out of every job log
@@ -39,7 +42,7 @@ def setup_worker() -> None:
     logs.worker_logging(os.environ.get(logs.WORKER_ENV))
 
 
-def init_ray(cfg: Any) -> None:
+def init_ray(cfg: Config) -> None:
     """Join `ray.address` (or RAY_ADDRESS, e.g. under `ray job submit`), else start Ray locally."""
     if ray.is_initialized():
         return

@@ -26,13 +26,16 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import listing, storage
 from capray.inputs import InputError, Plan, Shard
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 INDEX = "_shards.parquet"
@@ -148,7 +151,7 @@ class Work:
         return sum(1 for s in self.todo if s.sources)
 
 
-def reconcile(cfg: Any, plan: Plan, output: str, settings: dict[str, Any]) -> Work:
+def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any]) -> Work:
     """Compare the plan with what `output` holds; write the index of both before any work."""
     present = done_ids(output, cfg.storage)
     old_entries, meta = read_index(output, cfg.storage)
@@ -217,7 +220,7 @@ def _entries(
     return out
 
 
-def finish(cfg: Any, plan: Plan, output: str, work: Work, written: dict[str, tuple[int, int]]) -> dict[str, int]:
+def finish(cfg: Config, plan: Plan, output: str, work: Work, written: dict[str, tuple[int, int]]) -> dict[str, int]:
     """After the run: delete the old files whose every replacement is written (and, once every
     shard is done, the legacy ones); write the index. Returns counts of what was deleted."""
     finished = {s.id for s in work.done} | set(written) | work.retry_ids

@@ -12,9 +12,12 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +107,11 @@ def generate(out_dir: str | Path, num_images: int, seed: int = 0, prefix: str = 
     return manifest
 
 
-def ensure(cfg: Any) -> str:
+def ensure(cfg: Config) -> str:
     """For `data.format=synthetic`: the dataset's captions file, generated once if absent.
 
     The config is not changed: a job that reads the dataset uses a derived config, e.g.
-    `OmegaConf.merge(cfg, {"data": {"annotations": ensure(cfg)}})`.
+    `config.updated(cfg, {"data": {"annotations": ensure(cfg)}})`.
     """
     from capray import storage
     from capray.config import ConfigError, output_paths

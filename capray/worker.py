@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,9 @@ from capray.inputs import DATA, KEY, URI, VERSION, Shard
 from capray.reader import read_shard
 from capray.shards import output_name
 from capray.writer import ShardWriter
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class ShardWorker:
         self,
         shards: list[dict[str, Any]],
         output: str,
-        cfg: Any,
+        cfg: Config,
         model_cls: Callable[..., Any],
         model_kwargs: dict[str, Any],
         batch_size: int,

@@ -6,12 +6,15 @@ import os
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
+
+if TYPE_CHECKING:
+    pass
 
 # Rows are buffered into Parquet row groups of about this size (a model batch each would make
 # thousands of tiny row groups per file): 64 MB of features, or 10,000 caption rows.

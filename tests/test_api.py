@@ -96,7 +96,7 @@ def test_the_caption_job_as_a_function(ray_local, tiny_checkpoint: str, tmp_path
         output=str(tmp_path / "out"),
         checkpoint=tiny_checkpoint,
         work_dir=str(tmp_path / "work"),
-        infer={"batch_size": 4},
+        caption={"batch_size": 4},
     )
     assert (summary["written"], summary["captioned"], summary["failed"]) == (2, 2, 0)
     rows = pd.read_parquet(tmp_path / "out")

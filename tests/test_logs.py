@@ -14,7 +14,7 @@ import pytest
 
 from capray import cli, logs
 from capray.config import load_config
-from capray.evaluate.job import print_table
+from capray.evaluate.job import log_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = {
@@ -57,10 +57,10 @@ def test_the_library_prints_nothing_by_default(tmp_path: Path) -> None:
     # A fresh interpreter, without pytest's handlers: not even a warning reaches stderr.
     script = (
         "import logging, sys\nfrom capray import synthetic\nfrom capray.config import load_config\n"
-        "from capray.evaluate.job import print_table\n"
+        "from capray.evaluate.job import log_table\n"
         f"synthetic.ensure(load_config(None, ['work_dir={tmp_path}', 'data.format=synthetic', "
         "'data.synthetic_images=2']))\n"
-        f"print_table({RESULT!r})\n"
+        f"log_table({RESULT!r})\n"
         "logging.getLogger('capray.storage').warning('storage: a retry')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -74,7 +74,7 @@ def test_the_cli_handler_prints_the_lines_unchanged_and_only_once(
 ) -> None:
     restore = logs.install_cli_handler()
     _scenes(tmp_path)
-    print_table(RESULT)
+    log_table(RESULT)
     logging.getLogger("capray.storage").warning("storage: a retry")
     logging.getLogger("capray.storage").debug("not at INFO")
     restore()
@@ -98,7 +98,7 @@ def test_a_users_handler_receives_the_records(
     capray_logger.addHandler(Keep())
     capray_logger.setLevel(logging.INFO)
     _scenes(tmp_path)
-    print_table(RESULT)
+    log_table(RESULT)
     assert [(r.name, r.levelno) for r in records] == [
         ("capray.synthetic", logging.INFO),
         ("capray.evaluate.job", logging.INFO),

@@ -1,6 +1,6 @@
 """Evaluation: caption metrics (metrics.py), the attention report (report.py) and the job (job.py)."""
 
-from capray.evaluate.job import evaluate, print_table, report_images, run
+from capray.evaluate.job import evaluate, log_table, report_images, run
 from capray.evaluate.metrics import METRICS, NO_JAVA, coco_metrics, java_available, score
 from capray.evaluate.report import ReportItem, attention_figure, upsample, write_report
 
@@ -12,7 +12,7 @@ __all__ = [
     "coco_metrics",
     "evaluate",
     "java_available",
-    "print_table",
+    "log_table",
     "report_images",
     "run",
     "score",

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capray.evaluate.metrics import METRICS, score
 from capray.evaluate.report import ReportItem, write_report
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ RANDOM_BACKBONE = (
 )
 
 
-def _pixels(image: str, cfg: Any) -> np.ndarray:
+def _pixels(image: str, cfg: Config) -> np.ndarray:
     from capray import storage
     from capray.images import decode
 
@@ -36,7 +39,7 @@ def _notes(train_cfg: Any, metrics: Mapping[str, Mapping[str, Any]]) -> list[str
     return notes
 
 
-def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
+def evaluate(cfg: Config, checkpoint_uri: str) -> dict[str, Any]:
     """Score `checkpoint_uri` on the validation split with every `evaluate.strategies`; write the
     results JSON next to the checkpoint and the report under `<checkpoint>/report_val/`."""
     from capray import checkpoint
@@ -96,7 +99,12 @@ def evaluate(cfg: Any, checkpoint_uri: str) -> dict[str, Any]:
 
 
 def report_images(
-    cfg: Any, checkpoint_uri: str, images: Sequence[str], references: Mapping[str, Sequence[str]], out: str, title: str
+    cfg: Config,
+    checkpoint_uri: str,
+    images: Sequence[str],
+    references: Mapping[str, Sequence[str]],
+    out: str,
+    title: str,
 ) -> dict[str, Any]:
     """A report on images that have no extracted features (e.g. the demo's held-out folder)."""
     from capray import checkpoint
@@ -118,7 +126,7 @@ def report_images(
     return write_report(out, items, title, notes, storage_cfg=cfg.storage)
 
 
-def print_table(result: Mapping[str, Any]) -> None:
+def log_table(result: Mapping[str, Any]) -> None:
     """The metrics as a small table: one row per metric, one column per decoding strategy (logged
     at INFO as one record)."""
     labels = list(result["metrics"])
@@ -133,10 +141,10 @@ def print_table(result: Mapping[str, Any]) -> None:
     log.info("\n".join(lines))
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray evaluate`: score the configured (or best) checkpoint on the validation split."""
     from capray.checkpoint import best_checkpoint
 
     result = evaluate(cfg, best_checkpoint(cfg))
-    print_table(result)
+    log_table(result)
     return result

@@ -13,10 +13,13 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capray import storage
 from capray.model import tf  # TensorFlow, quietly
+
+if TYPE_CHECKING:
+    pass
 
 TAGS = ("train_loss", "val_loss", "learning_rate", "captions_per_s")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 from omegaconf import OmegaConf
@@ -29,6 +29,9 @@ from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
 
+if TYPE_CHECKING:
+    from capray.schema import Config
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +39,7 @@ class TrainingError(RuntimeError):
     """Training stopped for good; the message names the last good checkpoint."""
 
 
-def prepare_tokenizer(cfg: Any, train_captions: list[str]) -> Tokenizer:
+def prepare_tokenizer(cfg: Config, train_captions: list[str]) -> Tokenizer:
     """Fit the tokenizer on the training captions once; later runs reuse the saved one."""
     uri = output_paths(cfg)["tokenizer"]
     if storage.exists(uri, cfg.storage):
@@ -46,7 +49,7 @@ def prepare_tokenizer(cfg: Any, train_captions: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def checked_features(cfg: Any) -> Dataset:
+def checked_features(cfg: Config) -> Dataset:
     """The extracted features of the config's work dir, verified against their manifest."""
     uri = output_paths(cfg)["features"]
     if not storage.exists(uri, cfg.storage):
@@ -55,7 +58,9 @@ def checked_features(cfg: Any) -> Dataset:
     return read_features(uri, cfg.storage)
 
 
-def build_datasets(cfg: Any, features: Dataset, train_df: Any, val_df: Any, tokenizer: Tokenizer) -> tuple[dict, dict]:
+def build_datasets(
+    cfg: Config, features: Dataset, train_df: Any, val_df: Any, tokenizer: Tokenizer
+) -> tuple[dict, dict]:
     """The training and validation Ray datasets (caption ids + features) and the workers' loop config."""
     train_images, val_images = set(train_df["image"]), set(val_df["image"])
     train_features = features.filter(lambda row: row["image"] in train_images)
@@ -76,7 +81,7 @@ def build_datasets(cfg: Any, features: Dataset, train_df: Any, val_df: Any, toke
     return data, loop_config
 
 
-def build_trainer(cfg: Any, data: dict, loop_config: dict) -> TensorflowTrainer:
+def build_trainer(cfg: Config, data: dict, loop_config: dict) -> TensorflowTrainer:
     """The Ray Train TensorflowTrainer of the config: workers, checkpoints kept, restarts allowed."""
     fs, runs = storage.filesystem(output_paths(cfg)["runs"], cfg.storage)
     return TensorflowTrainer(
@@ -99,7 +104,7 @@ def build_trainer(cfg: Any, data: dict, loop_config: dict) -> TensorflowTrainer:
     )
 
 
-def fit(cfg: Any, job: TensorflowTrainer) -> None:
+def fit(cfg: Config, job: TensorflowTrainer) -> None:
     """Run the trainer; a run that fails for good becomes a TrainingError naming where to resume."""
     try:
         job.fit()
@@ -112,7 +117,7 @@ def fit(cfg: Any, job: TensorflowTrainer) -> None:
         ) from e
 
 
-def train(cfg: Any) -> dict[str, Any]:
+def train(cfg: Config) -> dict[str, Any]:
     """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
     train_df, val_df = prepare_split(cfg)
     tokenizer = prepare_tokenizer(cfg, list(train_df["caption"]))
@@ -123,7 +128,7 @@ def train(cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def write_loss_plot(cfg: Any, best: str) -> str:
+def write_loss_plot(cfg: Config, best: str) -> str:
     """`loss.png` of the whole run (from its TensorBoard events) next to the best checkpoint."""
     from capray.train import curves
 
@@ -133,7 +138,7 @@ def write_loss_plot(cfg: Any, best: str) -> str:
     return uri
 
 
-def latest_checkpoint(cfg: Any) -> str | None:
+def latest_checkpoint(cfg: Config) -> str | None:
     """The run's most recent complete epoch checkpoint (by its state.json), or None."""
     run_dir = storage.join(output_paths(cfg)["runs"], cfg.name)
     states = [u for u in storage.list_files(run_dir, cfg.storage, ("state.json",)) if "/checkpoint_" in u]
@@ -147,7 +152,7 @@ def latest_checkpoint(cfg: Any) -> str | None:
     return None
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """`capray train`: train, log where the best checkpoint is, and return it with its metrics."""
     summary = train(cfg)
     m = summary["metrics"]

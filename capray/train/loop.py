@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -39,6 +39,9 @@ from capray.model import (
 )
 from capray.text import Tokenizer
 from capray.train.curves import CurveWriter
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 log = logging.getLogger(__name__)
 Batch = tuple[np.ndarray, np.ndarray]  # features (B, 64, 2048) float32, captions (B, T) int32
@@ -272,7 +275,7 @@ class Reporter:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: Config,
         storage_cfg: Any,
         model: tf.keras.Model,
         optimizer: Any,
