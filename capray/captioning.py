@@ -90,7 +90,7 @@ class CaptionPredictor(ImageBatchModel):
 
     @staticmethod
     def arguments(cfg: Config, checkpoint: str) -> dict[str, Any]:
-        """Constructor arguments from a job config (its infer, model and storage sections)."""
+        """Constructor arguments from a job config (its caption, model and storage sections)."""
         i = cfg.caption
         return dict(
             checkpoint=checkpoint,

@@ -70,9 +70,15 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     restore_logging = install_cli_handler(logging.DEBUG if debug else logging.INFO)
     try:
-        overwrite = {"export": "export.overwrite=true", "caption": "caption.overwrite=true"}.get(
-            job, "extract.overwrite=true"
-        )
+        overwrite = {
+            "export": "export.overwrite=true",
+            "caption": "caption.overwrite=true",
+            "extract": "extract.overwrite=true",
+        }.get(job)
+        if args.overwrite and overwrite is None:
+            parser.error(f"--overwrite applies to extract, caption and export, not {job}")
+        if args.limit and job not in ("extract", "caption"):
+            parser.error(f"--limit applies to extract and caption, not {job}")
         extra = ([overwrite] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
         cfg = parse_args(args.config + extra)
         if args.print_config:

@@ -76,7 +76,7 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={cfg.train.learning_rate}: must be > 0")
     if cfg.extract.min_actors > cfg.extract.max_actors or cfg.caption.min_actors > cfg.caption.max_actors:
-        raise ConfigError("min_actors must not exceed max_actors (extract.*, infer.*)")
+        raise ConfigError("min_actors must not exceed max_actors (extract.*, caption.*)")
 
 
 def current_key(key: str) -> str:

@@ -1,4 +1,4 @@
-"""Caption datasets: COCO, Flickr8k-style CSV and generic manifests, plus the seed's split.
+"""Caption datasets: COCO, Flickr8k-style CSV and captions tables (`data.format=table`), plus the seed's split.
 
 Every reader returns a DataFrame with `image` (a full local path or URI) and `caption`, in file
 order. Bad input is an error that names the file and the problem, never a silent drop.

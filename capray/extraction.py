@@ -75,7 +75,7 @@ class FeatureExtractor(ImageBatchModel):
 
 
 def features_column(feats: np.ndarray, ok: np.ndarray) -> pa.Array:
-    """The binary `features` column over the encoder's output buffer, without a copy per row:
+    """The binary `features` column over the backbone's output buffer, without a copy per row:
     row i holds the next (64, 2048) array if ok[i], else b"" (an error row)."""
     feats = np.ascontiguousarray(feats)
     row_bytes = feats[0].nbytes if len(feats) else 0

@@ -1,4 +1,4 @@
-"""Encoder backbone loading: imagenet (Keras' cached file, fetched once), a .h5 file (local or
+"""Backbone (InceptionV3) weights loading: imagenet (Keras' cached file, fetched once), a .h5 file (local or
 s3://), random; never a silent fallback."""
 
 from __future__ import annotations

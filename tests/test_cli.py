@@ -148,7 +148,7 @@ def test_missing_captions_file(tmp_path: Path) -> None:
     _one_line_failure(done, "extract", 3, f"DataError: data.annotations: file not found: {tmp_path / 'c.csv'}")
 
 
-def test_bad_encoder_weights_path(tmp_path: Path) -> None:
+def test_bad_backbone_weights_path(tmp_path: Path) -> None:
     done = _capray("extract", DEMO, f"work_dir={tmp_path}", f"backbone.weights={tmp_path / 'w.h5'}")
     _one_line_failure(done, "extract", 6, f"BackboneError: backbone.weights: file not found: {tmp_path / 'w.h5'}")
 
@@ -165,6 +165,21 @@ def test_imagenet_weights_offline_fail_in_the_driver_in_one_line(tmp_path: Path)
 
 def test_bad_config(tmp_path: Path) -> None:
     _one_line_failure(_capray("train", DEMO, "train.epochz=3"), "train", 2, "Key 'epochz' not in 'TrainConfig'")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--overwrite"], "--overwrite applies to extract, caption and export, not train"),
+        (["evaluate", "--limit", "2"], "--limit applies to extract and caption, not evaluate"),
+    ],
+)
+def test_a_flag_for_other_jobs_is_refused_not_ignored(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_unwritable_output_folder(tmp_path: Path) -> None:

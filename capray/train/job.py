@@ -50,7 +50,7 @@ def prepare_tokenizer(cfg: Config, train_captions: list[str]) -> Tokenizer:
 
 
 def checked_features(cfg: Config) -> Dataset:
-    """The extracted features of the config's work dir, verified against their manifest."""
+    """The extracted features of the config's work dir, verified against their file list (`_files.json`)."""
     uri = output_paths(cfg)["features"]
     if not storage.exists(uri, cfg.storage):
         raise FeatureError(f"no features at {uri}: run `capray extract` with the same config first")
