@@ -210,11 +210,12 @@ def load_config(
     OmegaConf.set_readonly(cfg, False)
     _validate(cfg)
     _absolute_paths(cfg)
-    # Decided once, here, so that every process of every job of a run uses the same policy.
-    cfg.model.precision = resolve_precision(cfg)
     # A DictConfig that behaves as the schema's dataclass: typed so that the type checker checks
     # every `cfg.<section>.<key>` of the code against the schema.
-    return cast(Config, cfg)
+    typed = cast(Config, cfg)
+    # Decided once, here, so that every process of every job of a run uses the same policy.
+    typed.model.precision = resolve_precision(typed)
+    return typed
 
 
 def updated(cfg: Config, changes: Mapping[str, Any]) -> Config:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capray.schema import Config
 
 
 def cpu_bf16() -> str:
@@ -15,10 +18,10 @@ def cpu_bf16() -> str:
     return next((name for name in ("amx_bf16", "avx512_bf16") if name in flags), "")
 
 
-def resolve_precision(cfg: Any) -> str:
+def resolve_precision(cfg: Config) -> str:
     """`model.precision` with `auto` decided (GPUs in the job, then this machine's CPU)."""
     if cfg.model.precision != "auto":
         return cfg.model.precision
-    if cfg.ray.use_gpu or cfg.extract.num_gpus > 0 or cfg.infer.num_gpus > 0:
+    if cfg.ray.use_gpu or cfg.extract.num_gpus > 0 or cfg.caption.num_gpus > 0:
         return "mixed_float16"
     return "mixed_bfloat16" if cpu_bf16() else "float32"

@@ -102,20 +102,20 @@ def test_a_job_stopped_part_way_is_one_line_with_its_code(
 
     # CaptionJobError is known by its base class, TrainingError by its own name.
     kind = type(error, (JobError if error == "CaptionJobError" else RuntimeError,), {})
-    monkeypatch.setattr(cli, "preflight", lambda job, cfg: None)
+    monkeypatch.setattr("capray.runner.preflight", lambda job, cfg: None)
     monkeypatch.setattr("capray.runtime.init_ray", lambda cfg: None)
 
     def stopped(job: str, cfg: object) -> None:
         raise kind("stopped before every shard was written; re-run to continue")
 
-    monkeypatch.setattr(cli, "run_job", stopped)
+    monkeypatch.setattr("capray.runner.run_job", stopped)
     assert cli.main([DEMO], job="caption") == code
     err = capsys.readouterr().err
     assert err == f"capray caption: {error}: stopped before every shard was written; re-run to continue\n"
 
 
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "preflight", lambda job, cfg: {}["bug"])
+    monkeypatch.setattr("capray.runner.preflight", lambda job, cfg: {}["bug"])
     with pytest.raises(KeyError):
         cli.main([DEMO], job="caption")
 

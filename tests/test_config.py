@@ -349,3 +349,12 @@ def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatc
     assert cfg.backbone.weights == str(tmp_path / "w/inception.h5")
     assert cfg.data.annotations == "s3://b/captions.csv" and cfg.output == ""
     assert load_config(None, ["backbone.weights=random"]).backbone.weights == "random"
+
+
+def test_auto_precision_is_decided_where_the_config_is_loaded() -> None:
+    from capray.hardware import cpu_bf16
+
+    on_cpu = load_config(None, ["model.precision=auto"]).model.precision
+    assert on_cpu == ("mixed_bfloat16" if cpu_bf16() else "float32")
+    for gpus in ("ray.use_gpu=true", "extract.num_gpus=1", "caption.num_gpus=1"):
+        assert load_config(None, ["model.precision=auto", gpus]).model.precision == "mixed_float16", gpus

@@ -120,7 +120,7 @@ def decoded() -> tuple[list[Caption], np.ndarray]:
     tokenizer = Tokenizer.fit([c for refs in REFERENCES.values() for c in refs], max_length=8)
     keras.utils.set_random_seed(0)
     model = ShowAttendTell(tokenizer.vocab_size, embedding_dim=16, units=32).build_all()
-    infer = load_config(None, ["caption.beam_size=2"]).infer
+    infer = load_config(None, ["caption.beam_size=2"]).caption
     features = np.random.default_rng(0).random((3, 64, 2048), dtype=np.float32)
     greedy = Decoder.from_config(model, tokenizer, infer, "greedy")(features)
     beam = Decoder.from_config(model, tokenizer, infer, "beam")(features)
@@ -142,7 +142,7 @@ def test_a_caption_that_ends_at_once_is_empty_not_an_error() -> None:
     bias = model.fc2.bias.numpy()
     bias[tokenizer.end_id] = 1e4  # <end> always wins
     model.fc2.bias.assign(bias)
-    infer = load_config(None, ["caption.beam_size=2"]).infer
+    infer = load_config(None, ["caption.beam_size=2"]).caption
     features = np.random.default_rng(0).random((2, 64, 2048), dtype=np.float32)
     for strategy in ("greedy", "beam"):
         for cap in Decoder.from_config(model, tokenizer, infer, strategy)(features):
