@@ -181,7 +181,7 @@ def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features:
     # Extraction: a separate output folder, so the shared float32 features stay as they are.
     cfg.extract.input = images
     cfg.work_dir = str(tmp_path / "bf16-extract")
-    from capray import features as feature_job
+    from capray import extraction as feature_job
 
     extracted = feature_job.run(cfg)
     assert extracted["written"] > 0 and extracted["failed"] == 0
