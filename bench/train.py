@@ -25,7 +25,8 @@ def main() -> None:
     """Time both training steps on identical batches and print captions/s and the ratio."""
     import tensorflow as tf
 
-    from capray.model import ShowAttendTell, caption_loss, make_optimizer
+    from capray.model import ShowAttendTell, make_optimizer
+    from capray.train.loop import make_train_step
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=64)
@@ -43,16 +44,12 @@ def main() -> None:
     model = ShowAttendTell(args.vocab).build_all()
     opt = make_optimizer(1e-3)
 
-    @tf.function
-    def capray_step(f: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss, _ = caption_loss(c, model(f, c, training=True)[0])
-            loss = loss / B
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
+    # Production's step (loss scaling and clipping paths included), as a training worker builds it.
+    capray_step = make_train_step(model, opt, tf.distribute.get_strategy(), B)
 
     loss_object = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
+    # A deliberate reference, not production code: the tutorial's own eager loop, the baseline.
     def tutorial_step(f: np.ndarray, c: np.ndarray) -> tf.Tensor:
         loss = 0.0
         hidden = tf.zeros((B, model.units))

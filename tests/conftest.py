@@ -3,9 +3,10 @@ test data built once per session (a tiny checkpoint, extracted synthetic feature
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -86,14 +87,31 @@ def flickr_dev() -> Path:
     return FLICKR_DEV
 
 
+def _once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` once per pytest run, also under pytest-xdist (`make test` runs 2 worker
+    processes): the first worker to ask builds it under a file lock, the others block on the lock
+    and then reuse the folder. Users only read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, shared by the workers' own popen-gwK/
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An untrained, complete checkpoint for the tests of the caption job's plumbing."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tinyckpt") / "ckpt")
+    return str(_once_per_run(tmp_path_factory, "tinyckpt", write_tiny_checkpoint))
 
 
 @pytest.fixture(scope="session")
 def synthetic_features(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
-    """A work dir with synthetic scenes and their extracted features, made once per session;
+    """A work dir with synthetic scenes and their extracted features, made once per run;
     training tests read them through `builders.reuse_features`."""
-    return extract_synthetic(tmp_path_factory.mktemp("synthetic"))
+    return _once_per_run(tmp_path_factory, "synthetic", extract_synthetic)

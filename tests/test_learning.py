@@ -6,8 +6,9 @@ import numpy as np
 import tensorflow as tf
 
 from capray import synthetic
-from capray.model import Backbone, ShowAttendTell, caption_loss, make_optimizer
+from capray.model import Backbone, ShowAttendTell, make_optimizer
 from capray.text import Tokenizer
+from capray.train.loop import make_train_step
 
 
 def test_loss_falls_on_synthetic_scenes() -> None:
@@ -19,15 +20,11 @@ def test_loss_falls_on_synthetic_scenes() -> None:
     model = ShowAttendTell(tokenizer.vocab_size, 64, 128).build_all()
     model.set_feature_stats(feats.reshape(-1, 2048).mean(0), feats.reshape(-1, 2048).std(0))
     opt = make_optimizer(3e-3)
-
-    @tf.function
-    def step(f: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            logits, _ = model(f, c, training=True)
-            total, tokens = caption_loss(c, logits)
-            loss = total / tokens
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
-    losses = [float(step(feats, captions)) for _ in range(60)]
+    # Production's step, as a training worker builds it (one replica here).
+    step = make_train_step(model, opt, tf.distribute.get_strategy(), len(scenes))
+    f, c = tf.constant(feats), tf.constant(captions)
+    losses = []
+    for _ in range(60):
+        total, tokens = step(f, c)  # the loss before this step's update
+        losses.append(float(total) / float(tokens))
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])

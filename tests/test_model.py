@@ -21,6 +21,7 @@ from capray.model import (
     make_optimizer,
 )
 from capray.text import Tokenizer
+from capray.train.loop import make_train_step
 
 B, V = 3, 12
 IDS = dict(start_id=Tokenizer.start_id, end_id=Tokenizer.end_id)
@@ -46,19 +47,16 @@ def _standardised(seed: int, n: int) -> np.ndarray:
 
 
 def _train(model: ShowAttendTell, features: np.ndarray, captions: np.ndarray, steps: int, lr: float) -> list[float]:
-    """Adam on the per-token masked loss in a compiled step; returns the loss before each step."""
+    """Adam through production's compiled step (`make_train_step`, one replica); returns the
+    per-token masked loss before each step."""
     opt = make_optimizer(lr)
     f, c = tf.constant(features), tf.constant(captions)
-
-    @tf.function
-    def step() -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            total, tokens = caption_loss(c, model(f, c, training=True)[0])
-            loss = total / tokens
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
-    return [float(step()) for _ in range(steps)]
+    step = make_train_step(model, opt, tf.distribute.get_strategy(), len(captions))
+    losses = []
+    for _ in range(steps):
+        total, tokens = step(f, c)
+        losses.append(float(total) / float(tokens))
+    return losses
 
 
 # --- architecture -----------------------------------------------------------------------------

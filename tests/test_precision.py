@@ -19,8 +19,9 @@ from capray.captioning import caption
 from capray.config import load_config
 from capray.extraction import FeatureExtractor
 from capray.featurestore import decode_features
-from capray.model import Backbone, ShowAttendTell, caption_loss, make_optimizer, set_precision
+from capray.model import Backbone, ShowAttendTell, make_optimizer, set_precision
 from capray.text import Tokenizer
+from capray.train.loop import make_train_step
 
 
 def _global_policy(name: str) -> Iterator[None]:
@@ -56,19 +57,13 @@ def test_model_builds_and_trains_under_mixed_float16_with_xla(mixed_policy) -> N
     feats = tf.constant(rng.normal(size=(4, 64, 2048)), tf.float32)
     caps = tf.constant(np.c_[np.full(4, 2), rng.integers(4, 12, (4, 5)), np.full(4, 3)], tf.int32)
 
-    @tf.function(jit_compile=True)
-    def forward_backward(f, c):
-        with tf.GradientTape() as tape:
-            logits, attention = model(f, c, training=True)
-            loss_sum, tokens = caption_loss(c, logits)
-            scaled = optimizer.scale_loss(loss_sum / 4)
-        return logits, attention, loss_sum / tokens, tape.gradient(scaled, model.trainable_variables)
-
+    # Production's step with loss scaling and XLA, as a training worker builds it (one replica).
+    step = make_train_step(model, optimizer, tf.distribute.get_strategy(), 4, mixed=True, jit_compile=True)
     losses = []
     for _ in range(5):
-        logits, attention, loss, grads = forward_backward(feats, caps)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        losses.append(float(loss))
+        loss_sum, tokens = step(feats, caps)
+        losses.append(float(loss_sum) / float(tokens))
+    logits, attention = model(feats, caps, training=True)
     # Logits and attention stay float32 (softmax and loss in float32).
     assert logits.dtype == tf.float32 and attention.dtype == tf.float32
     assert np.allclose(attention.numpy().sum(-1), 1.0, atol=1e-3)
@@ -131,19 +126,12 @@ def test_model_trains_under_mixed_bfloat16_without_loss_scaling(bf16_policy) -> 
     feats = tf.constant(rng.normal(size=(4, 64, 2048)), tf.float32)
     caps = tf.constant(np.c_[np.full(4, 2), rng.integers(4, 12, (4, 5)), np.full(4, 3)], tf.int32)
 
-    @tf.function
-    def forward_backward(f, c):
-        with tf.GradientTape() as tape:
-            logits, attention = model(f, c, training=True)
-            loss_sum, tokens = caption_loss(c, logits)
-            loss = loss_sum / 4
-        return logits, attention, loss_sum / tokens, tape.gradient(loss, model.trainable_variables)
-
+    step = make_train_step(model, optimizer, tf.distribute.get_strategy(), 4)
     losses = []
     for _ in range(8):
-        logits, attention, loss, grads = forward_backward(feats, caps)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        losses.append(float(loss))
+        loss_sum, tokens = step(feats, caps)
+        losses.append(float(loss_sum) / float(tokens))
+    logits, attention = model(feats, caps, training=True)
     assert logits.dtype == tf.float32 and attention.dtype == tf.float32
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
 

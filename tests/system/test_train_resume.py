@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 # after the kill (a folder the re-run does not resume from, counted here as the re-run's). The
 # cache itself is covered by tests/test_train.py and the learning tests.
 SMALL = ["train.batch_size=16", "ray.cpus_per_worker=0.5", "train.cache_mb=0"]
+# The kill lands in the second epoch (the first mid-epoch checkpoint after epoch 1); a third
+# leaves the re-run whole epochs and mid-epoch checkpoints to do. More epochs only add minutes.
+EPOCHS = 3
 
 
 def _train_cmd(data: list[str], epochs: int) -> list[str]:
@@ -59,7 +62,7 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
     run_dir = str(work / "runs" / "resume")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        _train_cmd(data, 6),
+        _train_cmd(data, EPOCHS),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -85,9 +88,9 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
     resumed_from = _registered_steps(run_dir)[-1]
     before = set(glob.glob(f"{run_dir}/checkpoint_*"))
     killed = next(s for s in checkpoint_states(run_dir) if s["step"] == resumed_from)
-    assert killed["epoch"] < 6, "the run finished before it could be killed"
+    assert killed["epoch"] < EPOCHS, "the run finished before it could be killed"
 
-    done = subprocess.run(_train_cmd(data, 6), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_train_cmd(data, EPOCHS), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from epoch {killed['epoch']} (step {resumed_from})" in done.stdout + done.stderr
     states = checkpoint_states(run_dir)
@@ -98,10 +101,10 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(synthetic_feature
     ]
     new.sort(key=lambda s: s["step"])
     # Every remaining step ran exactly once: checkpoints every 3 steps inside epochs and at every
-    # epoch end, from the resumed step on, ending after exactly 6 epochs' worth of steps.
-    expected = [k for k in range(resumed_from + 1, 6 * per_epoch + 1) if k % per_epoch == 0 or k % 3 == 0]
+    # epoch end, from the resumed step on, ending after exactly EPOCHS epochs' worth of steps.
+    expected = [k for k in range(resumed_from + 1, EPOCHS * per_epoch + 1) if k % per_epoch == 0 or k % 3 == 0]
     assert [s["step"] for s in new] == expected
-    assert new[-1]["epoch"] == 6 and not new[-1]["epoch_step"]
+    assert new[-1]["epoch"] == EPOCHS and not new[-1]["epoch_step"]
     assert all(s["epoch"] == (s["step"] - 1) // per_epoch for s in new if s["epoch_step"])
     # The loss continues from where it was, it does not start over.
     assert new[0]["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
