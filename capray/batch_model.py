@@ -9,16 +9,13 @@ say what rows the model makes.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from capray import storage
 from capray.images import IMAGE_SIZE, ImageDecodeError, decode
-
-if TYPE_CHECKING:
-    pass
 
 
 def to_pixels(item: Any, storage_cfg: Any, max_pixels: int) -> np.ndarray:

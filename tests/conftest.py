@@ -4,6 +4,7 @@ test data built once per session (a tiny checkpoint, extracted synthetic feature
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -94,6 +95,12 @@ def _once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Ca
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # pytest-N/, shared by the workers' own popen-gwK/
+    return _built_once(root, name, build)
+
+
+def _built_once(root: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """`root/name`, built by `build` unless a finished build is there; under a file lock."""
+    root.mkdir(parents=True, exist_ok=True)
     folder = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -104,6 +111,26 @@ def _once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Ca
     return folder
 
 
+# What a cached fixture's contents depend on: a change to any of these files builds it again.
+BUILT_FROM = ["capray/**/*.py", "configs/demo.yaml", "tests/builders.py", "pyproject.toml"]
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for pattern in BUILT_FROM:
+        for path in sorted(REPO.glob(pattern)):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _once_per_code(name: str, build: Callable[[Path], object]) -> Path:
+    """Like `_once_per_run`, but kept across pytest runs in `outputs/test-cache/` (git-ignored)
+    while the code it is built from is unchanged (BUILT_FROM): `make test-system` reuses what
+    `make test` built a minute earlier, as the next `make test` does. A half-built folder (a
+    killed run) has no `.done` mark and is built again."""
+    return _built_once(REPO / "outputs" / "test-cache" / _code_digest(), name, build)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An untrained, complete checkpoint for the tests of the caption job's plumbing."""
@@ -111,7 +138,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def synthetic_features(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
-    """A work dir with synthetic scenes and their extracted features, made once per run;
-    training tests read them through `builders.reuse_features`."""
-    return _once_per_run(tmp_path_factory, "synthetic", extract_synthetic)
+def synthetic_features(request: pytest.FixtureRequest) -> Path:
+    """A work dir with synthetic scenes and their extracted features (a Ray job of ~50 s), made
+    once per version of the code; training tests read them through `builders.reuse_features`."""
+
+    def build(folder: Path) -> None:
+        request.getfixturevalue("ray_local")  # Ray only when the features are extracted here
+        extract_synthetic(folder)
+
+    return _once_per_code("synthetic", build)

@@ -87,7 +87,7 @@ def test_extraction_actor_under_mixed_float16_matches_float32(mixed_policy) -> N
     assert not np.array_equal(mixed, exact.astype(np.float16).astype(np.float32))
 
 
-def test_jobs_run_with_mixed_precision_and_xla(synthetic_features: Path, tmp_path: Path) -> None:
+def test_jobs_run_with_mixed_precision_and_xla(ray_local, synthetic_features: Path, tmp_path: Path) -> None:
     # A Ray Train epoch (MultiWorkerMirroredStrategy, loss scaling, clipping, XLA forward/backward)
     # and the caption job (XLA InceptionV3) with both on, on the session's float32-extracted
     # features. XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
@@ -149,7 +149,9 @@ def test_extraction_actor_under_mixed_bfloat16_is_near_float32(bf16_policy) -> N
     assert 0 < rel < 0.05, rel
 
 
-def test_jobs_extract_train_and_caption_under_mixed_bfloat16(synthetic_features: Path, tmp_path: Path) -> None:
+def test_jobs_extract_train_and_caption_under_mixed_bfloat16(
+    ray_local, synthetic_features: Path, tmp_path: Path
+) -> None:
     base = [
         *reuse_features(synthetic_features, tmp_path / "work"),
         "data.num_examples=32",

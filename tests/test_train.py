@@ -28,7 +28,7 @@ SMALL = [
 
 
 def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(
-    s3, tmp_path: Path, synthetic_features: Path
+    ray_local, s3, tmp_path: Path, synthetic_features: Path
 ) -> None:
     # Features, split, tokenizer, checkpoints all on S3 (extraction to S3 is tests/test_extract.py's).
     work = f"{s3.bucket('train')}/run"
@@ -83,7 +83,7 @@ def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(
     assert [tokenizer.decode(t) for t in tokens] == [rows.loc[n, "caption"] for n in names]
 
 
-def test_two_workers_take_exactly_the_sgd_steps_of_one(synthetic_features: Path, tmp_path: Path) -> None:
+def test_two_workers_take_exactly_the_sgd_steps_of_one(ray_local, synthetic_features: Path, tmp_path: Path) -> None:
     # 16 training captions and a global batch of 16: every epoch is one full-batch step, whatever
     # Ray Data gives each worker, so 1 and 2 workers must follow the same trajectory. Plain SGD
     # moves by the gradient itself (Adam divides its scale away): a loss divided by the local
