@@ -158,8 +158,11 @@ def sample_split(
 
 # A split file's rows are sorted by image in row groups of this many rows: a batch of features
 # reads only the row groups whose image range it overlaps (Parquet statistics), and the
-# vocabulary is counted one row group per Ray task.
+# vocabulary is counted in ranges of row groups, one per Ray task.
 SPLIT_ROW_GROUP = 4096
+# Row groups per task of the vocabulary count (65,536 captions): fewer, larger tasks keep the
+# driver's bookkeeping small next to the captions.
+VOCAB_GROUPS = 16
 SPLIT_COLUMNS = ["image", "caption", "split"]
 
 
@@ -240,20 +243,22 @@ def captions_of(images: Sequence[str], uri: str, storage_cfg: Any, side: str) ->
     return pq.read_table(path, filesystem=fs, columns=["image", "caption"], filters=where)
 
 
-def _row_groups(uri: str, storage_cfg: Any) -> list[dict[str, int]]:
-    """The split file's row groups with the file row of their first row (from its footer)."""
+def _row_group_ranges(uri: str, storage_cfg: Any, per_range: int) -> list[dict[str, int]]:
+    """The split file's row groups in ranges of `per_range`, each with the file row of its
+    first row (from the footer)."""
     fs, path = storage.filesystem(uri, storage_cfg)
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle).metadata
-    parts, offset = [], 0
-    for g in range(meta.num_row_groups):
-        parts.append({"group": g, "offset": offset})
-        offset += meta.row_group(g).num_rows
-    return parts
+    ranges, offset = [], 0
+    for start in range(0, meta.num_row_groups, per_range):
+        stop = min(start + per_range, meta.num_row_groups)
+        ranges.append({"start": start, "stop": stop, "offset": offset})
+        offset += sum(meta.row_group(g).num_rows for g in range(start, stop))
+    return ranges
 
 
 def _count_words(batch: dict[str, Any], uri: str, storage_cfg: Any) -> dict[str, Any]:
-    """Ray Data task: word counts of the training captions in a batch of the split's row groups,
+    """Ray Data task: word counts of the training captions in ranges of the split's row groups,
     each word's first appearance keyed by its caption's row in the file."""
     from capray.text import PAD, count_words
 
@@ -262,17 +267,19 @@ def _count_words(batch: dict[str, Any], uri: str, storage_cfg: Any) -> dict[str,
     longest = 0
     with fs.open_input_file(path) as handle:
         f = pq.ParquetFile(handle)
-        for group, offset in zip(batch["group"], batch["offset"]):
-            t = f.read_row_group(int(group), columns=["caption", "split"])
-            train = np.flatnonzero(pc.equal(t["split"], "train").to_numpy(zero_copy_only=False))
-            captions = t["caption"].to_numpy(zero_copy_only=False)[train]
-            counts, long = count_words(captions, train + int(offset))
-            longest = max(longest, long)
-            for w, (n, first) in counts.items():  # rows in increasing order: the first sighting stays
-                if w in words:
-                    words[w][0] += n
-                else:
-                    words[w] = [n, first]
+        for start, stop, offset in zip(batch["start"], batch["stop"], batch["offset"]):
+            for group in range(int(start), int(stop)):
+                t = f.read_row_group(group, columns=["caption", "split"])
+                train = np.flatnonzero(pc.equal(t["split"], "train").to_numpy(zero_copy_only=False))
+                captions = t["caption"].to_numpy(zero_copy_only=False)[train]
+                counts, long = count_words(captions, train + int(offset))
+                offset += len(t)
+                longest = max(longest, long)
+                for w, (n, first) in counts.items():  # rows in increasing order: the first sighting stays
+                    if w in words:
+                        words[w][0] += n
+                    else:
+                        words[w] = [n, first]
     # A special token's row (never ranked as a word) carries the batch's longest caption even
     # when its captions have no words.
     words.setdefault(PAD, [0, np.iinfo(np.int64).max])
@@ -293,9 +300,11 @@ def _top_words(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def count_vocabulary(uri: str, storage_cfg: Any, vocab_size: int, max_length: int = 0) -> Tokenizer:
+def count_vocabulary(
+    uri: str, storage_cfg: Any, vocab_size: int, max_length: int = 0, groups_per_task: int = VOCAB_GROUPS
+) -> Tokenizer:
     """`Tokenizer.fit` over the split's training captions, counted by Ray Data: word counts per
-    row group in tasks, summed by word, the top words picked in a task. The driver holds the
+    range of row groups in tasks, summed by word, the top words picked in a task. The driver holds the
     kept words only. Equal to `Tokenizer.fit` on the training captions in file order."""
     import ray
     from ray.data.aggregate import Max, Min, Sum
@@ -304,16 +313,17 @@ def count_vocabulary(uri: str, storage_cfg: Any, vocab_size: int, max_length: in
 
     # Special tokens in captions are counted like words but never kept: room for all four.
     keep = max(vocab_size - 3, 0) + len(SPECIALS)
-    parts = _row_groups(uri, storage_cfg)
-    counts = ray.data.from_items(parts).map_batches(
+    parts = _row_group_ranges(uri, storage_cfg, groups_per_task)
+    counts = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
         partial(_count_words, uri=uri, storage_cfg=storage_cfg), batch_size=1
     )
-    # Few partitions: the words are few (thousands to a million) next to the captions.
-    totals = counts.groupby("word", num_partitions=min(len(parts), 8)).aggregate(
-        Sum("count", alias_name="count"), Min("first", alias_name="first"), Max("longest", alias_name="longest")
-    )
+    if len(parts) > 1:  # one task's counts are already the totals
+        # Few partitions: the words are few (thousands to a million) next to the captions.
+        counts = counts.groupby("word", num_partitions=min(len(parts), 8)).aggregate(
+            Sum("count", alias_name="count"), Min("first", alias_name="first"), Max("longest", alias_name="longest")
+        )
     # Each block's top words, then the top of those in one task: never every word in the driver.
-    top = totals.map_batches(partial(_top_words, n=keep), batch_size=None).repartition(1)
+    top = counts.map_batches(partial(_top_words, n=keep), batch_size=None).repartition(1)
     rows = top.map_batches(partial(_top_words, n=keep), batch_size=None).take_all()
     longest = max((int(r["longest"]) for r in rows), default=0)
     words = [r["word"] for r in rows if r["word"] not in SPECIALS]

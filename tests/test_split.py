@@ -72,12 +72,12 @@ def _pairs(ds, tokenizer: Tokenizer) -> list[tuple[int, str]]:
 def test_vocabulary_counted_by_ray_data_equals_fit_with_ties(ray_local, tmp_path: Path) -> None:
     uri = str(tmp_path / "split.parquet")
     df = _old_split_file(uri)
-    # Row groups of 2 rows: words are first seen in one task and counted again in others.
+    # Row groups of 2 rows, one per task: words are first seen in one task and counted again in others.
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), uri, row_group_size=2)
     train = list(df[df["split"] == "train"]["caption"])
     for vocab_size in (5, 9):  # 5: the cut falls inside the a/b/c tie
         expected = Tokenizer.fit(train, vocab_size)
-        got = data.count_vocabulary(uri, None, vocab_size)
+        got = data.count_vocabulary(uri, None, vocab_size, groups_per_task=1)
         assert got == expected, (got.words, expected.words)
     assert expected.max_length == 5  # "a b c" + <start>/<end>, not the longer validation caption
     assert data.count_vocabulary(uri, None, 9, max_length=3).max_length == 3
