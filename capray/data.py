@@ -163,6 +163,7 @@ SPLIT_ROW_GROUP = 4096
 # Row groups per task of the vocabulary count (65,536 captions): fewer, larger tasks keep the
 # driver's bookkeeping small next to the captions.
 VOCAB_GROUPS = 16
+VOCAB_PARTITIONS = 4
 SPLIT_COLUMNS = ["image", "caption", "split"]
 
 
@@ -318,8 +319,9 @@ def count_vocabulary(
         partial(_count_words, uri=uri, storage_cfg=storage_cfg), batch_size=1
     )
     if len(parts) > 1:  # one task's counts are already the totals
-        # Few partitions: the words are few (thousands to a million) next to the captions.
-        counts = counts.groupby("word", num_partitions=min(len(parts), 8)).aggregate(
+        # A fixed, small number of partitions: the words are few (thousands to a million) next
+        # to the captions, and the driver's shuffle bookkeeping stays the same at any size.
+        counts = counts.groupby("word", num_partitions=VOCAB_PARTITIONS).aggregate(
             Sum("count", alias_name="count"), Min("first", alias_name="first"), Max("longest", alias_name="longest")
         )
     # Each block's top words, then the top of those in one task: never every word in the driver.
