@@ -2,6 +2,9 @@
 
 Every reader returns a DataFrame with `image` (a full local path or URI) and `caption`, in file
 order. Bad input is an error that names the file and the problem, never a silent drop.
+
+The split file (`split.parquet`) is made by a Ray task and read by Ray tasks: the training
+driver holds its URI, counts and the vocabulary, never the captions.
 """
 
 from __future__ import annotations
@@ -10,17 +13,21 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capray import storage
 
 if TYPE_CHECKING:
     from capray.schema import Config
+    from capray.text import Tokenizer
 
 
 class DataError(ValueError):
@@ -149,28 +156,177 @@ def sample_split(
     return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
 
 
+# A split file's rows are sorted by image in row groups of this many rows: a batch of features
+# reads only the row groups whose image range it overlaps (Parquet statistics), and the
+# vocabulary is counted in ranges of row groups, one per Ray task.
+SPLIT_ROW_GROUP = 4096
+# Row groups per task of the vocabulary count (65,536 captions): fewer, larger tasks keep the
+# driver's bookkeeping small next to the captions.
+VOCAB_GROUPS = 16
+VOCAB_PARTITIONS = 4
+SPLIT_COLUMNS = ["image", "caption", "split"]
+
+
 def save_split(train: pd.DataFrame, val: pd.DataFrame, uri: str, storage_cfg: Any = None) -> None:
-    """One Parquet file (image, caption, split), written atomically."""
+    """One Parquet file (image, caption, split), sorted by image, written atomically."""
     both = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
+    # Stable: an image's captions keep their order in the captions file.
+    both = both.sort_values("image", kind="stable", ignore_index=True)
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(both[["image", "caption", "split"]], preserve_index=False), sink)
+    pq.write_table(
+        pa.Table.from_pandas(both[SPLIT_COLUMNS], preserve_index=False), sink, row_group_size=SPLIT_ROW_GROUP
+    )
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
 def load_split(uri: str, storage_cfg: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Inverse of `save_split`."""
+    """A split file as two DataFrames (train, val), in file order; any capray's split file."""
     df = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_cfg))).to_pandas()
     pick = lambda name: df[df["split"] == name][["image", "caption"]].reset_index(drop=True)
     return pick("train"), pick("val")
 
 
-def prepare_split(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The run's split: reused from `<work_dir>/split.parquet` if present, else sampled and saved."""
+def make_split(cfg: Config, uri: str) -> dict[str, int]:
+    """Ray task: read the captions, sample and split them, write the split file; returns the
+    number of captions on each side (the driver never holds the captions)."""
+    train, val = sample_split(read_captions(cfg), cfg.data.num_examples, cfg.data.val_fraction, cfg.data.seed)
+    save_split(train, val, uri, cfg.storage)
+    return {"train": len(train), "val": len(val)}
+
+
+def prepare_split(cfg: Config) -> str:
+    """The run's split file: `<work_dir>/split.parquet` if present (also one an earlier capray
+    wrote), else made and written by a Ray task. Returns its URI."""
+    import ray
+
     from capray.config import output_paths
 
     uri = output_paths(cfg)["split"]
     if storage.exists(uri, cfg.storage):
-        return load_split(uri, cfg.storage)
-    train, val = sample_split(read_captions(cfg), cfg.data.num_examples, cfg.data.val_fraction, cfg.data.seed)
-    save_split(train, val, uri, cfg.storage)
-    return train, val
+        return uri
+    task = ray.remote(num_cpus=0.5, max_retries=0)(make_split)
+    try:
+        ray.get(task.remote(cfg, uri))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, DataError):  # bad captions: the same error as from the driver
+            raise e.cause from None
+        raise
+    return uri
+
+
+# --- the split as data for Ray tasks: rows by side, captions by image, the vocabulary ---------
+
+
+def split_rows(uri: str, storage_cfg: Any, side: str) -> int:
+    """Number of captions on one side (`train` or `val`) of a split file, counted by Ray Data
+    (the filter on `split` is pushed down to the Parquet read)."""
+    import ray
+    from ray.data.expressions import col
+
+    fs, path = storage.filesystem(uri, storage_cfg)
+    return ray.data.read_parquet(path, filesystem=fs, columns=["split"]).filter(expr=col("split") == side).count()
+
+
+def captions_of(images: Sequence[str], uri: str, storage_cfg: Any, side: str) -> pa.Table:
+    """The split's (image, caption) rows of these images on one side, in file order. Only the
+    row groups whose image range overlaps the images' are read (Parquet statistics; a split
+    file sorted by image, as `save_split` writes, makes that a few row groups per batch)."""
+    names = pa.array(sorted(set(images)), pa.string())
+    if not len(names):
+        return pa.table({"image": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
+    fs, path = storage.filesystem(uri, storage_cfg)
+    where = (
+        (pc.field("split") == side)
+        & (pc.field("image") >= names[0].as_py())
+        & (pc.field("image") <= names[-1].as_py())
+        & pc.field("image").isin(names)
+    )
+    return pq.read_table(path, filesystem=fs, columns=["image", "caption"], filters=where)
+
+
+def _row_group_ranges(uri: str, storage_cfg: Any, per_range: int) -> list[dict[str, int]]:
+    """The split file's row groups in ranges of `per_range`, each with the file row of its
+    first row (from the footer)."""
+    fs, path = storage.filesystem(uri, storage_cfg)
+    with fs.open_input_file(path) as handle:
+        meta = pq.ParquetFile(handle).metadata
+    ranges, offset = [], 0
+    for start in range(0, meta.num_row_groups, per_range):
+        stop = min(start + per_range, meta.num_row_groups)
+        ranges.append({"start": start, "stop": stop, "offset": offset})
+        offset += sum(meta.row_group(g).num_rows for g in range(start, stop))
+    return ranges
+
+
+def _count_words(batch: dict[str, Any], uri: str, storage_cfg: Any) -> dict[str, Any]:
+    """Ray Data task: word counts of the training captions in ranges of the split's row groups,
+    each word's first appearance keyed by its caption's row in the file."""
+    from capray.text import PAD, count_words
+
+    fs, path = storage.filesystem(uri, storage_cfg)
+    words: dict[str, list[int]] = {}
+    longest = 0
+    with fs.open_input_file(path) as handle:
+        f = pq.ParquetFile(handle)
+        for start, stop, offset in zip(batch["start"], batch["stop"], batch["offset"]):
+            for group in range(int(start), int(stop)):
+                t = f.read_row_group(group, columns=["caption", "split"])
+                train = np.flatnonzero(pc.equal(t["split"], "train").to_numpy(zero_copy_only=False))
+                captions = t["caption"].to_numpy(zero_copy_only=False)[train]
+                counts, long = count_words(captions, train + int(offset))
+                offset += len(t)
+                longest = max(longest, long)
+                for w, (n, first) in counts.items():  # rows in increasing order: the first sighting stays
+                    if w in words:
+                        words[w][0] += n
+                    else:
+                        words[w] = [n, first]
+    # A special token's row (never ranked as a word) carries the batch's longest caption even
+    # when its captions have no words.
+    words.setdefault(PAD, [0, np.iinfo(np.int64).max])
+    return {
+        "word": np.array(list(words), dtype=object),
+        "count": np.array([v[0] for v in words.values()], dtype=np.int64),
+        "first": np.array([v[1] for v in words.values()], dtype=np.int64),
+        "longest": np.full(len(words), longest, dtype=np.int64),
+    }
+
+
+def _top_words(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The `n` first rows of a batch of word totals in the tokenizer's order (count, then first
+    sighting), each carrying the batch's longest caption."""
+    order = np.lexsort((batch["first"], -batch["count"]))[:n]
+    out = {k: v[order] for k, v in batch.items()}
+    out["longest"] = np.full(len(order), batch["longest"].max(initial=0), dtype=np.int64)
+    return out
+
+
+def count_vocabulary(
+    uri: str, storage_cfg: Any, vocab_size: int, max_length: int = 0, groups_per_task: int = VOCAB_GROUPS
+) -> Tokenizer:
+    """`Tokenizer.fit` over the split's training captions, counted by Ray Data: word counts per
+    range of row groups in tasks, summed by word, the top words picked in a task. The driver holds the
+    kept words only. Equal to `Tokenizer.fit` on the training captions in file order."""
+    import ray
+    from ray.data.aggregate import Max, Min, Sum
+
+    from capray.text import SPECIALS, Tokenizer
+
+    # Special tokens in captions are counted like words but never kept: room for all four.
+    keep = max(vocab_size - 3, 0) + len(SPECIALS)
+    parts = _row_group_ranges(uri, storage_cfg, groups_per_task)
+    counts = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+        partial(_count_words, uri=uri, storage_cfg=storage_cfg), batch_size=1
+    )
+    if len(parts) > 1:  # one task's counts are already the totals
+        # A fixed, small number of partitions: the words are few (thousands to a million) next
+        # to the captions, and the driver's shuffle bookkeeping stays the same at any size.
+        counts = counts.groupby("word", num_partitions=VOCAB_PARTITIONS).aggregate(
+            Sum("count", alias_name="count"), Min("first", alias_name="first"), Max("longest", alias_name="longest")
+        )
+    # Each block's top words, then the top of those in one task: never every word in the driver.
+    top = counts.map_batches(partial(_top_words, n=keep), batch_size=None).repartition(1)
+    rows = top.map_batches(partial(_top_words, n=keep), batch_size=None).take_all()
+    longest = max((int(r["longest"]) for r in rows), default=0)
+    words = [r["word"] for r in rows if r["word"] not in SPECIALS]
+    return Tokenizer.from_ranked(words, longest, vocab_size, max_length)

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from capray.text import Tokenizer
 
 FEATURE_SHAPE = (NUM_CELLS, FEATURE_DIM)
+# Images per task that pairs features with captions: each such batch reads the split file's row
+# groups of its image range once.
+CAPTION_BATCH = 256
 # Explicit, so that a batch whose `error` values are all null still writes a string column.
 SCHEMA = pa.schema(
     [
@@ -165,32 +168,56 @@ def read_features(features_dir: str, storage_cfg: Any = None) -> ray.data.Datase
     return ds.map_batches(_check_sizes, batch_size=64)
 
 
-# --- the training view: features paired with their captions, and per-channel statistics
+# --- the training view: features paired with their captions from the split file, and statistics
 
 
-def pair_captions(batch: dict[str, Any], captions: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One row per (image, caption): repeat each image's feature bytes for each of its captions."""
+def pair_captions(
+    batch: dict[str, Any], split_uri: str, storage_cfg: Any, side: str, tokenizer: Tokenizer
+) -> dict[str, Any]:
+    """One row per (image, caption) of the batch's images on one side of the split: each image's
+    feature bytes repeated for each of its captions, read from the split file by this task."""
+    from capray.data import captions_of
+
+    found = captions_of(batch["image"], split_uri, storage_cfg, side)
+    by_image: dict[str, list[str]] = {}
+    for image, caption in zip(found["image"].to_pylist(), found["caption"].to_pylist()):
+        by_image.setdefault(image, []).append(caption)
     feats, caps = [], []
     for image, blob in zip(batch["image"], batch["features"]):
-        for tokens in captions.get(image, ()):
+        for caption in by_image.get(image, ()):
             feats.append(blob)
-            caps.append(tokens)
-    width = next(iter(captions.values())).shape[-1] if captions else 0
+            caps.append(caption)
     return {
         "features": np.array(feats, dtype=object),
-        "captions": np.array(caps, dtype=np.int32).reshape(-1, width),
+        "captions": tokenizer.encode_batch(caps),
         # One dtype per features folder (capray.extraction.extract refuses to mix them).
         "dtype": np.array(list(batch["dtype"][:1]) * len(feats), dtype=object),
     }
 
 
-def caption_dataset(features: ray.data.Dataset, df: Any, tokenizer: Tokenizer) -> ray.data.Dataset:
-    """Features of the images in `df`, one row per caption with its padded token ids."""
-    lookup: dict[str, list[np.ndarray]] = {}
-    for image, tokens in zip(df["image"], tokenizer.encode_batch(list(df["caption"]))):
-        lookup.setdefault(image, []).append(tokens)
-    grouped = {k: np.stack(v) for k, v in lookup.items()}
-    return features.map_batches(partial(pair_captions, captions=grouped), batch_size=64)
+def caption_dataset(
+    features: ray.data.Dataset, split_uri: str, storage_cfg: Any, side: str, tokenizer: Tokenizer
+) -> ray.data.Dataset:
+    """Features of the images on one side of the split, one row per caption with its padded
+    token ids. Each task reads its images' captions from the split file and tokenises them:
+    what a task receives besides its block is the split's URI and the tokenizer, whatever the
+    number of captions."""
+    fn = partial(pair_captions, split_uri=split_uri, storage_cfg=storage_cfg, side=side, tokenizer=tokenizer)
+    return features.map_batches(fn, batch_size=CAPTION_BATCH)
+
+
+def _on_side(batch: dict[str, Any], split_uri: str, storage_cfg: Any, side: str) -> dict[str, Any]:
+    from capray.data import captions_of
+
+    there = set(captions_of(batch["image"], split_uri, storage_cfg, side)["image"].to_pylist())
+    keep = np.array([image in there for image in batch["image"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def side_features(features: ray.data.Dataset, split_uri: str, storage_cfg: Any, side: str) -> ray.data.Dataset:
+    """The feature rows of the images with a caption on one side of the split (one row each)."""
+    fn = partial(_on_side, split_uri=split_uri, storage_cfg=storage_cfg, side=side)
+    return features.map_batches(fn, batch_size=CAPTION_BATCH)
 
 
 def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:

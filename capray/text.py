@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,11 +19,42 @@ SPECIALS = (PAD, UNK, START, END)
 # The seed's Keras Tokenizer filter, minus '<' and '>' so that the special tokens survive.
 FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~\t\n'
 _FILTER_RE = re.compile("[" + re.escape(FILTERS) + "]")
+# A word's first appearance as one integer (caption ordinal << POSITION_BITS | token position),
+# so that counts of separate batches combine with Min; captions of 2^24 tokens or more are
+# beyond its exactness.
+POSITION_BITS = 24
 
 
 def clean(caption: str) -> list[str]:
     """Lower-case, replace filtered punctuation by spaces, split on whitespace."""
     return _FILTER_RE.sub(" ", caption.lower()).split()
+
+
+def count_words(captions: Iterable[str], ordinals: Iterable[int]) -> tuple[dict[str, list[int]], int]:
+    """Each word of the captions -> [count, first appearance] and the longest caption in tokens
+    (+2 for `<start>`/`<end>`); `ordinals` are the captions' positions in the whole training
+    set, so that counts of separate batches summed (and their firsts' minimum) rank exactly as
+    `Tokenizer.fit` on all of them does."""
+    counts: dict[str, list[int]] = {}
+    longest = 0
+    for caption, ordinal in zip(captions, ordinals):
+        tokens = clean(caption)
+        longest = max(longest, len(tokens) + 2)
+        base = int(ordinal) << POSITION_BITS
+        for position, word in enumerate(tokens):
+            seen = counts.get(word)
+            if seen is None:
+                counts[word] = [1, base | min(position, (1 << POSITION_BITS) - 1)]
+            else:
+                seen[0] += 1
+    return counts, longest
+
+
+def rank_words(counts: Mapping[str, tuple[int, int] | list[int]], n: int) -> list[str]:
+    """The `n` most frequent words of [count, first appearance] totals, ties by first appearance
+    (the order `Tokenizer.fit` keeps), special tokens excluded."""
+    ranked = sorted((w for w in counts if w not in SPECIALS), key=lambda w: (-counts[w][0], counts[w][1]))
+    return ranked[: max(n, 0)]
 
 
 class Tokenizer:
@@ -54,6 +85,12 @@ class Tokenizer:
         # Counter.most_common keeps insertion order among equal counts.
         kept = [w for w, _ in counts.most_common(max(vocab_size - 3, 0))]
         return cls(list(SPECIALS) + kept, max_length or longest)
+
+    @classmethod
+    def from_ranked(cls, ranked: Sequence[str], longest: int, vocab_size: int = 5000, max_length: int = 0) -> Tokenizer:
+        """The tokenizer `fit` makes, from words already ranked (e.g. counted by Ray tasks, then
+        `rank_words`) and the longest training caption in tokens (+2)."""
+        return cls(list(SPECIALS) + list(ranked[: max(vocab_size - 3, 0)]), max_length or longest)
 
     @property
     def vocab_size(self) -> int:

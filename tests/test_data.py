@@ -163,10 +163,25 @@ def test_save_and_load_split_round_trip(tmp_path: Path) -> None:
     data.save_split(train, val, uri)
     table = pq.read_table(uri)
     assert table.column_names == ["image", "caption", "split"]
-    assert table.column("split").to_pylist() == ["train"] * len(train) + ["val"] * len(val)
+    # Sorted by image (a batch of features reads only its images' row groups), captions of an
+    # image in their order.
+    images = sorted(range(10), key=lambda i: f"img{i}.jpg")
+    assert table.column("caption").to_pylist() == [f"caption {i} {j}" for i in images for j in range(2)]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["split.parquet"]  # no temp file left behind
     loaded_train, loaded_val = data.load_split(uri)
-    assert loaded_train.equals(train) and loaded_val.equals(val)
+    by_image = lambda df: df.sort_values("image", kind="stable", ignore_index=True)
+    assert loaded_train.equals(by_image(train)) and loaded_val.equals(by_image(val))
+
+
+def test_split_file_row_groups_are_bounded(tmp_path: Path) -> None:
+    df = _captions(data.SPLIT_ROW_GROUP // 2 + 1, 3)  # 1.5 row groups' worth and a bit
+    data.save_split(df.iloc[:-3], df.iloc[-3:], str(tmp_path / "split.parquet"))
+    meta = pq.ParquetFile(tmp_path / "split.parquet").metadata
+    assert meta.num_rows == len(df)
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [
+        data.SPLIT_ROW_GROUP,
+        len(df) - data.SPLIT_ROW_GROUP,
+    ]
 
 
 def test_s3_errors_are_data_errors(s3) -> None:

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from capray import data
-from capray.config import load_config
 from capray.data import DataError
 
 
@@ -99,29 +98,7 @@ def test_split_needs_two_images() -> None:
         data.sample_split(_captions(1), 0, 0.2, 0)
 
 
-def test_prepare_split_reuses_the_saved_split(tmp_path: Path) -> None:
-    csv = tmp_path / "captions.csv"
-    _captions(20, 1).to_csv(csv, index=False)
-    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "data.format=flickr", f"data.annotations={csv}"])
-    first = data.prepare_split(cfg)
-    _captions(40, 1).to_csv(csv, index=False)  # the dataset changes after the run started
-    second = data.prepare_split(cfg)
-    assert first[0].equals(second[0]) and first[1].equals(second[1])
-
-
 def test_read_real_flickr8k_dev(flickr_dev: Path) -> None:
     df = data.read_flickr(str(flickr_dev / "captions.csv"), str(flickr_dev / "images"))
     assert len(df) == 2490 and df["image"].nunique() == 498
     assert Path(df["image"][0]).is_file()
-
-
-def test_manifest_and_split_on_s3(s3) -> None:
-    bucket = s3.bucket("captions")
-    cfg = s3.config(f"work_dir={bucket}/work", "data.format=table", f"data.annotations={bucket}/m.csv")
-    from capray import storage
-
-    storage.write_bytes(f"{bucket}/m.csv", b"image,caption\nphotos/a.jpg,one\nphotos/b.jpg,two\n", cfg.storage)
-    train, val = data.prepare_split(cfg)
-    assert sorted(pd.concat([train, val])["image"]) == [f"{bucket}/photos/a.jpg", f"{bucket}/photos/b.jpg"]
-    assert storage.exists(f"{bucket}/work/split.parquet", cfg.storage)
-    assert data.load_split(f"{bucket}/work/split.parquet", cfg.storage)[1].equals(val)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from capray.text import FILTERS, SPECIALS, Tokenizer, clean
+from capray.text import FILTERS, POSITION_BITS, SPECIALS, Tokenizer, clean, count_words, rank_words
 
 CAPTIONS = ["A dog runs.", "A dog, a cat!", "The cat sleeps", "a DOG"]
 # Counts: a 4, dog 3, cat 2, runs 1, the 1, sleeps 1 (first seen in that order).
@@ -196,3 +197,36 @@ def test_from_json_rejects_json_that_is_not_an_object(text: str) -> None:
     # Regression: a JSON array/number/string used to raise AttributeError from data.get().
     with pytest.raises(ValueError, match="not a capray tokenizer"):
         Tokenizer.from_json(text)
+
+
+# --- the vocabulary counted in parts (capray.data.count_vocabulary's tasks) -------------------
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (2, 3), (1, 2, 3, 4)])
+def test_counts_of_parts_summed_rank_as_fit_does(cuts: tuple[int, ...]) -> None:
+    # Ties everywhere: a, b, c twice each (b first); d, e once; specials counted, never kept.
+    captions = ["b a", "a b c", "<start> c d", "E <end>", "d <pad>"]
+    totals: dict[str, list[int]] = {}
+    longest = 0
+    bounds = [0, *cuts, len(captions)]
+    for lo, hi in itertools.pairwise(bounds):
+        counts, long = count_words(captions[lo:hi], range(lo, hi))
+        longest = max(longest, long)
+        for word, (n, first) in counts.items():
+            seen = totals.setdefault(word, [0, first])
+            seen[0] += n
+            seen[1] = min(seen[1], first)
+    for vocab_size in (5, 6, 7, 100):
+        expected = Tokenizer.fit(captions, vocab_size)
+        assert Tokenizer.from_ranked(rank_words(totals, vocab_size - 3), longest, vocab_size) == expected
+    assert Tokenizer.fit(captions, 5).words[4:] == ["b", "a"]  # the cut falls inside the tie
+
+
+def test_first_appearance_orders_by_caption_then_position() -> None:
+    counts, longest = count_words(["x y", "y z"], [7, 9])
+    assert counts == {
+        "x": [1, 7 << POSITION_BITS],
+        "y": [2, (7 << POSITION_BITS) | 1],
+        "z": [1, (9 << POSITION_BITS) | 1],
+    }
+    assert longest == 4

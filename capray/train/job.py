@@ -1,6 +1,7 @@
 """The training job's driver: split, tokenizer and feature checks, Ray datasets, the TensorflowTrainer.
 
-`train(cfg)` pairs every caption of the split with its image's features (Ray Data), launches
+`train(cfg)` pairs every caption of the split with its image's features (Ray Data; the driver
+holds the split file's URI and the vocabulary, never the captions), launches
 `train_loop_per_worker` (capray.train.loop) on `ray.num_workers` workers and returns the best
 checkpoint; a run that fails for good raises `TrainingError` naming the checkpoint to resume from.
 """
@@ -23,8 +24,8 @@ from ray.train.tensorflow import TensorflowTrainer
 from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import output_paths, to_yaml
-from capray.data import prepare_split
-from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features
+from capray.data import count_vocabulary, prepare_split, split_rows
+from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features, side_features
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
@@ -39,12 +40,13 @@ class TrainingError(RuntimeError):
     """Training stopped for good; the message names the last good checkpoint."""
 
 
-def prepare_tokenizer(cfg: Config, train_captions: list[str]) -> Tokenizer:
-    """Fit the tokenizer on the training captions once; later runs reuse the saved one."""
+def prepare_tokenizer(cfg: Config, split_uri: str) -> Tokenizer:
+    """Fit the tokenizer on the split's training captions once (counted by Ray Data: the driver
+    holds the vocabulary, not the captions); later runs reuse the saved one."""
     uri = output_paths(cfg)["tokenizer"]
     if storage.exists(uri, cfg.storage):
         return Tokenizer.from_json(storage.read_bytes(uri, cfg.storage).decode("utf-8"))
-    tokenizer = Tokenizer.fit(train_captions, cfg.text.vocab_size, cfg.text.max_length)
+    tokenizer = count_vocabulary(split_uri, cfg.storage, cfg.text.vocab_size, cfg.text.max_length)
     storage.write_bytes(uri, tokenizer.to_json().encode("utf-8"), cfg.storage)
     return tokenizer
 
@@ -58,26 +60,22 @@ def checked_features(cfg: Config) -> Dataset:
     return read_features(uri, cfg.storage)
 
 
-def build_datasets(
-    cfg: Config, features: Dataset, train_df: Any, val_df: Any, tokenizer: Tokenizer
-) -> tuple[dict, dict]:
-    """The training and validation Ray datasets (caption ids + features) and the workers' loop config."""
-    train_images, val_images = set(train_df["image"]), set(val_df["image"])
-    train_features = features.filter(lambda row: row["image"] in train_images)
+def build_datasets(cfg: Config, features: Dataset, split_uri: str, tokenizer: Tokenizer) -> tuple[dict, dict]:
+    """The training and validation Ray datasets (caption ids + features) and the workers' loop
+    config. The split reaches the tasks as its file's URI: each pairs its features with their
+    captions read from the split file, so what a task receives does not grow with the captions."""
     loop_config: dict[str, Any] = {
         "cfg": to_yaml(cfg),
         "tokenizer": tokenizer.to_json(),
-        "train_captions": len(train_df),
+        "train_captions": split_rows(split_uri, cfg.storage, "train"),
         # The saved config has no credentials; workers get them in memory only.
         "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
     }
     if cfg.model.feature_norm == "channel":
-        mean, std = feature_stats(train_features)  # (2048,) each, over the training images only
+        # (2048,) each, over the training images only, each image once.
+        mean, std = feature_stats(side_features(features, split_uri, cfg.storage, "train"))
         loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
-    data = {
-        "train": caption_dataset(train_features, train_df, tokenizer),
-        "val": caption_dataset(features.filter(lambda row: row["image"] in val_images), val_df, tokenizer),
-    }
+    data = {side: caption_dataset(features, split_uri, cfg.storage, side, tokenizer) for side in ("train", "val")}
     return data, loop_config
 
 
@@ -119,9 +117,9 @@ def fit(cfg: Config, job: TensorflowTrainer) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
-    train_df, val_df = prepare_split(cfg)
-    tokenizer = prepare_tokenizer(cfg, list(train_df["caption"]))
-    data, loop_config = build_datasets(cfg, checked_features(cfg), train_df, val_df, tokenizer)
+    split_uri = prepare_split(cfg)
+    tokenizer = prepare_tokenizer(cfg, split_uri)
+    data, loop_config = build_datasets(cfg, checked_features(cfg), split_uri, tokenizer)
     fit(cfg, build_trainer(cfg, data, loop_config))
     summary = json.loads(storage.read_bytes(output_paths(cfg)["best"], cfg.storage))
     summary["loss_plot"] = write_loss_plot(cfg, summary["checkpoint"])
