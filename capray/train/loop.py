@@ -176,12 +176,16 @@ class BatchCache:
             return
         size = features.nbytes + captions.nbytes
         if size > self.budget[0]:
-            self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
-            self.features, self.captions, self.overflow = [], [], True
+            self.give_up()
             return
         self.budget[0] -= size
         self.features.append(features)
         self.captions.append(captions)
+
+    def give_up(self) -> None:
+        """This input does not fit (here or on another worker): drop it, and stream it from now on."""
+        self.drop()
+        self.complete, self.overflow = False, True
 
     def finish(self) -> None:
         """The first pass is over: from now on `batches` serves it from memory."""
@@ -192,10 +196,9 @@ class BatchCache:
             self.complete = True
 
     def drop(self) -> None:
-        """Forget what the unfinished pass kept (its bytes go back to the budget); a later pass may keep it again."""
-        if not self.complete:
-            self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
-            self.features, self.captions = [], []
+        """Forget what it holds (its bytes go back to the budget); a later pass may keep it again."""
+        self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
+        self.features, self.captions, self.complete = [], [], False
 
     def batches(self, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[Batch]:
         """(features float32, captions) batches; shuffled with `seed` unless it is None."""
@@ -271,49 +274,59 @@ class WorkerInput:
             self._finish(self._pass)
 
     def validation(self) -> Iterator[Batch]:
-        """This worker's part of the validation set, in a fixed order; `keep_validation` after it."""
+        """This worker's part of the validation set, in a fixed order (`agree` after it)."""
         self._val_held = False
         if self.val_cache.complete:
             yield from self.val_cache.batches(VAL_BATCH, None, drop_last=False)
             return
-        # `streaming_split(equal=False)` hands each block, as Ray Data produces it, to the worker
-        # with the fewest rows so far. Blocks come in no fixed order, so a worker's part differs
-        # from pass to pass: only the union of one pass's parts is the whole set, each caption
-        # once. So parts are served from memory only once every worker holds its whole part of the
-        # same pass (`keep_validation`, decided by all of them together); from then on no worker
-        # reads the stream again and the parts stay that pass's. Until the training pass is cached
-        # or known not to fit, validation keeps out of the shared budget: unequal validation parts
-        # taking from it would make the workers differ on caching their (equal) training shards,
-        # and a worker streaming its shard while another reads memory would block the split.
-        keep = (self.train_cache.complete or self.train_cache.overflow) and not self.val_cache.overflow
         for batch in self.val_shard.iter_batches(batch_size=VAL_BATCH):
             stored = decode_features(batch["features"], batch["dtype"][0], as_stored=True)  # (B, 64, 2048)
-            if keep:
-                self.val_cache.add(stored, batch["captions"])
+            self.val_cache.add(stored, batch["captions"])
             yield stored.astype(np.float32), batch["captions"]
-        self._val_held = keep and not self.val_cache.overflow
+        self._val_held = not self.val_cache.overflow
 
-    def validation_state(self) -> tuple[float, float]:
-        """(1 if this worker holds its whole part of the last validation pass, 1 if its part does not fit)."""
-        return float(self.val_cache.complete or self._val_held), float(self.val_cache.overflow)
+    def cache_state(self) -> list[float]:
+        """What the workers agree on (`agree`, after summing over them) before serving input from
+        memory: [holds its whole part of the last validation, validation part does not fit,
+        training shard does not fit]."""
+        held = self.val_cache.complete or self._val_held
+        return [float(held), float(self.val_cache.overflow), float(self.train_cache.overflow)]
 
-    def keep_validation(self, every_worker_holds: bool, any_overflow: bool) -> None:
-        """Serve validation from memory from now on when every worker holds its whole part; else drop it."""
+    def agree(self, summed: Any, workers: int) -> None:
+        """Apply `cache_state` summed over every worker: all workers read memory, or all stream.
+
+        A worker that streams a split dataset while another reads memory blocks the split (Ray
+        Data starts a pass only once every worker asks for it). For validation there is more:
+        `streaming_split(equal=False)` hands each block, as Ray Data produces it, to the worker
+        with the fewest rows so far, and blocks come in no fixed order, so a worker's part differs
+        from pass to pass and only the parts of one pass together hold every caption once. So the
+        parts are kept only once every worker holds its whole part of the same pass: from then on
+        no worker reads the stream again and the parts stay that pass's. Training shards are equal,
+        but the validation parts are not, and they share the byte budget.
+        """
+        held, val_overflow, train_overflow = summed
+        if train_overflow and not self.train_cache.overflow:
+            self.train_cache.give_up()
+            self._announce_overflow(self.train_cache, "every epoch")
         if self.val_cache.complete:
             return
-        if every_worker_holds:
+        if held == workers:
             self.val_cache.finish()
             return
         self.val_cache.drop()
-        # A part that did not fit once will not fit later: the stream serves every validation.
-        if any_overflow and not self.val_cache.overflow:
-            self.val_cache.overflow = True
-            if self.announce:
-                log.warning(
-                    "the validation input of a worker exceeds train.cache_mb=%d: it is read from the "
-                    "feature files at every validation",
-                    self.cache_mb,
-                )
+        # A part that did not fit once will not fit later: every validation streams.
+        if val_overflow and not self.val_cache.overflow:
+            self.val_cache.give_up()
+            self._announce_overflow(self.val_cache, "at every validation")
+
+    def _announce_overflow(self, cache: BatchCache, when: str) -> None:
+        if self.announce:
+            log.warning(
+                "the %s input of a worker exceeds train.cache_mb=%d: it is read from the feature files %s",
+                cache.name,
+                self.cache_mb,
+                when,
+            )
 
     def _batches(
         self, cache: BatchCache | None, stream: Any, batch_size: int, seed: int | None, **kwargs: Any
@@ -332,12 +345,8 @@ class WorkerInput:
     def _finish(self, cache: BatchCache) -> None:
         was_complete = cache.complete or cache.overflow
         cache.finish()
-        if self.announce and cache.overflow and not was_complete:
-            log.warning(
-                "the %s input of a worker exceeds train.cache_mb=%d: it is read from the feature files every epoch",
-                cache.name,
-                self.cache_mb,
-            )
+        if cache.overflow and not was_complete:
+            self._announce_overflow(cache, "every epoch")
 
 
 class EpochMeter:
@@ -416,10 +425,10 @@ class Reporter:
         # One all-reduce per validation, after this worker's last batch: the parts differ in size
         # (streaming_split equal=False), so the workers run different numbers of batches and a
         # collective per batch would wait forever on the worker that has finished.
-        loss_sum, tokens, captions, holding, overflow = self.all_reduce(
-            [loss_sum, tokens, captions, *self.inputs.validation_state()]
-        )
-        self.inputs.keep_validation(holding == self.replicas, overflow > 0)
+        # The same collective carries what the input caches need every worker to agree on.
+        summed = self.all_reduce([loss_sum, tokens, captions, *self.inputs.cache_state()])
+        self.inputs.agree(summed[3:], self.replicas)
+        loss_sum, tokens, captions = summed[:3]
         return loss_sum / max(tokens, 1.0), loss_sum / max(captions, 1.0)
 
     def report(
