@@ -3,8 +3,10 @@ started with `ray start --head` (Job Submission API), and plain `python jobs/<jo
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -139,20 +142,27 @@ def _wait(client, job_id: str, timeout: float = 420) -> str:
     return status
 
 
-@pytest.mark.timeout(600)  # a head, a working-dir upload and a whole job
-def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, tmp_path: Path) -> None:
-    from ray.job_submission import JobStatus
-
+@pytest.fixture(scope="module")
+def extract_job(ray_head: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The extract job submitted once: its status, logs and work dir (the training test trains on
+    its features, so the module pays for one extraction)."""
     client = ray_head["client"]
-    work = tmp_path / "work"
+    work = tmp_path_factory.mktemp("submitted") / "work"
     # Two InceptionV3 actors sharing the head's one GPU (fractional num_gpus): the pool cannot
     # start both unless half a GPU each is honoured, and the job would then never finish.
     gpu = ["extract.num_gpus=0.5", "extract.min_actors=2", "extract.max_actors=2", "inputs.shard_rows=6"]
     entrypoint = " ".join(["python", "jobs/extract.py", *EXTRACT, *gpu, f"work_dir={work}"])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
     status = _wait(client, job_id)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return {"status": status, "logs": client.get_job_logs(job_id), "work": work}
+
+
+@pytest.mark.timeout(600)  # a head, a working-dir upload and a whole job
+def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, extract_job: dict) -> None:
+    from ray.job_submission import JobStatus
+
+    logs, work = extract_job["logs"], extract_job["work"]
+    assert extract_job["status"] == JobStatus.SUCCEEDED, logs[-3000:]
     assert "24 extracted, 0 failed" in logs
     # The driver's and the actors' lines (Ray forwards them): TensorFlow started in both, quietly.
     for banner in ("Could not find cuda drivers", "failed call to cuInit", "oneDNN custom operations are on"):
@@ -169,6 +179,52 @@ def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, tmp_pat
     assert (uploaded / "jobs" / "extract.py").is_file() and (uploaded / "configs" / "demo.yaml").is_file()
     for ignored in (".venv", "outputs", "dist"):
         assert not (uploaded / ignored).exists(), f"{ignored}/ was uploaded with the working dir"
+
+
+@pytest.mark.timeout(600)  # a whole training job and an evaluation, on the extract job's features
+def test_train_then_evaluate_submitted_with_working_dir_and_the_checkpoint_loads(
+    ray_head: dict, extract_job: dict
+) -> None:
+    from ray.job_submission import JobStatus
+
+    import capray
+
+    assert extract_job["status"] == JobStatus.SUCCEEDED, "the extract job failed: see its own test"
+    client, work = ray_head["client"], extract_job["work"]
+    settings = [
+        *EXTRACT,
+        f"work_dir={work}",
+        "name=submitted",
+        "model.embedding_dim=16",
+        "model.units=32",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "ray.num_workers=1",
+        "evaluate.strategies=[greedy]",
+        "evaluate.report_images=0",
+    ]
+    # One submission, one upload of the working dir: both entry points as a user would run them.
+    args = shlex.join(settings)
+    entrypoint = f"python jobs/train.py {args} && python jobs/evaluate.py {args}"
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    status = _wait(client, job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    best = work / "runs" / "submitted" / "best"
+    assert f"[capray] train: best checkpoint {best}" in logs, logs[-3000:]
+    result = json.loads((best / "eval_val.json").read_text())
+    assert result["checkpoint"] == str(best) and result["images"] > 0
+    assert f"evaluate: val split, {result['images']} images, checkpoint {best}" in logs
+
+    # The submitted job's checkpoint in the Python API, in this process.
+    captioner = capray.Captioner(str(best))
+    assert captioner.tokenizer.to_json() == (work / "tokenizer.json").read_text()
+    images = sorted((work / "data" / "images").glob("*.jpg"))[:2]
+    captions = captioner.caption([str(p) for p in images])
+    assert len(captions) == 2
+    for cap in captions:
+        assert cap.num_tokens >= 1 and np.isfinite(cap.log_prob) and cap.log_prob < 0, cap
+        assert all(w in captioner.tokenizer.index for w in cap.words), cap
 
 
 def test_a_failing_job_is_reported_failed_with_the_config_error(ray_head: dict) -> None:

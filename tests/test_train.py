@@ -1,10 +1,15 @@
-"""System tests: distributed training on local Ray, checkpoints on S3 and disk, 1 vs 2 workers.
+"""System tests: distributed training on local Ray, checkpoints on S3 and disk, 1 vs 2 workers,
+validation split across workers.
 
 The long kill-and-resume run is in tests/system/test_train_resume.py (`make test-system`)."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,8 @@ from builders import checkpoint_states, reuse_features, upload_features
 
 from capray import checkpoint, storage, synthetic, train
 from capray.captioning import caption
-from capray.config import load_config, output_paths
+from capray.config import from_yaml, load_config, output_paths
+from capray.featurestore import decode_features
 from capray.images import decode
 from capray.model import Backbone
 
@@ -114,3 +120,105 @@ def test_two_workers_take_exactly_the_sgd_steps_of_one(ray_local, synthetic_feat
     # The steps are large enough for a doubled one to show: the loss moved well past the tolerance.
     (before, first_val), (after_one_step, second_val) = curves[1]
     assert after_one_step < 0.97 * before and second_val < 0.97 * first_val, curves[1]
+
+
+def _row_keys(features: np.ndarray, captions: np.ndarray) -> list[str]:
+    """One key per validation row: its features (as the model gets them) and caption ids. The rows
+    carry no image name; an image's captions differ, and equal rows would be equal keys on both
+    sides of the comparison (it counts keys)."""
+    return [hashlib.sha1(f.tobytes() + c.tobytes()).hexdigest() for f, c in zip(features, captions)]
+
+
+def _validate_checkpoint(config: dict) -> None:
+    """A Ray Train worker that validates `config["checkpoint"]` twice with capray's own Reporter and
+    WorkerInput (the second time from the workers' caches) and writes each validation's loss and
+    row keys to `config["record"]`."""
+    import ray.train
+    import tensorflow as tf
+
+    from capray.text import Tokenizer
+    from capray.train import loop
+
+    cfg, tokenizer = from_yaml(config["cfg"]), Tokenizer.from_json(config["tokenizer"])
+    rank = ray.train.get_context().get_world_rank()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    model = checkpoint.load(config["checkpoint"])[0]
+    passes: list[list[str]] = []
+
+    class RecordingInput(loop.WorkerInput):
+        def validation(self):  # the rows Reporter.validate consumes, as they pass
+            for features, captions in super().validation():
+                passes[-1].extend(_row_keys(features, captions))
+                yield features, captions
+
+    inputs = RecordingInput(None, ray.train.get_dataset_shard("val"), cfg.train.cache_mb)
+    reporter = loop.Reporter(cfg, config["storage"], model, None, tokenizer, inputs, rank, strategy)
+    losses, cached = [], []
+    for _ in range(2):
+        passes.append([])
+        losses.append(reporter.validate()[0])
+        cached.append(inputs.val_cache.complete)
+    record = {"val_loss": losses, "keys": passes, "cached": cached}
+    Path(config["record"], f"{rank}.json").write_text(json.dumps(record))
+
+
+def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(synthetic_features: Path, tmp_path: Path) -> None:
+    import ray.cloudpickle
+
+    from capray.model import ShowAttendTell, make_optimizer
+    from capray.train import job
+    from capray.train.loop import make_eval_step
+
+    # Half the 96 shared scenes validate: parts of tens of captions each.
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            *reuse_features(synthetic_features, tmp_path / "work"),
+            "data.val_fraction=0.5",
+            "model.embedding_dim=16",
+            "model.units=32",
+            "ray.num_workers=2",
+            "ray.cpus_per_worker=0.5",
+            "name=val",
+        ],
+    )
+    # The datasets and loop config as capray.train.job.train builds them.
+    train_df, val_df = job.prepare_split(cfg)
+    tokenizer = job.prepare_tokenizer(cfg, list(train_df["caption"]))
+    data, loop_config = job.build_datasets(cfg, job.checked_features(cfg), train_df, val_df, tokenizer)
+    # The shared features are one file, so validation is one block, which a split cannot divide;
+    # a real work dir has a file per shard. Four blocks here, so that each worker gets some.
+    data["val"] = data["val"].repartition(4)
+    model = ShowAttendTell(tokenizer.vocab_size, 16, 32).build_all()
+    model.set_feature_stats(np.array(loop_config["feature_mean"]), np.array(loop_config["feature_std"]))
+    optimizer = make_optimizer(1e-3)
+    optimizer.build(model.trainable_variables)
+    ckpt = str(tmp_path / "checkpoint")
+    checkpoint.write(ckpt, model, optimizer, tokenizer, cfg, {"epoch": 1, "step": 1})
+
+    # One worker: the whole validation set, from the same checkpoint, in this process.
+    model = checkpoint.load(ckpt)[0]
+    eval_step, loss_sum, tokens, every_row = make_eval_step(model), 0.0, 0.0, []
+    for batch in data["val"].iter_batches(batch_size=128):
+        features = decode_features(batch["features"], batch["dtype"][0])
+        ls, nt = eval_step(features, batch["captions"])
+        loss_sum, tokens = loss_sum + float(ls), tokens + float(nt)
+        every_row += _row_keys(features, batch["captions"])
+    one_worker = loss_sum / tokens
+    assert len(every_row) == len(val_df) > 40
+
+    # Two Ray Train workers on capray's own data config (build_trainer), validating the checkpoint.
+    record = tmp_path / "record"
+    record.mkdir()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker function lives here
+    config = {**loop_config, "checkpoint": ckpt, "record": str(record)}
+    job.build_trainer(cfg, data, config, loop=_validate_checkpoint).fit()
+    workers = [json.loads((record / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for i in range(2):  # the first validation streams and fills the cache, the second reads it
+        parts = [w["keys"][i] for w in workers]
+        # Every validation caption exactly once over the two parts, and each worker its own part.
+        assert Counter(parts[0]) + Counter(parts[1]) == Counter(every_row), [len(p) for p in parts]
+        assert not set(parts[0]) & set(parts[1]) and all(parts), [len(p) for p in parts]
+        for w in workers:
+            np.testing.assert_allclose(w["val_loss"][i], one_worker, rtol=1e-5)
+    assert [w["cached"] for w in workers] == [[True, True]] * 2

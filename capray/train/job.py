@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray.train
 from omegaconf import OmegaConf
 from ray.data import Dataset
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 # After capray.train.loop (capray.model): ray.train.tensorflow imports TensorFlow, which
 # capray.model imports first with its start-up noise filtered.
@@ -28,7 +29,7 @@ from capray.data import count_vocabulary, prepare_split, split_rows
 from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features, side_features
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
-from capray.train.loop import train_loop_per_worker
+from capray.train.loop import SplitValidation, train_loop_per_worker
 
 if TYPE_CHECKING:
     from capray.schema import Config
@@ -79,11 +80,13 @@ def build_datasets(cfg: Config, features: Dataset, split_uri: str, tokenizer: To
     return data, loop_config
 
 
-def build_trainer(cfg: Config, data: dict, loop_config: dict) -> TensorflowTrainer:
+def build_trainer(
+    cfg: Config, data: dict, loop_config: dict, loop: Callable[[dict], None] = train_loop_per_worker
+) -> TensorflowTrainer:
     """The Ray Train TensorflowTrainer of the config: workers, checkpoints kept, restarts allowed."""
     fs, runs = storage.filesystem(output_paths(cfg)["runs"], cfg.storage)
     return TensorflowTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -98,7 +101,7 @@ def build_trainer(cfg: Config, data: dict, loop_config: dict) -> TensorflowTrain
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=data,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=SplitValidation(),
     )
 
 

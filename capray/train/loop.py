@@ -2,7 +2,8 @@
 
 Each worker builds the model and optimizer inside a MultiWorkerMirroredStrategy scope, resumes
 from Ray Train's checkpoint if there is one, and runs the compiled distributed step
-(`make_train_step`) over its shard of the training captions. A `Reporter` validates and reports
+(`make_train_step`) over its shard of the training captions. A `Reporter` validates (each worker
+its own part of the validation set, `SplitValidation`, summed over the workers) and reports
 metrics plus a checkpoint at every epoch end (and every `train.checkpoint_every_steps` steps);
 `WorkerInput` streams the shards through Ray Data on the first pass and from memory after.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import ray
 import ray.train
 import tensorflow as tf
-from ray.train import Checkpoint
+from ray.train import Checkpoint, DataConfig
 
 from capray import checkpoint as ckpt
 from capray import storage
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Batch = tuple[np.ndarray, np.ndarray]  # features (B, 64, 2048) float32, captions (B, T) int32
+VAL_BATCH = 128  # validation captions per batch (each worker's own; no collective per batch)
 
 
 def make_train_step(
@@ -118,6 +120,24 @@ def make_eval_step(model: tf.keras.Model) -> Callable[[Any, Any], tuple[tf.Tenso
     return eval_step
 
 
+def make_all_reduce(strategy: tf.distribute.Strategy) -> Callable[[list[float]], np.ndarray]:
+    """A few numbers summed over every worker: one collective, outside any step (float64 sums)."""
+
+    def replica_sum(values: tf.Tensor) -> tf.Tensor:
+        # tf.identity: on this replica's device (a tensor made outside `run` has none).
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(values))
+
+    @tf.function
+    def all_reduce(values: tf.Tensor) -> Any:
+        return strategy.run(replica_sum, args=(values,))
+
+    def run(values: list[float]) -> np.ndarray:
+        summed = all_reduce(tf.constant(values, tf.float64))
+        return strategy.experimental_local_results(summed)[0].numpy()
+
+    return run
+
+
 def restore(
     checkpoint: Checkpoint | None, model: tf.keras.Model, optimizer: Any, announce: bool = False
 ) -> tuple[int, int, int]:
@@ -156,27 +176,74 @@ class BatchCache:
             return
         size = features.nbytes + captions.nbytes
         if size > self.budget[0]:
-            self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
-            self.features, self.captions, self.overflow = [], [], True
+            self.give_up()
             return
         self.budget[0] -= size
         self.features.append(features)
         self.captions.append(captions)
 
+    def give_up(self) -> None:
+        """This input does not fit (here or on another worker): drop it, and stream it from now on."""
+        self.drop()
+        self.complete, self.overflow = False, True
+
     def finish(self) -> None:
         """The first pass is over: from now on `batches` serves it from memory."""
-        if not self.overflow and not self.complete and self.features:
-            self.features, self.captions = [np.concatenate(self.features)], [np.concatenate(self.captions)]
+        if not self.overflow and not self.complete:
+            # An empty pass is complete too: a validation part may hold no rows.
+            if self.features:
+                self.features, self.captions = [np.concatenate(self.features)], [np.concatenate(self.captions)]
             self.complete = True
+
+    def drop(self) -> None:
+        """Forget what it holds (its bytes go back to the budget); a later pass may keep it again."""
+        self.budget[0] += sum(f.nbytes for f in self.features) + sum(c.nbytes for c in self.captions)
+        self.features, self.captions, self.complete = [], [], False
 
     def batches(self, batch_size: int, seed: int | None, drop_last: bool) -> Iterator[Batch]:
         """(features float32, captions) batches; shuffled with `seed` unless it is None."""
+        if not self.features:
+            return
         features, captions = self.features[0], self.captions[0]
         order = np.arange(len(captions)) if seed is None else np.random.default_rng(seed).permutation(len(captions))
         end = len(order) - len(order) % batch_size if drop_last else len(order)
         for i in range(0, end, batch_size):
             pick = np.sort(order[i : i + batch_size]) if seed is None else order[i : i + batch_size]
             yield features[pick].astype(np.float32), captions[pick]
+
+
+class SplitValidation(DataConfig):
+    """`train` split equally, `val` into disjoint parts that together hold every caption once.
+
+    Every worker must run the same number of training steps (each is an all-reduce), so `train`
+    keeps Ray Train's equal split, which drops the rows that do not divide evenly. Validation
+    must see every caption exactly once, so `val` is split with `equal=False`: parts of unequal
+    size, each worker validating its own (capray.train.loop.Reporter.validate sums them).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train", "val"])
+
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Ray Train asks for each dataset's iterators per worker rank (Train V2: one dataset per call)."""
+        equal = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            if datasets["val"].name is None:
+                datasets["val"].set_name("val")
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self._resolve_execution_options("val")
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for i, part in enumerate(val.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[i]["val"] = part
+        return output
 
 
 class WorkerInput:
@@ -187,6 +254,7 @@ class WorkerInput:
         budget = [cache_mb << 20]  # bytes left, shared by both caches
         self.train_cache, self.val_cache = BatchCache("training", budget), BatchCache("validation", budget)
         self._pass: BatchCache | None = None
+        self._val_held = False
 
     def training(self, batch_size: int, seed: int | None, shuffle: bool, whole_pass: bool) -> Iterator[Batch]:
         """One epoch's training batches (`end_epoch` after it); a resumed epoch is not a whole pass."""
@@ -206,8 +274,59 @@ class WorkerInput:
             self._finish(self._pass)
 
     def validation(self) -> Iterator[Batch]:
-        """The worker's validation batches, in a fixed order."""
-        return self._batches(self.val_cache, self.val_shard.iter_batches, 128, None)
+        """This worker's part of the validation set, in a fixed order (`agree` after it)."""
+        self._val_held = False
+        if self.val_cache.complete:
+            yield from self.val_cache.batches(VAL_BATCH, None, drop_last=False)
+            return
+        for batch in self.val_shard.iter_batches(batch_size=VAL_BATCH):
+            stored = decode_features(batch["features"], batch["dtype"][0], as_stored=True)  # (B, 64, 2048)
+            self.val_cache.add(stored, batch["captions"])
+            yield stored.astype(np.float32), batch["captions"]
+        self._val_held = not self.val_cache.overflow
+
+    def cache_state(self) -> list[float]:
+        """What the workers agree on (`agree`, after summing over them) before serving input from
+        memory: [holds its whole part of the last validation, validation part does not fit,
+        training shard does not fit]."""
+        held = self.val_cache.complete or self._val_held
+        return [float(held), float(self.val_cache.overflow), float(self.train_cache.overflow)]
+
+    def agree(self, summed: Any, workers: int) -> None:
+        """Apply `cache_state` summed over every worker: all workers read memory, or all stream.
+
+        A worker that streams a split dataset while another reads memory blocks the split (Ray
+        Data starts a pass only once every worker asks for it). For validation there is more:
+        `streaming_split(equal=False)` hands each block, as Ray Data produces it, to the worker
+        with the fewest rows so far, and blocks come in no fixed order, so a worker's part differs
+        from pass to pass and only the parts of one pass together hold every caption once. So the
+        parts are kept only once every worker holds its whole part of the same pass: from then on
+        no worker reads the stream again and the parts stay that pass's. Training shards are equal,
+        but the validation parts are not, and they share the byte budget.
+        """
+        held, val_overflow, train_overflow = summed
+        if train_overflow and not self.train_cache.overflow:
+            self.train_cache.give_up()
+            self._announce_overflow(self.train_cache, "every epoch")
+        if self.val_cache.complete:
+            return
+        if held == workers:
+            self.val_cache.finish()
+            return
+        self.val_cache.drop()
+        # A part that did not fit once will not fit later: every validation streams.
+        if val_overflow and not self.val_cache.overflow:
+            self.val_cache.give_up()
+            self._announce_overflow(self.val_cache, "at every validation")
+
+    def _announce_overflow(self, cache: BatchCache, when: str) -> None:
+        if self.announce:
+            log.warning(
+                "the %s input of a worker exceeds train.cache_mb=%d: it is read from the feature files %s",
+                cache.name,
+                self.cache_mb,
+                when,
+            )
 
     def _batches(
         self, cache: BatchCache | None, stream: Any, batch_size: int, seed: int | None, **kwargs: Any
@@ -226,12 +345,8 @@ class WorkerInput:
     def _finish(self, cache: BatchCache) -> None:
         was_complete = cache.complete or cache.overflow
         cache.finish()
-        if self.announce and cache.overflow and not was_complete:
-            log.warning(
-                "the %s input of a worker exceeds train.cache_mb=%d: it is read from the feature files every epoch",
-                cache.name,
-                self.cache_mb,
-            )
+        if cache.overflow and not was_complete:
+            self._announce_overflow(cache, "every epoch")
 
 
 class EpochMeter:
@@ -282,6 +397,7 @@ class Reporter:
         tokenizer: Tokenizer,
         inputs: WorkerInput,
         rank: int,
+        strategy: tf.distribute.Strategy,
     ):
         self.cfg, self.storage_cfg, self.model, self.optimizer, self.tokenizer = (
             cfg,
@@ -292,21 +408,28 @@ class Reporter:
         )
         self.inputs, self.rank = inputs, rank
         self.eval_step = make_eval_step(model)
+        self.all_reduce, self.replicas = make_all_reduce(strategy), strategy.num_replicas_in_sync
         self.paths = output_paths(cfg)
         # A resumed run keeps its best: a worse epoch after the restart does not replace it.
         self.best_val = _recorded_best(self.paths["best"], storage_cfg)
         self.curves = CurveWriter(self.paths["tensorboard"], storage_cfg) if rank == 0 else None
 
     def validate(self) -> tuple[float, float]:
-        """This worker's validation loss per token and per caption."""
-        val_sum = val_tokens = 0.0
-        val_captions = 0
+        """The validation loss per token and per caption over every worker's part: the same on every worker."""
+        loss_sum = tokens = captions = 0.0
         for feats, caps in self.inputs.validation():
             ls, nt = self.eval_step(feats, caps)
-            val_sum += float(ls)
-            val_tokens += float(nt)
-            val_captions += len(caps)
-        return val_sum / max(val_tokens, 1.0), val_sum / max(val_captions, 1)
+            loss_sum += float(ls)
+            tokens += float(nt)
+            captions += len(caps)
+        # One all-reduce per validation, after this worker's last batch: the parts differ in size
+        # (streaming_split equal=False), so the workers run different numbers of batches and a
+        # collective per batch would wait forever on the worker that has finished.
+        # The same collective carries what the input caches need every worker to agree on.
+        summed = self.all_reduce([loss_sum, tokens, captions, *self.inputs.cache_state()])
+        self.inputs.agree(summed[3:], self.replicas)
+        loss_sum, tokens, captions = summed[:3]
+        return loss_sum / max(tokens, 1.0), loss_sum / max(captions, 1.0)
 
     def report(
         self, epochs_done: int, epoch_step: int, step: int, train_loss: float, captions_per_s: float, input_wait: float
@@ -421,7 +544,7 @@ def train_loop_per_worker(config: dict) -> None:
     inputs = WorkerInput(
         ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.train.cache_mb, announce=rank == 0
     )
-    reporter = Reporter(cfg, config["storage"], model, optimizer, tokenizer, inputs, rank)
+    reporter = Reporter(cfg, config["storage"], model, optimizer, tokenizer, inputs, rank, strategy)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         # A run resumed from a mid-epoch checkpoint runs only the rest of that epoch's steps.
