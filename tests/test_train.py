@@ -18,6 +18,7 @@ from builders import checkpoint_states, reuse_features, upload_features
 from capray import checkpoint, storage, synthetic, train
 from capray.captioning import caption
 from capray.config import from_yaml, load_config, output_paths
+from capray.data import split_rows
 from capray.featurestore import decode_features
 from capray.images import decode
 from capray.model import Backbone
@@ -162,7 +163,9 @@ def _validate_checkpoint(config: dict) -> None:
     Path(config["record"], f"{rank}.json").write_text(json.dumps(record))
 
 
-def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(synthetic_features: Path, tmp_path: Path) -> None:
+def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(
+    ray_local, synthetic_features: Path, tmp_path: Path
+) -> None:
     import ray.cloudpickle
 
     from capray.model import ShowAttendTell, make_optimizer
@@ -183,9 +186,9 @@ def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(synthetic_featur
         ],
     )
     # The datasets and loop config as capray.train.job.train builds them.
-    train_df, val_df = job.prepare_split(cfg)
-    tokenizer = job.prepare_tokenizer(cfg, list(train_df["caption"]))
-    data, loop_config = job.build_datasets(cfg, job.checked_features(cfg), train_df, val_df, tokenizer)
+    split = job.prepare_split(cfg)
+    tokenizer = job.prepare_tokenizer(cfg, split)
+    data, loop_config = job.build_datasets(cfg, job.checked_features(cfg), split, tokenizer)
     # The shared features are one file, so validation is one block, which a split cannot divide;
     # a real work dir has a file per shard. Four blocks here, so that each worker gets some.
     data["val"] = data["val"].repartition(4)
@@ -205,7 +208,7 @@ def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(synthetic_featur
         loss_sum, tokens = loss_sum + float(ls), tokens + float(nt)
         every_row += _row_keys(features, batch["captions"])
     one_worker = loss_sum / tokens
-    assert len(every_row) == len(val_df) > 40
+    assert len(every_row) == split_rows(split, cfg.storage, "val") > 40
 
     # Two Ray Train workers on capray's own data config (build_trainer), validating the checkpoint.
     record = tmp_path / "record"
