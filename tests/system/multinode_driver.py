@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import proctree
 import ray
 from ray.cluster_utils import Cluster
 
@@ -21,28 +22,9 @@ from capray.config import load_config
 from capray.runtime import RUNTIME_ENV
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(stat.parent.name))
-    return out
-
-
 def map_workers(raylet_pid: int) -> int:
     """Ray Data map actors running on the node of this raylet (its descendant processes)."""
-    children, found, todo = _children(), 0, [raylet_pid]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                found += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::MapWorker")
-            except OSError:
-                pass
-    return found
+    return len(proctree.titled(proctree.descendants(raylet_pid), b"ray::MapWorker"))
 
 
 def raylet_pid(node: Any) -> int:

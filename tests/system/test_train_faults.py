@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import proctree
 import pytest
 from builders import feature_overrides, reuse_features
 
@@ -56,32 +57,8 @@ def _registered(run_dir: Path) -> list[int]:
     return sorted(r["metrics"]["epoch"] for r in snapshot["checkpoint_results"])
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (here: the job's own Ray instance and its workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _train_workers(pid: int) -> list[int]:
-    found = []
-    for child in _descendants(pid):
-        try:
-            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                found.append(child)
-        except OSError:
-            continue
-    return found
+    return proctree.titled(proctree.descendants(pid), b"ray::RayTrainWorker")
 
 
 def _run_and_kill_a_worker(

@@ -18,46 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import proctree
 import ray
 from ray.cluster_utils import Cluster
 
 from capray.cli import main as capray_main
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(stat.parent.name))
-    return out
-
-
 def node_processes(node: Any) -> list[int]:
     """The processes a cluster node started: its raylet's descendants (workers included)."""
     try:
-        todo = [node.all_processes["raylet"][0].process.pid]
+        return proctree.descendants(node.all_processes["raylet"][0].process.pid)
     except (KeyError, IndexError):
         return []  # removed
-    children, found = _children(), []
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            found.append(pid)
-    return found
 
 
 def train_workers(node: Any) -> int:
     """Ray Train worker processes on a cluster node."""
-    found = 0
-    for pid in node_processes(node):
-        try:
-            found += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
-        except OSError:
-            pass
-    return found
+    return len(proctree.titled(node_processes(node), b"ray::RayTrainWorker"))
 
 
 def kill_node(cluster: Cluster, node: Any) -> None:
