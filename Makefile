@@ -31,9 +31,10 @@ lint: $(BIN)/.installed
 # Every suite but the reliability one: unit, data, learning, jobs on local Ray and moto S3.
 # Two processes (pytest-xdist), a file each at a time: its tests mostly wait on Ray start-ups,
 # worker processes importing TensorFlow and subprocess jobs, which overlap; a file's module
-# fixtures are built once (docs/testing.md#where-cis-time-goes).
+# fixtures are built once. The files with the most job tests go first (tests/conftest.py,
+# docs/testing.md#where-cis-time-goes).
 test: $(BIN)/.installed
-	$(PYTEST) -n 2 --dist loadfile --ignore=tests/system $(ARGS)
+	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/system $(ARGS)
 
 test-fast: $(BIN)/.installed
 	CAPRAY_TEST_FAST=1 $(PYTEST) $(FAST) $(ARGS)

@@ -167,15 +167,22 @@ VOCAB_PARTITIONS = 4
 SPLIT_COLUMNS = ["image", "caption", "split"]
 
 
+# The split file's key-value metadata: the number of captions on each side, so that a training
+# run reads two numbers from the footer instead of counting the `split` column (files written
+# before it lack the key and are counted by Ray Data: `split_rows`).
+SPLIT_ROWS_KEY = b"capray.split_rows"
+
+
 def save_split(train: pd.DataFrame, val: pd.DataFrame, uri: str, storage_cfg: Any = None) -> None:
     """One Parquet file (image, caption, split), sorted by image, written atomically."""
     both = pd.concat([train.assign(split="train"), val.assign(split="val")], ignore_index=True)
     # Stable: an image's captions keep their order in the captions file.
     both = both.sort_values("image", kind="stable", ignore_index=True)
+    table = pa.Table.from_pandas(both[SPLIT_COLUMNS], preserve_index=False)
+    rows = json.dumps({"train": len(train), "val": len(val)}).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SPLIT_ROWS_KEY: rows})
     sink = pa.BufferOutputStream()
-    pq.write_table(
-        pa.Table.from_pandas(both[SPLIT_COLUMNS], preserve_index=False), sink, row_group_size=SPLIT_ROW_GROUP
-    )
+    pq.write_table(table, sink, row_group_size=SPLIT_ROW_GROUP)
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_cfg)
 
 
@@ -218,12 +225,17 @@ def prepare_split(cfg: Config) -> str:
 
 
 def split_rows(uri: str, storage_cfg: Any, side: str) -> int:
-    """Number of captions on one side (`train` or `val`) of a split file, counted by Ray Data
-    (the filter on `split` is pushed down to the Parquet read)."""
+    """Number of captions on one side (`train` or `val`) of a split file: from its footer, or for
+    a file written before the footer had them, counted by Ray Data (the filter on `split` is
+    pushed down to the Parquet read)."""
     import ray
     from ray.data.expressions import col
 
     fs, path = storage.filesystem(uri, storage_cfg)
+    with fs.open_input_file(path) as handle:
+        saved = pq.ParquetFile(handle).schema_arrow.metadata or {}
+    if SPLIT_ROWS_KEY in saved:
+        return int(json.loads(saved[SPLIT_ROWS_KEY])[side])
     return ray.data.read_parquet(path, filesystem=fs, columns=["split"]).filter(expr=col("split") == side).count()
 
 

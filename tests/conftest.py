@@ -19,6 +19,30 @@ REPO = Path(__file__).resolve().parents[1]
 FLICKR_DEV = REPO.parent / "shared" / "data" / "flickr8k-dev"
 
 
+# What makes a test one of the whole-job tests (seconds to minutes each) rather than a unit test:
+# one of these fixtures, or a timeout of its own (the subprocess jobs declare theirs).
+JOB_FIXTURES = {"ray_local", "ray_head", "synthetic_features"}
+
+
+def _is_job_test(item: pytest.Item) -> bool:
+    return (
+        bool(JOB_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+        or item.get_closest_marker("timeout") is not None
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The order in which `make test` hands its files to its two processes (`--dist loadfile
+    --no-loadscope-reorder`: a file's module fixtures are built once): the files with the most
+    job tests first, the unit-test files last, so that the run does not end on a long file in one
+    process while the other has nothing left to do. (xdist's default order, by number of tests,
+    put the long files with a few job tests last.)"""
+    jobs: dict[str, int] = {}
+    for item in items:
+        jobs[item.nodeid.split("::")[0]] = jobs.get(item.nodeid.split("::")[0], 0) + _is_job_test(item)
+    items.sort(key=lambda item: -jobs[item.nodeid.split("::")[0]])
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the whole session (starting Ray costs seconds)."""

@@ -60,16 +60,23 @@ def _direct(predictions: dict, references: dict) -> dict[str, float]:
 
 @pytest.mark.skipif(not evaluate.java_available(), reason="pycocoevalcap's tokenizer and METEOR need Java")
 def test_metrics_agree_with_pycocoevalcap() -> None:
-    ours = evaluate.score(PREDICTIONS, REFERENCES)
+    # Two sets scored together (as `capray evaluate` scores its strategies, one METEOR process):
+    # each gets the scores pycocoevalcap gives it alone.
+    perfect = {k: refs[0] for k, refs in REFERENCES.items()}
+    both = evaluate.score_of({"mixed": PREDICTIONS, "perfect": perfect}, REFERENCES)
+    ours = both["mixed"]
     direct = _direct(PREDICTIONS, REFERENCES)
     for name, value in direct.items():
         assert ours[name] == pytest.approx(value, abs=1e-9), name
     # Not degenerate: a real spread of values, one exact match out of four.
     assert 0.2 < ours["bleu4"] < 0.9 and 0.1 < ours["meteor"] < 0.9 and ours["cider"] > 0.5
     assert ours["exact_match"] == 0.25 and ours["images"] == 4 and ours["notes"] == []
+    assert both["perfect"]["bleu4"] == pytest.approx(1.0, abs=1e-9) and both["perfect"]["meteor"] > ours["meteor"]
+    assert both["perfect"]["exact_match"] == 1.0
 
 
-def test_perfect_match_scores_bleu4_one() -> None:
+def test_perfect_match_scores_bleu4_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # capray's own tokens (the PTB ones: the test above)
     perfect = {k: refs[0] for k, refs in REFERENCES.items()}
     m = evaluate.score(perfect, REFERENCES)
     assert m["bleu4"] == pytest.approx(1.0, abs=1e-9)

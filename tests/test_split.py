@@ -4,6 +4,7 @@ earlier capray saved still load."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,11 @@ def test_split_made_by_a_task_then_reused(ray_local, tmp_path: Path) -> None:
     expected = data.sample_split(data.read_captions(cfg), 30, cfg.data.val_fraction, cfg.data.seed)
     by_image = lambda df: df.sort_values("image", kind="stable", ignore_index=True)
     assert first[0].equals(by_image(expected[0])) and first[1].equals(by_image(expected[1]))
+    # Its footer holds the count of each side, which training reads instead of a Ray Data pass
+    # (the old file above has none: counted there).
+    footer = pq.ParquetFile(uri).schema_arrow.metadata
+    assert json.loads(footer[data.SPLIT_ROWS_KEY]) == {"train": len(first[0]), "val": len(first[1])}
+    assert (data.split_rows(uri, None, "train"), data.split_rows(uri, None, "val")) == (len(first[0]), len(first[1]))
     pd.DataFrame(rows[:10], columns=["image", "caption"]).to_csv(csv, index=False)  # the dataset changes
     assert data.prepare_split(cfg) == uri
     second = data.load_split(uri)

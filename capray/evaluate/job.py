@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from capray.evaluate.metrics import METRICS, score
+from capray.evaluate.metrics import METRICS, score_of
 from capray.evaluate.report import ReportItem, write_report
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def evaluate(cfg: Config, checkpoint_uri: str) -> dict[str, Any]:
         raise ValueError(
             f"no extracted features for any of the {len(references)} validation images: run `capray extract` first"
         )
-    metrics = {label: score(predictions[label], references) for label in labels}
+    metrics = score_of(predictions, references)
     notes = _notes(train_cfg, metrics)
     unscored = len(references) - len(predictions[labels[0]])
     if unscored:

@@ -38,42 +38,72 @@ def coco_metrics(
     predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, float], list[str]]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr with pycocoevalcap, all references per image; (scores, notes)."""
+    scores, notes = coco_metrics_of({"": predictions}, references)
+    return scores[""], notes
+
+
+def coco_metrics_of(
+    predictions: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """`coco_metrics` of several sets of predictions of the same images (one per decoding strategy):
+    the references are tokenised once and one METEOR process scores every set, since starting
+    METEOR's Java (its paraphrase tables) costs ~7 s of CPU each time."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    keys = sorted(predictions)
     notes: list[str] = []
     java = java_available()
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": r} for r in references[k]] for k in keys})
-        res = tok.tokenize({k: [{"caption": predictions[k]}] for k in keys})
+        gts_all = tok.tokenize({k: [{"caption": r} for r in references[k]] for k in references})
+        tokenized = {
+            label: tok.tokenize({k: [{"caption": p[k]}] for k in sorted(p)}) for label, p in predictions.items()
+        }
     else:
         notes.append(NO_JAVA)
-        gts = {k: [_norm(r) for r in references[k]] for k in keys}
-        res = {k: [_norm(predictions[k])] for k in keys}
-    out: dict[str, float] = {}
-    # The scorers print their internals to stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        out.update({f"bleu{i + 1}": float(b) for i, b in enumerate(bleu)})
-        if java:
-            out["meteor"] = _meteor(gts, res)
-        out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
-        out["cider"] = float(Cider().compute_score(gts, res)[0])
+        gts_all = {k: [_norm(r) for r in references[k]] for k in references}
+        tokenized = {label: {k: [_norm(p[k])] for k in sorted(p)} for label, p in predictions.items()}
+    meteor = _Meteor() if java else None
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for label, res in tokenized.items():
+            gts = {k: gts_all[k] for k in res}
+            scores: dict[str, float] = {}
+            # The scorers print their internals to stdout.
+            with contextlib.redirect_stdout(io.StringIO()):
+                bleu, _ = Bleu(4).compute_score(gts, res)
+                scores.update({f"bleu{i + 1}": float(b) for i, b in enumerate(bleu)})
+                if meteor is not None:
+                    scores["meteor"] = meteor.score(gts, res)
+                scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+                scores["cider"] = float(Cider().compute_score(gts, res)[0])
+            out[label] = scores
+    finally:
+        if meteor is not None:
+            meteor.close()
     return out, notes
 
 
-def _meteor(gts: dict, res: dict) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
+class _Meteor:
+    """pycocoevalcap's METEOR process, started on first use and ended cleanly by `close`."""
 
-    meteor = Meteor()
-    try:
-        return float(meteor.compute_score(gts, res)[0])
-    finally:
+    def __init__(self) -> None:
+        self._meteor: Any = None
+
+    def score(self, gts: dict, res: dict) -> float:
+        if self._meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._meteor = Meteor()
+        return float(self._meteor.compute_score(gts, res)[0])
+
+    def close(self) -> None:
+        meteor = self._meteor
+        if meteor is None:
+            return
         # Let the Java process end on EOF now, rather than be killed mid-write at interpreter exit.
         with meteor.lock:
             meteor.meteor_p.stdin.close()
@@ -85,11 +115,22 @@ def _meteor(gts: dict, res: dict) -> float:
 
 def score(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Exact match (equal to any reference after normalisation) and the COCO metrics, plus `notes`."""
-    if not predictions:
-        raise ValueError("no predictions to score")
-    missing = [k for k in predictions if k not in references]
-    if missing:
-        raise KeyError(f"{len(missing)} predictions have no references, e.g. {missing[0]}")
-    exact = sum(_norm(p) in {_norm(r) for r in references[k]} for k, p in predictions.items())
-    metrics, notes = coco_metrics(predictions, references)
-    return {"images": len(predictions), "exact_match": exact / len(predictions), **metrics, "notes": notes}
+    return score_of({"": predictions}, references)[""]
+
+
+def score_of(
+    predictions: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, Any]]:
+    """`score` of each set of predictions (e.g. one per decoding strategy), scored together."""
+    for p in predictions.values():
+        if not p:
+            raise ValueError("no predictions to score")
+        missing = [k for k in p if k not in references]
+        if missing:
+            raise KeyError(f"{len(missing)} predictions have no references, e.g. {missing[0]}")
+    metrics, notes = coco_metrics_of(predictions, references)
+    out = {}
+    for label, p in predictions.items():
+        exact = sum(_norm(c) in {_norm(r) for r in references[k]} for k, c in p.items())
+        out[label] = {"images": len(p), "exact_match": exact / len(p), **metrics[label], "notes": notes}
+    return out
