@@ -193,6 +193,14 @@ def load_split(uri: str, storage_cfg: Any = None) -> tuple[pd.DataFrame, pd.Data
     return pick("train"), pick("val")
 
 
+def load_side(uri: str, storage_cfg: Any, side: str) -> pd.DataFrame:
+    """One side's (image, caption) rows of a split file, in file order: only that side is read
+    (the filter on `split` is pushed down to the Parquet read); any capray's split file."""
+    fs, path = storage.filesystem(uri, storage_cfg)
+    table = pq.read_table(path, filesystem=fs, columns=["image", "caption"], filters=pc.field("split") == side)
+    return table.to_pandas()
+
+
 def make_split(cfg: Config, uri: str) -> dict[str, int]:
     """Ray task: read the captions, sample and split them, write the split file; returns the
     number of captions on each side (the driver never holds the captions)."""

@@ -98,6 +98,7 @@ def test_old_split_file_and_tokenizer_keep_loading(ray_local, tmp_path: Path) ->
     Path(p["tokenizer"]).write_text(saved.to_json())
     assert prepare_tokenizer(cfg, p["split"]) == saved
     train, val = df[df["split"] == "train"], df[df["split"] == "val"]
+    assert data.load_side(p["split"], None, "val").equals(val[["image", "caption"]].reset_index(drop=True))
     assert data.split_rows(p["split"], None, "train") == len(train)
     assert data.split_rows(p["split"], None, "val") == len(val)
 
@@ -130,6 +131,7 @@ def test_split_made_by_a_task_then_reused(ray_local, tmp_path: Path) -> None:
     expected = data.sample_split(data.read_captions(cfg), 30, cfg.data.val_fraction, cfg.data.seed)
     by_image = lambda df: df.sort_values("image", kind="stable", ignore_index=True)
     assert first[0].equals(by_image(expected[0])) and first[1].equals(by_image(expected[1]))
+    assert data.load_side(uri, None, "val").equals(first[1]) and data.load_side(uri, None, "train").equals(first[0])
     # Its footer holds the count of each side, which training reads instead of a Ray Data pass
     # (the old file above has none: counted there).
     footer = pq.ParquetFile(uri).schema_arrow.metadata

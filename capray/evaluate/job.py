@@ -44,13 +44,14 @@ def evaluate(cfg: Config, checkpoint_uri: str) -> dict[str, Any]:
     results JSON next to the checkpoint and the report under `<checkpoint>/report_val/`."""
     from capray import checkpoint
     from capray.config import output_paths
-    from capray.data import load_split, prepare_split
+    from capray.data import load_side, prepare_split
     from capray.decoder import Decoder
     from capray.featurestore import decode_features, read_features
     from capray.storage import exists, join, read_bytes, write_bytes
 
     model, tokenizer, train_cfg, _ = checkpoint.load(checkpoint_uri, cfg.storage)
-    _, val_df = load_split(prepare_split(cfg), cfg.storage)
+    # The validation captions only: O(validation captions) in the driver, whatever the training set.
+    val_df = load_side(prepare_split(cfg), cfg.storage, "val")
     references = val_df.groupby("image")["caption"].apply(list).to_dict()
     decoders = [Decoder.from_config(model, tokenizer, cfg.caption, s) for s in cfg.evaluate.strategies]
     labels = [d.label for d in decoders]
