@@ -13,7 +13,7 @@ from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 from PIL import Image
 
 import capray
-from capray import progress, storage
+from capray import pipeline, progress, storage
 from capray.captioning import InputError, caption
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
@@ -74,6 +74,15 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     assert partial["rows"]["done"] == first["written"] and partial["rows"]["total"] == n
     assert partial["job"]["state"] == "finished" and not partial["job"]["alive"] and partial["eta_s"] is None
     cfg.inputs.limit_shards = 0
+    # A dry run: the plan, what is done, an estimate from the first shard's stats; nothing written.
+    before = {f: storage.read_bytes(f, cfg.storage) for f in storage.list_files(out, cfg.storage)}
+    cfg.inputs.dry_run = True
+    dry = caption(cfg, checkpoint, zoo, out)["plan"]
+    cfg.inputs.dry_run = False
+    assert (dry["shards"], dry["rows"], dry["done_shards"], dry["done_rows"]) == (shards, n, 1, first["written"])
+    assert dry["todo_shards"] == shards - 1 and dry["todo_rows"] == n - first["written"] and dry["estimate_s"] > 0
+    assert "estimate" in pipeline.plan_lines("caption", dry)[1]
+    assert {f: storage.read_bytes(f, cfg.storage) for f in storage.list_files(out, cfg.storage)} == before
     second = caption(cfg, checkpoint, zoo, out)
     assert (second["already_done"], second["written"], second["remaining_shards"]) == (
         first["written"],
@@ -168,6 +177,13 @@ def test_the_python_api_refuses_unsupported_inputs_by_position(checkpoint: str, 
         captioner.caption([b"not an image"])
     with pytest.raises(TypeError, match="unsupported array of dtype float32"):
         captioner.caption(np.zeros((8, 8, 3), np.float32))
+    # on_error="keep": the jobs' behaviour, an error per image and the good ones captioned.
+    scene = good_images()["scene.jpg"]
+    kept = captioner.caption([scene, 7, b"not an image", scene], on_error="keep")
+    assert [c.error is None for c in kept] == [True, False, False, True]
+    assert kept[0].text and kept[0].text == kept[3].text == captioner.caption(scene)[0].text
+    assert [error_class(c.error) for c in kept[1:3]] == ["not_an_image", "not_an_image"] and kept[1].text == ""
+    assert " at 0x" not in kept[2].error and "image 2 (bytes)" in kept[2].error
 
 
 def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) -> None:
