@@ -1,9 +1,9 @@
 """`capray status OUTPUT`: how far a caption or extract job is, from its output folder alone.
 
-It reads the plan (`_shards.parquet`), the driver's roll-up and heartbeat (capray.progress),
-lists the folder (one request per 1,000 files on S3), and reads the footers of only the shard
-files the roll-up does not hold yet: never a Parquet row, and a bounded number of objects
-whatever the number of shards. It works while the job runs, after it ended or was killed, and
+It reads the plan (`_shards.parquet`), the driver's roll-up and heartbeat (capray.progress), and
+the footers of only the shard files the roll-up does not hold yet, found one by one when they
+are few or by a listing of the folder (one request per 1,000 files on S3) otherwise: never a
+Parquet row, and a bounded number of objects whatever the number of shards. It works while the job runs, after it ended or was killed, and
 from any machine that can read the folder. The JSON it returns is documented in docs/cli.md#status.
 """
 
@@ -19,12 +19,14 @@ from capray.pipeline import age as _age
 
 FORMAT = "capray-status/1"
 # The window of "recent" throughput, and how many footers one call reads at most (the shards that
-# finished since the roll-up's last flush: a few `status.every_shards` unless the driver is stuck).
+# finished since the roll-up's last flush: about `status.every_shards` unless the driver is stuck).
 WINDOW_S = 300.0
-MAX_FOOTERS = 2000
+MAX_FOOTERS = 1000
 
 
-def read_status(output: str, storage_cfg: Any, stale_periods: float = 3.0, now: float | None = None) -> dict[str, Any]:
+def read_status(
+    output: str, storage_cfg: Any, stale_periods: float = 3.0, now: float | None = None, max_footers: int = MAX_FOOTERS
+) -> dict[str, Any]:
     """The job's state in `output` as a dict (the `--json` schema, docs/cli.md#status)."""
     now = time.time() if now is None else now
     entries, meta = shards.read_index(output, storage_cfg)
@@ -34,28 +36,38 @@ def read_status(output: str, storage_cfg: Any, stale_periods: float = 3.0, now: 
         )
     plan = [e for e in entries if e["state"] == "current"]
     ids = {e["id"] for e in plan}
-    present = shards.done_ids(output, storage_cfg)
-    done = ids & present
-    rolled = {r["shard"]: r for r in progress.read_rollup(output, storage_cfg) if r["shard"] in done}
-    missing = sorted(done - set(rolled))
-    to_read = missing[:MAX_FOOTERS]
+    rolled = {r["shard"]: r for r in progress.read_rollup(output, storage_cfg) if r["shard"] in ids}
 
-    def footer(shard_id: str) -> dict[str, Any] | None:
+    def footer(shard_id: str) -> dict[str, Any] | bool:
+        """The stats of a shard's file; True: a file without stats; False: no file."""
         try:
-            return progress.footer_stats(storage.join(output, shards.output_name(shard_id)), storage_cfg)
-        except FileNotFoundError:  # replaced by a re-run since the listing
-            return None
+            found = progress.footer_stats(storage.join(output, shards.output_name(shard_id)), storage_cfg)
+        except FileNotFoundError:
+            return False
+        return found if found and "rows" in found else True
 
-    from_files = {
-        i: s for i, s in zip(to_read, ThreadPoolExecutor(16).map(footer, to_read)) if s is not None and "rows" in s
-    }
+    # A shard in the roll-up has its file (a re-run that replaces a file drops it from the plan).
+    # The others: few (a job near its end, or one whose roll-up is at most a flush behind) are
+    # looked up one by one, their footers being their stats; many are found by a listing, and
+    # then only the footers of the files found are read.
+    unknown = sorted(ids - set(rolled))
+    if len(unknown) <= max_footers:
+        looked = dict(zip(unknown, ThreadPoolExecutor(16).map(footer, unknown)))
+        done = set(rolled) | {i for i, f in looked.items() if f is not False}
+    else:
+        done = ids & _file_ids(output, storage_cfg)
+        rolled = {i: r for i, r in rolled.items() if i in done}
+        to_read = sorted(done - set(rolled))[:max_footers]
+        looked = dict(zip(to_read, ThreadPoolExecutor(16).map(footer, to_read)))
+        done -= {i for i, f in looked.items() if f is False}  # replaced since the listing
+    from_files = {i: f for i, f in looked.items() if isinstance(f, dict)}
     stats = list(rolled.values()) + list(from_files.values())
-    unknown = len(done) - len(stats)
+    without_stats = len(done) - len(stats)
     heartbeat = progress.read_heartbeat(output, storage_cfg)
 
     rows_known = all(e["rows"] >= 0 for e in plan)
     by_id = {e["id"]: e for e in plan}
-    # Shards without stats (written by a capray before them, or beyond MAX_FOOTERS): the index's counts.
+    # Shards without stats (written by a capray before them, or beyond max_footers): the index's counts.
     done_rows = sum(s["rows"] for s in stats) + sum(
         max(by_id[i]["rows"], 0) for i in done if i not in rolled and i not in from_files
     )
@@ -121,7 +133,7 @@ def read_status(output: str, storage_cfg: Any, stale_periods: float = 3.0, now: 
             "todo": len(todo),
             "stats_rolled_up": len(rolled),
             "stats_from_footers": len(from_files),
-            "stats_unknown": unknown,
+            "stats_unknown": without_stats,
         },
         "rows": {
             "total": sum(e["rows"] for e in plan) if rows_known else None,
@@ -141,6 +153,18 @@ def read_status(output: str, storage_cfg: Any, stale_periods: float = 3.0, now: 
         "eta_s": eta,
         "settings": meta.get("settings", {}),
     }
+
+
+def _file_ids(output: str, storage_cfg: Any) -> set[str]:
+    """The shard ids that have a file in `output`: one listing, names only (as shards.done_ids).
+    Through pyarrow, whose S3 listing parses each 1,000-key page in C++ without holding the GIL:
+    at 10^5 files botocore's pages cost as much in this process as the requests themselves."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(output, storage_cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = (i.base_name for i in infos if i.type == pafs.FileType.File)
+    return {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))}
 
 
 def lines(s: dict[str, Any]) -> list[str]:

@@ -45,10 +45,12 @@ def place(request: pytest.FixtureRequest, tmp_path: Path):
     return f"{s3.bucket(f'status-{tmp_path.name.lower()[-20:]}')}/captions", s3.config().storage
 
 
-def test_a_running_job_counts_rolled_up_and_newer_shards_and_has_an_eta(place) -> None:
+@pytest.mark.parametrize("max_footers", [1000, 5], ids=["looked-up", "listed"])
+def test_a_running_job_counts_rolled_up_and_newer_shards_and_has_an_eta(place, max_footers: int) -> None:
     out, storage_cfg = place
     standin_output(out, storage_cfg, shards=20, done=12, rolled_up=8)
-    s = read_status(out, storage_cfg)
+    # The 12 shards not rolled up are looked up one by one, or (more than max_footers) found by a listing.
+    s = read_status(out, storage_cfg, max_footers=max_footers)
     assert s["format"] == FORMAT and s["input"] == "s3://in/photos"
     assert s["shards"] == {
         "total": 20, "done": 12, "todo": 8, "stats_rolled_up": 8, "stats_from_footers": 4, "stats_unknown": 0,
