@@ -31,6 +31,9 @@ def read_status(
     now = time.time() if now is None else now
     entries, meta = shards.read_index(output, storage_cfg)
     if meta is None:
+        # Only here: on S3 a folder's existence is a listing, which a server may make O(all its keys).
+        if not storage.exists(output, storage_cfg):
+            raise InputError(f"output folder not found: {output}")
         raise InputError(
             f"{output} has no {shards.INDEX}: not the output folder of a caption or extract job (or it has not started)"
         )
@@ -205,8 +208,6 @@ def lines(s: dict[str, Any]) -> list[str]:
 
 def run(output: str, storage_cfg: Any, stale_periods: float) -> dict[str, Any]:
     """`capray status`: InputError when `output` is not there."""
-    if not storage.exists(output, storage_cfg):
-        raise InputError(f"output folder not found: {output}")
     try:
         return read_status(output, storage_cfg, stale_periods)
     except OSError as e:

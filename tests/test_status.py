@@ -48,9 +48,10 @@ def place(request: pytest.FixtureRequest, tmp_path: Path):
 @pytest.mark.parametrize("max_footers", [1000, 5], ids=["looked-up", "listed"])
 def test_a_running_job_counts_rolled_up_and_newer_shards_and_has_an_eta(place, max_footers: int) -> None:
     out, storage_cfg = place
-    standin_output(out, storage_cfg, shards=20, done=12, rolled_up=8)
-    # The 12 shards not rolled up are looked up one by one, or (more than max_footers) found by a listing.
-    s = read_status(out, storage_cfg, max_footers=max_footers)
+    last_end = standin_output(out, storage_cfg, shards=20, done=12, rolled_up=8)
+    # The 12 shards not rolled up are looked up one by one, or (more than max_footers) found by a
+    # listing. Seen a second after the last shard ended, however long the folder took to write.
+    s = read_status(out, storage_cfg, max_footers=max_footers, now=last_end + 1)
     assert s["format"] == FORMAT and s["input"] == "s3://in/photos"
     assert s["shards"] == {
         "total": 20, "done": 12, "todo": 8, "stats_rolled_up": 8, "stats_from_footers": 4, "stats_unknown": 0,
