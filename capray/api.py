@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from capray.images import ImageDecodeError
+from capray.images import NUM_CELLS, ImageDecodeError
 
 if TYPE_CHECKING:
     from capray.decoder import Caption
@@ -71,15 +71,37 @@ class Captioner:
         """Load a checkpoint (local or s3://): `strategy` greedy or beam; see `__init__` for the rest."""
         return cls(checkpoint, strategy, **kwargs)
 
-    def caption(self, images: Iterable[Any] | Any, attention: bool = False) -> list[Caption]:
+    def caption(self, images: Iterable[Any] | Any, attention: bool = False, on_error: str = "raise") -> list[Caption]:
         """Captions (text, words, log_prob, num_tokens; with `attention`, each word's 64 attention
-        weights) of images given as paths/URIs, encoded bytes, PIL images or uint8 arrays."""
+        weights) of images given as paths/URIs, encoded bytes, PIL images or uint8 arrays.
+
+        A bad image (unreadable, not an image, too large, of an unsupported type) raises for the
+        whole call (`on_error="raise"`, naming its position), or, with `on_error="keep"`, gets a
+        Caption of its own with `error` set and no text, as the jobs give it an error row."""
+        from capray.decoder import Caption
+
+        if on_error not in ("raise", "keep"):
+            raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'keep'")
         items = [images] if _single(images) else list(images)
         out = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            pixels = np.stack([self._pixels(item, start + j) for j, item in enumerate(chunk)])
-            for c in self.predictor.caption_pixels(pixels):
+            pixels: list[np.ndarray] = []
+            errors: list[str | None] = []
+            for j, item in enumerate(chunk):
+                try:
+                    pixels.append(self._pixels(item, start + j))
+                    errors.append(None)
+                except (ImageDecodeError, TypeError, OSError) as e:
+                    if on_error == "raise":
+                        raise
+                    errors.append(str(e))
+            captions = iter(self.predictor.caption_pixels(np.stack(pixels)) if pixels else [])
+            for err in errors:
+                if err is not None:
+                    out.append(Caption("", [], np.zeros((0, NUM_CELLS), np.float32), float("nan"), 0, None, err))
+                    continue
+                c = next(captions)
                 if not attention:
                     c.attention = c.token_attention = None
                 out.append(c)
@@ -92,6 +114,8 @@ class Captioner:
             return to_pixels(image, self.storage, self.max_pixels)
         except (ImageDecodeError, TypeError) as e:
             raise type(e)(f"image {index} ({_name(image)}): {e}") from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"image {index} ({_name(image)}): not found: {e}") from None
 
 
 def _single(images: Any) -> bool:

@@ -171,7 +171,7 @@ def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> di
 
     # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
-    if cfg.caption.overwrite:
+    if cfg.caption.overwrite and not cfg.inputs.dry_run:
         storage.delete_dir(output, cfg.storage)
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.caption.attention else SCHEMA
@@ -188,7 +188,8 @@ def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> di
         error_cls=CaptionJobError,
         settings=settings(cfg, checkpoint_uri),
     )
-    summary["captioned"] = summary["written"] - summary["failed"]
+    if not summary.get("dry_run"):
+        summary["captioned"] = summary["written"] - summary["failed"]
     return summary
 
 
@@ -208,6 +209,10 @@ def run(cfg: Config) -> dict[str, Any]:
     require_input(cfg)
     out = output_paths(cfg)["captions"]
     s = caption(cfg, best_checkpoint(cfg), cfg.caption.input, out)
+    if s.get("dry_run"):
+        for line in pipeline.plan_lines("caption", s["plan"]):
+            log.info(line)
+        return s
     save_next_to(cfg, out)
     images = "" if s["images"] is None else f"{s['images']} images in "
     if not s["shards_written"]:

@@ -43,12 +43,38 @@ def exit_code(error: BaseException) -> int | None:
     return None
 
 
+def status_main(argv: list[str]) -> int:
+    """`capray status OUTPUT [config ...] [key=value ...] [--json]`: no Ray, nothing written."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="capray status", description="how far a caption or extract job is")
+    parser.add_argument("output", help="the job's output folder (captions or features), local or s3://")
+    parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, status.*)")
+    parser.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md#status)")
+    args = parser.parse_args(argv)
+    try:
+        from capray.status import lines, run
+
+        cfg = parse_args(args.config)
+        s = run(args.output, cfg.storage, cfg.status.stale_periods)
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"capray status: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return code
+    print(json.dumps(s, indent=1) if args.json else "\n".join(lines(s)), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     """Parse `[job] [config ...] [overrides]`, check, start Ray, run the job; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if job == "status" or (job is None and argv[:1] == ["status"]):
+        return status_main(argv[1:] if job is None else argv)
     parser = argparse.ArgumentParser(prog="capray", description=__doc__.splitlines()[0])
     if job is None:
-        parser.add_argument("job", choices=sorted(JOBS))
+        parser.add_argument("job", choices=sorted([*JOBS, "status"]))
     parser.add_argument("config", nargs="*", help="YAML files (later ones win), then key=value overrides")
     parser.add_argument(
         "--overwrite",
@@ -56,6 +82,11 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         help="extract, caption: redo the output folder (a new input or other settings); export: replace it",
     )
     parser.add_argument("--limit", type=int, help="extract, caption: at most N new shards (a trial run)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="extract, caption: print the plan (shards, rows, done, an estimate) and exit without work",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "--debug",
@@ -79,7 +110,13 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
             parser.error(f"--overwrite applies to extract, caption and export, not {job}")
         if args.limit and job not in ("extract", "caption"):
             parser.error(f"--limit applies to extract and caption, not {job}")
-        extra = ([overwrite] if args.overwrite else []) + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
+        if args.dry_run and job not in ("extract", "caption"):
+            parser.error(f"--dry-run applies to extract and caption, not {job}")
+        extra = (
+            ([overwrite] if args.overwrite else [])
+            + ([f"inputs.limit_shards={args.limit}"] if args.limit else [])
+            + (["inputs.dry_run=true"] if args.dry_run else [])
+        )
         cfg = parse_args(args.config + extra)
         if args.print_config:
             print(to_yaml(cfg))

@@ -26,7 +26,8 @@ STRATEGIES = ("greedy", "beam")
 class Caption:
     """A decoded caption: its text and words, each word's 64 attention weights (words, 64), the
     log-probability of the emitted tokens and their count (`<end>` included), and the attention of
-    every emitted token (num_tokens, 64), `<end>`'s too."""
+    every emitted token (num_tokens, 64), `<end>`'s too; or, for an image that could not be read,
+    empty with `error` set."""
 
     text: str
     words: list[str]
@@ -34,6 +35,8 @@ class Caption:
     log_prob: float = 0.0
     num_tokens: int = 0
     token_attention: np.ndarray | None = None
+    # Why the image has no caption (`Captioner.caption(..., on_error="keep")`); None: captioned.
+    error: str | None = None
 
 
 class Decoder:

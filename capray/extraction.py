@@ -122,7 +122,7 @@ def job_plan(cfg: Config) -> Plan:
 def extract(cfg: Config, images: list[str] | Plan, features_dir: str) -> dict[str, Any]:
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
-    if cfg.extract.overwrite:
+    if cfg.extract.overwrite and not cfg.inputs.dry_run:
         storage.delete_dir(features_dir, cfg.storage)
     file_list = read_file_list(features_dir, cfg.storage)
     if file_list and file_list["dtype"] != cfg.extract.dtype:
@@ -157,6 +157,8 @@ def extract(cfg: Config, images: list[str] | Plan, features_dir: str) -> dict[st
         compression=cfg.extract.compression,
         settings=settings(cfg),
     )
+    if s.get("dry_run"):
+        return s
     s.update(skipped=s["already_done"], extracted=s["written"] - s["failed"])
     if (
         s["shards_written"]
@@ -179,6 +181,10 @@ def run(cfg: Config) -> dict[str, Any]:
     what = cfg.extract.input or f"{plan.rows} images of the split"
     log.info(f"extracting InceptionV3 features of {what} -> {out} (backbone.weights={cfg.backbone.weights})")
     summary = extract(cfg, plan, out)
+    if summary.get("dry_run"):
+        for line in pipeline.plan_lines("extract", summary["plan"]):
+            log.info(line)
+        return summary
     if storage.exists(out, cfg.storage):
         save_next_to(cfg, out)
     log.info(

@@ -7,6 +7,7 @@ ones the model was trained on.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -26,6 +27,37 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class ImageDecodeError(ValueError):
     """An input that is not a usable image; the message is the reason recorded in outputs."""
+
+
+# Why an image failed, as the per-shard stats and `capray status` count it (docs/outputs.md#per-shard-stats).
+# Ordered: the first class whose marker is in the error message wins.
+ERROR_CLASSES = (
+    ("empty", ("empty file", "empty image path")),
+    ("not_found", ("not found:", "No such file", "does not exist")),
+    ("too_large", ("image too large",)),
+    ("truncated", ("truncated", "broken data stream", "premature end")),
+    ("not_an_image", ("cannot identify image file", "no image member", "unsupported image type")),
+    ("storage", ("cannot read file:",)),
+    ("decode", ("cannot decode image", "cannot convert image")),
+)
+# A Python object's repr (`<_io.BytesIO object at 0x7f4a...>`) or a bare address: they make every
+# error message unique, so no two could be counted or grouped as one.
+_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+")
+
+
+def error_class(message: str | None) -> str:
+    """The class of a failed image's error message (ERROR_CLASSES), "other" when none matches."""
+    if not message:
+        return "other"
+    for name, markers in ERROR_CLASSES:
+        if any(m in message for m in markers):
+            return name
+    return "other"
+
+
+def clean_message(message: str) -> str:
+    """An error message without memory addresses or object reprs."""
+    return _ADDRESS.sub("", message)
 
 
 def decode(data: bytes, max_pixels: int, draft: bool = True) -> np.ndarray:
@@ -61,7 +93,7 @@ def decode(data: bytes, max_pixels: int, draft: bool = True) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError... for bad files)
-        raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        raise ImageDecodeError(clean_message(f"cannot decode image: {type(e).__name__}: {e}")) from None
 
 
 def from_pil(img: Image.Image, max_pixels: int) -> np.ndarray:
@@ -73,7 +105,7 @@ def from_pil(img: Image.Image, max_pixels: int) -> np.ndarray:
     try:
         return _to_pixels(img.copy())  # the caller's image is left as it was
     except Exception as e:  # noqa: BLE001 (as in decode: PIL's errors have no common base)
-        raise ImageDecodeError(f"cannot convert image: {type(e).__name__}: {e}") from None
+        raise ImageDecodeError(clean_message(f"cannot convert image: {type(e).__name__}: {e}")) from None
 
 
 def _to_pixels(img: Image.Image) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from capray import shards
+from capray import progress, shards
 from capray.inputs import InputError, Plan
 from capray.shards import output_name
 from capray.worker import ERROR_EXAMPLES, ShardWorker
@@ -65,11 +65,14 @@ def run(
     settings = settings or {}
     for line in listing_lines(label, plan):
         log.info(line)
+    dry = cfg.inputs.dry_run
     try:
-        work = shards.reconcile(cfg, plan, output, settings)
+        work = shards.reconcile(cfg, plan, output, settings, write=not dry)
     except OSError as e:
         raise InputError(f"cannot read the output folder {output}: {e}") from None
     todo = work.todo[: cfg.inputs.limit_shards] if cfg.inputs.limit_shards else work.todo
+    if dry:
+        return {"dry_run": True, "plan": plan_summary(cfg, plan, work, todo, output, job_cfg), "output": output}
     summary: dict[str, Any] = {
         "shards": len(plan.shards),
         "shards_done_before": len(work.done),
@@ -86,12 +89,15 @@ def run(
         # actor seconds in the model, and waiting for images to be read and decoded
         "model_s": 0.0,
         "wait_s": 0.0,
+        # failed rows by class (capray.images.ERROR_CLASSES)
+        "error_classes": {},
         # output file -> rows, as the workers reported them (O(shards)): manifests use these
         "files": {},
     }
     for line in work_lines(label, work, output):
         log.info(line)
     written: dict[str, tuple[int, int]] = {}
+    rollup = progress.Rollup(cfg, output, label, [s.id for s in plan.shards], {s.id for s in work.done})
     if todo:
         log.info(f"{label}: {len(todo)} of {len(plan.shards)} shards to do ({len(work.done)} already done) -> {output}")
         # One block per shard: each actor call is one whole shard. `range` makes the blocks
@@ -109,6 +115,7 @@ def run(
                 empty_schema=empty_schema,
                 compression=compression,
                 settings=settings,
+                run=rollup.run,
             ),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=job_cfg.min_actors, max_size=job_cfg.max_actors),
@@ -130,6 +137,10 @@ def run(
                     summary["model_s"] += float(part["model_s"][i])
                     summary["wait_s"] += float(part["wait_s"][i])
                     summary["errors"] = (summary["errors"] + json.loads(part["errors"][i]))[: ERROR_EXAMPLES * 4]
+                    stats = json.loads(part["stats"][i])
+                    for c, n in stats["errors"].items():
+                        summary["error_classes"][c] = summary["error_classes"].get(c, 0) + n
+                    rollup.add(stats)
                 if time.time() - last >= 10:
                     last = time.time()
                     rate = summary["written"] / max(last - start, 1e-9)
@@ -138,6 +149,7 @@ def run(
                         f"({summary['failed']} failed), {rate:.1f} rows/s"
                     )
         except Exception as e:  # Ray wraps the worker's error (e.g. OSError from S3) in its own types
+            rollup.close("stopped")
             try:
                 _record(cfg, plan, output, work, written)
             except OSError as storage_down:  # the index written at the start already names every shard
@@ -147,6 +159,7 @@ def run(
                 f"{len(todo)} written; {root_cause(e)}); the files already there are complete and kept: "
                 "re-run the same command to do the rest"
             ) from e
+    rollup.close("finished")
     summary["cleanup"] = _record(cfg, plan, output, work, written)
     seconds = time.time() - start
     busy = summary["model_s"] + summary["wait_s"]
@@ -179,7 +192,62 @@ def _record(
     return done
 
 
-def _age(seconds: float) -> str:
+def plan_summary(
+    cfg: Config, plan: Plan, work: shards.Work, todo: list[Any], output: str, job_cfg: Any
+) -> dict[str, Any]:
+    """A dry run's answer: shards, rows, what is done, and an estimate from earlier shards' stats."""
+    try:
+        earlier = progress.read_rollup(output, cfg.storage)
+    except OSError:
+        earlier = []
+    computed = sum(r["rows"] - r["copied"] for r in earlier)
+    busy = sum(max(r["ended"] - r["started"], 0.0) for r in earlier if r["rows"] > r["copied"])
+    per_actor = computed / busy if computed and busy else None
+    known = [s.rows for s in todo if s.rows >= 0]
+    mean = (sum(r["rows"] for r in earlier) / len(earlier)) if earlier else None
+    todo_rows: float | None = None
+    if len(known) == len(todo):
+        todo_rows = sum(known)
+    elif mean is not None:
+        todo_rows = sum(known) + (len(todo) - len(known)) * mean
+    rate = per_actor * job_cfg.max_actors if per_actor else None
+    return {
+        "input": plan.input,
+        "shards": len(plan.shards),
+        "rows": plan.rows,
+        "done_shards": len(work.done),
+        "done_rows": None if any(s.rows < 0 for s in work.done) else sum(s.rows for s in work.done),
+        "todo_shards": len(todo),
+        "todo_rows": None if todo_rows is None else int(todo_rows),
+        "superseded_files": len(work.superseded),
+        "earlier_shards_with_stats": len(earlier),
+        "rows_per_s_per_actor": None if per_actor is None else round(per_actor, 2),
+        "max_actors": job_cfg.max_actors,
+        "estimate_s": None if rate is None or todo_rows is None else round(todo_rows / rate, 1),
+    }
+
+
+def plan_lines(label: str, p: dict[str, Any]) -> list[str]:
+    """The dry run's lines."""
+    rows = "" if p["rows"] is None else f" ({p['rows']} images)"
+    done = "" if p["done_rows"] is None else f" ({p['done_rows']} images)"
+    todo = "" if p["todo_rows"] is None else f" ({p['todo_rows']} images)"
+    lines = [
+        f"{label}: dry run, nothing done: {p['input']}: {p['shards']} shards{rows}; {p['done_shards']} done{done}, "
+        f"{p['todo_shards']} to do{todo}, {p['superseded_files']} earlier files to replace or delete"
+    ]
+    if p["estimate_s"] is not None:
+        lines.append(
+            f"{label}: estimate {age(p['estimate_s'])} with {p['max_actors']} actors, at the "
+            f"{p['rows_per_s_per_actor']} images/s per actor of {p['earlier_shards_with_stats']} earlier shards"
+        )
+    else:
+        lines.append(f"{label}: no estimate: no earlier shard of this output has stats (or the row counts are unknown)")
+    return lines
+
+
+def age(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h, 2.1 days."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -193,9 +261,9 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
     if not info:
         return []
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["taken_at"]))
-    age = _age(time.time() - info["taken_at"])
+    old = age(time.time() - info["taken_at"])
     if info["reused"]:
-        head = f"using the saved listing of {plan.input} taken {when} ({age} old; inputs.relist=true lists again)"
+        head = f"using the saved listing of {plan.input} taken {when} ({old} old; inputs.relist=true lists again)"
     else:
         head = f"listed {plan.input} now ({when}; inputs.relist=false would reuse the saved listing)"
     lines = [f"{label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]

@@ -126,7 +126,7 @@ def run_job(job: str, cfg: Config) -> Any:
     `evaluate.after_train`, `caption` and `extract` by their audit when `audit.after_job`
     (composition lives here, not in the job modules)."""
     result = importlib.import_module(JOBS[job]).run(cfg)
-    if job in ("caption", "extract") and cfg.audit.after_job:
+    if job in ("caption", "extract") and cfg.audit.after_job and not cfg.inputs.dry_run:
         # Here, not in the jobs: capray.audit imports both jobs' planners (job_plan).
         result["audit"] = importlib.import_module("capray.audit").after_job(cfg, job)
     if job == "train" and cfg.evaluate.after_train:

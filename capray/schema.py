@@ -178,6 +178,9 @@ class InputsConfig:
     # Also redo the rows that failed in earlier runs (e.g. after a storage outage); the rows that
     # succeeded are copied, not computed again.
     retry_failed: bool = False
+    # Print the plan (shards, rows, what is done, an estimate from earlier shards' stats) and stop
+    # before any work; also --dry-run.
+    dry_run: bool = False
 
 
 @dataclass
@@ -204,6 +207,18 @@ class CaptionConfig:
     # Redo every caption in the output folder (deletes its shard files first); also --overwrite.
     # Without it, an output folder made from another input or with other settings is refused.
     overwrite: bool = False
+
+
+@dataclass
+class StatusConfig:
+    """What the caption and extract jobs record for `capray status` (docs/cli.md#status)."""
+
+    # The driver rewrites `<output>/_status/stats.parquet` (one row per finished shard) after this
+    # many shards or seconds, and refreshes `<output>/_status/heartbeat.json` every `every_s`.
+    every_shards: int = 100
+    every_s: float = 30.0
+    # A heartbeat older than this many `every_s` periods means the driver is gone (killed, lost).
+    stale_periods: float = 3.0
 
 
 @dataclass
@@ -296,6 +311,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -151,8 +151,9 @@ class Work:
         return sum(1 for s in self.todo if s.sources)
 
 
-def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any]) -> Work:
-    """Compare the plan with what `output` holds; write the index of both before any work."""
+def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any], write: bool = True) -> Work:
+    """Compare the plan with what `output` holds; write the index of both before any work
+    (unless not `write`: a dry run leaves the folder as it is)."""
     present = done_ids(output, cfg.storage)
     old_entries, meta = read_index(output, cfg.storage)
     if meta is not None:
@@ -198,7 +199,8 @@ def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any]) ->
         done = [s for s in done if s.id not in retry]
     meta = {"format": FORMAT, "input": plan.input, "settings": settings}
     work = Work(todo, done, superseded, kept, legacy, retry, entries, meta)
-    write_index(output, cfg.storage, _entries(plan, work, {}), meta)
+    if write:
+        write_index(output, cfg.storage, _entries(plan, work, {}), meta)
     return work
 
 

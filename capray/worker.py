@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capray import storage
-from capray.images import IMAGE_SIZE, ImageDecodeError, decode
+from capray import progress, storage
+from capray.images import IMAGE_SIZE, ImageDecodeError, clean_message, decode, error_class
 from capray.inputs import DATA, KEY, URI, VERSION, Shard
 from capray.reader import read_shard
 from capray.shards import output_name
@@ -38,15 +38,22 @@ log = logging.getLogger(__name__)
 ERROR_EXAMPLES = 3
 
 
-def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray | None, str]:
-    """One image (a URI to read, or bytes) -> (299, 299, 3) uint8 pixels, or None and the reason."""
+def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray | None, str, int, float, float]:
+    """One image (a URI to read, or bytes) -> (299, 299, 3) uint8 pixels, or None and the reason;
+    then the bytes it had, and the seconds spent reading and decoding it (the shard's stats)."""
+    t0 = time.perf_counter()
+    data = b""
     try:
         data = storage.read_bytes(item, storage_cfg) if isinstance(item, str) else item
-        return decode(data, max_pixels), ""
-    except ImageDecodeError as e:
-        return None, str(e)
+        t1 = time.perf_counter()
+        try:
+            return decode(data, max_pixels), "", len(data), t1 - t0, time.perf_counter() - t1
+        except ImageDecodeError as e:
+            return None, str(e), len(data), t1 - t0, time.perf_counter() - t1
+    except FileNotFoundError as e:
+        return None, clean_message(f"cannot read file: not found: {e}"), 0, time.perf_counter() - t0, 0.0
     except OSError as e:
-        return None, f"cannot read file: {e}"
+        return None, clean_message(f"cannot read file: {e}"), 0, time.perf_counter() - t0, 0.0
 
 
 def with_input_columns(out: pa.Table, table: pa.Table) -> pa.Table:
@@ -76,15 +83,27 @@ class ShardWorker:
         empty_schema: pa.Schema,
         compression: str = "snappy",
         settings: dict[str, Any] | None = None,
+        run: str = "",
     ):
         self.model = model_cls(**model_kwargs)
+        self.run = run  # the driver's run id (capray.progress), in every shard's stats
         self.compression, self.settings = compression, settings or {}
         self.shards, self.output, self.cfg = shards, output, cfg
         self.batch_size, self.empty_schema = batch_size, empty_schema
         # Plain values: an OmegaConf lookup per batch costs more than the stand-in model (bench/scale.py).
         self.storage_cfg, self.max_pixels, self.ahead = cfg.storage, cfg.data.max_pixels, cfg.ray.inflight_batches
         self.pool = ThreadPoolExecutor(cfg.inputs.io_threads)
-        self.wait_s = self.model_s = 0.0
+        self.wait_s = self.model_s = self.read_s = self.decode_s = 0.0
+        self.bytes_read = 0
+        import capray
+
+        # Every shard's stats name what made it (docs/outputs.md#per-shard-stats).
+        self.origin = {
+            "node": progress.node(),
+            "capray_version": capray.__version__,
+            "checkpoint": str(self.settings.get("checkpoint") or self.settings.get("backbone.weights") or ""),
+            "config_digest": progress.settings_digest(self.settings),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.process(Shard.from_row(self.shards[int(i)])) for i in batch["id"]]
@@ -107,7 +126,10 @@ class ShardWorker:
             if fut is None:
                 errors[i] = errors[i] or "empty image path/URI"
                 continue
-            px, err = fut.result()
+            px, err, nbytes, read_s, decode_s = fut.result()
+            self.bytes_read += nbytes
+            self.read_s += read_s
+            self.decode_s += decode_s
             if px is None:
                 errors[i] = err
             else:
@@ -154,9 +176,11 @@ class ShardWorker:
                 by_version[(k, v)] = (f, r)
         return by_version, by_key
 
-    def _copy(self, shard: Shard, picks: list[tuple[int, int]], writer: ShardWriter) -> tuple[int, int]:
+    def _copy(
+        self, shard: Shard, picks: list[tuple[int, int]], writer: ShardWriter, classes: dict[str, int]
+    ) -> tuple[int, int]:
         """Copy rows (file, row) of the replaced files into `writer`, a row group at a time;
-        (rows copied, of which failed)."""
+        (rows copied, of which failed), the failed ones counted by class into `classes`."""
         rows: dict[int, set[int]] = {}
         failed = 0
         for f, r in picks:
@@ -171,7 +195,9 @@ class ShardWorker:
                     take = [r - first for r in range(first, first + n) if r in wanted]
                     if take:
                         rows_ = pf.read_row_group(g).take(take)
-                        failed += rows_.num_rows - rows_["error"].null_count if "error" in rows_.column_names else 0
+                        if "error" in rows_.column_names:
+                            failed += rows_.num_rows - rows_["error"].null_count
+                            _count(rows_["error"], classes)
                         writer.write(rows_)
                     first += n
         return len(picks), failed
@@ -180,7 +206,9 @@ class ShardWorker:
         """Read, decode, run the model on and write one shard; the summary row. Images whose key
         and version an older file of the same keys already has are copied, not computed again."""
         start, retried = time.time(), storage.retried()
-        self.wait_s = self.model_s = 0.0
+        self.wait_s = self.model_s = self.read_s = self.decode_s = 0.0
+        self.bytes_read = 0
+        classes: dict[str, int] = {}
         # Read before the new file is written: with inputs.retry_failed it replaces its own source.
         old, old_keys = self._old_rows(shard) if shard.sources else ({}, {})
         meta = {"capray": json.dumps({"shard": shard.id, "settings": self.settings})}
@@ -199,6 +227,8 @@ class ShardWorker:
             errs = out["error"]
             rows += out.num_rows
             failed += out.num_rows - errs.null_count
+            if errs.null_count < len(errs):
+                _count(errs, classes)
             if len(examples) < ERROR_EXAMPLES and errs.null_count < len(errs):
                 for key, err in zip(out["image"].to_pylist(), errs.to_pylist()):
                     if err is not None and len(examples) < ERROR_EXAMPLES:
@@ -231,9 +261,32 @@ class ShardWorker:
                 drain()
             if self.cfg.inputs.removed == "keep":  # rows of images no longer in the input stay
                 picks += [pos for k, pos in old_keys.items() if k not in seen]
-            copied, copied_failed = self._copy(shard, picks, writer) if picks else (0, 0)
+            copied, copied_failed = self._copy(shard, picks, writer, classes) if picks else (0, 0)
             failed += copied_failed
-            writer.publish(self.empty_schema)
+            stats = {
+                "shard": shard.id,
+                "run": self.run,
+                "rows": rows + copied,
+                "ok": rows + copied - failed,
+                "failed": failed,
+                "errors": classes,
+                "duplicates": duplicates,
+                "copied": copied,
+                "bytes_read": self.bytes_read,
+                "read_s": round(self.read_s, 3),
+                "decode_s": round(self.decode_s, 3),
+                "wait_s": round(self.wait_s, 3),
+                "model_s": round(self.model_s, 3),
+                "write_s": round(writer.write_s, 3),
+                "upload_s": 0.0,
+                "started": round(start, 3),
+                "ended": 0.0,
+                **self.origin,
+            }
+            # In the footer, so the stats appear exactly when the file does; `ended` and the
+            # writing time up to the footer are the last things known before it is closed.
+            writer.publish(self.empty_schema, lambda: {progress.STATS_KEY: json.dumps(_finish(stats, writer))})
+            stats["upload_s"] = round(writer.upload_s, 3)
         except BaseException:
             writer.discard()
             raise
@@ -248,4 +301,18 @@ class ShardWorker:
             "model_s": round(self.model_s, 3),
             "wait_s": round(self.wait_s, 3),
             "errors": json.dumps(examples),
+            "stats": json.dumps(stats),
         }
+
+
+def _count(errors: pa.ChunkedArray | pa.Array, classes: dict[str, int]) -> None:
+    for err in errors.to_pylist():
+        if err is not None:
+            c = error_class(err)
+            classes[c] = classes.get(c, 0) + 1
+
+
+def _finish(stats: dict[str, Any], writer: ShardWriter) -> dict[str, Any]:
+    stats["ended"] = round(time.time(), 3)
+    stats["write_s"] = round(writer.write_s, 3)
+    return stats

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,9 @@ class ShardWriter:
         self.buffered_bytes = self.buffered_rows = 0
         self.codec = ThreadPoolExecutor(1, thread_name_prefix="parquet")  # encodes and compresses row groups
         self.in_flight: Any = None
+        # Seconds the caller spent in this writer (buffering, waiting for the codec, closing), and
+        # in the upload of the finished file: the shard's stats (capray.progress).
+        self.write_s = self.upload_s = 0.0
         if storage.is_remote(uri):
             fd, self.tmp = tempfile.mkstemp(suffix=".parquet")
             os.close(fd)
@@ -49,6 +54,13 @@ class ShardWriter:
 
     def write(self, table: pa.Table) -> None:
         """Append rows (the first table fixes the file's schema)."""
+        t0 = time.perf_counter()
+        try:
+            self._write(table)
+        finally:
+            self.write_s += time.perf_counter() - t0
+
+    def _write(self, table: pa.Table) -> None:
         if self.writer is None:
             self.writer = pq.ParquetWriter(
                 self.tmp, table.schema.with_metadata(self.metadata), compression=self.compression
@@ -74,8 +86,10 @@ class ShardWriter:
             done, self.in_flight = self.in_flight, None
             done.result()
 
-    def publish(self, empty_schema: pa.Schema) -> None:
-        """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
+    def publish(self, empty_schema: pa.Schema, footer: Callable[[], dict[str, str]] | None = None) -> None:
+        """Close the file and make it appear under its final name (S3: one upload, visible when done).
+        `footer()`, called just before the file is closed, gives key-value metadata for its footer."""
+        t0 = time.perf_counter()
         if self.writer is None:  # an empty shard still gets its file: it is done
             self.writer = pq.ParquetWriter(
                 self.tmp, empty_schema.with_metadata(self.metadata), compression=self.compression
@@ -83,13 +97,18 @@ class ShardWriter:
         self._flush()
         self._wait()
         self.codec.shutdown()
+        self.write_s += time.perf_counter() - t0
+        if footer is not None:
+            self.writer.add_key_value_metadata(footer())
         self.writer.close()
+        t0 = time.perf_counter()
         try:
             if storage.is_remote(self.uri):
                 storage.upload_file(self.tmp, self.uri, self.storage_cfg)
             else:
                 os.replace(self.tmp, self.uri)
         finally:
+            self.upload_s = time.perf_counter() - t0
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
 

@@ -76,3 +76,73 @@ def checkpoint_states(run_dir: str) -> list[dict]:
     """Every kept checkpoint's state.json under a Ray Train run folder, in step order."""
     states = [json.loads(Path(p).read_text()) for p in glob.glob(f"{run_dir}/checkpoint_*/state.json")]
     return sorted(states, key=lambda s: s["step"])
+
+
+def standin_output(
+    output: str,
+    storage_cfg,
+    shards: int,
+    done: int,
+    rolled_up: int,
+    state: str = "running",
+    heartbeat_at: float = 0.0,
+    rows: int = 100,
+    threads: int = 32,
+    put=None,
+) -> float:
+    """An output folder as a caption job leaves it, without Ray or a model: the plan of `shards`
+    shards of `rows` rows, the first `done` written (tiny Parquet files whose footers hold their
+    stats: 1 of `rows` rows failed as `truncated`, one shard ending per second), the driver's
+    roll-up holding the first `rolled_up` of them, and its heartbeat (`state`, written at
+    `heartbeat_at`, default: now). `put(uri, bytes)` writes the shard files (default:
+    capray.storage; bench/status.py puts 10^5 of them with one request each). Returns the time
+    the last shard ended."""
+    import io
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capray import progress, storage
+    from capray import shards as shard_index
+
+    now = time.time()
+    ids = [f"list-{i:06d}.{i:012x}" for i in range(shards)]
+    entries = [
+        {"id": i, "kind": "listing", "source": "", "lo": "", "hi": "", "rows": rows, "failed": -1, "state": "current"}
+        for i in ids
+    ]
+    shard_index.write_index(
+        output, storage_cfg, entries, {"format": shard_index.FORMAT, "input": "s3://in/photos", "settings": {}}
+    )
+    end0 = now - done
+
+    def stats(k: int) -> dict:
+        return {
+            "shard": ids[k], "run": "standin", "rows": rows, "ok": rows - 1, "failed": 1, "errors": {"truncated": 1},
+            "duplicates": 0, "copied": 0, "bytes_read": 1000 * rows, "read_s": 0.1, "decode_s": 0.2, "wait_s": 0.0,
+            "model_s": 1.0, "write_s": 0.01, "upload_s": 0.01, "started": end0 + k - 2, "ended": end0 + k,
+            "node": "standin", "capray_version": "0", "checkpoint": "ckpt", "config_digest": "0",
+        }  # fmt: skip
+
+    table = pa.table({"image": pa.array([], pa.string())})
+
+    def write(k: int) -> None:
+        buf = io.BytesIO()
+        with pq.ParquetWriter(buf, table.schema) as w:
+            w.add_key_value_metadata({progress.STATS_KEY: json.dumps(stats(k))})
+        uri = storage.join(output, shard_index.output_name(ids[k]))
+        put(uri, buf.getvalue()) if put else storage.write_bytes(uri, buf.getvalue(), storage_cfg)
+
+    list(ThreadPoolExecutor(threads).map(write, range(done)))
+    rolled = [{**stats(k), "errors": json.dumps(stats(k)["errors"])} for k in range(rolled_up)]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rolled, schema=progress.FIELDS), sink)
+    storage.write_bytes(progress.status_uri(output, progress.ROLLUP), sink.getvalue().to_pybytes(), storage_cfg)
+    beat = {
+        "format": "capray-heartbeat/1", "job": "caption", "run": "standin", "host": "standin", "pid": 1,
+        "started_at": end0 - 1, "every_s": 30.0, "shards": shards, "state": state, "updated_at": heartbeat_at or now,
+    }  # fmt: skip
+    storage.write_bytes(progress.status_uri(output, progress.HEARTBEAT), json.dumps(beat).encode(), storage_cfg)
+    return end0 + done - 1

@@ -13,11 +13,12 @@ from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 from PIL import Image
 
 import capray
-from capray import storage
+from capray import pipeline, progress, storage
 from capray.captioning import InputError, caption
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
-from capray.images import ImageDecodeError
+from capray.images import ImageDecodeError, error_class
+from capray.status import read_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,21 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
         and first["remaining_shards"] == shards - 1
         and 0 < first["written"] < n
     )
+    # The status of a stopped job: one shard of all, its rows and errors, no ETA (not running).
+    partial = read_status(out, cfg.storage)
+    assert (partial["shards"]["done"], partial["shards"]["total"]) == (1, shards)
+    assert partial["rows"]["done"] == first["written"] and partial["rows"]["total"] == n
+    assert partial["job"]["state"] == "finished" and not partial["job"]["alive"] and partial["eta_s"] is None
     cfg.inputs.limit_shards = 0
+    # A dry run: the plan, what is done, an estimate from the first shard's stats; nothing written.
+    before = {f: storage.read_bytes(f, cfg.storage) for f in storage.list_files(out, cfg.storage)}
+    cfg.inputs.dry_run = True
+    dry = caption(cfg, checkpoint, zoo, out)["plan"]
+    cfg.inputs.dry_run = False
+    assert (dry["shards"], dry["rows"], dry["done_shards"], dry["done_rows"]) == (shards, n, 1, first["written"])
+    assert dry["todo_shards"] == shards - 1 and dry["todo_rows"] == n - first["written"] and dry["estimate_s"] > 0
+    assert "estimate" in pipeline.plan_lines("caption", dry)[1]
+    assert {f: storage.read_bytes(f, cfg.storage) for f in storage.list_files(out, cfg.storage)} == before
     second = caption(cfg, checkpoint, zoo, out)
     assert (second["already_done"], second["written"], second["remaining_shards"]) == (
         first["written"],
@@ -77,6 +92,7 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     assert first["failed"] + second["failed"] == len(bad_images()) and second["images"] == n
 
     rows = _rows(cfg, out)
+    _stats_match_rows(cfg, out, rows, partial)
     assert len(rows) == n and rows["image"].is_unique
     assert list(rows.columns) == [
         "image",
@@ -99,6 +115,33 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     third = caption(cfg, checkpoint, zoo, out)
     assert (third["written"], third["already_done"], third["shards_done_before"]) == (0, n, shards)
     assert len(_rows(cfg, out)) == n
+
+
+def _stats_match_rows(cfg, out: str, rows: pd.DataFrame, partial: dict) -> None:
+    """Every file's footer stats count its rows by error class; `capray status` sums them."""
+    classes = {"truncated.jpg": "truncated", "empty.jpg": "empty", "notes.jpg": "not_an_image", "huge.png": "too_large"}
+    by_image = rows.set_index("image")
+    for name, cls in classes.items():
+        err = by_image.loc[next(i for i in by_image.index if i.endswith("/" + name)), "error"]
+        assert error_class(err) == cls and " at 0x" not in err, err
+    counted: dict[str, int] = {}
+    files = [f for f in storage.list_files(out, cfg.storage, (".parquet",)) if "/_" not in f]
+    for f in files:
+        stats = progress.footer_stats(f, cfg.storage)
+        fs, path = storage.filesystem(f, cfg.storage)
+        with fs.open_input_file(path) as handle:
+            file_rows = pq.ParquetFile(handle).metadata.num_rows
+        assert stats is not None and stats["rows"] == file_rows and stats["ok"] + stats["failed"] == file_rows
+        assert stats["config_digest"] and stats["checkpoint"] and stats["node"] and stats["ended"] >= stats["started"]
+        for c, k in stats["errors"].items():
+            counted[c] = counted.get(c, 0) + k
+    expected = rows["error"].dropna().map(error_class).value_counts().to_dict()
+    assert counted == expected == {c: 1 for c in classes.values()}
+    done = read_status(out, cfg.storage)
+    assert done["errors"] == expected and done["rows"]["failed"] == len(classes)
+    assert done["shards"]["done"] == done["shards"]["total"] == len(files) and done["eta_s"] == 0.0
+    assert done["shards"]["stats_rolled_up"] == len(files) and done["job"]["state"] == "finished"
+    assert done["rows"]["done"] == len(rows) and done["bytes_read"] > 0 and done["seconds"]["model"] > 0
 
 
 def test_job_rows_equal_the_python_api_for_every_input_type(s3, zoo: str, checkpoint: str, tmp_path: Path) -> None:
@@ -134,6 +177,13 @@ def test_the_python_api_refuses_unsupported_inputs_by_position(checkpoint: str, 
         captioner.caption([b"not an image"])
     with pytest.raises(TypeError, match="unsupported array of dtype float32"):
         captioner.caption(np.zeros((8, 8, 3), np.float32))
+    # on_error="keep": the jobs' behaviour, an error per image and the good ones captioned.
+    scene = good_images()["scene.jpg"]
+    kept = captioner.caption([scene, 7, b"not an image", scene], on_error="keep")
+    assert [c.error is None for c in kept] == [True, False, False, True]
+    assert kept[0].text and kept[0].text == kept[3].text == captioner.caption(scene)[0].text
+    assert [error_class(c.error) for c in kept[1:3]] == ["not_an_image", "not_an_image"] and kept[1].text == ""
+    assert " at 0x" not in kept[2].error and "image 2 (bytes)" in kept[2].error
 
 
 def test_missing_checkpoint_fails_before_any_work(s3, zoo: str, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ TF_FREE = [
     "capray.listing",
     "capray.shards",
     "capray.audit",
+    "capray.progress",
+    "capray.status",
 ]
 
 
@@ -151,6 +153,7 @@ LAYERS = {
         "batch_model",
         "pipeline",
         "shards",
+        "progress",
         "featurestore",
         "data",
         "synthetic",
@@ -160,7 +163,7 @@ LAYERS = {
         "checkpoint",
     },
     "jobs": {"extraction", "captioning", "train", "evaluate", "export"},
-    "composition": {"runner", "audit", "demo"},
+    "composition": {"runner", "audit", "demo", "status"},
     "faces": {"cli", "api", "__main__", "configdoc"},
 }
 

@@ -16,7 +16,9 @@ from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 from capray import extraction, featurestore, inputs, reader, storage
 from capray.captioning import caption
 from capray.config import load_config, output_paths
+from capray.images import error_class
 from capray.inputs import InputError
+from capray.status import read_status
 
 GOOD = ["scene.jpg", "gray.jpg", "alpha.png", "cmyk.jpg"]
 
@@ -132,6 +134,13 @@ def test_every_input_kind_through_caption_and_extract(kind: str, kinds, s3, tiny
     table = pq.ParquetDataset(output_paths(cfg)["features"][len("s3://") :], filesystem=fs).read().to_pandas()
     _check(table, expected)
     assert list(table.columns) == [*featurestore.SCHEMA.names, *passed]
+    # Both jobs' per-shard stats, for every input kind: `capray status` counts each output's rows
+    # and failures by class as the rows have them.
+    for folder, table_ in ((out, rows), (output_paths(cfg)["features"], table)):
+        s = read_status(folder, cfg.storage)
+        assert s["shards"]["done"] == s["shards"]["total"] == s["shards"]["stats_rolled_up"] > 0, folder
+        assert s["rows"]["done"] == len(table_) and s["job"]["state"] == "finished"
+        assert s["errors"] == table_["error"].dropna().map(error_class).value_counts().to_dict()
     # Re-runs skip every shard: nothing is read again.
     assert caption(cfg, tiny_checkpoint, uri, out)["shards_written"] == 0
     assert extraction.run(cfg)["shards_written"] == 0

@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from capray import synthetic
+from capray.config import load_config
+from capray.status import read_status
 
 # A killed and a resumed caption job of 1,200 images on 2 cores: a minute or two each.
 pytestmark = pytest.mark.timeout(1800)
@@ -97,11 +100,16 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     started = time.monotonic()
     first = half = None
     shards = None
+    storage_cfg = load_config(None, []).storage
+    running = None
     while killed.poll() is None:
         shards = shards or _log_shards(log)
         files = len(_files(tmp_path / "out"))
         if first is None and files:
             first = time.monotonic() - started
+            # `capray status` of the running job, from the folder alone (its heartbeat is written
+            # before the first shard is given out).
+            running = read_status(str(tmp_path / "out"), storage_cfg)
         if shards and files >= shards / 2:
             half = time.monotonic() - started
             break
@@ -116,6 +124,19 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     kept = len(_files(tmp_path / "out"))
     assert 0 < kept < shards, f"{kept} files when killed"
     print(f"\nfirst of {shards} files after {first:.1f} s, half after {half:.1f} s: killed with {kept} files")
+    assert running is not None and running["job"]["state"] == "running" and running["job"]["alive"]
+    assert running["shards"]["total"] == shards and running["shards"]["done"] >= 1
+    # The killed job seen an hour later: no heartbeat since, so not alive and no ETA; its done
+    # shards counted from the listing, their rows from the stats (roll-up or footers).
+    for _ in range(3):  # the killed job's actor may publish one more file while we look
+        files = _files(tmp_path / "out")
+        dead = read_status(str(tmp_path / "out"), storage_cfg, now=time.time() + 3600)
+        if dead["shards"]["done"] == len(files):
+            break
+    assert dead["job"]["state"] == "lost" and not dead["job"]["alive"] and dead["eta_s"] is None
+    assert kept <= dead["shards"]["done"] == len(files) <= kept + 2 and dead["shards"]["total"] == shards
+    assert dead["shards"]["stats_unknown"] == 0
+    assert dead["rows"]["done"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
     # 2. The re-run does only the rest.
     _wait_for_ray_to_exit(log)
@@ -138,6 +159,13 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     done_before, done_images, written = int(found.group(1)), int(found.group(2)), int(found.group(4))
     assert done_before >= kept and written == N - done_images and written <= 0.6 * N
     print(f"the re-run found {done_before} files done and captioned {written} of {N} images")
+    done = read_status(str(tmp_path / "out"), storage_cfg)
+    assert done["job"]["state"] == "finished" and done["shards"]["done"] == done["shards"]["total"] == shards
+    assert (
+        done["rows"]["done"] == done["rows"]["ok"] == N
+        and done["eta_s"] == 0.0
+        and done["throughput"]["run_rows_per_s"]
+    )
 
     # 3. A re-run of the finished job lists the output folder and stops: no Ray Data execution at all.
     again = subprocess.run(
