@@ -1,4 +1,4 @@
-"""One output file per shard, visible only when complete (local: a rename; S3: one upload)."""
+"""One output file per shard, visible only when complete (local: a rename; object storage: one upload)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class ShardWriter:
             done.result()
 
     def publish(self, empty_schema: pa.Schema) -> None:
-        """Close the file and make it appear under its final name (S3: one upload, visible when done)."""
+        """Close the file and make it appear under its final name (object storage: one upload, visible when done)."""
         if self.writer is None:  # an empty shard still gets its file: it is done
             self.writer = pq.ParquetWriter(
                 self.tmp, empty_schema.with_metadata(self.metadata), compression=self.compression
