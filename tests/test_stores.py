@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Emulator
+from emulators import Emulator
 
 from capray import listing, storage
 from capray.config import to_yaml
