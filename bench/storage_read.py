@@ -53,13 +53,15 @@ def s3_stream_vs_file(uri: str, cfg, data: bytes, gets) -> None:
 def measure(store: str, bucket: str, cfg, data: bytes, objects: int) -> tuple[float, float]:
     """(seconds to read the object, seconds to list the prefix of `objects` objects)."""
     uri = f"{bucket}/object.bin"
-    storage.write_bytes(uri, data, cfg.storage)
     keys = [f"{bucket}/many/{i // 100:03d}/{i:06d}.jpg" for i in range(objects)]
-    if store == "s3":  # one PUT each (write_bytes adds a folder marker per object on S3)
+    if store == "s3":
+        # One PUT each through botocore: write_bytes adds a folder marker per object on S3, and
+        # pyarrow's multipart upload of a large object to moto in this same process stalls.
         client, name = storage.listing_client(cfg.storage), bucket[len("s3://") :]
-        put = lambda k: client.put_object(Bucket=name, Key=k[len(bucket) + 1 :], Body=b"x")
+        put = lambda k, body=b"x": client.put_object(Bucket=name, Key=k[len(bucket) + 1 :], Body=body)
     else:
-        put = lambda k: storage.write_bytes(k, b"x", cfg.storage)
+        put = lambda k, body=b"x": storage.write_bytes(k, body, cfg.storage)
+    put(uri, data)
     with ThreadPoolExecutor(8) as pool:  # moto serves from this process: more threads only queue
         list(pool.map(put, keys))
     # Clients built and connected before the clock starts: the figures are a warm process's.
