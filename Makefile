@@ -10,6 +10,12 @@ FAST := tests/test_config.py tests/test_configdoc.py tests/test_text.py tests/te
 	tests/test_images.py tests/test_readers.py tests/test_data.py tests/test_inputs.py tests/test_listing.py tests/test_shards.py tests/test_status.py \
 	tests/test_cluster.py tests/test_compat.py tests/test_imports.py tests/test_train_step.py tests/test_repo_text.py tests/test_logs.py
 
+# Azurite, the Azure Blob emulator of `make test` (npm, into ./node_modules; .ci/run installs
+# Node when missing). 3.35.0 is the last that runs on Node 20 (Debian 13's; 3.36 wants 21,
+# 3.37 wants 22). fake-gcs-server comes with the `test` extra, moto is Python.
+AZURITE_VERSION := 3.35.0
+AZURITE := node_modules/.bin/azurite-blob
+
 .PHONY: demo test test-fast test-system lint clean wheel
 
 $(BIN)/.installed: pyproject.toml
@@ -18,6 +24,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test,lint]"
 	@command -v java >/dev/null || echo "NOTE: no java: evaluation will skip METEOR (apt-get install default-jre-headless; .ci/run does)"
 	touch $@
+
+$(AZURITE):
+	npm install --no-save --no-package-lock --no-fund --no-audit --loglevel=error azurite@$(AZURITE_VERSION)
 
 demo: $(BIN)/.installed
 	$(BIN)/capray demo configs/demo.yaml model.precision=auto $(ARGS)
@@ -28,12 +37,13 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Every suite but the reliability one: unit, data, learning, jobs on local Ray and moto S3.
+# Every suite but the reliability one: unit, data, learning, jobs on local Ray and the storage
+# emulators (moto S3, fake-gcs-server, Azurite).
 # Two processes (pytest-xdist), a file each at a time: its tests mostly wait on Ray start-ups,
 # worker processes importing TensorFlow and subprocess jobs, which overlap; a file's module
 # fixtures are built once. The files with the most job tests go first (tests/conftest.py,
 # docs/testing.md#where-cis-time-goes).
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(AZURITE)
 	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/system $(ARGS)
 
 test-fast: $(BIN)/.installed

@@ -1,48 +1,109 @@
-"""Reading one large S3 object: pyarrow's input stream `read()` (capray before) against the
-random-access file `read()` that `capray.storage.read_bytes` uses, side by side on a local
-S3-protocol server (moto), same object. Prints seconds and GET requests of each.
+"""Object storage, side by side on local emulators: S3 (moto), Google Cloud Storage
+(fake-gcs-server) and Azure Blob (Azurite, `make node_modules/.bin/azurite-blob`).
 
-    .venv/bin/python bench/storage_read.py [--mb 88]
+On each store: one object of --mb megabytes read by `capray.storage.read_bytes`, and a prefix of
+--objects objects listed by `capray.listing.walk` (streamed page by page), wall time of each. On
+S3 also pyarrow's input stream `read()` (capray before issue 12), with the GET requests of both.
+The emulators share this machine's CPUs with the client: the figures compare capray's paths on
+each store, not the services.
+
+    .venv/bin/python bench/storage_read.py [--mb 88] [--objects 10000] [--stores s3,gcs,azure]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from audit import cpu_model
 from moto_s3 import bench_settings, moto_server
 
-from capray import storage
+from capray import listing, storage
 from capray.config import load_config
+
+# The emulators the tests start (one home for how to run them).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from emulators import Emulator
+
+
+def s3_stream_vs_file(uri: str, cfg, data: bytes, gets) -> None:
+    """pyarrow's S3 input stream against the random-access file read_bytes uses, same object."""
+    fs, path = storage.filesystem(uri, cfg.storage)
+    times = {}
+    for name in ("input stream read()", "read_bytes (input file read())"):
+        gets.count = 0
+        t0 = time.perf_counter()
+        if name.startswith("input stream"):
+            with fs.open_input_stream(path) as f:
+                got = f.read()
+        else:
+            got = storage.read_bytes(uri, cfg.storage)
+        times[name] = time.perf_counter() - t0
+        assert got == data
+        print(f"  s3 {name:32s} {times[name]:7.2f} s  {gets.count:4d} GET requests")
+    stream, file_ = times.values()
+    print(f"  s3 stream / read_bytes time: {stream / file_:.1f}x")
+
+
+def measure(store: str, bucket: str, cfg, data: bytes, objects: int) -> tuple[float, float]:
+    """(seconds to read the object, seconds to list the prefix of `objects` objects)."""
+    uri = f"{bucket}/object.bin"
+    keys = [f"{bucket}/many/{i // 100:03d}/{i:06d}.jpg" for i in range(objects)]
+    if store == "s3":
+        # One PUT each through botocore: write_bytes adds a folder marker per object on S3, and
+        # pyarrow's multipart upload of a large object to moto in this same process stalls.
+        client, name = storage.listing_client(cfg.storage), bucket[len("s3://") :]
+        put = lambda k, body=b"x": client.put_object(Bucket=name, Key=k[len(bucket) + 1 :], Body=body)
+    else:
+        put = lambda k, body=b"x": storage.write_bytes(k, body, cfg.storage)
+    put(uri, data)
+    with ThreadPoolExecutor(8) as pool:  # moto serves from this process: more threads only queue
+        list(pool.map(put, keys))
+    # Clients built and connected before the clock starts: the figures are a warm process's.
+    storage.read_bytes(keys[0], cfg.storage)
+    sum(1 for _ in listing.walk(f"{bucket}/many/000", cfg.storage, recursive=True))
+    t0 = time.perf_counter()
+    assert storage.read_bytes(uri, cfg.storage) == data
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    listed = sum(1 for _ in listing.walk(f"{bucket}/many", cfg.storage, recursive=True))
+    list_s = time.perf_counter() - t0
+    assert listed == objects, (store, listed)
+    print(f"  {store:6s} read {read_s:7.2f} s   list {list_s:7.2f} s")
+    return read_s, list_s
 
 
 def main() -> None:
-    """Time both ways of reading one object of --mb megabytes."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=88, help="object size (88 MB: an InceptionV3 .h5)")
+    parser.add_argument("--objects", type=int, default=10_000, help="objects under the listed prefix")
+    parser.add_argument("--stores", default="s3,gcs,azure")
     args = parser.parse_args()
-    with moto_server(lambda msg: "GET /" in msg) as (endpoint, gets):
-        cfg = load_config(None, bench_settings(endpoint))
-        data = os.urandom(args.mb * 1_000_000)
-        uri = "s3://bench/object.bin"
-        storage.write_bytes(uri, data, cfg.storage)
-        fs, path = storage.filesystem(uri, cfg.storage)
-        results = {}
-        for name, open_ in (("input stream read()", fs.open_input_stream), ("read_bytes (input file read())", None)):
-            gets.count = 0
-            t0 = time.perf_counter()
-            if open_ is None:
-                got = storage.read_bytes(uri, cfg.storage)
-            else:
-                with open_(path) as f:
-                    got = f.read()
-            seconds = time.perf_counter() - t0
-            assert got == data
-            results[name] = seconds
-            print(f"{name:32s} {seconds:7.2f} s  {gets.count:4d} GET requests  ({args.mb} MB)")
-        stream, file_ = results.values()
-        print(f"stream / read_bytes time: {stream / file_:.1f}x")
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} CPUs)")
+    print(f"one object of {args.mb} MB read; a prefix of {args.objects} objects listed")
+    data = os.urandom(args.mb * 1_000_000)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for store in args.stores.split(","):
+            if store == "s3":
+                with moto_server(lambda msg: "GET /" in msg) as (endpoint, gets):
+                    cfg = load_config(None, bench_settings(endpoint))
+                    results[store] = measure(store, "s3://bench", cfg, data, args.objects)
+                    s3_stream_vs_file("s3://bench/object.bin", cfg, data, gets)
+                continue
+            server = Emulator(store, Path(tmp) / store).start()
+            try:
+                results[store] = measure(store, server.bucket("bench"), server.config(), data, args.objects)
+            finally:
+                server.stop()
+    print("\n| store | read one object | list the prefix |\n|---|---|---|")
+    for store, (read_s, list_s) in results.items():
+        print(f"| {store} | {read_s:.2f} s | {list_s:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class Captioner:
 
     @classmethod
     def load(cls, checkpoint: str, strategy: str = "greedy", **kwargs: Any) -> Captioner:
-        """Load a checkpoint (local or s3://): `strategy` greedy or beam; see `__init__` for the rest."""
+        """Load a checkpoint (local or s3://, gs://, az://): `strategy` greedy or beam; see `__init__` for the rest."""
         return cls(checkpoint, strategy, **kwargs)
 
     def caption(self, images: Iterable[Any] | Any, attention: bool = False, on_error: str = "raise") -> list[Caption]:

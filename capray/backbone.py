@@ -58,7 +58,7 @@ def _md5(path: str) -> str:
 def _failed(reason: str) -> BackboneError:
     return BackboneError(
         f"could not load the ImageNet InceptionV3 weights ({reason}). "
-        f"Either give a local or s3:// copy of the no-top weights file with backbone.weights=/path/{WEIGHTS_FILE}, "
+        f"Either give a local or object-storage (s3://, gs://, az://) copy of the no-top weights file with backbone.weights=/path/{WEIGHTS_FILE}, "
         "or use backbone.weights=random for a seeded random backbone."
     )
 
@@ -98,7 +98,7 @@ def imagenet_weights(timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
 
 
 def check(weights: str, storage_cfg: Any = None) -> str | None:
-    """Where `backbone.weights` loads from (a local path or s3:// URI; None for `random`), fetching
+    """Where `backbone.weights` loads from (a local path or object-storage URI; None for `random`), fetching
     the ImageNet file into the cache if needed; raises BackboneError when it cannot be had."""
     if weights == "random":
         return None

@@ -197,7 +197,7 @@ def require_input(cfg: Config) -> None:
     """InputError unless the job has an input to caption."""
     if not cfg.caption.input:
         raise InputError(
-            "caption.input is empty: give a folder, s3:// prefix, manifest(s), .tar shards or Parquet files to caption"
+            "caption.input is empty: give a folder, s3:// gs:// az:// prefix, manifest(s), .tar shards or Parquet files to caption"
         )
 
 

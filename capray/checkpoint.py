@@ -1,6 +1,6 @@
 """Checkpoint layout shared by training (writer) and captioning/evaluation (readers).
 
-A checkpoint is a directory (local or s3://) holding:
+A checkpoint is a directory (local or object storage) holding:
   model.weights.h5   Keras weights (HDF5 arrays, no code)
   optimizer.npz      Adam slots, loaded with allow_pickle=False
   tokenizer.json     vocabulary and padded length
@@ -82,7 +82,7 @@ def check(uri: str, storage_cfg: Any = None) -> None:
 
 
 def localize(uri: str, storage_cfg: Any = None) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """A local directory with the checkpoint's files (downloaded when `uri` is s3://)."""
+    """A local directory with the checkpoint's files (downloaded when `uri` is remote)."""
     if not storage.is_remote(uri):
         return uri, None
     tmp = tempfile.TemporaryDirectory(prefix="capray-ckpt-")

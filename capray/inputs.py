@@ -1,6 +1,6 @@
 """Job inputs -> shards: the unit of work, of output files and of resume for the image jobs.
 
-An input is a folder or s3:// prefix of image files, a manifest (.csv/.parquet with an `image`
+An input is a folder or object-storage prefix of image files, a manifest (.csv/.parquet with an `image`
 column; a file, a folder or a glob of them), WebDataset tar shards (img2dataset's layout), or
 Parquet files with image bytes (img2dataset's `output_format=parquet`). Each becomes a list of
 `Shard`s; the driver holds that list (O(shards)) and never one object per image. This module
@@ -374,10 +374,8 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
 
         shards = [s for group in ThreadPoolExecutor(16).map(shards_of, files, kinds) for s in group]
         return Plan("parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri)
-    except OSError as e:  # unreachable endpoint, bad credentials, no permission...
-        raise InputError(f"cannot list {uri}: {e}") from None
     except Exception as e:
-        if type(e).__module__.startswith("botocore"):
+        if storage.is_storage_error(e):  # unreachable endpoint, bad credentials, no permission...
             raise InputError(f"cannot list {uri}: {e}") from None
         raise
 

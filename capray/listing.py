@@ -1,7 +1,7 @@
 """Listings of image files: sorted by key, versioned, cut into content-defined chunks.
 
-A folder or s3:// prefix of images becomes a *listing*: every image's key (its URI) with its
-version (`<size>:<ETag>` on S3, `<size>:<mtime ns>` locally; both come with the LIST / scandir
+A folder or object-storage prefix (s3://, gs://, az://) of images becomes a *listing*: every image's key (its URI) with its
+version (`<size>:<ETag>` on S3 and Azure, `<size>:<generation>` on GCS, `<size>:<mtime ns>` locally; both come with the LIST / scandir
 that finds the file, so versions cost no extra request), in byte order of the keys, written as
 chunk files of about `inputs.shard_rows` keys by Ray tasks, never held by the driver.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import heapq
 import itertools
 import json
 import logging
@@ -29,8 +30,9 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
@@ -48,6 +50,8 @@ LISTING = "_listing.json"
 KEEP_LISTINGS = 2
 # Sub-folder groups listed in parallel (each by one Ray task, streaming).
 MAX_GROUPS = 64
+# Keys per listing request (1,000: the most S3 and Azure give; GCS would give more, in larger replies).
+PAGE_SIZE = 1000
 
 
 class ListingError(RuntimeError):
@@ -97,26 +101,121 @@ def is_image(name: str, cfg: Config) -> bool:
 def walk(uri: str, storage_cfg: Any = None, recursive: bool = True) -> Iterator[Entry]:
     """Entries under a folder/prefix, streamed in byte order of their full keys (a folder sorts
     as its name + "/", as S3 orders keys). Recursive: files only; otherwise files and folders."""
-    if storage.is_remote(uri):
+    kind = storage.store(uri)
+    if kind == "s3":
         yield from _walk_s3(uri, storage_cfg, recursive)
+    elif kind == "gcs":
+        yield from _walk_gcs(uri, storage_cfg, recursive)
+    elif kind == "azure":
+        yield from _walk_azure(uri, storage_cfg, recursive)
     else:
         yield from _walk_local(os.path.abspath(uri), recursive)
 
 
-def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    prefix = key.rstrip("/") + "/" if key else ""
-    args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
-    for page in storage.listing_client(storage_cfg).get_paginator("list_objects_v2").paginate(**args):
-        # A page's folders and files come as two lists; merged, they are in key order.
-        items = [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())]
-        items += [(o["Key"], o) for o in page.get("Contents", ())]
-        items.sort(key=lambda item: item[0])
-        for name, obj in items:
+def _bucket(uri: str) -> tuple[str, str, str]:
+    """(the URI up to its bucket's "/", the bucket, the key prefix ending in "/" or empty)."""
+    scheme = storage.scheme(uri)
+    bucket, _, key = uri[len(scheme) :].partition("/")
+    return f"{scheme}{bucket}/", bucket, key.rstrip("/") + "/" if key else ""
+
+
+# A page of a listing: (key, (size, version)) for an object, (key + "/", None) for a folder.
+Page = list[tuple[str, "tuple[int, str] | None"]]
+
+
+def _entries(root: str, pages: Iterator[Page]) -> Iterator[Entry]:
+    """Pages of a listing -> entries in key order, one page in memory. A folder is held back
+    until the first later key and given once: fake-gcs-server repeats every folder on every page
+    of a delimited listing, where the services give it on the page of its position."""
+    held: list[str] = []  # a heap of folders not yet given
+    given: set[str] = set()
+    for page in pages:
+        for name, obj in sorted(page, key=lambda item: item[0]):
             if obj is None:
-                yield Entry(f"s3://{bucket}/{name.rstrip('/')}", True)
-            elif not name.endswith("/"):  # folder markers
-                yield Entry(f"s3://{bucket}/{name}", False, int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+                if name not in given:
+                    given.add(name)
+                    heapq.heappush(held, name)
+                continue
+            while held and held[0] < name:
+                yield Entry(root + heapq.heappop(held).rstrip("/"), True)
+            if not name.endswith("/"):  # folder markers
+                yield Entry(root + name, False, *obj)
+    while held:
+        yield Entry(root + heapq.heappop(held).rstrip("/"), True)
+
+
+def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
+    root, bucket, prefix = _bucket(uri)
+    args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
+
+    def pages() -> Iterator[Page]:
+        paginator = storage.listing_client(storage_cfg).get_paginator("list_objects_v2")
+        for page in paginator.paginate(**args, PaginationConfig={"PageSize": PAGE_SIZE}):
+            yield [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())] + [
+                (o["Key"], (int(o["Size"]), str(o.get("ETag", "")).strip('"'))) for o in page.get("Contents", ())
+            ]
+
+    yield from _entries(root, pages())
+
+
+def _walk_gcs(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
+    # The JSON API's objects.list, a page per request through gcsfs's own session (gcsfs's
+    # listing gathers every page before returning); folders as `prefixes`, as S3's CommonPrefixes.
+    fs = storage.fsspec_filesystem(uri, storage_cfg)
+    root, bucket, prefix = _bucket(uri)
+
+    def pages() -> Iterator[Page]:
+        token = ""
+        while True:
+            params: dict[str, Any] = {"prefix": prefix, "maxResults": PAGE_SIZE}
+            if not recursive:
+                params["delimiter"] = "/"
+            if token:
+                params["pageToken"] = token
+            request: Callable[[], dict[str, Any]] = partial(fs.call, "GET", "b/{}/o", bucket, json_out=True, **params)
+            page = storage.retrying(request, f"listing {uri}", storage_cfg)
+            yield [(p, None) for p in page.get("prefixes", ())] + [
+                (o["name"], (int(o.get("size", 0)), _gcs_version(o))) for o in page.get("items", ())
+            ]
+            token = page.get("nextPageToken", "")
+            if not token:
+                return
+
+    yield from _entries(root, pages())
+
+
+def _gcs_version(obj: dict[str, Any]) -> str:
+    # The generation changes with every upload of the object, and only then (not on metadata edits).
+    return str(obj.get("generation") or obj.get("etag", ""))
+
+
+def _walk_azure(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
+    # The Blob service's List Blobs, a page per request on adlfs's client and event loop (adlfs's
+    # own listing gathers every page before returning).
+    from fsspec.asyn import sync
+
+    fs = storage.fsspec_filesystem(uri, storage_cfg)
+    root, container, prefix = _bucket(uri)
+    client = fs.service_client.get_container_client(container)
+    if recursive:
+        paged = client.list_blobs(name_starts_with=prefix or None, results_per_page=PAGE_SIZE)
+    else:
+        paged = client.walk_blobs(name_starts_with=prefix or None, delimiter="/", results_per_page=PAGE_SIZE)
+    by_page = paged.by_page()
+
+    async def next_page() -> Page | None:
+        try:
+            page = await by_page.__anext__()
+        except StopAsyncIteration:
+            return None
+        # A BlobPrefix (a folder of a delimited listing) has no size.
+        return [(b.name, (int(b.size), str(b.etag).strip('"')) if hasattr(b, "size") else None) async for b in page]
+
+    def pages() -> Iterator[Page]:
+        while (page := storage.retrying(lambda: sync(fs.loop, next_page), f"listing {uri}", storage_cfg)) is not None:
+            yield page
+
+    yield from _entries(root, pages())
 
 
 def _walk_local(path: str, recursive: bool) -> Iterator[Entry]:
@@ -138,6 +237,11 @@ def _walk_local(path: str, recursive: bool) -> Iterator[Entry]:
 
 def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
     """(size, version) of one file, as a listing records it: S3 ETag, local mtime in ns."""
+    if storage.store(uri) in ("gcs", "azure"):
+        fs, path = storage.fsspec_filesystem(uri, storage_cfg), storage.filesystem(uri, storage_cfg)[1]
+        info = storage.retrying(lambda: fs.info(path), f"reading the size and version of {uri}", storage_cfg)
+        version = _gcs_version(info) if storage.store(uri) == "gcs" else str(info.get("etag", "")).strip('"')
+        return int(info["size"]), version
     if storage.is_remote(uri):
         bucket, _, key = uri[len("s3://") :].partition("/")
         head = storage.retrying(

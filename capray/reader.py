@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def _resolve(images: pa.Array, base: str) -> pa.Array:
     images = pc.utf8_trim_whitespace(pc.fill_null(images, ""))
-    if pc.all(pc.or_(pc.starts_with(images, "s3://"), pc.starts_with(images, "/"))).as_py():
+    if pc.all(pc.match_substring_regex(images, "^(/|" + "|".join(storage.STORES) + ")")).as_py():
         return images  # URIs and absolute paths: nothing to resolve, no Python loop per row
     return pa.array([storage.resolve(name, base) for name in images.to_pylist()], pa.string())
 

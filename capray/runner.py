@@ -30,7 +30,7 @@ LOCAL_JOBS = {"export"}
 
 
 def _output_writable(uri: str) -> None:
-    """InputError unless the job could create files in the local folder `uri` (s3:// is not probed)."""
+    """InputError unless the job could create files in the local folder `uri` (object storage is not probed)."""
     from capray import storage
     from capray.inputs import InputError
 

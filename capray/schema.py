@@ -19,7 +19,7 @@ class DataConfig:
     format: str = "synthetic"
     # coco: captions_*.json; flickr: captions.csv; table: CSV/Parquet with image,caption columns.
     annotations: str = ""
-    # Folder (or s3:// prefix) that relative image names are resolved against.
+    # Folder (or s3://, gs://, az:// prefix) that relative image names are resolved against.
     images: str = ""
     # Synthetic dataset: number of scenes to generate.
     synthetic_images: int = 2400
@@ -51,7 +51,7 @@ class TextConfig:
 class BackboneConfig:
     """InceptionV3 backbone: `imagenet` (Keras download/cache), `random` (seeded), or an .h5 path/URI."""
 
-    # imagenet | random | path or s3:// URI of a no-top InceptionV3 .h5 weights file.
+    # imagenet | random | path or object-storage URI of a no-top InceptionV3 .h5 weights file.
     weights: str = "imagenet"
     # Seed of the `random` backbone (extraction and captioning must use the same).
     seed: int = 0
@@ -187,7 +187,7 @@ class InputsConfig:
 class CaptionConfig:
     """Bulk captioning: any input kind (see `inputs`) in, one Parquet file per input shard out."""
 
-    # Folder, s3:// prefix, manifest(s), WebDataset tars or Parquet with image bytes to caption.
+    # Folder, s3:// gs:// az:// prefix, manifest(s), WebDataset tars or Parquet with image bytes to caption.
     input: str = ""
     # Images per forward pass of a captioning actor.
     batch_size: int = 16
@@ -255,7 +255,10 @@ class ExportConfig:
 
 @dataclass
 class StorageConfig:
-    """Object storage access. Empty values fall back to the standard AWS environment variables."""
+    """Object storage access: s3:// (the unprefixed keys), gs:// (`gcs_*`), az:// and abfs://
+    (`azure_*`). Empty values fall back to each store's standard environment: AWS variables or
+    instance profile; Google application default credentials; AZURE_STORAGE_* variables.
+    Credentials are never written into saved configs."""
 
     # S3-compatible endpoint (MinIO, moto...); empty for AWS.
     endpoint_url: str = ""
@@ -265,6 +268,20 @@ class StorageConfig:
     access_key_id: str = ""
     secret_access_key: str = ""
     session_token: str = ""
+    # Google Cloud Storage endpoint (an emulator's http://host:port); empty for Google's (or STORAGE_EMULATOR_HOST).
+    gcs_endpoint_url: str = ""
+    # Google Cloud project of the buckets; empty = the credentials' or GCSFS_DEFAULT_PROJECT.
+    gcs_project: str = ""
+    # gcsfs token: a service-account JSON file, `anon` (public buckets, emulators), `google_default`; empty = gcsfs's search.
+    gcs_token: str = ""
+    # Azure Blob endpoint (Azurite's http://host:10000/devstoreaccount1); empty = https://<account>.blob.core.windows.net.
+    azure_endpoint_url: str = ""
+    # Azure storage account; empty = AZURE_STORAGE_ACCOUNT_NAME.
+    azure_account_name: str = ""
+    # Account key; empty = AZURE_STORAGE_ACCOUNT_KEY, else a SAS token or Azure AD credentials from the environment.
+    azure_account_key: str = ""
+    # A full connection string (wins over the three keys above); empty = AZURE_STORAGE_CONNECTION_STRING.
+    azure_connection_string: str = ""
     # Transient errors (throttling, 5xx, dropped connections) are tried again this many times,
     # waiting retry_wait_s, then twice that... (up to 30 s, with jitter); an image becomes an
     # error row, or an upload stops the job, only after the last try.
@@ -297,7 +314,7 @@ class Config:
 
     # Run name: checkpoints go to <work_dir>/runs/<name>/.
     name: str = "capray"
-    # Root of every output: features/, runs/, captions/, split.parquet (local path or s3:// URI).
+    # Root of every output: features/, runs/, captions/, split.parquet (local path or s3://, gs://, az:// URI).
     work_dir: str = "outputs/capray"
     # Where the caption job writes ("" = <work_dir>/captions); `capray export` needs it set.
     output: str = ""
@@ -319,7 +336,14 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+SECRET_KEYS = (
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "gcs_token",
+    "azure_account_key",
+    "azure_connection_string",
+)
 CHOICES = {
     "data.format": ("synthetic", "coco", "flickr", "table"),
     "model.feature_norm": ("none", "channel"),

@@ -1,12 +1,17 @@
-"""Local paths and s3:// URIs behind one small API (pyarrow filesystems).
+"""Local paths and object-storage URIs (s3://, gs://, az:// or abfs://) behind one small API.
 
 Everything that reads or writes outputs goes through here so that a job runs unchanged on a
-laptop folder or an object-storage bucket. Credentials come from the config's `storage` section
-or, when that is empty, from the standard AWS environment variables / instance profile.
+laptop folder or a bucket of any of the three stores. Every store is reached as a pyarrow
+filesystem: S3 through pyarrow's own (its C++ client reads faster, docs/benchmarks.md), Google
+Cloud Storage and Azure Blob through fsspec's gcsfs and adlfs (the clients img2dataset, Ray Data
+and pandas use), wrapped by pyarrow's FSSpecHandler. Credentials come from the config's
+`storage` section or, when that is empty, from each store's standard environment (AWS variables
+or instance profile; Google application default credentials; AZURE_STORAGE_* variables).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import posixpath
@@ -22,15 +27,27 @@ import pyarrow.fs as pafs
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# One S3 client per process and endpoint/credentials, reused by every read: a client per read
+# URI prefix -> store. abfs:// is adlfs's name for the same Azure Blob containers as az://.
+STORES = {"s3://": "s3", "gs://": "gcs", "az://": "azure", "abfs://": "azure"}
+# The optional extra that installs each fsspec store (`pip install capray[gcs]`).
+EXTRAS = {"gcs": ("gcsfs", "gcs"), "azure": ("adlfs", "azure")}
+# The config keys that pick each store's client (a client per distinct value set).
+CLIENT_KEYS = {
+    "s3": ("endpoint_url", "region", "access_key_id", "secret_access_key", "session_token"),
+    "gcs": ("gcs_endpoint_url", "gcs_project", "gcs_token"),
+    "azure": ("azure_endpoint_url", "azure_account_name", "azure_account_key", "azure_connection_string"),
+}
+
+# One client per process and store/endpoint/credentials, reused by every read: a client per read
 # pays a TLS handshake and credential lookup each time, and with instance-profile credentials
-# that pattern is what gets throttled. pyarrow filesystems are safe to share between threads.
+# that pattern is what gets throttled. pyarrow filesystems, and fsspec's async ones (their
+# requests run on one event-loop thread), are safe to share between threads.
 _FILESYSTEMS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 _BUILT = 0
 _RETRIED = 0
 # Errors worth another try: the server or the network, not the request (a missing key or a
-# denied access fails at once). Matched in pyarrow's OSError text (AWS SDK error names).
+# denied access fails at once). S3: matched in pyarrow's OSError text (AWS SDK error names).
 TRANSIENT = (
     "NETWORK_CONNECTION",
     "SLOW_DOWN",
@@ -47,11 +64,33 @@ TRANSIENT = (
     "timed out",
     "HTTP response code: 5",
 )
+# gcsfs and adlfs raise their clients' own exceptions: a status code (gcsfs HttpError.code,
+# azure-core HttpResponseError.status_code, aiohttp's .status) or a class that means "no answer".
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+TRANSIENT_TYPES = {
+    "ServiceRequestError",  # azure-core: the request never reached the service
+    "ServiceResponseError",  # azure-core: the connection broke before a response
+    "ClientConnectionError",  # aiohttp (gcsfs, adlfs's transport): refused, reset, disconnected
+    "ClientPayloadError",  # aiohttp: a body cut short
+    "TransportError",  # google-auth: the token endpoint unreachable
+    "TimeoutError",
+    "ConnectionError",
+}
+
+
+def scheme(uri: str) -> str:
+    """The object-storage prefix of `uri` ("s3://", "gs://", "az://", "abfs://"), "" for a local path."""
+    return next((p for p in STORES if uri.startswith(p)), "")
 
 
 def is_remote(uri: str) -> bool:
-    """True for s3:// URIs."""
-    return uri.startswith("s3://")
+    """True for object-storage URIs (s3://, gs://, az://, abfs://)."""
+    return scheme(uri) != ""
+
+
+def store(uri: str) -> str:
+    """ "s3", "gcs" or "azure" for a URI; "" for a local path."""
+    return STORES.get(scheme(uri), "")
 
 
 def join(base: str, *parts: str) -> str:
@@ -62,7 +101,7 @@ def join(base: str, *parts: str) -> str:
 
 
 def dirname(uri: str) -> str:
-    """The folder of a local path or the prefix of an s3:// URI ("" for a bare name)."""
+    """The folder of a local path or the prefix of a URI ("" for a bare name)."""
     return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
 
 
@@ -77,54 +116,66 @@ def resolve(name: str, base: str = "") -> str:
 
 
 def filesystem(uri: str, storage: Any = None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for `uri` and the path inside it."""
-    if not is_remote(uri):
+    """The pyarrow filesystem for `uri` and the path inside it (`bucket/key`)."""
+    prefix = scheme(uri)
+    if not prefix:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
+    kind = STORES[prefix]
+    fs = _client(kind, storage, {"s3": _s3, "gcs": _gcs, "azure": _azure}[kind])
+    return fs, uri[len(prefix) :]
+
+
+def fsspec_filesystem(uri: str, storage: Any = None) -> Any:
+    """The fsspec filesystem (gcsfs, adlfs) behind a gs:// or az:// URI's pyarrow one: its
+    session also serves the paged listings (capray.listing)."""
+    fs, _ = filesystem(uri, storage)
+    if not isinstance(fs, pafs.PyFileSystem):
+        raise ValueError(f"{uri}: not a gs:// or az:// URI")
+    return fs.handler.fs
+
+
+def _client(kind: str, storage: Any, build: Callable[[Any], Any]) -> Any:
     global _BUILT
-    key = _key(storage)
+    key = (kind,) + _key(storage, kind)
     with _LOCK:
         fs = _FILESYSTEMS.get(key)
         if fs is None:
-            fs = _FILESYSTEMS[key] = _s3(storage)
+            fs = _FILESYSTEMS[key] = build(storage)
             _BUILT += 1
-    return fs, uri[len("s3://") :]
+    return fs
 
 
 def listing_client(storage: Any = None) -> Any:
     """The process's botocore S3 client: its paginator streams a listing 1,000 keys per request
     (pyarrow's recursive listing returns the whole list at once)."""
-    import botocore.session
 
-    global _BUILT
-    key = ("botocore",) + _key(storage)
-    with _LOCK:
-        if key not in _FILESYSTEMS:
-            kwargs: dict[str, Any] = {}
-            if storage is not None:
-                if storage.endpoint_url:
-                    kwargs["endpoint_url"] = storage.endpoint_url
-                if storage.region:
-                    kwargs["region_name"] = storage.region
-                if storage.access_key_id:
-                    kwargs.update(
-                        aws_access_key_id=storage.access_key_id,
-                        aws_secret_access_key=storage.secret_access_key,
-                        aws_session_token=storage.session_token or None,
-                    )
-            _FILESYSTEMS[key] = botocore.session.get_session().create_client("s3", **kwargs)
-            _BUILT += 1
-        return _FILESYSTEMS[key]
+    def build(storage: Any) -> Any:
+        import botocore.session
+
+        kwargs: dict[str, Any] = {}
+        if storage is not None:
+            if storage.endpoint_url:
+                kwargs["endpoint_url"] = storage.endpoint_url
+            if storage.region:
+                kwargs["region_name"] = storage.region
+            if storage.access_key_id:
+                kwargs.update(
+                    aws_access_key_id=storage.access_key_id,
+                    aws_secret_access_key=storage.secret_access_key,
+                    aws_session_token=storage.session_token or None,
+                )
+        return botocore.session.get_session().create_client("s3", **kwargs)
+
+    return _client("botocore", storage, build)
 
 
-def _key(storage: Any) -> tuple[str, ...]:
-    return tuple(
-        str(getattr(storage, k, "") or "")
-        for k in ("endpoint_url", "region", "access_key_id", "secret_access_key", "session_token")
-    )
+def _key(storage: Any, kind: str) -> tuple[str, ...]:
+    return tuple(str(getattr(storage, k, "") or "") for k in CLIENT_KEYS.get(kind, CLIENT_KEYS["s3"]))
 
 
 def filesystems_built() -> int:
-    """How many S3 clients (pyarrow, botocore) this process has built: one each per endpoint and credentials."""
+    """How many storage clients this process has built: one per store, endpoint and credentials
+    (S3: a pyarrow one and a botocore one for listings)."""
     return _BUILT
 
 
@@ -145,16 +196,76 @@ def _s3(storage: Any) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _require(kind: str) -> Any:
+    module, extra = EXTRAS[kind]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{kind} URIs need {module}, which is not installed: pip install 'capray[{extra}]'") from None
+
+
+def _gcs(storage: Any) -> pafs.PyFileSystem:
+    _require("gcs")
+    # gcsfs's default class (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT) first asks the Storage Control
+    # gRPC API each bucket's layout, again after every failed ask: an extra call per bucket in
+    # production and a 60 s time-out per operation against an emulator. capray reads whole
+    # objects and lists prefixes, which the plain JSON API class does alike on every bucket.
+    from gcsfs.core import GCSFileSystem
+
+    kwargs: dict[str, Any] = {}
+    if getattr(storage, "gcs_endpoint_url", ""):
+        kwargs["endpoint_url"] = storage.gcs_endpoint_url
+    if getattr(storage, "gcs_project", ""):
+        kwargs["project"] = storage.gcs_project
+    if getattr(storage, "gcs_token", ""):
+        kwargs["token"] = storage.gcs_token
+    # skip_instance_cache: capray keeps its own one-per-process cache, keyed by the config.
+    return pafs.PyFileSystem(pafs.FSSpecHandler(GCSFileSystem(skip_instance_cache=True, **kwargs)))
+
+
+def _azure(storage: Any) -> pafs.PyFileSystem:
+    adlfs = _require("azure")
+    kwargs: dict[str, Any] = {}
+    endpoint = getattr(storage, "azure_endpoint_url", "")
+    name, key = getattr(storage, "azure_account_name", ""), getattr(storage, "azure_account_key", "")
+    if getattr(storage, "azure_connection_string", ""):
+        kwargs["connection_string"] = storage.azure_connection_string
+    elif endpoint:
+        # adlfs builds https://<account_host> only; a connection string also takes http (Azurite).
+        parts = [f"DefaultEndpointsProtocol={endpoint.split('://')[0]}", f"BlobEndpoint={endpoint}"]
+        parts += [f"AccountName={name}"] if name else []
+        parts += [f"AccountKey={key}"] if key else []
+        kwargs["connection_string"] = ";".join(parts) + ";"
+    elif name:
+        kwargs["account_name"] = name
+        if key:
+            kwargs["account_key"] = key
+    return pafs.PyFileSystem(pafs.FSSpecHandler(adlfs.AzureBlobFileSystem(skip_instance_cache=True, **kwargs)))
+
+
 def retried() -> int:
     """How many storage requests this process has tried again after a transient error."""
     return _RETRIED
 
 
 def is_transient(e: BaseException) -> bool:
-    """Whether a storage error may go away by itself (throttling, a 5xx, a dropped connection)."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) or not isinstance(e, OSError):
+    """Whether a storage error may go away by itself (throttling, a 5xx, a dropped connection),
+    as S3 (pyarrow), Google Cloud Storage (gcsfs) and Azure Blob (adlfs) report it."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) or not isinstance(e, Exception):
         return False
-    return any(marker in str(e) for marker in TRANSIENT)
+    for attr in ("status_code", "code", "status"):
+        status = getattr(e, attr, None)
+        if isinstance(status, (int, str)) and str(status).isdigit() and int(status) in TRANSIENT_STATUS:
+            return True
+    if any(t.__name__ in TRANSIENT_TYPES for t in type(e).__mro__):
+        return True
+    return isinstance(e, OSError) and any(marker in str(e) for marker in TRANSIENT)
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """An error of a store's client (unreachable endpoint, bad credentials, no permission)."""
+    module = type(e).__module__
+    return isinstance(e, OSError) or module.startswith(("botocore", "gcsfs", "google", "azure", "adlfs", "aiohttp"))
 
 
 def retrying(fn: Callable[[], T], what: str, storage: Any = None) -> T:
@@ -169,7 +280,7 @@ def retrying(fn: Callable[[], T], what: str, storage: Any = None) -> T:
     for attempt in range(retries + 1):
         try:
             return fn()
-        except OSError as e:
+        except Exception as e:
             if not is_transient(e):
                 raise
             if attempt == retries:
@@ -177,7 +288,12 @@ def retrying(fn: Callable[[], T], what: str, storage: Any = None) -> T:
             _RETRIED += 1  # a racy += between threads only blurs a statistic
             delay = min(wait * 2**attempt, 30.0) * random.uniform(0.5, 1.0)
             log.warning(
-                "storage: %s: %s; retrying in %.1f s (%d/%d)", what, str(e).splitlines()[0], delay, attempt + 1, retries
+                "storage: %s: %s; retrying in %.1f s (%d/%d)",
+                what,
+                (str(e).splitlines() or [type(e).__name__])[0],
+                delay,
+                attempt + 1,
+                retries,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -207,9 +323,10 @@ def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:
     fs, path = filesystem(uri, storage)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if is_remote(uri):
-        # An S3 object, single or multipart upload, only becomes visible once complete.
+        # An object (S3 single or multipart upload, GCS upload, Azure block list) only becomes
+        # visible once complete.
         def put() -> None:
-            fs.create_dir(parent, recursive=True)
+            _make_parent(uri, fs, parent)
             with fs.open_output_stream(path) as f:
                 f.write(data)
 
@@ -222,12 +339,19 @@ def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:
     os.replace(tmp, path)
 
 
+def _make_parent(uri: str, fs: pafs.FileSystem, parent: str) -> None:
+    # pyarrow's S3 filesystem wants the folder (a marker object); GCS and Azure have no folders,
+    # and their mkdir would create a missing bucket or container instead of failing.
+    if store(uri) == "s3" or not is_remote(uri):
+        fs.create_dir(parent, recursive=True)
+
+
 def upload_file(local_path: str, uri: str, storage: Any = None) -> None:
-    """Copy a local file to `uri`, streamed; an S3 object only becomes visible once complete."""
+    """Copy a local file to `uri`, streamed; an object only becomes visible once complete."""
     fs, path = filesystem(uri, storage)
 
     def copy() -> None:
-        fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
+        _make_parent(uri, fs, posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path))
         pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     # The object is replaced as a whole, so a try cut short by the network is simply repeated.
@@ -260,7 +384,7 @@ def list_files(uri: str, storage: Any = None, suffixes: tuple[str, ...] = ()) ->
             continue
         if suffixes and not info.path.lower().endswith(suffixes):
             continue
-        out.append("s3://" + info.path if is_remote(uri) else info.path)
+        out.append(scheme(uri) + info.path if is_remote(uri) else info.path)
     return sorted(out)
 
 
@@ -268,7 +392,7 @@ def upload_dir(local_dir: str, uri: str, storage: Any = None) -> None:
     """Replace the folder at `uri` with a copy of `local_dir`.
 
     Local: copied beside the target, then renamed over it, so the folder is never half-written.
-    S3: one PUT per file (each atomic); callers publish a pointer file afterwards.
+    Object storage: one upload per file (each atomic); callers publish a pointer file afterwards.
     """
     if not is_remote(uri):
         import shutil
@@ -282,5 +406,7 @@ def upload_dir(local_dir: str, uri: str, storage: Any = None) -> None:
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
         return
-    fs, path = filesystem(uri, storage)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            local = os.path.join(root, name)
+            upload_file(local, join(uri, *os.path.relpath(local, local_dir).split(os.sep)), storage)

@@ -1,4 +1,4 @@
-"""One output file per shard, visible only when complete (local: a rename; S3: one upload)."""
+"""One output file per shard, visible only when complete (local: a rename; object storage: one upload)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class ShardWriter:
             done.result()
 
     def publish(self, empty_schema: pa.Schema, footer: Callable[[], dict[str, str]] | None = None) -> None:
-        """Close the file and make it appear under its final name (S3: one upload, visible when done).
+        """Close the file and make it appear under its final name (object storage: one upload, visible when done).
         `footer()`, called just before the file is closed, gives key-value metadata for its footer."""
         t0 = time.perf_counter()
         if self.writer is None:  # an empty shard still gets its file: it is done

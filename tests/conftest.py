@@ -1,17 +1,18 @@
-"""Shared fixtures: a real local Ray instance, a real S3-protocol server (moto) on 127.0.0.1, and
-test data built once per session (a tiny checkpoint, extracted synthetic features)."""
+"""Shared fixtures: a real local Ray instance, real object-storage servers on 127.0.0.1 (moto for
+S3, fake-gcs-server for Google Cloud Storage, Azurite for Azure Blob), and test data built once per
+session (a tiny checkpoint, extracted synthetic features)."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from builders import extract_synthetic, write_tiny_checkpoint
+from emulators import Emulator, free_port
 
 from capray.config import load_config
 
@@ -95,12 +96,26 @@ def s3() -> Iterator[S3]:
     """A real S3-protocol server (moto's ThreadedMotoServer) for the session."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield S3(f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """A real Google Cloud Storage emulator (fake-gcs-server, from the `test` extra) for the session."""
+    server = Emulator("gcs", tmp_path_factory.mktemp("gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """A real Azure Blob emulator (Azurite, from npm: `make test` installs it) for the session."""
+    server = Emulator("azure", tmp_path_factory.mktemp("azure")).start()
+    yield server
     server.stop()
 
 

@@ -2,7 +2,7 @@
 
 The rank-0 worker writes one value per tag per report (`train_loss`, `val_loss`,
 `learning_rate`, `captions_per_s`) at the report's global step: `tensorboard --logdir
-<work_dir>/runs/<name>/tensorboard` (local or s3://, with TensorBoard's S3 support) shows them.
+<work_dir>/runs/<name>/tensorboard` (local or object storage: written locally, each flush uploaded) shows them.
 TensorFlow writes event files to local disk only, so on S3 they are written to a local folder
 and uploaded after every report (small files: a few hundred bytes per report). A resumed run
 appends a new event file; `read` keeps the latest value of a step reported twice.

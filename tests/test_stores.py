@@ -1,0 +1,163 @@
+"""The three object stores behind one API: s3:// (moto), gs:// (fake-gcs-server) and az://, abfs://
+(Azurite), each a real server on 127.0.0.1 started by tests/conftest.py.
+
+Round trips, one client per process, concurrent reads, listings that stream page by page, the
+configuration each store takes (credentials never saved) and a dropped connection retried. The
+jobs on each store (a caption job over a prefix with work_dir on the store, resumed; extraction)
+are in test_input_kinds.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from emulators import Emulator
+
+from capray import listing, storage
+from capray.config import to_yaml
+
+STORES = ["s3", "gcs", "azure"]
+
+
+@pytest.fixture(params=STORES)
+def server(request: pytest.FixtureRequest):
+    """Each store's session server (the `s3`, `gcs` and `azure` fixtures)."""
+    return request.getfixturevalue(request.param)
+
+
+def test_every_operation_on_every_store_with_one_client_per_process(server, request, tmp_path: Path) -> None:
+    name = f"ops-{request.node.callspec.id}"
+    bucket, cfg = server.bucket(name), server.config()
+    before = storage.filesystems_built()
+    data = {f"{bucket}/in/{i:03d}.bin": bytes([i]) * (1000 + i) for i in range(40)}
+    storage.write_bytes(next(iter(data)), b"first", cfg.storage)
+    # Concurrent writes and reads through the one client, as the caption job's I/O threads do.
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: storage.write_bytes(kv[0], kv[1], cfg.storage), data.items()))
+        read = dict(zip(data, pool.map(lambda uri: storage.read_bytes(uri, cfg.storage), data)))
+    assert read == data  # the second write of the first key replaced it whole
+    assert storage.filesystems_built() - before <= 1  # at most one client for this store and endpoint
+    assert storage.filesystem(bucket, cfg.storage)[0] is storage.filesystem(f"{bucket}/x", cfg.storage)[0]
+
+    assert storage.exists(f"{bucket}/in", cfg.storage) and storage.exists(f"{bucket}/in/000.bin", cfg.storage)
+    assert not storage.exists(f"{bucket}/in/nothing.bin", cfg.storage)
+    assert storage.list_files(f"{bucket}/in", cfg.storage) == sorted(data)
+    size, version = listing.stat(f"{bucket}/in/005.bin", cfg.storage)
+    entry = next(e for e in listing.walk(f"{bucket}/in", cfg.storage) if e.uri.endswith("005.bin"))
+    assert size == entry.size == 1005 and version == entry.version != ""
+    storage.write_bytes(f"{bucket}/in/005.bin", b"other", cfg.storage)
+    assert listing.stat(f"{bucket}/in/005.bin", cfg.storage)[1] != version  # an overwrite is a new version
+
+    local = tmp_path / "dir"
+    (local / "sub").mkdir(parents=True)
+    (local / "a.txt").write_text("a")
+    (local / "sub" / "b.txt").write_text("b")
+    storage.upload_dir(str(local), f"{bucket}/dir", cfg.storage)
+    assert storage.list_files(f"{bucket}/dir", cfg.storage) == [f"{bucket}/dir/a.txt", f"{bucket}/dir/sub/b.txt"]
+    storage.delete(f"{bucket}/dir/a.txt", cfg.storage)
+    storage.delete(f"{bucket}/dir/a.txt", cfg.storage)  # already gone: nothing to do
+    storage.delete_dir(f"{bucket}/dir", cfg.storage)
+    assert not storage.exists(f"{bucket}/dir", cfg.storage)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{bucket}/in/nothing.bin", cfg.storage)
+
+
+def test_a_listing_streams_page_by_page_in_key_order(server, request, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket, cfg = server.bucket(f"pages-{request.node.callspec.id}"), server.config()
+    names = ["a.jpg", "b.jpg", "c.jpg", "d/1.jpg", "d/2.jpg", "e.jpg", "f.jpg", "g.jpg", "h.jpg"]
+    for n in names:
+        storage.write_bytes(f"{bucket}/p/{n}", b"x", cfg.storage)
+    monkeypatch.setattr(listing, "PAGE_SIZE", 3)
+    walk = listing.walk(f"{bucket}/p", cfg.storage, recursive=True)
+    first = [next(walk).uri for _ in range(3)]
+    # Written after the first page came: a later page, requested only now, has it.
+    storage.write_bytes(f"{bucket}/p/z.jpg", b"x", cfg.storage)
+    rest = [e.uri for e in walk]
+    assert first + rest == [f"{bucket}/p/{n}" for n in names + ["z.jpg"]]
+    top = [(e.uri.rsplit("/", 1)[1], e.is_dir) for e in listing.walk(f"{bucket}/p", cfg.storage, recursive=False)]
+    # A folder once, where its name + "/" sorts (fake-gcs-server repeats it on every page).
+    assert top == [(n, False) for n in ("a.jpg", "b.jpg", "c.jpg")] + [("d", True)] + [
+        (n, False) for n in ("e.jpg", "f.jpg", "g.jpg", "h.jpg", "z.jpg")
+    ]
+
+
+def test_abfs_is_az_and_the_store_keys_are_config_not_saved(azure: Emulator, gcs: Emulator) -> None:
+    bucket, cfg = azure.bucket("alias"), azure.config(*gcs.settings)
+    storage.write_bytes(f"{bucket}/x.txt", b"same", cfg.storage)
+    assert storage.read_bytes("abfs://alias/x.txt", cfg.storage) == b"same"
+    saved = to_yaml(cfg)
+    assert azure.AZURE_KEY not in saved and "azure_account_key: ''" in saved and "gcs_token: ''" in saved
+    assert azure.endpoint_url in saved and gcs.endpoint_url in saved  # endpoints are not secrets
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch, gcs: Emulator) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adlfs", None)  # as if `capray[azure]` were not installed
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})
+    with pytest.raises(
+        ImportError, match=r"^azure URIs need adlfs, which is not installed: pip install 'capray\[azure\]'$"
+    ):
+        storage.read_bytes("az://c/x", gcs.config("storage.azure_account_name=nobody").storage)
+
+
+@pytest.mark.parametrize("kind", ["gcs", "azure"])
+def test_a_dropped_connection_is_retried_until_the_store_answers(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's port first answers with a dropped connection, then the emulator takes it over:
+    the read in flight is tried again (by the store's client or capray.storage) and succeeds."""
+    first = Emulator(kind, tmp_path / "data").start()
+    try:
+        bucket, cfg = first.bucket("fault"), first.config("storage.retries=6", "storage.retry_wait_s=0.2")
+        storage.write_bytes(f"{bucket}/x.bin", b"kept", cfg.storage)
+    finally:
+        first.stop()
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})  # a fresh client, as a new process has
+    dropper = socket.socket()
+    dropper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the emulator's closed connections linger
+    dropper.bind(("127.0.0.1", first.port))
+    dropper.listen()
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(data=storage.read_bytes(f"{bucket}/x.bin", cfg.storage)))
+    reader.start()
+    conn, _ = dropper.accept()  # the read reached the store: drop it, and hand the port over
+    conn.close()
+    dropper.close()
+    again = Emulator(kind, first.data, first.port).start()
+    try:
+        reader.join(timeout=120)
+        assert not reader.is_alive()
+    finally:
+        again.stop()
+    assert result["data"] == b"kept"
+
+
+def test_each_stores_transient_errors_are_recognised() -> None:
+    from aiohttp import ClientConnectionError, ServerDisconnectedError
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+    from gcsfs.retry import HttpError
+
+    # As the clients raise them: gcsfs builds HttpError from the response's JSON error.
+    transient = [
+        HttpError({"code": 503, "message": "backend error"}),
+        HttpError({"code": 429, "message": "rate limit exceeded"}),
+        ServiceRequestError("connection refused"),
+        ServiceResponseError("connection reset before the response"),
+        ServerDisconnectedError(),
+        ClientConnectionError("reset"),
+        OSError("AWS Error SLOW_DOWN during GetObject operation"),
+    ]
+    permanent = [
+        HttpError({"code": 403, "message": "forbidden"}),
+        HttpError({"code": 400, "message": "invalid argument"}),
+        FileNotFoundError("gone"),
+        PermissionError("denied"),
+        ValueError("not storage"),
+    ]
+    assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
+    assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
