@@ -68,8 +68,9 @@ def upload_features(shared: Path, uri: str, storage_cfg) -> None:
     """Copy the shared features folder to `uri` (e.g. an s3:// work dir's `features`), file by file."""
     from capray import storage
 
-    for path in sorted((shared / "features").iterdir()):
-        storage.write_bytes(f"{uri}/{path.name}", path.read_bytes(), storage_cfg)
+    root = shared / "features"
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):  # also the job's _status/
+        storage.write_bytes(f"{uri}/{path.relative_to(root).as_posix()}", path.read_bytes(), storage_cfg)
 
 
 def checkpoint_states(run_dir: str) -> list[dict]:

@@ -69,7 +69,7 @@ def test_imagenet_offline_is_one_line_naming_the_alternatives(
     assert "\n" not in message and message.startswith("could not load the ImageNet InceptionV3 weights")
     assert f"not in the Keras cache {keras_home}" in message and "Connection refused" in message
     assert (
-        f"give a local or s3:// copy of the no-top weights file with backbone.weights=/path/{backbone.WEIGHTS_FILE}"
+        f"give a local or object-storage (s3://, gs://, az://) copy of the no-top weights file with backbone.weights=/path/{backbone.WEIGHTS_FILE}"
         in message
     )
     assert "backbone.weights=random" in message

@@ -160,7 +160,10 @@ def test_imagenet_weights_offline_fail_in_the_driver_in_one_line(tmp_path: Path)
     env.update(KERAS_HOME=str(tmp_path / "keras"), https_proxy=refused, HTTPS_PROXY=refused)
     done = _capray("extract", DEMO, f"work_dir={tmp_path / 'work'}", "backbone.weights=imagenet", env=env)
     _one_line_failure(done, "extract", 6, "BackboneError: could not load the ImageNet InceptionV3 weights")
-    assert "give a local or s3:// copy of the no-top weights file with backbone.weights=" in done.stderr
+    assert (
+        "give a local or object-storage (s3://, gs://, az://) copy of the no-top weights file with backbone.weights="
+        in done.stderr
+    )
 
 
 def test_bad_config(tmp_path: Path) -> None:
