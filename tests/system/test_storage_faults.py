@@ -36,9 +36,9 @@ def _images(objects: dict[str, bytes]) -> list[str]:
     return [
         img
         for key, data in objects.items()
-        if key.endswith(".parquet") and not key.rsplit("/", 1)[-1].startswith("_")
+        if key.endswith(".parquet") and not any(part.startswith("_") for part in key.split("/"))
         for img in pq.read_table(io.BytesIO(data))["image"].to_pylist()
-    ]  # shard files, not the index
+    ]  # shard files: not the index (_shards.parquet) nor the job's roll-up (_status/stats.parquet)
 
 
 def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactly_once(
@@ -92,7 +92,9 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     # Whatever is visible is complete: every object is a readable Parquet file of this job.
     after_outage = _objects(s3, "outage", "captions/")
     assert all(
-        (k.startswith("captions/") and k.endswith(".parquet")) or k == "captions/_capray_config.yaml"
+        (k.startswith("captions/") and k.endswith(".parquet"))
+        or k == "captions/_capray_config.yaml"
+        or k.startswith("captions/_status/")  # the job's roll-up and heartbeat (`capray status`)
         for k in after_outage
     ), sorted(after_outage)
     seen = _images(after_outage)
