@@ -4,6 +4,7 @@ session (a tiny checkpoint, extracted synthetic features)."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import os
@@ -38,10 +39,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     job tests first, the unit-test files last, so that the run does not end on a long file in one
     process while the other has nothing left to do. (xdist's default order, by number of tests,
     put the long files with a few job tests last.)"""
-    jobs: dict[str, int] = {}
+    jobs: collections.Counter[str] = collections.Counter()
     for item in items:
-        jobs[item.nodeid.split("::")[0]] = jobs.get(item.nodeid.split("::")[0], 0) + _is_job_test(item)
-    items.sort(key=lambda item: -jobs[item.nodeid.split("::")[0]])
+        jobs[item.path.name] += _is_job_test(item)
+    items.sort(key=lambda item: -jobs[item.path.name])
 
 
 @pytest.fixture(scope="session")
