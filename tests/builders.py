@@ -12,6 +12,16 @@ from capray.text import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 # The scenes every shared-feature test trains on (configs/demo.yaml: random backbone, channel norm).
 SYNTHETIC_IMAGES = 96
+# What identifies each of TensorFlow's start-up banners in a log, whatever its timestamp and
+# thread (capray.tfquiet drops them; tests/test_cli.py has whole examples).
+BANNER_MARKS = [
+    "absl::InitializeLog()",
+    "Could not find cuda drivers",
+    "oneDNN custom operations are on",
+    "failed call to cuInit",
+]
+# Ray Train's per-report INFO lines from the training workers (one per epoch and checkpoint).
+TRAIN_NOISE = ["Checkpoint successfully created", "Reporting training result"]
 
 
 def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:

@@ -1,16 +1,16 @@
 """The `capray` command as users meet it: one line and a documented exit code per kind of expected
-failure (docs/cli.md), checks in the driver before Ray starts, and job logs free of TensorFlow's
-start-up banners."""
+failure (docs/cli.md), checks in the driver before Ray starts, and no TensorFlow start-up banners
+(whole jobs' logs: tests/system/test_job_logs.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from builders import BANNER_MARKS
 
 from capray import cli, tfquiet
 
@@ -24,13 +24,6 @@ BANNERS = [
     "set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.",
     "E0000 00:00:1795695665.986535   10093 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call "
     "to cuInit: UNKNOWN ERROR (303)",
-]
-# What identifies each banner in a log, whatever its timestamp and thread.
-BANNER_MARKS = [
-    "absl::InitializeLog()",
-    "Could not find cuda drivers",
-    "oneDNN custom operations are on",
-    "failed call to cuInit",
 ]
 
 
@@ -233,50 +226,3 @@ def test_importing_the_model_and_running_an_op_prints_no_banner() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "4.0", done.stderr[-3000:]
     assert not [m for m in BANNER_MARKS if m in done.stderr], done.stderr[-3000:]
     assert "after" in done.stderr
-
-
-# Ray Train's per-report INFO lines from the training workers (one per epoch and checkpoint).
-TRAIN_NOISE = ["Checkpoint successfully created", "Reporting training result"]
-
-
-@pytest.mark.timeout(720)  # two jobs, each with its local Ray instance, on a small machine
-def test_real_job_logs_have_no_banner_or_train_noise_in_driver_or_workers(tmp_path: Path) -> None:
-    # Its own Ray temp dir (short: Ray's socket paths are limited to 107 bytes), so that the logs
-    # of exactly these jobs' workers can be read afterwards, forwarded to the driver or not.
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    try:
-        work = tmp_path / "work"
-        common = [
-            DEMO,
-            "data.synthetic_images=8",
-            f"data.annotations={work / 'data' / 'captions.csv'}",
-            "ray.local_cpus=2",
-            f"work_dir={work}",
-        ]
-        done = _capray("extract", *common, "extract.batch_size=8", env=_env(RAY_TMPDIR=ray_tmp), timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "8 extracted, 0 failed" in done.stdout
-        trained = _capray(
-            "train",
-            *common,
-            "train.epochs=1",
-            "train.batch_size=4",
-            "ray.num_workers=1",
-            env=_env(RAY_TMPDIR=ray_tmp),
-            timeout=400,
-        )
-        assert trained.returncode == 0, trained.stderr[-3000:]
-        assert "best checkpoint" in trained.stdout, trained.stdout[-3000:]
-        # A training worker's line reaches the driver's console, once (capray.logs: the driver tells it to print).
-        assert trained.stdout.count("[capray] epoch 1/1 step ") == 1, trained.stdout[-3000:]
-        for log in (done.stdout + done.stderr, trained.stdout + trained.stderr):
-            assert not [m for m in BANNER_MARKS + TRAIN_NOISE if m in log], log[-3000:]
-        workers = list(Path(ray_tmp).glob("ray/session_2*/logs/worker-*"))  # not session_latest, a link
-        assert len({f.parent.parent for f in workers}) == 2  # both jobs' sessions
-        for f in workers:
-            text = f.read_text(errors="replace")
-            assert not [m for m in BANNER_MARKS + TRAIN_NOISE if m in text], (f, text[-2000:])
-    finally:
-        import shutil
-
-        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
-import uuid
 import zlib
 from pathlib import Path
 
 import boto3
-
-from capray import synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,80 +32,37 @@ def _bucket_objects(s3, bucket: str) -> dict[str, bytes]:
     return out
 
 
-def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(s3) -> None:
-    """Every job against S3 with a distinctive secret in the config and another in the environment;
-    then every byte written (console, Ray's session logs, local files, bucket objects) is searched."""
-    config_secret = f"cfgsecret{uuid.uuid4().hex}"
-    env_secret = f"envsecret{uuid.uuid4().hex}"
-    bucket = s3.bucket(f"sec-{uuid.uuid4().hex[:8]}")
-    # Short: Ray's socket paths live under it.
-    root = Path(tempfile.mkdtemp(prefix="crsec"))
-    try:
-        synthetic.generate(root / "heldout", 4, seed=7, prefix="h")
-        args = [
-            str(REPO / "configs/demo.yaml"),
-            f"work_dir={bucket}/work",
-            f"data.annotations={root}/data/captions.csv",
-            "data.synthetic_images=32",
-            "train.epochs=1",
-            "train.batch_size=8",
-            "ray.num_workers=1",
-            "ray.local_cpus=2",
-            f"storage.endpoint_url={s3.endpoint_url}",
-            "storage.region=us-east-1",
-            "storage.access_key_id=capraykey",
-            f"storage.secret_access_key={config_secret}",
-        ]
-        script = textwrap.dedent(f"""
-            import sys
-            from capray import cli
-            args = {args!r}
-            for job, extra in (("extract", []), ("train", []), ("caption", ["caption.input={root}/heldout/images"])):
-                code = cli.main(args + extra, job=job)
-                if code:
-                    sys.exit(code)
-            sys.exit(cli.main(args + ["--print-config"], job="train"))
-        """)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "RAY_TMPDIR": str(root / "ray"),
-            "AWS_ACCESS_KEY_ID": "envkey",
-            "AWS_SECRET_ACCESS_KEY": env_secret,
-        }
-        env.pop("RAY_ADDRESS", None)
-        done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, timeout=540)
-        console = done.stdout + done.stderr
-        assert done.returncode == 0, console[-3000:].decode(errors="replace")
-        assert b"caption: 4 images" in console and b"secret_access_key: ''" in console
-
-        written = {"console": console}
-        for path in root.rglob("*"):
-            if path.is_file() and not path.is_socket():
-                written[str(path)] = path.read_bytes()
-        objects = _bucket_objects(s3, bucket.removeprefix("s3://"))
-        written.update({f"{bucket}/{k}": v for k, v in objects.items()})
-        # What must be there was searched: Ray's logs, checkpoints, saved configs and Parquet outputs.
-        names = "\n".join(written)
-        for expected in (
-            "/logs/",
-            "best/model.weights.h5",
-            "best/optimizer.npz",
-            "best/config.yaml",
-            "features/_capray_config.yaml",
-            "captions/_capray_config.yaml",
-            "captions/list-",
-            "features/list-",
-            "features/_shards.parquet",
-            "inputs/split-",
-            "split.parquet",
-        ):
-            assert expected in names, expected
-        for secret in (config_secret, env_secret):
-            leaks = [name for name, data in written.items() if secret.encode() in data]
-            assert not leaks, f"{secret[:9]} found in {leaks}"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def test_credentials_never_appear_in_logs_configs_checkpoints_or_parquet(jobs_on_s3) -> None:
+    """Every job against S3 with a distinctive secret in the config and another in the environment
+    (tests/system/conftest.py); then every byte written (console, Ray's session logs, local files,
+    bucket objects) is searched."""
+    run = jobs_on_s3
+    assert b"secret_access_key: ''" in run.console  # the --print-config at the end
+    written = {"console": run.console}
+    for path in run.root.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            written[str(path)] = path.read_bytes()
+    objects = _bucket_objects(run.s3, run.bucket.removeprefix("s3://"))
+    written.update({f"{run.bucket}/{k}": v for k, v in objects.items()})
+    # What must be there was searched: Ray's logs, checkpoints, saved configs and Parquet outputs.
+    names = "\n".join(written)
+    for expected in (
+        "/logs/",
+        "best/model.weights.h5",
+        "best/optimizer.npz",
+        "best/config.yaml",
+        "features/_capray_config.yaml",
+        "captions/_capray_config.yaml",
+        "captions/list-",
+        "features/list-",
+        "features/_shards.parquet",
+        "inputs/split-",
+        "split.parquet",
+    ):
+        assert expected in names, expected
+    for secret in run.secrets:
+        leaks = [name for name, data in written.items() if secret.encode() in data]
+        assert not leaks, f"{secret[:9]} found in {leaks}"
 
 
 # --- no unpickling of stored data --------------------------------------------------------------
