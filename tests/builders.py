@@ -65,8 +65,9 @@ def reuse_features(shared: Path, work: Path) -> list[str]:
     return feature_overrides(shared, work)
 
 
-def feature_overrides(shared: Path, work: Path) -> list[str]:
-    """The overrides of a work dir made by `reuse_features(shared, work)`."""
+def feature_overrides(shared: Path, work: Path | str) -> list[str]:
+    """The overrides of a work dir made by `reuse_features(shared, work)`, or of one (local or a
+    store's URI) that `upload_features` filled."""
     return [
         f"work_dir={work}",
         f"data.annotations={shared / 'data' / 'captions.csv'}",

@@ -10,13 +10,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from builders import REPO, reuse_features
+from builders import REPO, feature_overrides, upload_features
+from emulators import Emulator
 
-from capray import synthetic, train
+from capray import extraction, storage, synthetic, train
 from capray.captioning import caption
-from capray.config import load_config
+from capray.config import load_config, output_paths
 from capray.extraction import FeatureExtractor
 from capray.featurestore import decode_features
 from capray.model import Backbone, ShowAttendTell, make_optimizer, set_precision
@@ -87,34 +89,55 @@ def test_extraction_actor_under_mixed_float16_matches_float32(mixed_policy) -> N
     assert not np.array_equal(mixed, exact.astype(np.float16).astype(np.float32))
 
 
-def test_jobs_run_with_mixed_precision_and_xla(ray_local, synthetic_features: Path, tmp_path: Path) -> None:
+def _work_on(server: Emulator, synthetic_features: Path) -> list[str]:
+    """Overrides of a new work dir on `server`'s store (gs:// or az://) holding a copy of the
+    session's float32-extracted features: split, tokenizer, checkpoints, TensorBoard curves and
+    captions are written there by the jobs (issue 28's two-worker training on each store)."""
+    work = f"{server.bucket('precision')}/work"
+    overrides = [*server.settings, *feature_overrides(synthetic_features, work)]
+    cfg = load_config(REPO / "configs/demo.yaml", overrides)
+    upload_features(synthetic_features, output_paths(cfg)["features"], cfg.storage)
+    return overrides
+
+
+def _train_and_caption(cfg, images: str) -> None:
+    """Two training workers for an epoch on the store, then the caption job from its checkpoint
+    into the store: finite losses and captions, each with its log-probability."""
+    summary = train.train(cfg)
+    assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
+    p = output_paths(cfg)
+    assert summary["checkpoint"] == p["best_checkpoint"] and storage.exists(
+        f"{p['best_checkpoint']}/model.weights.h5", cfg.storage
+    )
+    out = f"{cfg.work_dir}/captions"
+    s = caption(cfg, summary["checkpoint"], images, out)
+    assert s["captioned"] == s["written"] > 0 and s["failed"] == 0  # the first shard (inputs.limit_shards=1)
+    fs, path = storage.filesystem(out, cfg.storage)
+    rows = pq.ParquetDataset(path, filesystem=fs).read().to_pandas()
+    assert len(rows) == s["written"] and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
+
+
+def test_jobs_run_with_mixed_precision_and_xla(ray_local, gcs: Emulator, synthetic_features: Path) -> None:
     # A Ray Train epoch (MultiWorkerMirroredStrategy, loss scaling, clipping, XLA forward/backward)
-    # and the caption job (XLA InceptionV3) with both on, on the session's float32-extracted
-    # features. XLA compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
+    # on 2 workers and the caption job (XLA InceptionV3) with both on, work_dir on gs://. XLA
+    # compiles InceptionV3 once per batch shape, slowly on CPU: one shape, 8 images.
     base = [
-        *reuse_features(synthetic_features, tmp_path / "work"),
+        *_work_on(gcs, synthetic_features),
         "data.num_examples=32",
         "model.precision=mixed_float16",
         "model.jit_compile=true",
         "train.epochs=1",
         "train.batch_size=8",
         "train.clip_norm=5.0",
-        "ray.num_workers=1",
+        "ray.num_workers=2",
         "ray.cpus_per_worker=0.5",
         "name=mixed",
         "caption.batch_size=8",
         "inputs.shard_rows=8",
         "inputs.limit_shards=1",
     ]
-    cfg = load_config(REPO / "configs/demo.yaml", base)
-    summary = train.train(cfg)
-    assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
-    out = tmp_path / "captions"
-    s = caption(cfg, summary["checkpoint"], str(synthetic_features / "data" / "images"), str(out))
-    assert s["captioned"] == s["written"] > 0 and s["failed"] == 0  # the first shard (inputs.limit_shards=1)
-    rows = pd.read_parquet(out)
-    assert len(rows) == s["written"] and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
-    assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
+    _train_and_caption(load_config(REPO / "configs/demo.yaml", base), str(synthetic_features / "data" / "images"))
 
 
 def test_model_trains_under_mixed_bfloat16_without_loss_scaling(bf16_policy) -> None:
@@ -150,42 +173,40 @@ def test_extraction_actor_under_mixed_bfloat16_is_near_float32(bf16_policy) -> N
 
 
 def test_jobs_extract_train_and_caption_under_mixed_bfloat16(
-    ray_local, synthetic_features: Path, tmp_path: Path
+    ray_local, azure: Emulator, synthetic_features: Path, tmp_path: Path
 ) -> None:
+    images = str(synthetic_features / "data" / "images")
+    # Extraction: into a local folder of its own, so that the shared float32 features stay as they are.
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            "model.precision=mixed_bfloat16",
+            f"extract.input={images}",
+            f"work_dir={tmp_path / 'bf16-extract'}",
+            "inputs.shard_rows=8",
+            "inputs.limit_shards=1",
+        ],
+    )
+    extracted = extraction.run(cfg)
+    assert extracted["written"] > 0 and extracted["failed"] == 0
+    stored = pd.read_parquet(tmp_path / "bf16-extract" / "features")
+    assert len(stored) == extracted["written"] and stored["error"].isna().all()
+    # Training on 2 workers and captioning, work_dir on az://.
     base = [
-        *reuse_features(synthetic_features, tmp_path / "work"),
+        *_work_on(azure, synthetic_features),
         "data.num_examples=32",
         "model.precision=mixed_bfloat16",
         "train.epochs=1",
         "train.batch_size=8",
         "train.clip_norm=5.0",
-        "ray.num_workers=1",
+        "ray.num_workers=2",
         "ray.cpus_per_worker=0.5",
         "name=bf16",
         "caption.batch_size=8",
         "inputs.shard_rows=8",
         "inputs.limit_shards=1",
     ]
-    cfg = load_config(REPO / "configs/demo.yaml", base)
-    images = str(synthetic_features / "data" / "images")
-    # Extraction: a separate output folder, so the shared float32 features stay as they are.
-    cfg.extract.input = images
-    cfg.work_dir = str(tmp_path / "bf16-extract")
-    from capray import extraction as feature_job
-
-    extracted = feature_job.run(cfg)
-    assert extracted["written"] > 0 and extracted["failed"] == 0
-    stored = pd.read_parquet(tmp_path / "bf16-extract" / "features")
-    assert len(stored) == extracted["written"] and stored["error"].isna().all()
-    cfg = load_config(REPO / "configs/demo.yaml", base)
-    summary = train.train(cfg)
-    assert np.isfinite(summary["metrics"]["val_loss"]) and summary["metrics"]["epoch"] == 1
-    out = tmp_path / "captions"
-    s = caption(cfg, summary["checkpoint"], images, str(out))
-    assert s["captioned"] == s["written"] > 0 and s["failed"] == 0  # the first shard (inputs.limit_shards=1)
-    rows = pd.read_parquet(out)
-    assert len(rows) == s["written"] and rows["caption"].notna().all() and np.isfinite(rows["log_prob"]).all()
-    assert keras.mixed_precision.dtype_policy().name == "float32"  # the driver's policy is untouched
+    _train_and_caption(load_config(REPO / "configs/demo.yaml", base), images)
 
 
 def test_precision_config_names_the_new_key_and_decides_auto() -> None:
