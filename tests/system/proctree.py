@@ -1,8 +1,11 @@
 """Process trees from /proc, for the system tests that kill part of a Ray instance: the
-processes below a job or a node's raylet, and which of them are a given kind of Ray worker."""
+processes below a job or a node's raylet, which of them are a given kind of Ray worker, and the
+end of a killed job's Ray instance."""
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 
@@ -33,3 +36,27 @@ def titled(pids: list[int], title: bytes) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def with_text(text: str) -> list[str]:
+    """PIDs whose command line contains `text`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(cmdline.parent.name)
+        except OSError:  # the process exited while we looked
+            pass
+    return pids
+
+
+def wait_for_ray_to_exit(log: Path) -> None:
+    """Until the processes of the Ray instance that a finished or killed job started (its session,
+    named in the job's log `log`) are gone: their shutdown takes CPU for seconds, which the next
+    timed job on 2 cores would pay for."""
+    found = re.search(r"/(session_[\w-]+)", log.read_text())
+    if not found:
+        return
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and with_text(found.group(1)):
+        time.sleep(0.5)  # polling another process tree's exit: there is nothing to wait on

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from proctree import wait_for_ray_to_exit
 
 from capray import synthetic
 from capray.config import load_config
@@ -57,29 +58,6 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             cmd, cwd=log.parent, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def _wait_for_ray_to_exit(log: Path) -> None:
-    """Until the processes of the Ray instance a finished or killed job started are gone: their
-    shutdown takes CPU for seconds, which the next timed job on 2 cores would pay for."""
-    found = re.search(r"/(session_[\w-]+)", log.read_text())
-    if not found:
-        return
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _processes_with(found.group(1)):
-        time.sleep(0.5)  # polling another process tree's exit: there is nothing to wait on
-
-
-def _processes_with(text: str) -> list[str]:
-    """PIDs whose command line contains `text` (from /proc)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                pids.append(cmdline.parent.name)
-        except OSError:  # the process exited while we looked
-            pass
-    return pids
 
 
 def _log_shards(log: Path) -> int | None:
@@ -139,7 +117,7 @@ def test_progress_is_kept_as_the_job_goes_and_a_killed_job_resumes(tiny_checkpoi
     assert dead["rows"]["done"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
     # 2. The re-run does only the rest.
-    _wait_for_ray_to_exit(log)
+    wait_for_ray_to_exit(log)
     resumed = subprocess.run(
         _cmd(tiny_checkpoint, tmp_path, "out"),
         cwd=tmp_path,

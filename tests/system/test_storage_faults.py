@@ -1,14 +1,17 @@
-"""Storage faults: the S3 server stops in the middle of the caption job's writes, then comes back.
+"""Storage faults: the S3 server stops in the middle of the caption job's writes, then comes back;
+a re-run killed after it started, and one to the end. `capray status` of the output on S3 while
+the first job runs, after the kill, and at the end.
 
-The job runs as users run it, `capray caption ...` in a process with its own Ray instance, and is
-re-run the same way. (In one long-lived driver, a failed Ray Data job's actors can outlive it
-until garbage-collected - ray-project/ray#24948 - and starve a re-run on a 2-CPU instance.)
+The jobs run as users run them, `capray caption ...` in a process with its own Ray instance.
+(In one long-lived driver, a failed Ray Data job's actors can outlive it until garbage-collected -
+ray-project/ray#24948 - and starve a re-run on a 2-CPU instance.)
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,13 +19,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from proctree import wait_for_ray_to_exit
 
 from capray import synthetic
+from capray.progress import read_heartbeat
+from capray.status import read_status
 
-# A caption job through an S3 outage, then its re-run.
+# A caption job through an S3 outage, then two re-runs.
 pytestmark = pytest.mark.timeout(1200)
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 24
+OUTPUT = "s3://outage/captions"
 
 
 def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
@@ -46,6 +53,7 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
 ) -> None:
     s3 = restartable_s3
     s3.client().create_bucket(Bucket="outage")
+    storage_cfg = s3.config().storage
     synthetic.generate(tmp_path / "in", N_IMAGES, seed=3, prefix="o")
     # Two rows per file: the job writes a dozen objects, so the outage lands between writes.
     cmd = [
@@ -55,7 +63,7 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
         "caption",
         f"checkpoint={tiny_checkpoint}",
         f"caption.input={tmp_path / 'in' / 'images'}",
-        "output=s3://outage/captions",
+        f"output={OUTPUT}",
         "caption.batch_size=2",
         "inputs.shard_rows=2",
         "ray.local_cpus=2",
@@ -68,12 +76,17 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "first.log"
     with open(log, "w") as out:  # a file: an unread pipe would block the job
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Few, short retries: the outage lasts until this job has failed, so longer ones would
+        # only wait (the defaults took about 2 minutes to give up).
+        first_cmd = [*cmd, "storage.retries=1", "storage.retry_wait_s=0.1"]
+        proc = subprocess.Popen(first_cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 900
         while proc.poll() is None and time.monotonic() < deadline and not _images(_objects(s3, "outage", "captions/")):
             time.sleep(0.2)
         assert proc.poll() is None, f"the job ended before the outage: {log.read_text()[-2000:]}"
+        # `capray status` of the running job on S3, from the bucket alone.
+        running = read_status(OUTPUT, storage_cfg)
         s3.stop()
         proc.wait(timeout=900)
     finally:
@@ -82,6 +95,9 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
             proc.wait()
     s3.start()
     first = log.read_text()
+    assert running["job"]["state"] == "running" and running["job"]["alive"], (running["job"], running["shards"])
+    total = running["shards"]["total"]  # the plan's shards, about 2 images each
+    assert total >= N_IMAGES // 2 and running["shards"]["done"] >= 1, (running["job"], running["shards"])
 
     # Either outcome is allowed; a failure must say what happened and what to do.
     if proc.returncode:
@@ -100,11 +116,45 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     seen = _images(after_outage)
     assert 0 < len(seen) == len(set(seen)) <= N_IMAGES
 
+    # A re-run killed (SIGKILL, its whole process group) once its driver has written its
+    # heartbeat, before it gives out shards: seen an hour later, the job is lost, not alive, and
+    # its shards done are the files in the bucket. (The outage leaves shards to do: a job that
+    # cannot write cannot finish.)
+    assert len(seen) < N_IMAGES, "the first job wrote every shard before the outage"
+    wait_for_ray_to_exit(log)
+    killed_log = tmp_path / "killed.log"
+    with open(killed_log, "w") as out:
+        killed = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while killed.poll() is None and time.monotonic() < deadline:
+            beat = read_heartbeat(OUTPUT, storage_cfg)
+            if beat and beat["pid"] == killed.pid:
+                break
+            time.sleep(0.2)  # polling the bucket: the heartbeat object is the event
+        assert killed.poll() is None, f"the re-run ended before it was killed: {killed_log.read_text()[-2000:]}"
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    wait_for_ray_to_exit(killed_log)
+    kept = _objects(s3, "outage", "captions/")
+    files = [k for k in kept if k.endswith(".parquet") and not any(part.startswith("_") for part in k.split("/"))]
+    kept_images = _images(kept)
+    lost = read_status(OUTPUT, storage_cfg, now=time.time() + 3600)
+    assert lost["job"]["state"] == "lost" and not lost["job"]["alive"] and lost["eta_s"] is None, lost
+    assert lost["shards"]["done"] == len(files) and lost["shards"]["total"] == total, lost
+    assert lost["shards"]["stats_unknown"] == 0 and lost["rows"]["done"] == len(kept_images) >= len(seen), lost
+
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     final = _images(_objects(s3, "outage", "captions/"))
     assert sorted(final) == sorted(str(p) for p in (tmp_path / "in" / "images").glob("*.jpg"))
     assert len(final) == N_IMAGES  # every image exactly once
-    if proc.returncode:
-        # The re-run did exactly the shards without a file.
-        assert f"already done ({len(seen)} images)" in rerun.stdout and f"({N_IMAGES - len(seen)} rows:" in rerun.stdout
+    # The re-run did exactly the shards without a file.
+    assert f"already done ({len(kept_images)} images)" in rerun.stdout, rerun.stdout[-2000:]
+    assert f"({N_IMAGES - len(kept_images)} rows:" in rerun.stdout, rerun.stdout[-2000:]
+    done = read_status(OUTPUT, storage_cfg)
+    assert done["job"]["state"] == "finished" and done["shards"]["done"] == done["shards"]["total"] == total
+    assert done["rows"]["done"] == done["rows"]["ok"] == N_IMAGES and done["eta_s"] == 0.0, done
