@@ -81,10 +81,8 @@ def overview_main(argv: list[str]) -> int:
     restore_logging = install_cli_handler(logging.INFO)
     try:
         from capray.overview import run as overview
-        from capray.runtime import init_ray
 
         cfg = parse_args(args.config)
-        init_ray(cfg)
         r = overview(args.output, cfg, args.html)
     except Exception as e:
         code = exit_code(e)

@@ -329,6 +329,8 @@ def collect(output: str, cfg: Config, k: int) -> Summary:
     import ray
 
     files = [storage.join(output, shards.output_name(i)) for i in sorted(shards.done_ids(output, cfg.storage))]
+    if files:
+        _require_columns(files[0], cfg.storage)  # here, not as a task's error with its traceback
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
     task = ray.remote(num_cpus=1)(summarize_files)
     total = Summary(k)
@@ -366,10 +368,8 @@ def thumbnails(
     return out
 
 
-def build(output: str, cfg: Config, html_uri: str = "") -> dict[str, Any]:
-    """Write the page of caption output `output` to `html_uri` (default `overview.html`, else
-    `<output>/_status/overview.html`); returns where, and the figures it shows."""
-    t0 = time.time()
+def read_index(output: str, cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The output's index (capray.shards); InputError when `output` is missing or no job's output."""
     entries, meta = shards.read_index(output, cfg.storage)
     if meta is None:
         if not storage.exists(output, cfg.storage):
@@ -377,6 +377,24 @@ def build(output: str, cfg: Config, html_uri: str = "") -> dict[str, Any]:
         raise InputError(
             f"{output} has no {shards.INDEX}: not the output folder of a caption job (or it has not started)"
         )
+    return entries, meta
+
+
+def _require_columns(uri: str, storage_cfg: Any) -> None:
+    """InputError unless output file `uri` has the caption columns (a features folder has not)."""
+    fs, path = storage.filesystem(uri, storage_cfg)
+    with fs.open_input_file(path) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    absent = [c for c in COLUMNS if c not in names]
+    if absent:
+        raise InputError(f"{uri}: no {', '.join(absent)} column: not an output file of capray caption")
+
+
+def build(output: str, cfg: Config, html_uri: str = "") -> dict[str, Any]:
+    """Write the page of caption output `output` to `html_uri` (default `overview.html`, else
+    `<output>/_status/overview.html`); returns where, and the figures it shows. Ray must be up."""
+    t0 = time.time()
+    entries, meta = read_index(output, cfg)
     html_uri = html_uri or cfg.overview.html or progress.status_uri(output, PAGE)
     job_cfg = _saved_config(output, cfg)
     k = cfg.overview.gallery
@@ -418,8 +436,13 @@ def after_job(cfg: Config) -> dict[str, Any]:
 
 
 def run(output: str, cfg: Config, html_uri: str = "") -> dict[str, Any]:
-    """`capray overview`: InputError when `output` cannot be read."""
+    """`capray overview`: the folder checked, then Ray started or joined (`ray.address`), the page
+    built; InputError when `output` cannot be read or is no caption output."""
+    from capray.runtime import init_ray
+
     try:
+        read_index(output, cfg)  # before Ray: a wrong folder is told in a second, not after Ray starts
+        init_ray(cfg)
         return build(output, cfg, html_uri)
     except OSError as e:
         raise InputError(f"cannot read {output}: {e}") from None

@@ -228,8 +228,17 @@ def test_the_page_opens_in_headless_chromium_with_no_console_error(page: tuple[P
 
 
 def test_a_folder_that_is_no_caption_output_is_one_line_with_exit_code_3(
-    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture
+    page: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     (tmp_path / "x").mkdir()
     assert cli.main(["overview", str(tmp_path / "x")]) == 3
     assert "no _shards.parquet" in capsys.readouterr().err
+    assert cli.main(["overview", str(tmp_path / "nothing")]) == 3
+    assert "output folder not found" in capsys.readouterr().err
+    # A features folder (here: a caption file without its caption columns) is refused by name.
+    features = tmp_path / "features"
+    shutil.copytree(page[0].parent / "captions", features)
+    first = sorted(features.glob("list-*.parquet"))[0]
+    pq.write_table(pq.read_table(first).drop_columns(["caption", "log_prob"]), first)
+    assert cli.main(["overview", str(features)]) == 3
+    assert "no caption, log_prob column: not an output file of capray caption" in capsys.readouterr().err
