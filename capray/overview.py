@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -526,6 +527,15 @@ def throughput_bins(
     return [float(r / width) for r in rows], t0, t1
 
 
+def shown(uri: str) -> str:
+    """A key or folder as the page shows it: a local path under the current folder relative to it
+    (shorter, and the same page wherever the work dir lives), anything else as it is."""
+    if storage.is_remote(uri) or not os.path.isabs(uri):
+        return uri
+    rel = os.path.relpath(uri)
+    return uri if rel.startswith("..") else rel
+
+
 def _gallery(rows: list[dict[str, Any]], thumbs: dict[str, tuple[str, str]]) -> str:
     e = html.escape
     cells = []
@@ -539,7 +549,7 @@ def _gallery(rows: list[dict[str, Any]], thumbs: dict[str, tuple[str, str]]) -> 
         cells.append(
             f'<figure>{img}<figcaption><div class="c">{e(r["caption"])}</div>'
             f"<div>{r['confidence']:.3f} per token, {r['tokens']} tokens</div>"
-            f'<div class="k">{e(r["key"])}</div></figcaption></figure>'
+            f'<div class="k">{e(shown(r["key"]))}</div></figcaption></figure>'
         )
     return '<div class="gallery">' + "".join(cells) + "</div>" if cells else "<p>No captioned rows.</p>"
 
@@ -584,7 +594,7 @@ def render(
     )
     error_rows = "".join(
         f'<tr><td>{e(c)}</td><td class="n">{n:,}</td><td class="err">'
-        + "<br>".join(f"<code>{e(k)}</code>: {e(m)}" for k, m in s.examples.get(c, []))
+        + "<br>".join(f"<code>{e(shown(k))}</code>: {e(m)}" for k, m in s.examples.get(c, []))
         + "</td></tr>"
         for c, n in sorted(s.errors.items(), key=lambda kv: -kv[1])
     )
@@ -593,12 +603,12 @@ def render(
         if s.errors
         else "<p>No failed rows.</p>"
     )
-    settings_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in settings.items())
+    settings_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(shown(str(v)))}</td></tr>" for k, v in settings.items())
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>capray overview: {e(output)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>capray overview: {e(shown(output))}</title>
 <link rel="icon" href="data:,"><style>{_CSS}</style></head><body>
 <h1>capray overview</h1>
-<div class="meta">output <code>{e(output)}</code><br>input <code>{e(input_uri)}</code><br>
+<div class="meta">output <code>{e(shown(output))}</code><br>input <code>{e(shown(input_uri))}</code><br>
 job: {e(job)}; page written {_fmt_time(time.time())}</div>
 <h2>Summary</h2>
 <table id="summary">
