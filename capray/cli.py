@@ -67,14 +67,50 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
+def overview_main(argv: list[str]) -> int:
+    """`capray overview OUTPUT [config ...] [key=value ...] [--html FILE]`: Ray tasks read the
+    output, the page is written (docs/cli.md#overview)."""
+    parser = argparse.ArgumentParser(
+        prog="capray overview", description="a caption output as one self-contained HTML page"
+    )
+    parser.add_argument("output", help="the caption job's output folder, local or s3:// gs:// az://")
+    parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, overview.*, ray.*)")
+    parser.add_argument("--html", default="", help="the page's file (default <output>/_status/overview.html)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    restore_logging = install_cli_handler(logging.INFO)
+    try:
+        from capray.overview import run as overview
+
+        cfg = parse_args(args.config)
+        r = overview(args.output, cfg, args.html)
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"capray overview: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        restore_logging()
+    print(
+        f"[capray] overview: {r['rows']} rows in {r['files']} files ({r['ok']} captioned, {r['failed']} failed), "
+        f"{r['gallery']} least confident + {r['random']} random captions, {r['thumbnails']} thumbnails; "
+        f"{r['seconds']} s -> {r['html']}",
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
     """Parse `[job] [config ...] [overrides]`, check, start Ray, run the job; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if job == "status" or (job is None and argv[:1] == ["status"]):
         return status_main(argv[1:] if job is None else argv)
+    if job == "overview" or (job is None and argv[:1] == ["overview"]):
+        return overview_main(argv[1:] if job is None else argv)
     parser = argparse.ArgumentParser(prog="capray", description=__doc__.splitlines()[0])
     if job is None:
-        parser.add_argument("job", choices=sorted([*JOBS, "status"]))
+        parser.add_argument("job", choices=sorted([*JOBS, "status", "overview"]))
     parser.add_argument("config", nargs="*", help="YAML files (later ones win), then key=value overrides")
     parser.add_argument(
         "--overwrite",

@@ -123,12 +123,15 @@ def _audit_target(cfg: Config) -> None:
 
 def run_job(job: str, cfg: Config) -> Any:
     """Run one job on the Ray that is already connected; `train` is followed by `evaluate` when
-    `evaluate.after_train`, `caption` and `extract` by their audit when `audit.after_job`
-    (composition lives here, not in the job modules)."""
+    `evaluate.after_train`, `caption` and `extract` by their audit when `audit.after_job`,
+    `caption` by its overview page when `overview.after_job` (composition lives here, not in the
+    job modules)."""
     result = importlib.import_module(JOBS[job]).run(cfg)
     if job in ("caption", "extract") and cfg.audit.after_job and not cfg.inputs.dry_run:
         # Here, not in the jobs: capray.audit imports both jobs' planners (job_plan).
         result["audit"] = importlib.import_module("capray.audit").after_job(cfg, job)
+    if job == "caption" and cfg.overview.after_job and not cfg.inputs.dry_run:
+        result["overview"] = importlib.import_module("capray.overview").after_job(cfg)
     if job == "train" and cfg.evaluate.after_train:
         # Imported here: the evaluation job loads what only this path needs.
         evaluate = importlib.import_module("capray.evaluate")

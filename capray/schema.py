@@ -222,6 +222,20 @@ class StatusConfig:
 
 
 @dataclass
+class OverviewConfig:
+    """`capray overview`: a caption output as one self-contained HTML page (docs/cli.md#overview)."""
+
+    # The page's file ("" = <output>/_status/overview.html): a local path or s3:// gs:// az:// URI.
+    html: str = ""
+    # Captions in each gallery: the least confident of the whole output, and as many at random.
+    gallery: int = 24
+    # Longest side of the gallery's thumbnails in pixels (JPEG, embedded in the page).
+    thumbnail_px: int = 160
+    # The caption job writes the page of its output when it finishes (off: a Ray pass over all its rows).
+    after_job: bool = False
+
+
+@dataclass
 class AuditConfig:
     """`capray audit`: a job's output folder checked against its input, image by image."""
 
@@ -330,6 +344,7 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    overview: OverviewConfig = field(default_factory=OverviewConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -378,6 +393,8 @@ POSITIVE = (
     "data.synthetic_images",
     "data.synthetic_heldout",
     "evaluate.batch_size",
+    "overview.gallery",
+    "overview.thumbnail_px",
 )
 NON_NEGATIVE = (
     "data.num_examples",

@@ -158,3 +158,73 @@ def standin_output(
     }  # fmt: skip
     storage.write_bytes(progress.status_uri(output, progress.HEARTBEAT), json.dumps(beat).encode(), storage_cfg)
     return end0 + done - 1
+
+
+def caption_output(cfg, input_uri: str, output: str, captions=None) -> dict:
+    """A caption job's output folder for `input_uri`, without a model: the real planner
+    (capray.inputs), reader and image loader (capray.worker.load_image) make its rows, keys,
+    shards, errors and footers as the job would; captions are `captions(key, k)` -> (text,
+    log_prob, num_tokens) (default: one per image, less confident the later it comes). Writes the
+    index (`_shards.parquet`), the saved config, one file per shard with its stats in the footer,
+    and a finished heartbeat. Returns {key: caption text or error}."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capray import inputs, progress, storage
+    from capray import shards as shard_index
+    from capray.captioning import SCHEMA
+    from capray.config import output_paths, save_next_to
+    from capray.images import error_class
+    from capray.inputs import DATA, KEY, URI
+    from capray.reader import read_shard
+    from capray.worker import load_image
+
+    captions = captions or (lambda key, k: (f"caption {k} of {key.rsplit('/', 1)[-1]}", -0.05 * (k + 1) * 5, 5))
+    plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
+    started = time.time() - 10 * len(plan.shards)
+    entries, result, k = [], {}, 0
+    for n, shard in enumerate(plan.shards):
+        rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+        for table in read_shard(shard, cfg, 1000):
+            for row in table.to_pylist():
+                item = row.get(DATA) if DATA in row else row.get(URI)
+                error = row.get("_error") or load_image(item, cfg.storage, cfg.data.max_pixels)[1]
+                text, log_prob, tokens = (None, None, None) if error else captions(row[KEY], k)
+                k += 0 if error else 1
+                for name, value in zip(
+                    SCHEMA.names, (row[KEY], text, log_prob, tokens, "greedy", "ckpt", error or None)
+                ):
+                    rows[name].append(value)
+                result[row[KEY]] = error or text
+        failed = [e for e in rows["error"] if e]
+        errors: dict[str, int] = {}
+        for e in failed:
+            errors[error_class(e)] = errors.get(error_class(e), 0) + 1
+        stats = {
+            "shard": shard.id, "run": "standin", "rows": len(rows["image"]), "ok": len(rows["image"]) - len(failed),
+            "failed": len(failed), "errors": errors, "duplicates": 0, "copied": 0, "bytes_read": 0, "read_s": 0.0,
+            "decode_s": 0.0, "wait_s": 0.0, "model_s": 0.0, "write_s": 0.0, "upload_s": 0.0,
+            "started": started + 10 * n, "ended": started + 10 * n + 9, "node": "standin", "capray_version": "0",
+            "checkpoint": "ckpt", "config_digest": "0",
+        }  # fmt: skip
+        table = pa.table(rows, schema=SCHEMA).replace_schema_metadata({progress.STATS_KEY: json.dumps(stats)})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(
+            storage.join(output, shard_index.output_name(shard.id)), sink.getvalue().to_pybytes(), cfg.storage
+        )
+        entries.append(
+            {"id": shard.id, "kind": shard.kind, "source": shard.source, "lo": shard.lo, "hi": shard.hi,
+             "rows": len(rows["image"]), "failed": len(failed), "state": "current"}
+        )  # fmt: skip
+    meta = {"format": shard_index.FORMAT, "input": input_uri, "settings": {"checkpoint": "ckpt"}}
+    shard_index.write_index(output, cfg.storage, entries, meta)
+    save_next_to(cfg, output)
+    beat = {
+        "format": "capray-heartbeat/1", "job": "caption", "run": "standin", "host": "standin", "pid": 1,
+        "started_at": started, "every_s": 30.0, "shards": len(entries), "state": "finished", "updated_at": time.time(),
+    }  # fmt: skip
+    storage.write_bytes(progress.status_uri(output, progress.HEARTBEAT), json.dumps(beat).encode(), cfg.storage)
+    return result

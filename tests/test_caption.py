@@ -13,7 +13,7 @@ from imagezoo import TEST_MAX_PIXELS, bad_images, good_images
 from PIL import Image
 
 import capray
-from capray import pipeline, progress, storage
+from capray import overview, pipeline, progress, storage
 from capray.captioning import InputError, caption
 from capray.checkpoint import CheckpointError
 from capray.config import load_config
@@ -115,6 +115,15 @@ def test_every_image_gets_exactly_one_row_and_reruns_resume(s3, zoo: str, checkp
     third = caption(cfg, checkpoint, zoo, out)
     assert (third["written"], third["already_done"], third["shards_done_before"]) == (0, n, shards)
     assert len(_rows(cfg, out)) == n
+
+    # The overview page of this output on the S3 server, its thumbnails read back from the bucket
+    # (capray/overview.py; the page in a browser: tests/test_overview.py).
+    cfg.overview.gallery = 3
+    made = overview.build(out, cfg)
+    page = storage.read_bytes(made["html"], cfg.storage).decode()
+    assert made["html"] == f"{out}/_status/overview.html" and (made["rows"], made["failed"]) == (n, len(bad_images()))
+    assert made["errors"] == {c: 1 for c in ("empty", "not_an_image", "too_large", "truncated")}
+    assert page.count('<img src="data:image/jpeg;base64,') == 6 and "notes.jpg" in page
 
 
 def _stats_match_rows(cfg, out: str, rows: pd.DataFrame, partial: dict) -> None:

@@ -42,6 +42,7 @@ TF_FREE = [
     "capray.audit",
     "capray.progress",
     "capray.status",
+    "capray.overview",
 ]
 
 
@@ -163,7 +164,7 @@ LAYERS = {
         "checkpoint",
     },
     "jobs": {"extraction", "captioning", "train", "evaluate", "export"},
-    "composition": {"runner", "audit", "demo", "status"},
+    "composition": {"runner", "audit", "demo", "status", "overview"},
     "faces": {"cli", "api", "__main__", "configdoc"},
 }
 

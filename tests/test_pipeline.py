@@ -47,7 +47,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         after_train = json.loads((Path(best) / "eval_val.json").read_text())
         synthetic.generate("heldout", 12, seed=99, prefix="heldout")
         Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-        assert cli.main([*args, "caption.input=heldout/images"], job="caption") == 0
+        # The caption job writes its overview page at the end when asked (runner.run_job).
+        caption = [*args, "caption.input=heldout/images", "overview.after_job=true", "overview.gallery=3"]
+        assert cli.main(caption, job="caption") == 0
         assert cli.main([*args, "evaluate.report_images=2"], job="evaluate") == 0
         assert cli.main([*args, "output=exported"], job="export") == 0
         refused = cli.main([*args, "output=exported"], job="export")  # exists, and no --overwrite
@@ -100,6 +102,8 @@ def test_caption_writes_one_row_per_image_with_errors(run: dict) -> None:
     good = rows[rows["error"].isna()]
     assert len(good) == 12 and (good["num_tokens"] >= 1).all()
     assert (good["strategy"] == "greedy").all()
+    page = (Path(output_paths(run["cfg"])["captions"]) / "_status" / "overview.html").read_text()
+    assert page.count('<img src="data:image/jpeg;base64,') == 6 and "broken.jpg" in page
 
 
 def test_evaluate_scores_the_validation_split(run: dict) -> None:
