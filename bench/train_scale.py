@@ -3,8 +3,8 @@ training is prepared (split, vocabulary, datasets, feature statistics: `capray.t
 the point where the `TensorflowTrainer` would start), this checkout's code against an earlier
 revision's, side by side in one run.
 
-A benchmark, not a test: `.venv/bin/python bench/train_scale.py [--before main] [--captions 100000 1000000]`
-(inputs generated once under --dir). The captions are a stand-in table (`data.format=table`,
+A benchmark, not a test: `.venv/bin/python bench/train_scale.py [--before main] [--captions 100000 1000000]
+[--repeat N]` (inputs generated once under --dir). The captions are a stand-in table (`data.format=table`,
 Parquet; 5 captions per image, 6-14 words each from a Zipf-distributed 20,000-word vocabulary);
 the features are stand-ins too: 256 images with features (float16 rows of the real size) in 4
 files, so the feature reads stay small and what is measured is the control plane. `--before REV`
@@ -19,6 +19,10 @@ bench/scale.py's `PeakRSS`. Shipped bytes: the pickled size
 `flat_map` with its bound arguments, and of the arguments of every Ray task submitted, recorded
 as the preparation calls them; "largest" is what the biggest one sends with each task it runs.
 Goals (issue 26): driver RSS 10^6 / 10^5 <= 1.3; shipped bytes flat.
+
+The RSS growth is about 10 MB on a process of about 750 MB, so one run's ratio moves by more
+than the changes measured: `--repeat N` runs every scenario N times, interleaved (each round runs
+every code and size once), and compares the medians.
 """
 
 from __future__ import annotations
@@ -229,6 +233,7 @@ def main() -> None:
     parser.add_argument("--before", default="main", help="revision whose capray is measured too ('' = none)")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "capray-train-scale"))
     parser.add_argument("--cold", dest="warm", action="store_false", help="no Ray Data warm-up before the baseline")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every scenario, interleaved; medians compared")
     parser.add_argument("--scenario", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--captions-file", help=argparse.SUPPRESS)
     parser.add_argument("--features", help=argparse.SUPPRESS)
@@ -259,25 +264,43 @@ def main() -> None:
         codes.append((f"before ({args.before} {rev.stdout.strip()})", old))
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     codes.append((f"after (this checkout, {head.stdout.strip()})", None))
-    results: dict[tuple[str, int], dict] = {}
+    results: dict[tuple[str, int], list[dict]] = {}
     for n in args.captions:
         make_captions(root / f"captions-{n}.parquet", n)
-    for label, code in codes:
-        for n in args.captions:
-            results[label, n] = run(
-                f"{label.split()[0]} {n:,}", code, root / f"captions-{n}.parquet", features, root / "work", args.warm
-            )
+    for round_ in range(args.repeat):
+        if args.repeat > 1:
+            print(f"-- round {round_ + 1} of {args.repeat}", flush=True)
+        for label, code in codes:
+            for n in args.captions:
+                results.setdefault((label, n), []).append(
+                    run(
+                        f"{label.split()[0]} {n:,}",
+                        code,
+                        root / f"captions-{n}.parquet",
+                        features,
+                        root / "work",
+                        args.warm,
+                    )
+                )
     lo, hi = min(args.captions), max(args.captions)
-    print(f"\n{'':10s}  driver RSS {hi:,} / {lo:,}   largest shipped {hi:,} / {lo:,}   shipped in all {hi:,} / {lo:,}")
+    kind = f"medians of {args.repeat} runs" if args.repeat > 1 else "one run"
+    print(
+        f"\n{'':10s}  driver RSS {hi:,} / {lo:,} ({kind})   largest shipped {hi:,} / {lo:,}   "
+        f"shipped in all {hi:,} / {lo:,}"
+    )
     for label, _ in codes:
         a, b = results[label, lo], results[label, hi]
+        rss_a, rss_b = (float(np.median([r["rss_mb"] for r in runs])) for runs in (a, b))
         big = lambda r: max(s for _, s in r["shipped"])
         total = lambda r: sum(s for _, s in r["shipped"])
         print(
-            f"{label.split()[0]:10s}  {b['rss_mb']:7.1f} / {a['rss_mb']:7.1f} MB = {b['rss_mb'] / a['rss_mb']:5.2f}   "
-            f"{big(b):>11,} / {big(a):>11,} = {big(b) / big(a):6.2f}   "
-            f"{total(b):>11,} / {total(a):>11,} = {total(b) / total(a):6.2f}"
+            f"{label.split()[0]:10s}  {rss_b:7.1f} / {rss_a:7.1f} MB = {rss_b / rss_a:5.2f}   "
+            f"{big(b[-1]):>11,} / {big(a[-1]):>11,} = {big(b[-1]) / big(a[-1]):6.2f}   "
+            f"{total(b[-1]):>11,} / {total(a[-1]):>11,} = {total(b[-1]) / total(a[-1]):6.2f}"
         )
+        if args.repeat > 1:
+            for n, runs in ((lo, a), (hi, b)):
+                print(f"{'':12s}driver RSS at {n:,}: " + ", ".join(f"{r['rss_mb']:.1f}" for r in runs) + " MB")
 
 
 if __name__ == "__main__":
