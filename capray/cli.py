@@ -43,6 +43,15 @@ def exit_code(error: BaseException) -> int | None:
     return None
 
 
+def one_line(command: str, error: BaseException) -> int | None:
+    """An expected failure's exit code, after its one line on stderr: its message says what to do,
+    its class name which kind (and exit code) it is. None, and nothing printed, for a bug."""
+    code = exit_code(error)
+    if code is not None:
+        print(f"{command}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    return code
+
+
 def status_main(argv: list[str]) -> int:
     """`capray status OUTPUT [config ...] [key=value ...] [--json]`: no Ray, nothing written."""
     import json
@@ -58,10 +67,9 @@ def status_main(argv: list[str]) -> int:
         cfg = parse_args(args.config)
         s = run(args.output, cfg.storage, cfg.status.stale_periods)
     except Exception as e:
-        code = exit_code(e)
+        code = one_line("capray status", e)
         if code is None:
             raise
-        print(f"capray status: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return code
     print(json.dumps(s, indent=1) if args.json else "\n".join(lines(s)), flush=True)
     return 0
@@ -85,10 +93,9 @@ def overview_main(argv: list[str]) -> int:
         cfg = parse_args(args.config)
         r = overview(args.output, cfg, args.html)
     except Exception as e:
-        code = exit_code(e)
+        code = one_line("capray overview", e)
         if code is None:
             raise
-        print(f"capray overview: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return code
     finally:
         restore_logging()
@@ -179,8 +186,7 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
             raise  # a bug: the traceback is what a developer needs
         if debug:
             traceback.print_exc()
-        # Its message says what to do; the class name says which kind (and exit code) it is.
-        print(f"capray {job}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        one_line(f"capray {job}", e)
         return code
     finally:
         # `main` called in-process (tests, a notebook) leaves the caller's logging as it was.
