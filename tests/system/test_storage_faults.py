@@ -96,8 +96,9 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     s3.start()
     first = log.read_text()
     assert running["job"]["state"] == "running" and running["job"]["alive"], (running["job"], running["shards"])
-    total = running["shards"]["total"]  # the plan's shards, about 2 images each
-    assert total >= N_IMAGES // 2 and running["shards"]["done"] >= 1, (running["job"], running["shards"])
+    # The plan's shards: `inputs.shard_rows` is a target, so 10-13 of 24 images here, not exactly 12.
+    total = running["shards"]["total"]
+    assert 1 <= running["shards"]["done"] < total and total > N_IMAGES // 4, (running["job"], running["shards"])
 
     # Either outcome is allowed; a failure must say what happened and what to do.
     if proc.returncode:
