@@ -371,14 +371,7 @@ def thumbnails(
 
 def read_index(output: str, cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The output's index (capray.shards); InputError when `output` is missing or no job's output."""
-    entries, meta = shards.read_index(output, cfg.storage)
-    if meta is None:
-        if not storage.exists(output, cfg.storage):
-            raise InputError(f"output folder not found: {output}")
-        raise InputError(
-            f"{output} has no {shards.INDEX}: not the output folder of a caption job (or it has not started)"
-        )
-    return entries, meta
+    return shards.require_index(output, cfg.storage, "caption")
 
 
 def _require_columns(uri: str, storage_cfg: Any) -> None:

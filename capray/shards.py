@@ -84,6 +84,20 @@ def read_index(output: str, storage_cfg: Any) -> tuple[list[dict[str, Any]], dic
     return table.to_pylist(), meta
 
 
+def require_index(output: str, storage_cfg: Any, job: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`read_index` of a job's output folder (`capray status`, `capray overview`): InputError when
+    the folder is missing or is not the output of a `job` ("caption", "caption or extract")."""
+    from capray.inputs import InputError
+
+    entries, meta = read_index(output, storage_cfg)
+    if meta is None:
+        # Only here: on S3 a folder's existence is a listing, which a server may make O(all its keys).
+        if not storage.exists(output, storage_cfg):
+            raise InputError(f"output folder not found: {output}")
+        raise InputError(f"{output} has no {INDEX}: not the output folder of a {job} job (or it has not started)")
+    return entries, meta
+
+
 def write_index(output: str, storage_cfg: Any, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     table = pa.Table.from_pylist(entries, schema=_SCHEMA).replace_schema_metadata({"capray": json.dumps(meta)})
     sink = pa.BufferOutputStream()

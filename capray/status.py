@@ -29,14 +29,7 @@ def read_status(
 ) -> dict[str, Any]:
     """The job's state in `output` as a dict (the `--json` schema, docs/cli.md#status)."""
     now = time.time() if now is None else now
-    entries, meta = shards.read_index(output, storage_cfg)
-    if meta is None:
-        # Only here: on S3 a folder's existence is a listing, which a server may make O(all its keys).
-        if not storage.exists(output, storage_cfg):
-            raise InputError(f"output folder not found: {output}")
-        raise InputError(
-            f"{output} has no {shards.INDEX}: not the output folder of a caption or extract job (or it has not started)"
-        )
+    entries, meta = shards.require_index(output, storage_cfg, "caption or extract")
     plan = [e for e in entries if e["state"] == "current"]
     ids = {e["id"] for e in plan}
     rolled = {r["shard"]: r for r in progress.read_rollup(output, storage_cfg) if r["shard"] in ids}
