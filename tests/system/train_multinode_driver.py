@@ -1,6 +1,8 @@
 """Driver run by test_train_multinode.py in its own process: `capray train` on a head and two worker
-nodes on this machine (`ray.cluster_utils.Cluster`), one worker node killed once Ray Train has
-registered a mid-epoch checkpoint. Prints one JSON line with what it observed.
+nodes on this machine (`ray.cluster_utils.Cluster`), hit by two faults in turn: once Ray Train
+has registered a mid-epoch checkpoint, one training worker process is SIGKILLed (its node
+lives on); once the restarted run has registered a later mid-epoch checkpoint, a worker node
+hosting a training worker is killed. Prints one JSON line with what it observed.
 
 Every node declares one GPU, which this machine does not have: Ray schedules by declared
 resources, so training workers of one GPU each (`ray.use_gpu=true`) land on two different nodes,
@@ -93,10 +95,22 @@ def main(run_dir: str, *train_args: str) -> None:
     run = Path(run_dir)
     while thread.is_alive():
         steps = registered_steps(run)
-        if report["killed"] is None and steps and steps[-1] in mid_epoch_steps(run):
-            hosting = sorted(name for name, node in nodes.items() if train_workers(node))
+        mid = bool(steps) and steps[-1] in mid_epoch_steps(run)
+        hosting = sorted(name for name, node in nodes.items() if train_workers(node))
+        if "process_killed_on" not in report and mid:
+            # First fault: one training worker process dies; its node and the other worker live on.
+            victims = [
+                (n, pid) for n in hosting for pid in proctree.titled(node_processes(nodes[n]), b"ray::RayTrainWorker")
+            ]
+            name = victims[0][0] if victims else ""
+            if victims:
+                os.kill(victims[0][1], signal.SIGKILL)
+            report["process_killed_on"], report["registered_at_process_kill"] = name, steps[-1]
+            report["seconds"]["process_kill"] = time.monotonic() - start
+        elif report["killed"] is None and mid and steps[-1] > report.get("registered_at_process_kill", steps[-1]):
+            # Second fault, in the restarted run: a worker node (the head carries the driver and
+            # Ray Train's controller) dies with its training worker.
             report["nodes_with_workers"], report["registered_at_kill"] = hosting, steps[-1]
-            # A worker node: the head carries the driver and Ray Train's controller.
             name = next((n for n in hosting if n != "head"), "")
             if name:
                 kill_node(cluster, workers[name])
