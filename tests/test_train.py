@@ -1,11 +1,11 @@
-"""System tests: distributed training on local Ray, checkpoints on S3 and disk, 1 vs 2 workers,
-validation split across workers.
+"""System tests: distributed training on local Ray, 1 vs 2 workers, validation split across workers.
 
-The long kill-and-resume run is in tests/system/test_train_resume.py (`make test-system`)."""
+Two workers with checkpoints on S3 are tests/system/test_train_on_s3.py's (the `jobs_on_s3` run),
+on GCS and Azure tests/test_precision.py's; the long kill-and-resume run is in
+tests/system/test_train_resume.py (`make test-system`)."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import sys
@@ -13,81 +13,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from builders import checkpoint_states, reuse_features, upload_features
+from builders import checkpoint_states, reuse_features
 
-from capray import checkpoint, storage, synthetic, train
-from capray.captioning import caption
-from capray.config import from_yaml, load_config, output_paths
+from capray import checkpoint, train
+from capray.config import from_yaml, load_config
 from capray.data import split_rows
 from capray.featurestore import decode_features
-from capray.images import decode
-from capray.model import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SGD_RATE = 0.1
-SMALL = [
-    "data.synthetic_images=96",
-    "backbone.weights=random",
-    "model.feature_norm=channel",
-    "train.batch_size=16",
-    "ray.cpus_per_worker=0.5",
-]
-
-
-def test_two_workers_checkpoint_to_s3_and_reload_decodes_identically(
-    ray_local, s3, tmp_path: Path, synthetic_features: Path
-) -> None:
-    # Features, split, tokenizer, checkpoints all on S3 (extraction to S3 is tests/test_extract.py's).
-    work = f"{s3.bucket('train')}/run"
-    cfg = s3.config(
-        f"work_dir={work}",
-        f"data.annotations={synthetic_features / 'data' / 'captions.csv'}",
-        *SMALL,
-        "train.epochs=2",
-        "ray.num_workers=2",
-        "name=s3run",
-        # The optional extras run under MultiWorkerMirroredStrategy too.
-        "train.attention_reg=1.0",
-        "train.clip_norm=5.0",
-    )
-    upload_features(synthetic_features, output_paths(cfg)["features"], cfg.storage)
-    summary = train.train(cfg)
-    p = output_paths(cfg)
-    assert summary["checkpoint"] == p["best_checkpoint"]
-    for name in checkpoint.REQUIRED + ("optimizer.npz",):
-        assert storage.exists(f"{p['best_checkpoint']}/{name}", cfg.storage), name
-    fs, runs = storage.filesystem(f"{p['runs']}/s3run", cfg.storage)
-    from pyarrow.fs import FileSelector
-
-    kept = [i.base_name for i in fs.get_file_info(FileSelector(runs)) if i.base_name.startswith("checkpoint_2")]
-    assert len(kept) == 2  # train.num_to_keep default: the last 2 epochs
-    # Rank 0's TensorBoard events, uploaded to S3 after every report: one value per epoch and tag.
-    from capray.train import curves
-
-    assert {tag: len(points) for tag, points in curves.read(p["tensorboard"], cfg.storage).items()} == {
-        t: 2 for t in curves.TAGS
-    }
-    assert storage.read_bytes(summary["loss_plot"], cfg.storage).startswith(b"\x89PNG")
-    saved = storage.read_bytes(f"{p['best_checkpoint']}/config.yaml", cfg.storage).decode()
-    assert "secret_access_key: ''" in saved and "testing" not in saved
-
-    # The caption job (model rebuilt from the S3 checkpoint inside a Ray actor) and a model
-    # rebuilt here from the same files decode every image identically.
-    heldout = tmp_path / "heldout"
-    synthetic.generate(heldout, 6, seed=42, prefix="h")
-    out = str(tmp_path / "captions")
-    caption(cfg, summary["checkpoint"], str(heldout / "images"), out)
-    import pandas as pd
-
-    rows = pd.read_parquet(out).set_index("image")
-    model, tokenizer, train_cfg, _ = checkpoint.load(summary["checkpoint"], cfg.storage)
-    encoder = Backbone(train_cfg.backbone.weights, train_cfg.backbone.seed)
-    names = sorted(glob.glob(str(heldout / "images" / "*.jpg")))
-    pixels = np.stack([decode(Path(n).read_bytes(), cfg.data.max_pixels) for n in names])
-    tokens = model.greedy(
-        encoder(pixels), tokenizer.max_length - 1, start_id=tokenizer.start_id, end_id=tokenizer.end_id
-    )[0].numpy()
-    assert [tokenizer.decode(t) for t in tokens] == [rows.loc[n, "caption"] for n in names]
 
 
 def test_two_workers_take_exactly_the_sgd_steps_of_one(ray_local, synthetic_features: Path, tmp_path: Path) -> None:

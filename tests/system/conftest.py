@@ -97,13 +97,19 @@ class JobsOnS3:
     root: Path
     console: bytes
     secrets: tuple[str, str]  # (the config's secret key, the environment's)
+    args: list[str]  # the jobs' config file and overrides
+
+    def config(self):
+        """The jobs' config, as they loaded it."""
+        return load_config(self.args[0], self.args[1:])
 
 
 @pytest.fixture(scope="session")
 def jobs_on_s3(s3) -> Iterator[JobsOnS3]:
-    """The jobs' run once for the tests that search what jobs write (test_security.py,
-    test_job_logs.py): one Ray start-up and one TensorFlow import for all of them. A distinctive
-    secret key is in the config and another in the environment."""
+    """The jobs' run once for the tests of what they write (test_security.py, test_job_logs.py,
+    test_train_on_s3.py): one Ray start-up and one TensorFlow import for all of them. Training has
+    2 workers and 2 epochs with the optional loss extras. A distinctive secret key is in the
+    config and another in the environment."""
     config_secret = f"cfgsecret{uuid.uuid4().hex}"
     env_secret = f"envsecret{uuid.uuid4().hex}"
     bucket = s3.bucket(f"sec-{uuid.uuid4().hex[:8]}")
@@ -115,9 +121,13 @@ def jobs_on_s3(s3) -> Iterator[JobsOnS3]:
             f"work_dir={bucket}/work",
             f"data.annotations={root}/data/captions.csv",
             "data.synthetic_images=32",
-            "train.epochs=1",
+            "train.epochs=2",
             "train.batch_size=8",
-            "ray.num_workers=1",
+            # The optional extras run under MultiWorkerMirroredStrategy too.
+            "train.attention_reg=1.0",
+            "train.clip_norm=5.0",
+            "ray.num_workers=2",
+            "ray.cpus_per_worker=0.5",
             "ray.local_cpus=2",
             f"storage.endpoint_url={s3.endpoint_url}",
             "storage.region=us-east-1",
@@ -144,6 +154,6 @@ def jobs_on_s3(s3) -> Iterator[JobsOnS3]:
         done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, timeout=540)
         console = done.stdout + done.stderr
         assert done.returncode == 0, console[-3000:].decode(errors="replace")
-        yield JobsOnS3(s3, bucket, root, console, (config_secret, env_secret))
+        yield JobsOnS3(s3, bucket, root, console, (config_secret, env_secret), args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
