@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint: str, ray_local) -> str:
     """An untrained checkpoint: rows, resume, errors and agreement with the single-image function
-    do not depend on what the model learned (test_train.py and test_pipeline.py caption with trained ones)."""
+    do not depend on what the model learned (test_jobs.py, test_precision.py and
+    tests/system/test_train_on_s3.py caption with trained ones)."""
     return tiny_checkpoint
 
 
