@@ -80,7 +80,7 @@ def test_s3_to_s3_features_errors_and_resume(s3, photos: str, ray_local) -> None
     assert len(_table(cfg)) == n_good + n_bad
 
 
-def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) -> None:
+def test_s3_to_local_disk_overwrite_and_another_dtype_refused(s3, photos: str, tmp_path, ray_local) -> None:
     cfg = _config(s3, photos, str(tmp_path / "run"))
     assert extraction.run(cfg)["extracted"] == len(good_images())
     files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
@@ -90,6 +90,10 @@ def test_s3_to_local_disk_and_overwrite(s3, photos: str, tmp_path, ray_local) ->
     assert len(_table(cfg)) == len(good_images()) + len(bad_images())
     files = sorted(glob.glob(f"{output_paths(cfg)['features']}/[!_]*.parquet"))
     assert pq.ParquetFile(files[0]).metadata.row_group(0).column(1).compression == "UNCOMPRESSED"
+    # Without --overwrite, a folder of float16 features takes no float32 ones.
+    cfg.extract.overwrite, cfg.extract.dtype = False, "float32"
+    with pytest.raises(ValueError, match="holds float16 features but extract.dtype=float32"):
+        extraction.run(cfg)
 
 
 def test_the_features_column_points_into_the_batch_without_copies() -> None:
@@ -99,11 +103,3 @@ def test_the_features_column_points_into_the_batch_without_copies() -> None:
     rows = column.to_pylist()
     assert rows[1] == b"" and rows[0] == feats[0].tobytes() and rows[2] == feats[1].tobytes()
     assert extraction.features_column(np.zeros((0, 64, 2048), np.float16), np.array([False])).to_pylist() == [b""]
-
-
-def test_mixing_feature_dtypes_in_one_folder_is_refused(s3, photos: str, tmp_path, ray_local) -> None:
-    cfg = _config(s3, photos, str(tmp_path / "run"))
-    extraction.run(cfg)
-    cfg.extract.dtype = "float32"
-    with pytest.raises(ValueError, match="holds float16 features but extract.dtype=float32"):
-        extraction.run(cfg)
