@@ -198,6 +198,17 @@ def test_extract_job_submitted_with_working_dir_succeeds(ray_head: dict, extract
         assert not (uploaded / ignored).exists(), f"{ignored}/ was uploaded with the working dir"
 
 
+def _submitted(client, script: str, args: list[str]) -> str:
+    """`python jobs/<script> <args>` submitted with the repository as its working dir: its logs, once it succeeded."""
+    from ray.job_submission import JobStatus
+
+    entrypoint = f"python jobs/{script} {shlex.join(args)}"
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+    status, logs = _wait(client, job_id), client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, f"jobs/{script}: {logs[-3000:]}"
+    return logs
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, ray_local, ray_head: dict) -> dict:
     """The pipeline, once: extract, caption and export in this process with paths relative to the
@@ -206,8 +217,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local, ray_head: dict) -> 
     end) and evaluate submitted to the Ray head as jobs/train.py and jobs/evaluate.py. Relative
     paths are made absolute where any job loads its config (capray.config), so the submitted
     jobs get the same folder by its absolute path."""
-    from ray.job_submission import JobStatus
-
     work = tmp_path_factory.mktemp("pipeline")
     client = ray_head["client"]
     old = os.getcwd()
@@ -216,19 +225,12 @@ def run(tmp_path_factory: pytest.TempPathFactory, ray_local, ray_head: dict) -> 
         args = [str(REPO / "configs/demo.yaml"), "work_dir=out", *OVERRIDES]
         assert cli.main(args, job="extract") == 0
         submitted = ["configs/demo.yaml", f"work_dir={work / 'out'}", *OVERRIDES]
-        logs = {}
         # The training job evaluates its best checkpoint at the end when asked (greedy only here).
-        for job, extra in (
-            ("train", ["evaluate.after_train=true", "evaluate.strategies=[greedy]", "evaluate.report_images=0"]),
-            ("evaluate", ["evaluate.report_images=2"]),
-        ):
-            entrypoint = f"python jobs/{job}.py {shlex.join([*submitted, *extra])}"
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
-            status, logs[job] = _wait(client, job_id), client.get_job_logs(job_id)
-            assert status == JobStatus.SUCCEEDED, f"jobs/{job}.py: {logs[job][-3000:]}"
-            if job == "train":
-                best = json.loads(Path("out/runs/demo/best.json").read_text())["checkpoint"]
-                after_train = json.loads((Path(best) / "eval_val.json").read_text())
+        evaluate_at_end = ["evaluate.after_train=true", "evaluate.strategies=[greedy]", "evaluate.report_images=0"]
+        logs = {"train": _submitted(client, "train.py", [*submitted, *evaluate_at_end])}
+        best = json.loads(Path("out/runs/demo/best.json").read_text())["checkpoint"]
+        after_train = json.loads((Path(best) / "eval_val.json").read_text())
+        logs["evaluate"] = _submitted(client, "evaluate.py", [*submitted, "evaluate.report_images=2"])
         synthetic.generate("heldout", 12, seed=99, prefix="heldout")
         Path("heldout/images/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
         # The caption job writes its overview page at the end when asked (runner.run_job).

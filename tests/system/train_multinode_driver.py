@@ -95,26 +95,28 @@ def main(run_dir: str, *train_args: str) -> None:
     run = Path(run_dir)
     while thread.is_alive():
         steps = registered_steps(run)
-        mid = bool(steps) and steps[-1] in mid_epoch_steps(run)
-        hosting = sorted(name for name, node in nodes.items() if train_workers(node))
-        if "process_killed_on" not in report and mid:
-            # First fault: one training worker process dies; its node and the other worker live on.
-            victims = [
-                (n, pid) for n in hosting for pid in proctree.titled(node_processes(nodes[n]), b"ray::RayTrainWorker")
-            ]
-            name = victims[0][0] if victims else ""
-            if victims:
-                os.kill(victims[0][1], signal.SIGKILL)
-            report["process_killed_on"], report["registered_at_process_kill"] = name, steps[-1]
-            report["seconds"]["process_kill"] = time.monotonic() - start
-        elif report["killed"] is None and mid and steps[-1] > report.get("registered_at_process_kill", steps[-1]):
-            # Second fault, in the restarted run: a worker node (the head carries the driver and
-            # Ray Train's controller) dies with its training worker.
-            report["nodes_with_workers"], report["registered_at_kill"] = hosting, steps[-1]
-            name = next((n for n in hosting if n != "head"), "")
-            if name:
-                kill_node(cluster, workers[name])
-            report["killed"], report["seconds"]["kill"] = name, time.monotonic() - start
+        if steps and steps[-1] in mid_epoch_steps(run):
+            if "process_killed_on" not in report:
+                # First fault: one training worker process dies; its node and the other worker live on.
+                victims = [
+                    (name, pid)
+                    for name, node in nodes.items()
+                    for pid in proctree.titled(node_processes(node), b"ray::RayTrainWorker")
+                ]
+                if victims:
+                    os.kill(victims[0][1], signal.SIGKILL)
+                report["process_killed_on"] = victims[0][0] if victims else ""
+                report["registered_at_process_kill"] = steps[-1]
+                report["seconds"]["process_kill"] = time.monotonic() - start
+            elif report["killed"] is None and steps[-1] > report["registered_at_process_kill"]:
+                # Second fault, in the restarted run: a worker node (the head carries the driver
+                # and Ray Train's controller) dies with its training worker.
+                hosting = sorted(name for name, node in nodes.items() if train_workers(node))
+                report["nodes_with_workers"], report["registered_at_kill"] = hosting, steps[-1]
+                name = next((n for n in hosting if n != "head"), "")
+                if name:
+                    kill_node(cluster, workers[name])
+                report["killed"], report["seconds"]["kill"] = name, time.monotonic() - start
         time.sleep(0.2)  # polling interval for the event, not synchronisation
     thread.join()
     report["seconds"]["trained"] = time.monotonic() - start
