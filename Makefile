@@ -50,8 +50,10 @@ test-fast: $(BIN)/.installed
 	CAPRAY_TEST_FAST=1 $(PYTEST) $(FAST) $(ARGS)
 
 # The reliability suite (docs/reliability.md): killed workers and jobs, storage outages, nodes.
+# Two processes too: its tests wait on node deaths, restarts and Ray start-ups, a third of one
+# process's time with both cores idle; the longest files start first (tests/conftest.py).
 test-system: $(BIN)/.installed
-	$(PYTEST) tests/system $(ARGS)
+	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder tests/system $(ARGS)
 
 # The pinned capray that cluster.yaml copies to every node (dist/capray-<version>-py3-none-any.whl).
 wheel: $(BIN)/.installed

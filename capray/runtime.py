@@ -51,8 +51,10 @@ def init_ray(cfg: Config) -> None:
     level = logs.worker_level()
     runtime_env = {**RUNTIME_ENV, "env_vars": {**WORKER_ENV, **({logs.WORKER_ENV: level} if level else {})}}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
-    if address is None and cfg.ray.local_cpus:
-        kwargs["num_cpus"] = cfg.ray.local_cpus
+    if address is None:
+        kwargs["include_dashboard"] = cfg.ray.local_dashboard
+        if cfg.ray.local_cpus:
+            kwargs["num_cpus"] = cfg.ray.local_cpus
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from builders import extract_synthetic, write_tiny_checkpoint
@@ -33,21 +34,65 @@ def _is_job_test(item: pytest.Item) -> bool:
     )
 
 
+# Session fixtures that run whole jobs (tests/system/conftest.py), and the files that use each:
+# those files are one unit of `--dist loadfile` (pytest_xdist_make_scheduler below), so that the
+# jobs run once, in one process.
+SHARED_RUNS = {"jobs_on_s3": {"test_security.py", "test_job_logs.py", "test_train_on_s3.py"}}
+SHARED_UNITS = {name: fixture for fixture, names in SHARED_RUNS.items() for name in names}
+# The reliability suite's files that take minutes, longest first (CI's durations,
+# docs/testing.md#where-cis-time-goes): its two processes start on these.
+SYSTEM_ORDER = [
+    "test_train_multinode.py",
+    "test_caption_progress.py",
+    "test_train_resume.py",
+    "test_security.py",  # with test_job_logs.py and test_train_on_s3.py: the jobs_on_s3 run
+    "test_storage_faults.py",
+    "test_multinode.py",
+    "test_train_faults.py",
+]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The order in which `make test` hands its files to its two processes (`--dist loadfile
-    --no-loadscope-reorder`: a file's module fixtures are built once): the files with the most
-    job tests first, the unit-test files last, so that the run does not end on a long file in one
-    process while the other has nothing left to do. (xdist's default order, by number of tests,
-    put the long files with a few job tests last.)"""
+    """The order in which `make test` and `make test-system` hand their files to their two
+    processes (`--dist loadfile --no-loadscope-reorder`: a file's module fixtures are built
+    once): the longest first, the unit-test files last, so that a run does not end on a long
+    file in one process while the other has nothing left to do. In `make test`, the files with
+    the most job tests count as the longest (xdist's own order, by number of tests, put the long
+    files with a few job tests last); the reliability suite's few, long files go in
+    SYSTEM_ORDER. A file that uses a SHARED_RUNS fixture must be one of its unit's files."""
     jobs: collections.Counter[str] = collections.Counter()
     for item in items:
         jobs[item.path.name] += _is_job_test(item)
-    items.sort(key=lambda item: -jobs[item.path.name])
+    for item in items:
+        for fixture in SHARED_RUNS.keys() & set(getattr(item, "fixturenames", ())):
+            if item.path.name not in SHARED_RUNS[fixture]:
+                raise pytest.UsageError(
+                    f"{item.path.name} uses {fixture}: add it to SHARED_RUNS in tests/conftest.py "
+                    "(else another xdist process would run those jobs again)"
+                )
+    rank = {name: i for i, name in enumerate(SYSTEM_ORDER)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -jobs[item.path.name]))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, but the files of one SHARED_RUNS fixture are one unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            fixture = SHARED_UNITS.get(path.rsplit("/", 1)[-1])
+            return f"{fixture} fixture" if fixture else path
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray instance for the whole session (starting Ray costs seconds)."""
+    """One local Ray instance for the whole session (starting Ray costs seconds), without the
+    dashboard's processes (nothing here reads it; `test_jobs.py`'s `ray start --head` has one)."""
     if os.environ.get("CAPRAY_TEST_FAST"):
         pytest.fail(
             "`make test-fast` runs no Ray: this test belongs in `make test` only (see the Makefile's FAST list)"
@@ -56,7 +101,7 @@ def ray_local() -> Iterator[None]:
 
     from capray.runtime import init_ray
 
-    init_ray(load_config(None, ["ray.local_cpus=2"]))
+    init_ray(load_config(None, ["ray.local_cpus=2", "ray.local_dashboard=false"]))
     yield
     ray.shutdown()
 
