@@ -50,8 +50,9 @@ test-fast: $(BIN)/.installed
 	CAPRAY_TEST_FAST=1 $(PYTEST) $(FAST) $(ARGS)
 
 # The reliability suite (docs/reliability.md): killed workers and jobs, storage outages, nodes.
-# Two processes too: its tests wait on node deaths, restarts and Ray start-ups, a third of one
-# process's time with both cores idle; the longest files start first (tests/conftest.py).
+# Two processes too: its tests wait on node deaths, restarts and Ray start-ups (in one process
+# 42% of the cores' time was idle, docs/testing.md#where-cis-time-goes); the longest files
+# start first, and the files that share one run of jobs are one unit (tests/conftest.py).
 test-system: $(BIN)/.installed
 	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder tests/system $(ARGS)
 
