@@ -52,9 +52,12 @@ def init_ray(cfg: Config) -> None:
     runtime_env = {**RUNTIME_ENV, "env_vars": {**WORKER_ENV, **({logs.WORKER_ENV: level} if level else {})}}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
     if address is None:
-        kwargs["include_dashboard"] = cfg.ray.local_dashboard
         if cfg.ray.local_cpus:
             kwargs["num_cpus"] = cfg.ray.local_cpus
+        if not cfg.ray.local_dashboard:
+            # Only ever turned off: Ray's default starts it when its packages are installed and
+            # goes on without it otherwise, where include_dashboard=True would stop the job.
+            kwargs["include_dashboard"] = False
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

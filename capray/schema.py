@@ -317,8 +317,8 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     # CPUs a local Ray instance advertises (0 = the machine's count); ignored on a cluster.
     local_cpus: int = 0
-    # A local Ray instance serves its dashboard (http://127.0.0.1:8265: jobs, actors, logs);
-    # false saves its processes' CPU. Ignored on a cluster.
+    # A local Ray instance serves its dashboard (http://127.0.0.1:8265: jobs, actors, logs) when
+    # Ray's dashboard packages are installed; false saves its processes' CPU. Ignored on a cluster.
     local_dashboard: bool = True
     # Extraction and captioning: batches each actor reads and decodes ahead of its model. Enough to
     # keep the model busy; few enough that an actor's memory stays a few batches of pixels.
