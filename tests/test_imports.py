@@ -43,6 +43,8 @@ TF_FREE = [
     "capray.progress",
     "capray.status",
     "capray.overview",
+    # Ray Train's DatasetManager actor unpickles the trainer's dataset_config.
+    "capray.train.sharding",
 ]
 
 

@@ -29,7 +29,8 @@ from capray.data import count_vocabulary, prepare_split, split_rows
 from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features, side_features
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
-from capray.train.loop import SplitValidation, train_loop_per_worker
+from capray.train.loop import train_loop_per_worker
+from capray.train.sharding import SplitValidation
 
 if TYPE_CHECKING:
     from capray.schema import Config

@@ -3,7 +3,7 @@
 Each worker builds the model and optimizer inside a MultiWorkerMirroredStrategy scope, resumes
 from Ray Train's checkpoint if there is one, and runs the compiled distributed step
 (`make_train_step`) over its shard of the training captions. A `Reporter` validates (each worker
-its own part of the validation set, `SplitValidation`, summed over the workers) and reports
+its own part of the validation set, capray.train.sharding, summed over the workers) and reports
 metrics plus a checkpoint at every epoch end (and every `train.checkpoint_every_steps` steps);
 `WorkerInput` streams the shards through Ray Data on the first pass and from memory after.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import ray.train
 import tensorflow as tf
-from ray.train import Checkpoint, DataConfig
+from ray.train import Checkpoint
 
 from capray import checkpoint as ckpt
 from capray import storage
@@ -210,40 +210,6 @@ class BatchCache:
         for i in range(0, end, batch_size):
             pick = np.sort(order[i : i + batch_size]) if seed is None else order[i : i + batch_size]
             yield features[pick].astype(np.float32), captions[pick]
-
-
-class SplitValidation(DataConfig):
-    """`train` split equally, `val` into disjoint parts that together hold every caption once.
-
-    Every worker must run the same number of training steps (each is an all-reduce), so `train`
-    keeps Ray Train's equal split, which drops the rows that do not divide evenly. Validation
-    must see every caption exactly once, so `val` is split with `equal=False`: parts of unequal
-    size, each worker validating its own (capray.train.loop.Reporter.validate sums them).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(datasets_to_split=["train", "val"])
-
-    def configure(
-        self,
-        datasets: dict[str, ray.data.Dataset],
-        world_size: int,
-        worker_handles: Any,
-        worker_node_ids: Any,
-        **kwargs: Any,
-    ) -> list[dict[str, Any]]:
-        """Ray Train asks for each dataset's iterators per worker rank (Train V2: one dataset per call)."""
-        equal = {k: v for k, v in datasets.items() if k != "val"}
-        output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            if datasets["val"].name is None:
-                datasets["val"].set_name("val")
-            val = datasets["val"].copy(datasets["val"])
-            val.context.execution_options = self._resolve_execution_options("val")
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for i, part in enumerate(val.streaming_split(world_size, equal=False, locality_hints=hints)):
-                output[i]["val"] = part
-        return output
 
 
 class WorkerInput:
