@@ -56,6 +56,22 @@ def test_module_does_not_import_tensorflow(module: str) -> None:
     assert done.stdout.strip() == "[]", f"importing {module} loads {done.stdout.strip()}"
 
 
+def test_the_training_package_loads_its_parts_on_first_use() -> None:
+    # `import capray.train` (what unpickling capray.train.sharding in Ray Train's DatasetManager
+    # does first) loads no TensorFlow; each public name then resolves from job.py or loop.py.
+    script = (
+        "import sys, capray.train as t; tf = 'tensorflow' in sys.modules; "
+        "print(tf, [n for n in t.__all__ if not callable(getattr(t, n))], 'tensorflow' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False [] True"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        import capray.train
+
+        capray.train.no_such_name  # noqa: B018 (the attribute access is what is tested)
+
+
 def test_model_imports_no_ray() -> None:
     # capray/model.py is plain Keras: usable (and testable) without a Ray installation in sight.
     script = "import sys, capray.model; print('ray' in sys.modules)"
