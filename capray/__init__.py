@@ -37,11 +37,20 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'capray' has no attribute {name!r}")
-    import importlib
+def lazy_getattr(namespace: dict, homes: dict):
+    """A module `__getattr__` (PEP 562) that imports each name of `homes` (name -> module) on
+    first use and keeps it in `namespace`, the module's globals()."""
 
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str):
+        if name not in homes:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(homes[name]), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
+
+
+__getattr__ = lazy_getattr(globals(), _PUBLIC)

@@ -11,24 +11,25 @@ loop.py, which load TensorFlow.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from capray import lazy_getattr
 
 if TYPE_CHECKING:
     from capray.train.job import TrainingError, latest_checkpoint, prepare_tokenizer, run, train
     from capray.train.loop import BatchCache, make_eval_step, make_train_step, restore, train_loop_per_worker
 
 _HOME = {
-    "TrainingError": "job",
-    "latest_checkpoint": "job",
-    "prepare_tokenizer": "job",
-    "run": "job",
-    "train": "job",
-    "BatchCache": "loop",
-    "make_eval_step": "loop",
-    "make_train_step": "loop",
-    "restore": "loop",
-    "train_loop_per_worker": "loop",
+    "TrainingError": "capray.train.job",
+    "latest_checkpoint": "capray.train.job",
+    "prepare_tokenizer": "capray.train.job",
+    "run": "capray.train.job",
+    "train": "capray.train.job",
+    "BatchCache": "capray.train.loop",
+    "make_eval_step": "capray.train.loop",
+    "make_train_step": "capray.train.loop",
+    "restore": "capray.train.loop",
+    "train_loop_per_worker": "capray.train.loop",
 }
 
 __all__ = [
@@ -44,8 +45,4 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"capray.train.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _HOME)
