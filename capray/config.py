@@ -297,6 +297,7 @@ def output_paths(cfg: Config) -> dict[str, str]:
         "features": join(root, "features"),
         "inputs": join(root, "inputs"),
         "tokenizer": join(root, "tokenizer.json"),
+        "stats": join(root, "feature_stats.json"),
         "runs": join(root, "runs"),
         "best": join(root, "runs", cfg.name, "best.json"),
         "best_checkpoint": join(root, "runs", cfg.name, "best"),

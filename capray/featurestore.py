@@ -71,13 +71,19 @@ FILE_LIST = "_files.json"
 OLD_FILE_LIST = "_manifest.json"
 
 
-def read_file_list(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
-    """The features folder's file list (every Parquet file with its row count), None if it has none."""
+def file_list_uri(features_dir: str, storage_cfg: Any) -> str | None:
+    """Where the features folder's file list is (either name), None if it has none."""
     for name in (FILE_LIST, OLD_FILE_LIST):
         uri = storage.join(features_dir, name)
         if storage.exists(uri, storage_cfg):
-            return json.loads(storage.read_bytes(uri, storage_cfg))
+            return uri
     return None
+
+
+def read_file_list(features_dir: str, storage_cfg: Any) -> dict[str, Any] | None:
+    """The features folder's file list (every Parquet file with its row count), None if it has none."""
+    uri = file_list_uri(features_dir, storage_cfg)
+    return json.loads(storage.read_bytes(uri, storage_cfg)) if uri else None
 
 
 def _footer_rows(uri: str, storage_cfg: Any) -> int:
@@ -225,12 +231,14 @@ def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
     return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}
 
 
-def feature_stats(features: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over every cell of every training image, in one streaming pass."""
+def feature_stats(features: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel mean and std over every cell of every image, in one streaming pass, and the
+    number of images."""
     n, s, ss = 0, np.zeros(()), np.zeros(())
     for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
         n += part["n"].sum()
         s = s + part["s"].sum(0)
         ss = ss + part["ss"].sum(0)
     mean = s / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(ss / n - mean**2, 0.0)).astype(np.float32)
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
+    return mean.astype(np.float32), std.astype(np.float32), int(n) // FEATURE_SHAPE[0]

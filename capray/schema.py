@@ -66,8 +66,8 @@ class ModelConfig:
     # GRU and attention size (U).
     units: int = 512
     # none | channel. `channel` standardises each of the 2048 feature channels with statistics of
-    # the training features (stored in the checkpoint); a random backbone's features are ~1e-3 in
-    # scale and need it, ImageNet features do not.
+    # the training features (taken once per features folder and split, stored in the checkpoint);
+    # a random backbone's features are ~1e-3 in scale and need it, ImageNet features do not.
     feature_norm: str = "none"
     # float32 | mixed_float16 | mixed_bfloat16 | auto: the Keras dtype policy of training,
     # extraction and captioning (mixed: 16-bit compute, float32 weights; logits, softmax and loss

@@ -1,4 +1,5 @@
-"""System tests: distributed training on local Ray, 1 vs 2 workers, validation split across workers.
+"""System tests: distributed training on local Ray, 1 vs 2 workers, validation split across workers,
+feature statistics taken once per features folder and split.
 
 Two workers with checkpoints on S3 are tests/system/test_train_on_s3.py's (the `jobs_on_s3` run),
 on GCS and Azure tests/test_precision.py's; the long kill-and-resume run is in
@@ -8,17 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from builders import checkpoint_states, reuse_features
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from builders import checkpoint_states, feature_overrides, reuse_features
 
 from capray import checkpoint, train
 from capray.config import from_yaml, load_config
 from capray.data import split_rows
-from capray.featurestore import decode_features
+from capray.featurestore import FILE_LIST, decode_features
 
 REPO = Path(__file__).resolve().parents[1]
 SGD_RATE = 0.1
@@ -159,3 +164,64 @@ def test_two_workers_validate_disjoint_parts_to_the_loss_of_one(
         for w in workers:
             np.testing.assert_allclose(w["val_loss"][i], one_worker, rtol=1e-5)
     assert [w["cached"] for w in workers] == [[True, True]] * 2
+
+
+def _training_image_stats(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the split's training images, each once, read with pyarrow."""
+    train_images = set(pq.read_table(split, filters=[("split", "==", "train")])["image"].to_pylist())
+    table = pq.read_table(features_dir).filter(pc.field("error").is_null())
+    rows = [b for image, b in zip(table["image"].to_pylist(), table["features"].to_pylist()) if image in train_images]
+    assert len(rows) == len(train_images) > 10
+    x = decode_features(rows, table["dtype"][0].as_py()).reshape(-1, 2048).astype(np.float64)
+    return x.mean(0), x.std(0)
+
+
+def test_feature_statistics_are_taken_once_per_features_and_split(
+    ray_local, synthetic_features: Path, tmp_path: Path
+) -> None:
+    from capray.train import job
+
+    # The shared features, with a file list of this test's own to rewrite as an extraction would.
+    work = tmp_path / "work"
+    (work / "features").mkdir(parents=True)
+    for f in (synthetic_features / "features").iterdir():
+        if f.name == FILE_LIST:
+            shutil.copy(f, work / "features" / f.name)
+        else:
+            (work / "features" / f.name).symlink_to(f)
+    base = [*feature_overrides(synthetic_features, work), "model.feature_norm=channel"]
+    cfg = load_config(REPO / "configs/demo.yaml", [*base, "name=first"])
+    split = job.prepare_split(cfg)
+    features = job.checked_features(cfg)
+    mean, std = job.prepare_feature_stats(cfg, features, split)
+    expected = _training_image_stats(work / "features", split)
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(std, expected[1], rtol=1e-4, atol=1e-7)
+
+    # Another run on the same features and split (or a resumed one) makes no pass: given a subset
+    # of the images, it still returns the statistics of all of them.
+    other = load_config(REPO / "configs/demo.yaml", [*base, "name=second"])
+    subset = features.limit(40)  # of the 96 scenes
+    again = job.prepare_feature_stats(other, subset, split)
+    np.testing.assert_array_equal(again[0], mean)
+    np.testing.assert_array_equal(again[1], std)
+
+    # Any extraction rewrites the file list (same contents here): the statistics are taken again.
+    file_list = work / "features" / FILE_LIST
+    file_list.write_bytes(file_list.read_bytes())
+    os.utime(file_list, ns=(file_list.stat().st_atime_ns, file_list.stat().st_mtime_ns + 10**9))
+    of_subset = job.prepare_feature_stats(other, subset, split)
+    assert not np.allclose(of_subset[0], mean, rtol=1e-3)
+
+    # So does a new split: its training images' own statistics, all of them.
+    Path(split).unlink()
+    halved = load_config(REPO / "configs/demo.yaml", [*base, "name=second", "data.val_fraction=0.5"])
+    split = job.prepare_split(halved)
+    mean, std = job.prepare_feature_stats(halved, features, split)
+    expected = _training_image_stats(work / "features", split)
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(std, expected[1], rtol=1e-4, atol=1e-7)
+
+    # Features without a file list (an extraction killed before its end) are never reused.
+    file_list.unlink()
+    assert not np.allclose(job.prepare_feature_stats(halved, subset, split)[0], mean, rtol=1e-3)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import ray.train
 from omegaconf import OmegaConf
 from ray.data import Dataset
@@ -26,7 +27,14 @@ from capray import checkpoint as ckpt
 from capray import storage
 from capray.config import output_paths, to_yaml
 from capray.data import count_vocabulary, prepare_split, split_rows
-from capray.featurestore import FeatureError, caption_dataset, feature_stats, read_features, side_features
+from capray.featurestore import (
+    FeatureError,
+    caption_dataset,
+    feature_stats,
+    file_list_uri,
+    read_features,
+    side_features,
+)
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
 from capray.train.loop import train_loop_per_worker
@@ -53,6 +61,41 @@ def prepare_tokenizer(cfg: Config, split_uri: str) -> Tokenizer:
     return tokenizer
 
 
+# Identifies the statistics file's layout; a file of another format is computed again.
+STATS_FORMAT = "capray-feature-stats/1"
+
+
+def prepare_feature_stats(cfg: Config, features: Dataset, split_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the split's training images, each (2048,).
+
+    The pass over every training image's features is made once per features folder and split:
+    `feature_stats.json` keeps its result with the versions (size and ETag, generation or mtime)
+    of the file list and the split file it was taken from, and a later run (resumed, or under
+    another name) reuses it while both are unchanged. Any `capray extract` rewrites the file list,
+    so features that may have changed are never normalised with stale statistics. A folder
+    without a file list (an extraction killed before its end) is never reused.
+    """
+    from capray.listing import stat
+
+    uri = output_paths(cfg)["stats"]
+    file_list = file_list_uri(output_paths(cfg)["features"], cfg.storage)
+    source = {
+        "features": f"{file_list}@{':'.join(map(str, stat(file_list, cfg.storage)))}" if file_list else None,
+        "split": f"{split_uri}@{':'.join(map(str, stat(split_uri, cfg.storage)))}",
+    }
+    if file_list and storage.exists(uri, cfg.storage):
+        saved = json.loads(storage.read_bytes(uri, cfg.storage))
+        if saved.get("format") == STATS_FORMAT and saved.get("source") == source:
+            log.info(f"train: feature statistics of {saved['images']} training images reused from {uri}")
+            return np.array(saved["mean"], np.float32), np.array(saved["std"], np.float32)
+    mean, std, images = feature_stats(side_features(features, split_uri, cfg.storage, "train"))
+    if file_list:
+        saved = {"format": STATS_FORMAT, "source": source, "images": images, "mean": mean.tolist(), "std": std.tolist()}
+        storage.write_bytes(uri, json.dumps(saved).encode("utf-8"), cfg.storage)
+        log.info(f"train: feature statistics of {images} training images saved to {uri}")
+    return mean, std
+
+
 def checked_features(cfg: Config) -> Dataset:
     """The extracted features of the config's work dir, verified against their file list (`_files.json`)."""
     uri = output_paths(cfg)["features"]
@@ -74,8 +117,7 @@ def build_datasets(cfg: Config, features: Dataset, split_uri: str, tokenizer: To
         "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
     }
     if cfg.model.feature_norm == "channel":
-        # (2048,) each, over the training images only, each image once.
-        mean, std = feature_stats(side_features(features, split_uri, cfg.storage, "train"))
+        mean, std = prepare_feature_stats(cfg, features, split_uri)
         loop_config.update(feature_mean=mean.tolist(), feature_std=std.tolist())
     data = {side: caption_dataset(features, split_uri, cfg.storage, side, tokenizer) for side in ("train", "val")}
     return data, loop_config
