@@ -45,6 +45,7 @@ TF_FREE = [
     "capray.overview",
     # Ray Train's DatasetManager actor unpickles the trainer's dataset_config.
     "capray.train.sharding",
+    "capray.train.backend",
 ]
 
 

@@ -2,11 +2,11 @@
 
 job.py is the driver (split, tokenizer, feature checks, Ray datasets, the trainer); loop.py is
 what every worker runs (`train_loop_per_worker`, the compiled step, restore, reporting);
-sharding.py how the datasets reach the workers.
+sharding.py how the datasets reach the workers; backend.py how the workers find each other.
 
 The names below load their module on first use: a process that unpickles a TensorFlow-free
-part of this package (sharding.py, in Ray Train's DatasetManager) must not import job.py and
-loop.py, which load TensorFlow.
+part of this package (sharding.py in Ray Train's DatasetManager, backend.py in its controller)
+must not import job.py and loop.py, which load TensorFlow.
 """
 
 from __future__ import annotations

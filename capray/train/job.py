@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import ray.train
@@ -37,10 +37,13 @@ from capray.featurestore import (
 )
 from capray.featurestore import verify as verify_features
 from capray.text import Tokenizer
+from capray.train.backend import MultiWorkerConfig
 from capray.train.loop import train_loop_per_worker
 from capray.train.sharding import SplitValidation
 
 if TYPE_CHECKING:
+    from ray.train.tensorflow import TensorflowConfig
+
     from capray.schema import Config
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,9 @@ def build_trainer(
     return TensorflowTrainer(
         loop,
         train_loop_config=loop_config,
+        # Ray's own TensorflowConfig would import TensorFlow in the controller (capray.train.backend);
+        # its annotation names that class, the trainer takes any BackendConfig.
+        tensorflow_config=cast("TensorflowConfig", MultiWorkerConfig()),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
