@@ -239,12 +239,16 @@ def split_rows(uri: str, storage_cfg: Any, side: str) -> int:
     import ray
     from ray.data.expressions import col
 
+    from capray.runtime import footer_readers_for
+
     fs, path = storage.filesystem(uri, storage_cfg)
     with fs.open_input_file(path) as handle:
         saved = pq.ParquetFile(handle).schema_arrow.metadata or {}
     if SPLIT_ROWS_KEY in saved:
         return int(json.loads(saved[SPLIT_ROWS_KEY])[side])
-    return ray.data.read_parquet(path, filesystem=fs, columns=["split"]).filter(expr=col("split") == side).count()
+    with footer_readers_for(1):
+        split = ray.data.read_parquet(path, filesystem=fs, columns=["split"])
+    return split.filter(expr=col("split") == side).count()
 
 
 def captions_of(images: Sequence[str], uri: str, storage_cfg: Any, side: str) -> pa.Table:

@@ -11,6 +11,7 @@ functions in its own worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from ray.data.expressions import col
 
 from capray import shards, storage
 from capray.images import FEATURE_DIM, NUM_CELLS
+from capray.runtime import footer_readers_for
 
 if TYPE_CHECKING:
     from capray.text import Tokenizer
@@ -170,8 +172,12 @@ def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
 def read_features(features_dir: str, storage_cfg: Any = None) -> ray.data.Dataset:
     """The extracted features as a Ray Dataset (successful rows only, sizes checked)."""
     fs, path = storage.filesystem(features_dir, storage_cfg)
-    ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True).filter(expr=col("error").is_null())
-    return ds.map_batches(_check_sizes, batch_size=64)
+    file_list = read_file_list(features_dir, storage_cfg)
+    # Without a file list (an extraction killed before its end) the pool stays as configured.
+    pool = footer_readers_for(len(file_list["files"])) if file_list else contextlib.nullcontext()
+    with pool:
+        ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True)
+    return ds.filter(expr=col("error").is_null()).map_batches(_check_sizes, batch_size=64)
 
 
 # --- the training view: features paired with their captions from the split file, and statistics

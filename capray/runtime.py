@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -31,9 +34,39 @@ WORKER_ENV = {
 # 32 by default, each a new worker process of ~1 CPU-second. On 2 cores a whole pass over 3,000
 # files took 44-52 s from moto S3 with 2 actors and 67-69 s with 32 (bench/footers.py); a big
 # cluster may want more: a value already in the driver's environment wins (Ray reads it in the
-# process that calls read_parquet).
+# process that calls read_parquet), and footer_readers_for trims it for a small folder.
 FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_ACTORS_DEFAULT = "2"
+# Ray's own defaults, as its Parquet reader reads them: the pool size, and the files it hands a
+# footer reader per call.
+RAY_FOOTER_ACTORS, FOOTER_BATCH, RAY_FOOTER_BATCH = 32, "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE", 10
+_footer_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def footer_readers_for(files: int) -> Iterator[None]:
+    """Around a `ray.data.read_parquet` of `files` Parquet files: a pool of footer readers no
+    larger than the batches of footers there are to read. Each reader takes 10 files per call
+    (`RAY_DATA_PARQUET_FOOTER_BATCH_SIZE`), so a folder of up to 10 files keeps one reader busy
+    and the pool's others would start a worker process each for nothing. Never more readers than
+    the pool configured (FOOTER_ACTORS); Ray reads the variable when `read_parquet` is called."""
+    pool = int(os.environ.get(FOOTER_ACTORS, RAY_FOOTER_ACTORS))
+    per_call = int(os.environ.get(FOOTER_BATCH, RAY_FOOTER_BATCH))
+    needed = max(1, -(-files // per_call))
+    if needed >= pool:
+        yield
+        return
+    with _footer_lock:
+        before = os.environ.get(FOOTER_ACTORS)
+        os.environ[FOOTER_ACTORS] = str(needed)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[FOOTER_ACTORS]
+            else:
+                os.environ[FOOTER_ACTORS] = before
+
 
 RUNTIME_ENV = {
     "env_vars": WORKER_ENV,
