@@ -12,6 +12,7 @@ functions in its own worker processes.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,10 @@ def write_file_list(
         "shape": list(FEATURE_SHAPE),
         "dtype": dtype,
         "rows": sum(f["rows"] for f in files),
+        # A new version of the file at every extraction, even with the same files: S3's ETag is a
+        # digest of the content, and training's statistics are kept for one version of this file
+        # (capray.train.job.prepare_feature_stats); a retry of failed rows keeps every name and count.
+        "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "files": files,
     }
     storage.write_bytes(storage.join(features_dir, FILE_LIST), json.dumps(file_list, indent=1).encode(), storage_cfg)

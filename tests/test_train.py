@@ -225,3 +225,18 @@ def test_feature_statistics_are_taken_once_per_features_and_split(
     # Features without a file list (an extraction killed before its end) are never reused.
     file_list.unlink()
     assert not np.allclose(job.prepare_feature_stats(halved, subset, split)[0], mean, rtol=1e-3)
+
+
+def test_every_extraction_writes_a_new_version_of_the_file_list_on_s3(s3) -> None:
+    # S3's ETag digests the content: an extraction that keeps every file name and row count (a
+    # retry of failed rows) must still change the version that training's statistics are kept for.
+    from capray import featurestore
+    from capray.listing import stat
+
+    cfg = s3.config()
+    features = f"{s3.bucket('file-list-versions')}/features"
+    first = featurestore.write_file_list(features, cfg.storage, "float16")
+    before = stat(f"{features}/{FILE_LIST}", cfg.storage)
+    again = featurestore.write_file_list(features, cfg.storage, "float16", previous=first)
+    assert {**again, "written_at": None} == {**first, "written_at": None}  # the same files and counts
+    assert stat(f"{features}/{FILE_LIST}", cfg.storage) != before

@@ -74,18 +74,19 @@ def prepare_feature_stats(cfg: Config, features: Dataset, split_uri: str) -> tup
     The pass over every training image's features is made once per features folder and split:
     `feature_stats.json` keeps its result with the versions (size and ETag, generation or mtime)
     of the file list and the split file it was taken from, and a later run (resumed, or under
-    another name) reuses it while both are unchanged. Any `capray extract` rewrites the file list,
-    so features that may have changed are never normalised with stale statistics. A folder
-    without a file list (an extraction killed before its end) is never reused.
+    another name) reuses it while both are unchanged. Every `capray extract` writes a new version
+    of the file list (with the time it was written), so features that may have changed are never
+    normalised with stale statistics. A folder without a file list (an extraction killed before
+    its end) is never reused.
     """
     from capray.listing import stat
 
+    def version(file: str) -> str:
+        return f"{file}@{':'.join(map(str, stat(file, cfg.storage)))}"
+
     uri = output_paths(cfg)["stats"]
     file_list = file_list_uri(output_paths(cfg)["features"], cfg.storage)
-    source = {
-        "features": f"{file_list}@{':'.join(map(str, stat(file_list, cfg.storage)))}" if file_list else None,
-        "split": f"{split_uri}@{':'.join(map(str, stat(split_uri, cfg.storage)))}",
-    }
+    source = {"features": version(file_list) if file_list else None, "split": version(split_uri)}
     if file_list and storage.exists(uri, cfg.storage):
         saved = json.loads(storage.read_bytes(uri, cfg.storage))
         if saved.get("format") == STATS_FORMAT and saved.get("source") == source:
