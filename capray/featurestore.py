@@ -11,7 +11,6 @@ functions in its own worker processes.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 from collections.abc import Iterable
@@ -177,10 +176,8 @@ def _check_sizes(batch: dict[str, Any]) -> dict[str, Any]:
 def read_features(features_dir: str, storage_cfg: Any = None) -> ray.data.Dataset:
     """The extracted features as a Ray Dataset (successful rows only, sizes checked)."""
     fs, path = storage.filesystem(features_dir, storage_cfg)
-    file_list = read_file_list(features_dir, storage_cfg)
-    # Without a file list (an extraction killed before its end) the pool stays as configured.
-    pool = footer_readers_for(len(file_list["files"])) if file_list else contextlib.nullcontext()
-    with pool:
+    file_list = read_file_list(features_dir, storage_cfg)  # None after an extraction killed before its end
+    with footer_readers_for(len(file_list["files"]) if file_list else None):
         ds = ray.data.read_parquet(path, filesystem=fs, include_paths=True)
     return ds.filter(expr=col("error").is_null()).map_batches(_check_sizes, batch_size=64)
 

@@ -39,20 +39,23 @@ FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_ACTORS_DEFAULT = "2"
 # Ray's own defaults, as its Parquet reader reads them: the pool size, and the files it hands a
 # footer reader per call.
-RAY_FOOTER_ACTORS, FOOTER_BATCH, RAY_FOOTER_BATCH = 32, "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE", 10
+RAY_FOOTER_ACTORS = 32
+FOOTER_BATCH = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
+RAY_FOOTER_BATCH = 10
 _footer_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def footer_readers_for(files: int) -> Iterator[None]:
+def footer_readers_for(files: int | None) -> Iterator[None]:
     """Around a `ray.data.read_parquet` of `files` Parquet files: a pool of footer readers no
     larger than the batches of footers there are to read. Each reader takes 10 files per call
     (`RAY_DATA_PARQUET_FOOTER_BATCH_SIZE`), so a folder of up to 10 files keeps one reader busy
     and the pool's others would start a worker process each for nothing. Never more readers than
-    the pool configured (FOOTER_ACTORS); Ray reads the variable when `read_parquet` is called."""
+    the pool configured (FOOTER_ACTORS); Ray reads the variable when `read_parquet` is called.
+    `files=None` (not known) leaves the pool as configured."""
     pool = int(os.environ.get(FOOTER_ACTORS, RAY_FOOTER_ACTORS))
     per_call = int(os.environ.get(FOOTER_BATCH, RAY_FOOTER_BATCH))
-    needed = max(1, -(-files // per_call))
+    needed = pool if files is None else max(1, -(-files // per_call))
     if needed >= pool:
         yield
         return
