@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15
 # The developer's loop (`make test-fast`): no Ray, no training jobs. The conftest refuses
 # Ray here, so a test that needs it cannot slip into this list.
 FAST := tests/test_config.py tests/test_configdoc.py tests/test_text.py tests/test_model.py \
-	tests/test_images.py tests/test_readers.py tests/test_data.py tests/test_inputs.py tests/test_listing.py tests/test_shards.py tests/test_status.py \
+	tests/test_images.py tests/test_readers.py tests/test_data.py tests/test_inputs.py tests/test_listing.py tests/test_shards.py tests/test_status.py tests/test_curves.py \
 	tests/test_cluster.py tests/test_compat.py tests/test_imports.py tests/test_train_step.py tests/test_repo_text.py tests/test_logs.py
 
 # Azurite, the Azure Blob emulator of `make test` (npm, into ./node_modules; .ci/run installs

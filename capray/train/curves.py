@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,8 @@ TAGS = ("train_loss", "val_loss", "learning_rate", "captions_per_s")
 
 
 class CurveWriter:
-    """Rank 0's TensorBoard writer for one run."""
+    """Rank 0's TensorBoard writer for one run; `close` it at the end (on object storage it
+    removes the local copy, every file of which was uploaded at its last flush)."""
 
     def __init__(self, uri: str, storage_cfg: Any = None):
         self.uri, self.storage_cfg = uri, storage_cfg
@@ -44,6 +46,12 @@ class CurveWriter:
         if self.remote:
             for name in os.listdir(self.local):
                 storage.upload_file(os.path.join(self.local, name), storage.join(self.uri, name), self.storage_cfg)
+
+    def close(self) -> None:
+        """Close the event file; on object storage, remove the local folder."""
+        self.writer.close()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def read(uri: str, storage_cfg: Any = None) -> dict[str, list[tuple[int, float]]]:

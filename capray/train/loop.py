@@ -436,6 +436,11 @@ class Reporter:
                 self._keep_best(tmp, metrics)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
+    def close(self) -> None:
+        """Rank 0 closes its curves (on object storage, their local copy is removed)."""
+        if self.curves is not None:
+            self.curves.close()
+
     def _keep_best(self, directory: str, metrics: dict) -> None:
         storage.upload_dir(directory, self.paths["best_checkpoint"], self.storage_cfg)
         # Published only once the copy is complete.
@@ -512,21 +517,24 @@ def train_loop_per_worker(config: dict) -> None:
     )
     reporter = Reporter(cfg, config["storage"], model, optimizer, tokenizer, inputs, rank, strategy)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        # A run resumed from a mid-epoch checkpoint runs only the rest of that epoch's steps.
-        # Ray Data's block order is not fixed, so those are not exactly the captions the
-        # interrupted run would have seen; the step count and optimizer state are.
-        epoch_step = skip_steps if epoch == start_epoch else 0
-        seed = cfg.train.shuffle_seed + 1000 * epoch + rank if cfg.train.shuffle else None
-        meter = EpochMeter(global_batch)
-        for feats, caps in inputs.training(local_batch, seed, cfg.train.shuffle, whole_pass=epoch_step == 0):
-            meter.got_batch()
-            if epoch_step >= steps_per_epoch:
-                break
-            meter.add(*train_step(feats, caps))
-            step, epoch_step = step + 1, epoch_step + 1
-            if every and step % every == 0 and epoch_step < steps_per_epoch:
-                reporter.report(epoch, epoch_step, step, *meter.summary())
-            meter.asking()
-        inputs.end_epoch()
-        reporter.report(epoch + 1, 0, step, *meter.summary())
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            # A run resumed from a mid-epoch checkpoint runs only the rest of that epoch's steps.
+            # Ray Data's block order is not fixed, so those are not exactly the captions the
+            # interrupted run would have seen; the step count and optimizer state are.
+            epoch_step = skip_steps if epoch == start_epoch else 0
+            seed = cfg.train.shuffle_seed + 1000 * epoch + rank if cfg.train.shuffle else None
+            meter = EpochMeter(global_batch)
+            for feats, caps in inputs.training(local_batch, seed, cfg.train.shuffle, whole_pass=epoch_step == 0):
+                meter.got_batch()
+                if epoch_step >= steps_per_epoch:
+                    break
+                meter.add(*train_step(feats, caps))
+                step, epoch_step = step + 1, epoch_step + 1
+                if every and step % every == 0 and epoch_step < steps_per_epoch:
+                    reporter.report(epoch, epoch_step, step, *meter.summary())
+                meter.asking()
+            inputs.end_epoch()
+            reporter.report(epoch + 1, 0, step, *meter.summary())
+    finally:
+        reporter.close()
