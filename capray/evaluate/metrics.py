@@ -46,8 +46,8 @@ def coco_metrics_of(
     predictions: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """`coco_metrics` of several sets of predictions of the same images (one per decoding strategy):
-    the references are tokenised once and one METEOR process scores every set, since starting
-    METEOR's Java (its paraphrase tables) costs ~7 s of CPU each time."""
+    the references and every set are tokenised in one Java run, and one METEOR process scores every
+    set, since starting METEOR's Java (its paraphrase tables) costs ~7 s of CPU each time."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -55,13 +55,7 @@ def coco_metrics_of(
     notes: list[str] = []
     java = java_available()
     if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tok = PTBTokenizer()
-        gts_all = tok.tokenize({k: [{"caption": r} for r in references[k]] for k in references})
-        tokenized = {
-            label: tok.tokenize({k: [{"caption": p[k]}] for k in sorted(p)}) for label, p in predictions.items()
-        }
+        gts_all, tokenized = _ptb_tokenize(predictions, references)
     else:
         notes.append(NO_JAVA)
         gts_all = {k: [_norm(r) for r in references[k]] for k in references}
@@ -85,6 +79,25 @@ def coco_metrics_of(
         if meteor is not None:
             meteor.close()
     return out, notes
+
+
+def _ptb_tokenize(
+    predictions: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]]]:
+    """The references and every set of predictions through pycocoevalcap's PTB tokenizer in one
+    call: each call starts a Java process (~1.5 s of CPU), and the tokenizer works line by line,
+    so one call gives each caption the tokens a call of its own would."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    merged: dict[tuple[str, ...], list[dict[str, str]]] = {
+        ("references", k): [{"caption": r} for r in refs] for k, refs in references.items()
+    }
+    for label, p in predictions.items():
+        merged.update({("predictions", label, k): [{"caption": p[k]}] for k in sorted(p)})
+    tokens = PTBTokenizer().tokenize(merged)
+    gts = {k: tokens[("references", k)] for k in references}
+    res = {label: {k: tokens[("predictions", label, k)] for k in sorted(p)} for label, p in predictions.items()}
+    return gts, res
 
 
 class _Meteor:
