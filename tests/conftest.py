@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from builders import extract_synthetic, write_tiny_checkpoint
-from emulators import Emulator, free_port
+from emulators import S3, Emulator, free_port
 
 from capray.config import load_config
 
@@ -74,6 +74,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -jobs[item.path.name]))
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """When one session runs both suites (`make test-all`): each suite's tests by outcome and the
+    seconds their setup, call and teardown took, summed over both processes (more than the wall
+    time: the processes run side by side)."""
+    tests: dict[str, collections.Counter[str]] = {}
+    seconds: collections.Counter[str] = collections.Counter()
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if not isinstance(rep, pytest.TestReport):
+                continue
+            suite = "make test-system" if rep.nodeid.startswith("tests/system/") else "make test"
+            seconds[suite] += rep.duration
+            if rep.when == "call" or rep.outcome != "passed":  # a skip or error outside the call counts too
+                tests.setdefault(suite, collections.Counter())[rep.outcome] += 1
+    if len(tests) < 2:
+        return
+    for suite in ("make test", "make test-system"):
+        outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tests[suite].items()))
+        terminalreporter.write_line(f"[suites] {suite}: {outcomes}; {seconds[suite]:.0f} s of test time")
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadfile`, but the files of one SHARED_RUNS fixture are one unit."""
     if config.getoption("dist") != "loadfile":
@@ -104,37 +125,6 @@ def ray_local() -> Iterator[None]:
     init_ray(load_config(None, ["ray.local_cpus=2", "ray.local_dashboard=false"]))
     yield
     ray.shutdown()
-
-
-class S3:
-    """A moto S3 server on 127.0.0.1 and capray configs wired to it."""
-
-    def __init__(self, endpoint_url: str):
-        self.endpoint_url = endpoint_url
-        self.settings = [
-            f"storage.endpoint_url={endpoint_url}",
-            "storage.region=us-east-1",
-            "storage.access_key_id=testing",
-            "storage.secret_access_key=testing",
-        ]
-
-    def config(self, *overrides: str):
-        """A capray config that reaches this server."""
-        return load_config(None, [*self.settings, *overrides])
-
-    def bucket(self, name: str) -> str:
-        """Create a bucket; returns its s3:// URI."""
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket=name)
-        return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

