@@ -85,8 +85,8 @@ def _ptb_tokenize(
     predictions: Mapping[str, Mapping[str, str]], references: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]]]:
     """The references and every set of predictions through pycocoevalcap's PTB tokenizer in one
-    call: each call starts a Java process (~1.5 s of CPU), and the tokenizer works line by line,
-    so one call gives each caption the tokens a call of its own would."""
+    call, so one Java process: the tokenizer works line by line, so each caption gets the tokens a
+    call of its own would give it."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     merged: dict[tuple[str, ...], list[dict[str, str]]] = {
