@@ -10,12 +10,17 @@ other (a Ray actor runs the same steps, plus its process start):
   decoder     the greedy decoder's first batch vs. a later one
   decode      JPEG bytes -> 299x299 pixels per image (the decoding tasks' share of the CPU)
 
+Each step's wall time and CPU time (its threads together; on 2 cores the forward pass uses both).
+`ONEDNN_MAX_CPU_ISA=AVX2` before the command limits oneDNN's kernels to AVX2, the widest vectors of
+the machines without AVX-512.
+
 Usage: python bench/startup.py [--checkpoint DIR] [--images DIR] [--batch-size 16]
 Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
 """
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
@@ -26,11 +31,17 @@ from typing import Any
 from caption import parse_args  # bench/caption.py: the same command line
 
 
+def _cpu() -> float:
+    """CPU-s used so far by this process and its ended children (the cold import's subprocess)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(label: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run fn(*args), print its wall time, return its result."""
-    start = time.perf_counter()
+    """Run fn(*args), print its wall time and CPU time, return its result."""
+    start, cpu = time.perf_counter(), _cpu()
     out = fn(*args)
-    print(f"{label:34s} {time.perf_counter() - start:6.2f} s", flush=True)
+    print(f"{label:34s} {time.perf_counter() - start:6.2f} s  {_cpu() - cpu:6.2f} CPU-s", flush=True)
     return out
 
 
