@@ -16,7 +16,7 @@ FAST := tests/test_config.py tests/test_configdoc.py tests/test_text.py tests/te
 AZURITE_VERSION := 3.35.0
 AZURITE := node_modules/.bin/azurite-blob
 
-.PHONY: demo test test-fast test-system test-all lint clean wheel
+.PHONY: demo test test-fast test-system lint clean wheel
 
 # uv installs the project in about a third of pip's time (docs/testing.md#where-cis-time-goes), the
 # same versions; it reads no pip.conf, so behind a mirror that only pip.conf names use
@@ -65,13 +65,6 @@ test-fast: $(BIN)/.installed
 # start first, and the files that share one run of jobs are one unit (tests/conftest.py).
 test-system: $(BIN)/.installed
 	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder tests/system $(ARGS)
-
-# Both suites in one pytest session, two processes: what `.ci/run` runs. One set of session
-# fixtures (Ray instances, storage servers, test collection) instead of two, and no core left idle
-# while the first suite's last file ends; the reliability suite's long files start first. It prints
-# each suite's tests and summed test time at the end (tests/conftest.py).
-test-all: $(BIN)/.installed $(AZURITE)
-	$(PYTEST) -n 2 --dist loadfile --no-loadscope-reorder tests $(ARGS)
 
 # The pinned capray that cluster.yaml copies to every node (dist/capray-<version>-py3-none-any.whl).
 wheel: $(BIN)/.installed

@@ -74,27 +74,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -jobs[item.path.name]))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """When one session runs both suites (`make test-all`): each suite's tests by outcome and the
-    seconds their setup, call and teardown took, summed over both processes (more than the wall
-    time: the processes run side by side)."""
-    tests: dict[str, collections.Counter[str]] = {}
-    seconds: collections.Counter[str] = collections.Counter()
-    for reports in terminalreporter.stats.values():
-        for rep in reports:
-            if not isinstance(rep, pytest.TestReport):
-                continue
-            suite = "make test-system" if rep.nodeid.startswith("tests/system/") else "make test"
-            seconds[suite] += rep.duration
-            if rep.when == "call" or rep.outcome != "passed":  # a skip or error outside the call counts too
-                tests.setdefault(suite, collections.Counter())[rep.outcome] += 1
-    if len(tests) < 2:
-        return
-    for suite in ("make test", "make test-system"):
-        outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tests[suite].items()))
-        terminalreporter.write_line(f"[suites] {suite}: {outcomes}; {seconds[suite]:.0f} s of test time")
-
-
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadfile`, but the files of one SHARED_RUNS fixture are one unit."""
     if config.getoption("dist") != "loadfile":
