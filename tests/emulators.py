@@ -39,18 +39,21 @@ class S3:
 
         return load_config(None, [*self.settings, *overrides])
 
-    def bucket(self, name: str) -> str:
-        """Create a bucket; returns its s3:// URI."""
+    def client(self):
+        """A boto3 client of this server."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-        client.create_bucket(Bucket=name)
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket; returns its s3:// URI."""
+        self.client().create_bucket(Bucket=name)
         return f"s3://{name}"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from emulators import S3, free_port
 
 from capray import synthetic
 from capray.config import load_config
@@ -24,7 +24,7 @@ from capray.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-class RestartableS3:
+class RestartableS3(S3):
     """A moto S3 server of its own, which a test may stop and start again on the same port.
 
     moto keeps buckets in process-wide backends, not in the server thread: a restart keeps them,
@@ -32,10 +32,8 @@ class RestartableS3:
     """
 
     def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.server = None
         self.start()
 
@@ -51,31 +49,6 @@ class RestartableS3:
         if self.server is not None:
             self.server.stop()
             self.server = None
-
-    def client(self):
-        """A boto3 client of this server."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
-    def config(self, *overrides: str):
-        """A capray config that reaches this server."""
-        return load_config(
-            None,
-            [
-                f"storage.endpoint_url={self.endpoint_url}",
-                "storage.region=us-east-1",
-                "storage.access_key_id=testing",
-                "storage.secret_access_key=testing",
-                *overrides,
-            ],
-        )
 
 
 @pytest.fixture

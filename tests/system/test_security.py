@@ -12,19 +12,11 @@ import textwrap
 import zlib
 from pathlib import Path
 
-import boto3
-
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bucket_objects(s3, bucket: str) -> dict[str, bytes]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = s3.client()
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
