@@ -107,7 +107,7 @@ def ray_head() -> Iterator[dict]:
         start_new_session=True,
     )
     try:
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobStatus, JobSubmissionClient
 
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
@@ -115,12 +115,15 @@ def ray_head() -> Iterator[dict]:
             assert proc.poll() is None, f"ray start exited: {(Path(temp) / 'ray_start.log').read_text()[-2000:]}"
             try:
                 client = JobSubmissionClient(address)
-                client.list_jobs()
+                # Ready when a job runs: the job list answers before the node's job agent is up, and
+                # a job submitted then fails with "No available agent to submit job".
+                ready = client.submit_job(entrypoint="true")
                 break
             except Exception:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)  # polling interval while the dashboard starts (not synchronisation)
+        assert _wait(client, ready, timeout=120) == JobStatus.SUCCEEDED, client.get_job_logs(ready)
         yield {"client": client, "temp": temp}
     finally:
         # A throw-away head: no graceful shutdown is needed (`ray start --block` spends ~30 s on

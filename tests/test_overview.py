@@ -201,8 +201,10 @@ def test_the_page_opens_in_headless_chromium_with_no_console_error(page: tuple[P
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # The driver given: Selenium Manager never downloads one.
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # The driver given: Selenium Manager never downloads one. Chromium's own temp files (a
+    # singleton socket folder it never removes) go under the test's folder, not /tmp.
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         driver.get(html.as_uri())
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
