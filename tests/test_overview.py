@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +203,10 @@ def test_the_page_opens_in_headless_chromium_with_no_console_error(page: tuple[P
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # The driver given: Selenium Manager never downloads one. Chromium's own temp files (a
-    # singleton socket folder it never removes) go under the test's folder, not /tmp.
-    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+    # singleton socket folder it never removes) go to a folder removed afterwards; a short one:
+    # the socket's path must fit in 107 bytes, which tmp_path under pytest-xdist does not.
+    temp = tempfile.mkdtemp(prefix="chr", dir="/tmp")
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": temp})
     driver = webdriver.Chrome(service=service, options=options)
     try:
         driver.get(html.as_uri())
@@ -227,6 +230,7 @@ def test_the_page_opens_in_headless_chromium_with_no_console_error(page: tuple[P
         assert (tmp_path / "overview.png").stat().st_size > 10_000
     finally:
         driver.quit()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_folder_that_is_no_caption_output_is_one_line_with_exit_code_3(
