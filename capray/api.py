@@ -125,7 +125,10 @@ def _single(images: Any) -> bool:
 
 
 def _name(image: Any) -> str:
-    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        return path if path.strip() else repr(path)  # a blank path shows as '' or ' '
+    return type(image).__name__
 
 
 # --- the jobs as functions -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from capray import storage
-from capray.images import IMAGE_SIZE, ImageDecodeError, decode
+from capray.images import EMPTY_PATH, IMAGE_SIZE, ImageDecodeError, decode
 
 
 def to_pixels(item: Any, storage_cfg: Any, max_pixels: int) -> np.ndarray:
@@ -26,7 +26,10 @@ def to_pixels(item: Any, storage_cfg: Any, max_pixels: int) -> np.ndarray:
     from capray.images import from_pil
 
     if isinstance(item, (str, os.PathLike)):
-        return decode(storage.read_bytes(os.fspath(item), storage_cfg), max_pixels)
+        path = os.fspath(item)
+        if not path.strip():
+            raise ImageDecodeError(EMPTY_PATH)
+        return decode(storage.read_bytes(path, storage_cfg), max_pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode(bytes(item), max_pixels)
     if isinstance(item, Image.Image):

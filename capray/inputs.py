@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capray import listing, storage
-from capray.listing import ListingError, digest, is_image, stem, walk
+from capray.listing import ListingError, digest, is_image, stem, suffixes, walk
 
 if TYPE_CHECKING:
     from capray.schema import Config
@@ -217,35 +217,42 @@ def _parquet_shards(f: listing.Entry, cfg: Config, kind: str) -> list[Shard]:
     ]
 
 
-def _schema(uri: str, cfg: Config) -> pa.Schema:
+def _schema(uri: str, cfg: Config) -> tuple[pa.Schema, bool]:
+    """A .csv/.parquet file's schema, and whether it has any row (from the same read)."""
     fs, path = storage.filesystem(uri, cfg.storage)
     try:
         if uri.lower().endswith(".parquet"):
             with fs.open_input_file(path) as f:
-                return pq.ParquetFile(f).schema_arrow
+                pf = pq.ParquetFile(f)
+                return pf.schema_arrow, pf.metadata.num_rows > 0
         with fs.open_input_stream(path) as f:
-            return pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema
+            csv = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16))
+            try:
+                return csv.schema, csv.read_next_batch().num_rows > 0
+            except StopIteration:
+                return csv.schema, False
     except (pa.ArrowException, OSError) as e:
         raise InputError(
             f"{uri}: not a readable {'Parquet' if uri.lower().endswith('.parquet') else 'CSV'} file ({e})"
         ) from None
 
 
-def _file_kind(uri: str, cfg: Config) -> str:
-    """manifest | csv | parquet_bytes for one .csv/.parquet file, from its schema; errors name the file."""
-    schema = _schema(uri, cfg)
+def _file_kind(uri: str, cfg: Config) -> tuple[str, bool]:
+    """manifest | csv | parquet_bytes for one .csv/.parquet file, from its schema, and whether it
+    has any row; errors name the file."""
+    schema, has_rows = _schema(uri, cfg)
     col = cfg.inputs.bytes_column
     if uri.lower().endswith(".parquet") and col in schema.names and KEY not in schema.names:
         typ = schema.field(col).type
         if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
             raise InputError(f"{uri}: column {col!r} (inputs.bytes_column) is {typ}, expected binary image bytes")
-        return "parquet_bytes"
+        return "parquet_bytes", has_rows
     if KEY not in schema.names:
         raise InputError(
             f"{uri}: no {KEY!r} column (found: {', '.join(schema.names)}); a manifest needs an image path/URI "
             f"column named {KEY!r}, Parquet with image bytes a binary column {col!r} (inputs.bytes_column)"
         )
-    return "manifest" if uri.lower().endswith(".parquet") else "csv"
+    return "manifest" if uri.lower().endswith(".parquet") else "csv", has_rows
 
 
 def _glob(uri: str, cfg: Config) -> list[listing.Entry]:
@@ -317,6 +324,24 @@ def _detect(uri: str, cfg: Config) -> str:
     return "files"
 
 
+def _refuse_other_files(uri: str, cfg: Config) -> None:
+    """InputError for one file that is no input kind (an image, a .txt list...): planned as a
+    folder it would fail with "not a directory" (local) or find no images (object storage)."""
+    if any(c in uri for c in _GLOB_CHARS) or uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar")):
+        return
+    if not storage.is_file(uri, cfg.storage):
+        return
+    if uri.lower().endswith(suffixes(cfg.inputs.extensions)):
+        raise InputError(
+            f"{uri} is one image file: give the folder it is in (inputs.glob selects files in it) "
+            "or a manifest (.csv/.parquet) that lists it"
+        )
+    raise InputError(
+        f"{uri} is a file of no input kind: give a folder or prefix of images, a manifest (.csv or .parquet "
+        "with an 'image' column), WebDataset .tar shards, or Parquet with image bytes (docs/inputs.md)"
+    )
+
+
 def require(uri: str, storage_cfg: Any) -> None:
     """InputError unless input `uri` exists (a glob is expanded by `plan`, which names what it matched)."""
     if not any(c in uri for c in _GLOB_CHARS) and not storage.exists(uri, storage_cfg):
@@ -328,6 +353,7 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
     `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
     try:
         require(uri, cfg.storage)
+        _refuse_other_files(uri, cfg)
         kind = _detect(uri, cfg)
         if kind == "files":
             return _list_images(cfg, uri, cache_dir)
@@ -348,7 +374,13 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
         files = _expand(uri, cfg, MANIFEST_SUFFIXES)
         if not files:
             raise InputError(f"no .csv or .parquet manifest under {uri}")
-        kinds = list(ThreadPoolExecutor(16).map(lambda f: _file_kind(f.uri, cfg), files))
+        kinds, has_rows = zip(*ThreadPoolExecutor(16).map(lambda f: _file_kind(f.uri, cfg), files))
+        if not any(has_rows):  # as a folder without images: an error, not a job that does nothing
+            raise InputError(
+                f"{uri} has no rows: no images to process"
+                if len(files) == 1
+                else f"no images under {uri}: its {len(files)} .csv/.parquet files have no rows"
+            )
         if len(set(k == "parquet_bytes" for k in kinds)) > 1:
             raise InputError(f"{uri} mixes manifests and Parquet files with image bytes: give one kind per job")
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import progress, storage
-from capray.images import IMAGE_SIZE, ImageDecodeError, clean_message, decode, error_class
+from capray.images import EMPTY_PATH, IMAGE_SIZE, ImageDecodeError, clean_message, decode, error_class
 from capray.inputs import DATA, KEY, URI, VERSION, Shard
 from capray.reader import read_shard
 from capray.shards import output_name
@@ -43,6 +43,8 @@ def load_image(item: Any, storage_cfg: Any, max_pixels: int) -> tuple[np.ndarray
     then the bytes it had, and the seconds spent reading and decoding it (the shard's stats)."""
     t0 = time.perf_counter()
     data = b""
+    if isinstance(item, str) and not item.strip():
+        return None, EMPTY_PATH, 0, 0.0, 0.0
     try:
         data = storage.read_bytes(item, storage_cfg) if isinstance(item, str) else item
         t1 = time.perf_counter()
@@ -124,7 +126,7 @@ class ShardWorker:
         waited = time.perf_counter()
         for i, fut in enumerate(futures):
             if fut is None:
-                errors[i] = errors[i] or "empty image path/URI"
+                errors[i] = errors[i] or EMPTY_PATH
                 continue
             px, err, nbytes, read_s, decode_s = fut.result()
             self.bytes_read += nbytes

@@ -189,10 +189,11 @@ def test_the_python_api_refuses_unsupported_inputs_by_position(checkpoint: str, 
         captioner.caption(np.zeros((8, 8, 3), np.float32))
     # on_error="keep": the jobs' behaviour, an error per image and the good ones captioned.
     scene = good_images()["scene.jpg"]
-    kept = captioner.caption([scene, 7, b"not an image", scene], on_error="keep")
-    assert [c.error is None for c in kept] == [True, False, False, True]
+    kept = captioner.caption([scene, 7, b"not an image", scene, " "], on_error="keep")
+    assert [c.error is None for c in kept] == [True, False, False, True, False]
     assert kept[0].text and kept[0].text == kept[3].text == captioner.caption(scene)[0].text
     assert [error_class(c.error) for c in kept[1:3]] == ["not_an_image", "not_an_image"] and kept[1].text == ""
+    assert kept[4].error == "image 4 (' '): empty image path/URI"  # not a read of the working directory
     assert " at 0x" not in kept[2].error and "image 2 (bytes)" in kept[2].error
 
 

@@ -59,13 +59,17 @@ def _put_kinds(server) -> Kinds:
 
     manifest = pd.DataFrame(
         {
-            "image": [f"img/{n}" for n in GOOD] + ["img/missing.jpg"],
-            "id": ["1", "2", "3", "4", "5"],
-            "licence": ["cc-by"] * 5,
+            "image": [f"img/{n}" for n in GOOD] + ["img/missing.jpg", ""],
+            "id": ["1", "2", "3", "4", "5", "6"],
+            "licence": ["cc-by"] * 6,
         }
     )
     put("one.csv", manifest.to_csv(index=False).encode())
-    one = {f"{bucket}/img/{n}": None for n in GOOD} | {f"{bucket}/img/missing.jpg": "cannot read file"}
+    # A blank image field is an error row of its own, not a read of the bucket's root.
+    one = {f"{bucket}/img/{n}": None for n in GOOD} | {
+        f"{bucket}/img/missing.jpg": "cannot read file",
+        "": "empty image path/URI",
+    }
     # A folder of manifests: Parquet and CSV side by side, absolute URIs.
     put(
         "manifests/a.parquet",

@@ -72,6 +72,40 @@ def test_a_manifest_without_image_column_is_named(tmp_path: Path) -> None:
     assert inputs.plan(cfg, str(tmp_path / "images_only.csv"), "unused").shards
 
 
+def test_a_file_of_no_input_kind_and_manifests_without_rows_are_named(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    (tmp_path / "list.tsv").write_text("image\ta.jpg\n")
+    with pytest.raises(InputError, match=r"list\.tsv is a file of no input kind: give a folder or prefix of images"):
+        inputs.plan(cfg, str(tmp_path / "list.tsv"), "unused")
+    (tmp_path / "one.jpg").write_bytes(good_images()["scene.jpg"])
+    with pytest.raises(InputError, match=r"one\.jpg is one image file: give the folder it is in"):
+        inputs.plan(cfg, str(tmp_path / "one.jpg"), "unused")
+    # A manifest with a header and no row is refused as a folder without images is, not run as
+    # a job with nothing to do; in a folder of manifests, only when every one is empty.
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "a.csv").write_text("image,id\n")
+    with pytest.raises(InputError, match=r"a\.csv has no rows: no images to process"):
+        inputs.plan(cfg, str(tmp_path / "m" / "a.csv"), "unused")
+    _parquet(tmp_path / "m" / "sub" / "b.parquet", pa.table({"image": pa.array([], pa.string())}))
+    with pytest.raises(InputError, match=r"no images under .*m: its 2 \.csv/\.parquet files have no rows"):
+        inputs.plan(cfg, str(tmp_path / "m"), "unused")
+    (tmp_path / "m" / "c.csv").write_text("image\nx.jpg\n")
+    assert inputs.plan(cfg, str(tmp_path / "m"), "unused").shards
+
+
+def test_a_blank_image_field_is_an_error_row_not_the_working_directory(tmp_path: Path) -> None:
+    from capray.images import error_class
+    from capray.worker import load_image
+
+    (tmp_path / "list.csv").write_text("image,id\na.jpg,1\n,2\n  ,3\n")
+    cfg = _cfg(tmp_path)
+    table = _read_all(inputs.plan(cfg, str(tmp_path / "list.csv"), "unused").shards[0], cfg)
+    assert table["image"].to_pylist() == [str(tmp_path / "a.jpg"), "", ""]
+    for uri in table["_uri"].to_pylist()[1:]:
+        pixels, error = load_image(uri, cfg.storage, cfg.data.max_pixels)[:2]
+        assert pixels is None and error == "empty image path/URI" and error_class(error) == "empty"
+
+
 def test_parquet_with_image_bytes(tmp_path: Path) -> None:
     jpgs = list(good_images().values())[:3]
     path = _parquet(
