@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capray import listing, storage
@@ -324,13 +325,19 @@ def _detect(uri: str, cfg: Config) -> str:
     return "files"
 
 
-def _refuse_other_files(uri: str, cfg: Config) -> None:
-    """InputError for one file that is no input kind (an image, a .txt list...): planned as a
-    folder it would fail with "not a directory" (local) or find no images (object storage)."""
-    if any(c in uri for c in _GLOB_CHARS) or uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar")):
+def require(uri: str, cfg: Config) -> None:
+    """InputError unless input `uri` exists and, if one file, is of an input kind (a glob is
+    expanded by `plan`, which names what it matched). The jobs' preflight runs it before Ray starts."""
+    if any(c in uri for c in _GLOB_CHARS):
         return
-    if not storage.is_file(uri, cfg.storage):
+    fs, path = storage.filesystem(uri, cfg.storage)
+    found = fs.get_file_info(path).type
+    if found == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {uri}")
+    if found != pafs.FileType.File or uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar")):
         return
+    # Planned as a folder, such a file would fail with "not a directory" (local) or find no
+    # images (object storage).
     if uri.lower().endswith(suffixes(cfg.inputs.extensions)):
         raise InputError(
             f"{uri} is one image file: give the folder it is in (inputs.glob selects files in it) "
@@ -342,18 +349,11 @@ def _refuse_other_files(uri: str, cfg: Config) -> None:
     )
 
 
-def require(uri: str, storage_cfg: Any) -> None:
-    """InputError unless input `uri` exists (a glob is expanded by `plan`, which names what it matched)."""
-    if not any(c in uri for c in _GLOB_CHARS) and not storage.exists(uri, storage_cfg):
-        raise InputError(f"input not found: {uri}")
-
-
 def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
     """The shards of input `uri` (any kind above); fails with InputError before any work.
     `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
     try:
-        require(uri, cfg.storage)
-        _refuse_other_files(uri, cfg)
+        require(uri, cfg)
         kind = _detect(uri, cfg)
         if kind == "files":
             return _list_images(cfg, uri, cache_dir)

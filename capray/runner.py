@@ -63,7 +63,7 @@ def preflight(job: str, cfg: Config) -> None:
     p = output_paths(cfg)
     if job == "extract":
         if cfg.extract.input:
-            inputs.require(cfg.extract.input, cfg.storage)
+            inputs.require(cfg.extract.input, cfg)
         elif cfg.data.format != "synthetic" and not storage.exists(p["split"], cfg.storage):
             from capray.data import require_annotations
 
@@ -74,7 +74,7 @@ def preflight(job: str, cfg: Config) -> None:
         from capray.captioning import require_input
 
         require_input(cfg)
-        inputs.require(cfg.caption.input, cfg.storage)
+        inputs.require(cfg.caption.input, cfg)
         _output_writable(p["captions"])
         _checkpoint_backbone(cfg)
     elif job == "train":
@@ -108,11 +108,11 @@ def _audit_target(cfg: Config) -> None:
     if cfg.audit.job == "caption":
         if not cfg.caption.input:
             raise InputError("caption.input is empty: give the input of the caption job to audit")
-        inputs.require(cfg.caption.input, cfg.storage)
+        inputs.require(cfg.caption.input, cfg)
         output = p["captions"]
     else:
         if cfg.extract.input:
-            inputs.require(cfg.extract.input, cfg.storage)
+            inputs.require(cfg.extract.input, cfg)
         elif not storage.exists(p["split"], cfg.storage):
             # The extract job's input is then the split it saved: without it there is nothing to compare.
             raise InputError(f"no training split at {p['split']}: run `capray extract` with the same config first")

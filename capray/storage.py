@@ -305,12 +305,6 @@ def exists(uri: str, storage: Any = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def is_file(uri: str, storage: Any = None) -> bool:
-    """Whether `uri` is a file (an object), not a directory/prefix or nothing."""
-    fs, path = filesystem(uri, storage)
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
 def read_bytes(uri: str, storage: Any = None) -> bytes:
     """The whole content of one file."""
     fs, path = filesystem(uri, storage)

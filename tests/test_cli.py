@@ -122,6 +122,12 @@ def test_missing_input_is_one_line_and_debug_shows_the_traceback(tmp_path: Path)
         assert "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(f"input not found: {missing}")
 
 
+def test_an_input_that_is_one_file_of_no_input_kind_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "list.tsv").write_text("image\ta.jpg\n")
+    done = _capray("extract", DEMO, f"work_dir={tmp_path}", f"extract.input={tmp_path / 'list.tsv'}")
+    _one_line_failure(done, "extract", 3, f"InputError: {tmp_path / 'list.tsv'} is a file of no input kind")
+
+
 def test_missing_checkpoint(tmp_path: Path) -> None:
     done = _capray(
         "caption", DEMO, f"work_dir={tmp_path}", f"caption.input={tmp_path}", f"checkpoint={tmp_path / 'ckpt'}"
