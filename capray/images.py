@@ -29,11 +29,11 @@ class ImageDecodeError(ValueError):
     """An input that is not a usable image; the message is the reason recorded in outputs."""
 
 
-# Why an image failed, as the per-shard stats and `capray status` count it (docs/outputs.md#per-shard-stats).
-# Ordered: the first class whose marker is in the error message wins.
 # A manifest row or API item whose image path/URI is empty or blank: read, it would name the
 # working directory (a local path) or a bucket's root, never an image.
 EMPTY_PATH = "empty image path/URI"
+# Why an image failed, as the per-shard stats and `capray status` count it (docs/outputs.md#per-shard-stats).
+# Ordered: the first class whose marker is in the error message wins.
 ERROR_CLASSES = (
     ("empty", ("empty file", EMPTY_PATH)),
     ("not_found", ("not found:", "No such file", "does not exist")),
