@@ -60,7 +60,7 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("output", help="the job's output folder (captions or features), local or s3://")
     parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, status.*)")
     parser.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md#status)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         from capray.status import lines, run
 
@@ -84,7 +84,7 @@ def overview_main(argv: list[str]) -> int:
     parser.add_argument("output", help="the caption job's output folder, local or s3:// gs:// az://")
     parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, overview.*, ray.*)")
     parser.add_argument("--html", default="", help="the page's file (default <output>/_status/overview.html)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     restore_logging = install_cli_handler(logging.INFO)
     try:
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None, job: str | None = None) -> int:
         action="store_true",
         help="print capray's debug messages and the traceback of expected failures too (or set CAPRAY_DEBUG=1)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     job = job or args.job
     debug = args.debug or os.environ.get("CAPRAY_DEBUG", "") not in ("", "0")
     # capray's records print as `[capray] ...` lines on stdout (capray.logs); the root handler is

@@ -198,6 +198,19 @@ def test_print_config_and_module_entry() -> None:
     assert done.returncode == 0 and "epochs: 3" in done.stdout, done.stderr[-2000:]
 
 
+def test_flags_may_stand_before_between_or_after_the_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv in (
+        ["caption", "--print-config", DEMO, "train.epochs=3", "--limit", "2"],
+        ["caption", DEMO, "--limit", "2", "train.epochs=3", "--print-config"],
+    ):
+        assert cli.main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert "epochs: 3" in out and "limit_shards: 2" in out, argv
+    # `capray status OUTPUT --json key=value`: the override after the flag is not refused.
+    assert cli.main(["status", str(tmp_path / "none"), "--json", "storage.retries=1"]) == 3
+    assert "output folder not found" in capsys.readouterr().err
+
+
 # --- TensorFlow's start-up banners ---------------------------------------------------------------
 
 
