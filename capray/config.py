@@ -163,7 +163,10 @@ def _merge_error(e: OmegaConfBaseException, source: str | None, key: str | None 
     key = getattr(e, "full_key", None) or key
     where = f" (key '{key}')" if key else ""
     prefix = f"{source}: " if source else ""
-    return ConfigError(f"{prefix}invalid config{where}: {str(e).splitlines()[0]}")
+    reason = str(e).splitlines()[0]
+    if "is not a ListConfig" in reason:  # OmegaConf's words for a scalar given to a list field
+        reason = "expected a list, e.g. [jpg, png] (quoted in a shell: 'inputs.extensions=[jpg,png]')"
+    return ConfigError(f"{prefix}invalid config{where}: {reason}")
 
 
 def load_config(

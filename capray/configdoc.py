@@ -79,7 +79,7 @@ def render() -> str:
     out = [
         "# Configuration reference",
         "",
-        f"Generated from `capray/config.py` by `{COMMAND}`; do not edit by hand.",
+        f"Generated from `capray/schema.py` by `{COMMAND}`; do not edit by hand.",
         "Keys are set in a YAML file (`configs/*.yaml`, sections as below) or on the command line",
         "as dotted overrides (`capray train configs/demo.yaml train.epochs=3`); unknown keys are errors.",
         "",

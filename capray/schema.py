@@ -398,6 +398,11 @@ POSITIVE = (
     "evaluate.batch_size",
     "overview.gallery",
     "overview.thumbnail_px",
+    # 0 would rewrite the roll-up after every shard, refresh the heartbeat in a busy loop, or call
+    # every job lost.
+    "status.every_shards",
+    "status.every_s",
+    "status.stale_periods",
 )
 NON_NEGATIVE = (
     "data.num_examples",
@@ -416,6 +421,9 @@ NON_NEGATIVE = (
     "ray.cpus_per_worker",
     "ray.local_cpus",
     "evaluate.report_images",
+    # Negative: no try at all (storage.retries), or a negative sleep (storage.retry_wait_s).
+    "storage.retries",
+    "storage.retry_wait_s",
 )
 
 

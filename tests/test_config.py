@@ -131,11 +131,21 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
         ("data.format=xml", "data.format"),  # not one of the choices
         ("model.feature_norm=batch", "model.feature_norm"),
         ("data.val_fraction=1.5", "data.val_fraction"),
+        ("storage.retries=-1", "storage.retries"),  # no try at all
+        ("storage.retry_wait_s=-1", "storage.retry_wait_s"),
+        ("status.every_s=0", "status.every_s"),  # a heartbeat in a busy loop
+        ("status.every_shards=0", "status.every_shards"),
+        ("status.stale_periods=0", "status.stale_periods"),
     ],
 )
 def test_bad_overrides_are_refused_naming_the_key(override: str, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_a_scalar_for_a_list_is_refused_with_the_list_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"key 'inputs\.extensions'\): expected a list, e\.g\. \[jpg, png\]"):
+        load_config(None, ["inputs.extensions=jpg"])
 
 
 def test_choice_errors_list_the_allowed_values() -> None:
