@@ -231,7 +231,8 @@ def updated(cfg: Config, changes: Mapping[str, Any]) -> Config:
 
 
 # Local paths in these keys are made absolute where the config is loaded: Ray workers run in
-# other directories, and image keys must not depend on where a job was started.
+# other directories, and image keys must not depend on where a job was started. A leading `~` is
+# the user's home, as in a shell (which does not expand it in `caption.input=~/photos`).
 _PATH_KEYS = (
     "work_dir",
     "output",
@@ -249,7 +250,7 @@ def _absolute_paths(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not value or "://" in value or (key == "backbone.weights" and not value.endswith(".h5")):
             continue
-        OmegaConf.update(cfg, key, os.path.abspath(value))
+        OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 
 
 def parse_args(argv: Sequence[str]) -> Config:

@@ -359,6 +359,8 @@ def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatc
     assert cfg.backbone.weights == str(tmp_path / "w/inception.h5")
     assert cfg.data.annotations == "s3://b/captions.csv" and cfg.output == ""
     assert load_config(None, ["backbone.weights=random"]).backbone.weights == "random"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config(None, ["caption.input=~/photos"]).caption.input == str(tmp_path / "home" / "photos")
 
 
 def test_auto_precision_is_decided_where_the_config_is_loaded() -> None:
