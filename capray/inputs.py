@@ -227,7 +227,13 @@ def _schema(uri: str, cfg: Config) -> tuple[pa.Schema, bool]:
                 pf = pq.ParquetFile(f)
                 return pf.schema_arrow, pf.metadata.num_rows > 0
         with fs.open_input_stream(path) as f:
-            csv = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16))
+            # `image` as text, as the readers take it: bytes that are not UTF-8 fail here, naming
+            # the file, not in a worker (within the first block; the readers name the rest).
+            csv = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(block_size=1 << 16),
+                convert_options=pacsv.ConvertOptions(column_types={KEY: pa.string()}),
+            )
             try:
                 return csv.schema, csv.read_next_batch().num_rows > 0
             except StopIteration:
@@ -430,21 +436,24 @@ def split_csv(uri: str, out_dir: str, cfg: Config) -> list[tuple[str, int]]:
         storage.write_bytes(name, sink.getvalue().to_pybytes(), cfg.storage)
         out.append((name, table.num_rows))
 
-    with fs.open_input_stream(path) as f:
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(block_size=4 << 20),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
-        )
-        pending = 0
-        for batch in reader:
-            while batch.num_rows:
-                take = min(n - pending, batch.num_rows)
-                buf.append(batch.slice(0, take))
-                batch, pending = batch.slice(take), pending + take
-                if pending == n:
-                    flush(buf)
-                    buf, pending = [], 0
+    try:
+        with fs.open_input_stream(path) as f:
+            reader = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(block_size=4 << 20),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
+            )
+            pending = 0
+            for batch in reader:
+                while batch.num_rows:
+                    take = min(n - pending, batch.num_rows)
+                    buf.append(batch.slice(0, take))
+                    batch, pending = batch.slice(take), pending + take
+                    if pending == n:
+                        flush(buf)
+                        buf, pending = [], 0
+    except pa.ArrowInvalid as e:  # e.g. bytes that are not UTF-8 past the block the plan read
+        raise InputError(f"{uri}: not a readable CSV file ({e})") from None
     if buf:
         flush(buf)
     return out
@@ -482,7 +491,12 @@ def _split_csvs(csvs: list[listing.Entry], cfg: Config, cache_dir: str) -> dict[
         else:
             pending[f.uri] = (f, content, ray.remote(num_cpus=0.5)(split_csv).remote(f.uri, out_dir, cfg), plan_uri)
     for uri, (f, content, ref, plan_uri) in pending.items():
-        files = ray.get(ref)
+        try:
+            files = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, InputError):  # a bad CSV: the same error as from the driver
+                raise e.cause from None
+            raise
         storage.write_bytes(plan_uri, json.dumps({"input": uri, "files": files}).encode(), cfg.storage)
         result[uri] = shards(f, content, files)
     return result

@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capray import storage
-from capray.inputs import DATA, KEY, URI, Shard
+from capray.inputs import DATA, KEY, URI, InputError, Shard
 from capray.listing import stem, suffixes
 
 if TYPE_CHECKING:
@@ -133,13 +133,16 @@ def read_shard(shard: Shard, cfg: Config, batch_rows: int) -> Iterator[pa.Table]
         return
     fs, path = storage.filesystem(shard.uri, cfg.storage)
     if shard.kind == "csv":
-        with fs.open_input_file(path) as f:
-            # Every column as text: types stay the same from one batch (and shard) to the next.
-            names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
-        with fs.open_input_file(path) as f:
-            table = pacsv.read_csv(
-                f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
-            )
+        try:
+            with fs.open_input_file(path) as f:
+                # Every column as text: types stay the same from one batch (and shard) to the next.
+                names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+            with fs.open_input_file(path) as f:
+                table = pacsv.read_csv(
+                    f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+                )
+        except pa.ArrowInvalid as e:  # e.g. bytes that are not UTF-8 past the block the plan read
+            raise InputError(f"{shard.uri}: not a readable CSV file ({e})") from None
         for batch in table.to_batches(batch_rows):
             yield _table_rows(pa.Table.from_batches([batch]), shard.base)
         return

@@ -231,6 +231,10 @@ def test_a_large_csv_manifest_is_split_into_shards_once(tmp_path: Path, ray_loca
     (tmp_path / "big.csv").write_text("image,id,licence\n" + "\n".join(rows[:29]) + "\n")
     changed = inputs.plan(cfg, str(tmp_path / "big.csv"), cache)
     assert changed.rows == 29 and not {s.id for s in changed.shards} & {s.id for s in plan.shards}
+    # Bytes that are not UTF-8 where only the splitting task reads them: its error, naming the file.
+    (tmp_path / "latin.csv").write_bytes(b"image,id\n" + b"img/a.jpg,1\n" * 6000 + b"img/caf\xe9.jpg,x\n")
+    with pytest.raises(InputError, match=r"latin\.csv: not a readable CSV file \(.*invalid UTF8"):
+        inputs.plan(cfg, str(tmp_path / "latin.csv"), cache)
 
 
 def test_the_cli_reports_a_bad_input_in_one_line(tiny_checkpoint: str, tmp_path: Path) -> None:

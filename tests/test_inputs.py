@@ -93,6 +93,19 @@ def test_a_file_of_no_input_kind_and_manifests_without_rows_are_named(tmp_path: 
     assert inputs.plan(cfg, str(tmp_path / "m"), "unused").shards
 
 
+def test_a_csv_that_is_not_utf8_is_named_by_the_plan_or_the_reader(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    (tmp_path / "latin.csv").write_bytes(b"image,id\nimg/caf\xe9.jpg,1\n")
+    with pytest.raises(InputError, match=r"latin\.csv: not a readable CSV file \(.*invalid UTF8"):
+        inputs.plan(cfg, str(tmp_path / "latin.csv"), "unused")
+    # Past the block the plan reads (64 KiB), in a file too small to be split: the reader names it.
+    rows = "".join(f"img/{i:05d}.jpg,{i}\n" for i in range(5000)).encode()
+    (tmp_path / "late.csv").write_bytes(b"image,id\n" + rows + b"img/caf\xe9.jpg,x\n")
+    shard = inputs.plan(cfg, str(tmp_path / "late.csv"), "unused").shards[0]
+    with pytest.raises(InputError, match=r"late\.csv: not a readable CSV file \(.*invalid UTF8"):
+        _read_all(shard, cfg)
+
+
 def test_a_blank_image_field_is_an_error_row_not_the_working_directory(tmp_path: Path) -> None:
     from capray.images import error_class
     from capray.worker import load_image
