@@ -52,6 +52,12 @@ class InputError(RuntimeError):
     """The job cannot start: inputs missing, empty, unreadable or of the wrong shape."""
 
 
+def unreadable_csv(uri: str, e: Exception) -> InputError:
+    """The error for a CSV manifest that pyarrow cannot parse or convert to text (bytes that are
+    not UTF-8, a row with another number of columns), from the plan, the split or a reader."""
+    return InputError(f"{uri}: not a readable CSV file ({e})")
+
+
 @dataclass(frozen=True)
 class Shard:
     """One unit of work: a chunk of a listing, a file of the input, or a range of its row groups."""
@@ -239,9 +245,9 @@ def _schema(uri: str, cfg: Config) -> tuple[pa.Schema, bool]:
             except StopIteration:
                 return csv.schema, False
     except (pa.ArrowException, OSError) as e:
-        raise InputError(
-            f"{uri}: not a readable {'Parquet' if uri.lower().endswith('.parquet') else 'CSV'} file ({e})"
-        ) from None
+        if uri.lower().endswith(".parquet"):
+            raise InputError(f"{uri}: not a readable Parquet file ({e})") from None
+        raise unreadable_csv(uri, e) from None
 
 
 def _file_kind(uri: str, cfg: Config) -> tuple[str, bool]:
@@ -452,8 +458,8 @@ def split_csv(uri: str, out_dir: str, cfg: Config) -> list[tuple[str, int]]:
                     if pending == n:
                         flush(buf)
                         buf, pending = [], 0
-    except pa.ArrowInvalid as e:  # e.g. bytes that are not UTF-8 past the block the plan read
-        raise InputError(f"{uri}: not a readable CSV file ({e})") from None
+    except pa.ArrowInvalid as e:  # past the block the plan read
+        raise unreadable_csv(uri, e) from None
     if buf:
         flush(buf)
     return out

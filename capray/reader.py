@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capray import storage
-from capray.inputs import DATA, KEY, URI, InputError, Shard
+from capray.inputs import DATA, KEY, URI, Shard, unreadable_csv
 from capray.listing import stem, suffixes
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ def read_shard(shard: Shard, cfg: Config, batch_rows: int) -> Iterator[pa.Table]
                 table = pacsv.read_csv(
                     f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
                 )
-        except pa.ArrowInvalid as e:  # e.g. bytes that are not UTF-8 past the block the plan read
-            raise InputError(f"{shard.uri}: not a readable CSV file ({e})") from None
+        except pa.ArrowInvalid as e:  # past the block the plan read
+            raise unreadable_csv(shard.uri, e) from None
         for batch in table.to_batches(batch_rows):
             yield _table_rows(pa.Table.from_batches([batch]), shard.base)
         return
