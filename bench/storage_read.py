@@ -3,7 +3,8 @@
 
 On each store: one object of --mb megabytes read by `capray.storage.read_bytes`, and a prefix of
 --objects objects listed by `capray.listing.walk` (streamed page by page), wall time of each. On
-S3 also pyarrow's input stream `read()` (capray before issue 12), with the GET requests of both.
+S3 also pyarrow's input stream and input file `read()` (capray's reads before issue 12 and before
+2026-11-30), with the GET requests of each.
 The emulators share this machine's CPUs with the client: the figures compare capray's paths on
 each store, not the services.
 
@@ -31,23 +32,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from emulators import Emulator
 
 
-def s3_stream_vs_file(uri: str, cfg, data: bytes, gets) -> None:
-    """pyarrow's S3 input stream against the random-access file read_bytes uses, same object."""
+def s3_reads(uri: str, cfg, data: bytes, gets) -> None:
+    """The same object read three ways: pyarrow's S3 input stream and input file, and
+    `read_bytes` (one botocore GET of the whole object, the one version-safe read)."""
     fs, path = storage.filesystem(uri, cfg.storage)
+
+    def stream() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def file() -> bytes:  # a HEAD for the size, then a ranged GET (capray until 2026-11-30)
+        with fs.open_input_file(path) as f:
+            return f.read()
+
     times = {}
-    for name in ("input stream read()", "read_bytes (input file read())"):
+    for name, read in (
+        ("pyarrow input stream read()", stream),
+        ("pyarrow input file read()", file),
+        ("read_bytes (one GET)", lambda: storage.read_bytes(uri, cfg.storage)),
+    ):
         gets.count = 0
         t0 = time.perf_counter()
-        if name.startswith("input stream"):
-            with fs.open_input_stream(path) as f:
-                got = f.read()
-        else:
-            got = storage.read_bytes(uri, cfg.storage)
+        got = read()
         times[name] = time.perf_counter() - t0
         assert got == data
-        print(f"  s3 {name:32s} {times[name]:7.2f} s  {gets.count:4d} GET requests")
-    stream, file_ = times.values()
-    print(f"  s3 stream / read_bytes time: {stream / file_:.1f}x")
+        print(f"  s3 {name:30s} {times[name]:7.2f} s  {gets.count:4d} GET requests")
+    stream_s, file_s, one_s = times.values()
+    print(f"  s3 stream / read_bytes time: {stream_s / one_s:.1f}x; input file / read_bytes: {file_s / one_s:.2f}x")
 
 
 def measure(store: str, bucket: str, cfg, data: bytes, objects: int) -> tuple[float, float]:
@@ -57,7 +68,7 @@ def measure(store: str, bucket: str, cfg, data: bytes, objects: int) -> tuple[fl
     if store == "s3":
         # One PUT each through botocore: write_bytes adds a folder marker per object on S3, and
         # pyarrow's multipart upload of a large object to moto in this same process stalls.
-        client, name = storage.listing_client(cfg.storage), bucket[len("s3://") :]
+        client, name = storage.s3_client(cfg.storage), bucket[len("s3://") :]
         put = lambda k, body=b"x": client.put_object(Bucket=name, Key=k[len(bucket) + 1 :], Body=body)
     else:
         put = lambda k, body=b"x": storage.write_bytes(k, body, cfg.storage)
@@ -94,7 +105,7 @@ def main() -> None:
                 with moto_server(lambda msg: "GET /" in msg) as (endpoint, gets):
                     cfg = load_config(None, bench_settings(endpoint))
                     results[store] = measure(store, "s3://bench", cfg, data, args.objects)
-                    s3_stream_vs_file("s3://bench/object.bin", cfg, data, gets)
+                    s3_reads("s3://bench/object.bin", cfg, data, gets)
                 continue
             server = Emulator(store, Path(tmp) / store).start()
             try:

@@ -149,7 +149,7 @@ def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
     args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
 
     def pages() -> Iterator[Page]:
-        paginator = storage.listing_client(storage_cfg).get_paginator("list_objects_v2")
+        paginator = storage.s3_client(storage_cfg).get_paginator("list_objects_v2")
         for page in paginator.paginate(**args, PaginationConfig={"PageSize": PAGE_SIZE}):
             yield [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())] + [
                 (o["Key"], (int(o["Size"]), str(o.get("ETag", "")).strip('"'))) for o in page.get("Contents", ())
@@ -245,7 +245,7 @@ def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
     if storage.is_remote(uri):
         bucket, _, key = uri[len("s3://") :].partition("/")
         head = storage.retrying(
-            lambda: storage.listing_client(storage_cfg).head_object(Bucket=bucket, Key=key),
+            lambda: storage.s3_client(storage_cfg).head_object(Bucket=bucket, Key=key),
             f"reading the size and ETag of {uri}",
             storage_cfg,
         )

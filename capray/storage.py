@@ -2,7 +2,7 @@
 
 Everything that reads or writes outputs goes through here so that a job runs unchanged on a
 laptop folder or a bucket of any of the three stores. Every store is reached as a pyarrow
-filesystem: S3 through pyarrow's own (its C++ client reads faster, docs/benchmarks.md), Google
+filesystem: S3 through pyarrow's own (with botocore for whole-file reads and listings), Google
 Cloud Storage and Azure Blob through fsspec's gcsfs and adlfs (the clients img2dataset, Ray Data
 and pandas use), wrapped by pyarrow's FSSpecHandler. Credentials come from the config's
 `storage` section or, when that is empty, from each store's standard environment (AWS variables
@@ -64,8 +64,9 @@ TRANSIENT = (
     "timed out",
     "HTTP response code: 5",
 )
-# gcsfs and adlfs raise their clients' own exceptions: a status code (gcsfs HttpError.code,
-# azure-core HttpResponseError.status_code, aiohttp's .status) or a class that means "no answer".
+# gcsfs, adlfs and botocore raise their clients' own exceptions: a status code (gcsfs HttpError.code,
+# azure-core HttpResponseError.status_code, aiohttp's .status, botocore's response) or a class that
+# means "no answer".
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 TRANSIENT_TYPES = {
     "ServiceRequestError",  # azure-core: the request never reached the service
@@ -73,6 +74,9 @@ TRANSIENT_TYPES = {
     "ClientConnectionError",  # aiohttp (gcsfs, adlfs's transport): refused, reset, disconnected
     "ClientPayloadError",  # aiohttp: a body cut short
     "TransportError",  # google-auth: the token endpoint unreachable
+    "HTTPClientError",  # botocore: the connection closed, timed out or broke mid-body
+    "IncompleteReadError",  # botocore: a body shorter than its Content-Length
+    "ResourceModifiedError",  # azure-core: a blob replaced between the chunks of one download
     "TimeoutError",
     "ConnectionError",
 }
@@ -145,12 +149,14 @@ def _client(kind: str, storage: Any, build: Callable[[Any], Any]) -> Any:
     return fs
 
 
-def listing_client(storage: Any = None) -> Any:
-    """The process's botocore S3 client: its paginator streams a listing 1,000 keys per request
-    (pyarrow's recursive listing returns the whole list at once)."""
+def s3_client(storage: Any = None) -> Any:
+    """The process's botocore S3 client: whole-object reads (one GET, `read_bytes`) and listings
+    (its paginator streams 1,000 keys per request; pyarrow's recursive listing returns the whole
+    list at once). Its own retries are off: `storage.retries` is the one count (`retrying`)."""
 
     def build(storage: Any) -> Any:
         import botocore.session
+        from botocore.config import Config
 
         kwargs: dict[str, Any] = {}
         if storage is not None:
@@ -164,7 +170,9 @@ def listing_client(storage: Any = None) -> Any:
                     aws_secret_access_key=storage.secret_access_key,
                     aws_session_token=storage.session_token or None,
                 )
-        return botocore.session.get_session().create_client("s3", **kwargs)
+        # A connection per I/O thread (inputs.io_threads) without "pool is full" discards.
+        config = Config(retries={"total_max_attempts": 1}, max_pool_connections=64)
+        return botocore.session.get_session().create_client("s3", config=config, **kwargs)
 
     return _client("botocore", storage, build)
 
@@ -175,7 +183,7 @@ def _key(storage: Any, kind: str) -> tuple[str, ...]:
 
 def filesystems_built() -> int:
     """How many storage clients this process has built: one per store, endpoint and credentials
-    (S3: a pyarrow one and a botocore one for listings)."""
+    (S3: a pyarrow one and a botocore one for whole-object reads and listings)."""
     return _BUILT
 
 
@@ -257,6 +265,9 @@ def is_transient(e: BaseException) -> bool:
         status = getattr(e, attr, None)
         if isinstance(status, (int, str)) and str(status).isdigit() and int(status) in TRANSIENT_STATUS:
             return True
+    response = getattr(e, "response", None)  # botocore's ClientError (a listing's page)
+    if isinstance(response, dict) and response.get("ResponseMetadata", {}).get("HTTPStatusCode") in TRANSIENT_STATUS:
+        return True
     if any(t.__name__ in TRANSIENT_TYPES for t in type(e).__mro__):
         return True
     return isinstance(e, OSError) and any(marker in str(e) for marker in TRANSIENT)
@@ -306,16 +317,52 @@ def exists(uri: str, storage: Any = None) -> bool:
 
 
 def read_bytes(uri: str, storage: Any = None) -> bytes:
-    """The whole content of one file."""
-    fs, path = filesystem(uri, storage)
-
-    def read() -> bytes:
-        # A random-access file reads its known size in one GET; pyarrow's S3 input *stream*
-        # read() fetches it in hundreds of small ranged GETs instead (bench/storage_read.py).
-        with fs.open_input_file(path) as f:
+    """The whole content of one file, one version of it even while it is being rewritten."""
+    if not is_remote(uri):
+        with open(os.path.abspath(uri), "rb") as f:
             return f.read()
+    # One GET of the whole object: a response holds one version. A file opened for random access
+    # (pyarrow's, fsspec's) takes the size from one request and reads the bytes with others, so an
+    # object replaced in between read as the new content cut short or, on S3, padded with
+    # whatever was in memory (tests/test_stores.py). Only Azure splits a large blob's download,
+    # pinned to the first response's ETag (a change between is ResourceModifiedError, retried).
+    if store(uri) == "s3":
+        return retrying(lambda: _get_s3(uri, storage), f"reading {uri}", storage)
+    fs, path = fsspec_filesystem(uri, storage), uri[len(scheme(uri)) :]
+    return retrying(lambda: bytes(fs.cat_file(path)), f"reading {uri}", storage)
 
-    return retrying(read, f"reading {uri}", storage) if is_remote(uri) else read()
+
+def _get_s3(uri: str, storage: Any) -> bytes:
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    try:
+        # botocore checks the body against the response's Content-Length (IncompleteReadError).
+        return s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        raise s3_error(uri, e) from None
+
+
+def s3_error(uri: str, e: Any) -> OSError:
+    """A botocore ClientError as the OSError pyarrow would raise: FileNotFoundError for a missing
+    key or bucket, PermissionError for a denied one, else an OSError carrying the HTTP status
+    (what `is_transient` reads)."""
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    message = f"{uri}: {code or status}: {e.response.get('Error', {}).get('Message', '')}".rstrip(": ")
+    if status == 404 or code in ("NoSuchKey", "NoSuchBucket"):
+        return FileNotFoundError(message)
+    if status == 403 or code == "AccessDenied":
+        return PermissionError(message)
+    return StoreError(message, status)
+
+
+class StoreError(OSError):
+    """A store's refusal that is neither "not found" nor "denied", with its HTTP status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def write_bytes(uri: str, data: bytes, storage: Any = None) -> None:

@@ -47,7 +47,8 @@ def test_one_s3_client_per_process_however_many_reads(s3, tmp_path: Path) -> Non
     worker = ShardWorker([s.to_row() for s in plan.shards], f"{bucket}/out", cfg, Echo, {}, 8, SCHEMA)
     rows = [worker.process(shard) for shard in plan.shards]  # 60 reads and an upload per shard, io_threads at once
     assert len(plan.shards) > 1 and sum(r["rows"] for r in rows) == 60 and sum(r["failed"] for r in rows) == 0
-    assert storage.filesystems_built() - before <= 1  # one client for the endpoint (0: this process had it already)
+    # The endpoint's two clients, pyarrow's (writes) and botocore's (reads); fewer if this process had them.
+    assert storage.filesystems_built() - before <= 2
 
 
 def test_transient_errors_are_retried_and_others_are_not() -> None:

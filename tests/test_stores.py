@@ -2,7 +2,8 @@
 (Azurite), each a real server on 127.0.0.1 started by tests/conftest.py.
 
 Round trips, one client per process, concurrent reads, listings that stream page by page, the
-configuration each store takes (credentials never saved) and a dropped connection retried. The
+configuration each store takes (credentials never saved), a dropped connection retried and an
+object rewritten while it is read. The
 jobs on each store (a caption job over a prefix with work_dir on the store, resumed; extraction)
 are in test_input_kinds.py.
 """
@@ -40,7 +41,8 @@ def test_every_operation_on_every_store_with_one_client_per_process(server, requ
         list(pool.map(lambda kv: storage.write_bytes(kv[0], kv[1], cfg.storage), data.items()))
         read = dict(zip(data, pool.map(lambda uri: storage.read_bytes(uri, cfg.storage), data)))
     assert read == data  # the second write of the first key replaced it whole
-    assert storage.filesystems_built() - before <= 1  # at most one client for this store and endpoint
+    # One client for this store and endpoint; on S3 two: pyarrow's (writes) and botocore's (reads).
+    assert storage.filesystems_built() - before <= (2 if request.node.callspec.id == "s3" else 1)
     assert storage.filesystem(bucket, cfg.storage)[0] is storage.filesystem(f"{bucket}/x", cfg.storage)[0]
 
     assert storage.exists(f"{bucket}/in", cfg.storage) and storage.exists(f"{bucket}/in/000.bin", cfg.storage)
@@ -139,8 +141,12 @@ def test_a_dropped_connection_is_retried_until_the_store_answers(
 
 def test_each_stores_transient_errors_are_recognised() -> None:
     from aiohttp import ClientConnectionError, ServerDisconnectedError
-    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+    from azure.core.exceptions import ResourceModifiedError, ServiceRequestError, ServiceResponseError
+    from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, IncompleteReadError
     from gcsfs.retry import HttpError
+
+    def client_error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "ListObjectsV2")
 
     # As the clients raise them: gcsfs builds HttpError from the response's JSON error.
     transient = [
@@ -151,13 +157,49 @@ def test_each_stores_transient_errors_are_recognised() -> None:
         ServerDisconnectedError(),
         ClientConnectionError("reset"),
         OSError("AWS Error SLOW_DOWN during GetObject operation"),
+        client_error(503, "SlowDown"),
+        storage.StoreError("s3://b/k: InternalError", 500),
+        ConnectionClosedError(endpoint_url="http://s3"),
+        EndpointConnectionError(endpoint_url="http://s3"),
+        IncompleteReadError(actual_bytes=3, expected_bytes=9),
+        ResourceModifiedError("the blob changed between chunks"),
     ]
     permanent = [
         HttpError({"code": 403, "message": "forbidden"}),
         HttpError({"code": 400, "message": "invalid argument"}),
+        client_error(403, "AccessDenied"),
+        storage.StoreError("s3://b/k: InvalidRange", 416),
         FileNotFoundError("gone"),
         PermissionError("denied"),
         ValueError("not storage"),
     ]
     assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
     assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_an_object_rewritten_while_it_is_read_is_read_whole(server, request) -> None:
+    """A reader never gets a mix of two versions of an object (`capray status` reads the heartbeat a
+    running job rewrites every 30 s; inputs get overwritten in place). The random-access files of
+    pyarrow (S3) and fsspec (GCS, Azure) take the size from one request and the bytes from
+    another: a rewrite in between read the new content cut short or, on S3, padded with stray
+    memory, in this test on every store."""
+    bucket, cfg = server.bucket(f"rewrite-{request.node.callspec.id}"), server.config()
+    uri = f"{bucket}/heartbeat.json"
+    versions = (b'{"shards": 1}', b'{"shards": 22, "images": 4444444}')  # two lengths
+    storage.write_bytes(uri, versions[0], cfg.storage)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 1
+        while not stop.is_set():
+            storage.write_bytes(uri, versions[i % 2], cfg.storage)
+            i += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [storage.read_bytes(uri, cfg.storage) for _ in range(200)]
+    finally:
+        stop.set()
+        writer.join()
+    assert {r for r in reads if r not in versions} == set()
