@@ -107,8 +107,23 @@ def from_pil(img: Image.Image, max_pixels: int) -> np.ndarray:
         )
     try:
         return _to_pixels(img.copy())  # the caller's image is left as it was
+    except ImageDecodeError:
+        raise
     except Exception as e:  # noqa: BLE001 (as in decode: PIL's errors have no common base)
         raise ImageDecodeError(clean_message(f"cannot convert image: {type(e).__name__}: {e}")) from None
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF, PGM: PIL's I;16 modes, or I holding 16-bit values) -> L by its
+    top 8 bits, as TensorFlow's decode_png(dtype=uint8) reads it. PIL's convert() would clip
+    every value above 255 to white."""
+    values = np.asarray(img)
+    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageDecodeError(
+            f"cannot decode image: 32-bit integer pixels from {values.min()} to {values.max()} have no "
+            "defined 8-bit range; save it with 8 or 16 bits per channel"
+        )
+    return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8), "L")
 
 
 def _to_pixels(img: Image.Image) -> np.ndarray:
@@ -120,7 +135,14 @@ def _to_pixels(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
-    if img.mode != "RGB":  # L, P, CMYK, I;16 ...; convert() would copy an RGB image too
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = _to_8_bits(img)
+    elif img.mode == "F":
+        raise ImageDecodeError(
+            "cannot decode image: 32-bit floating-point pixels (mode F) have no defined 8-bit range; "
+            "save it with 8 or 16 bits per channel"
+        )
+    if img.mode != "RGB":  # L, P, CMYK ...; convert() would copy an RGB image too
         img = img.convert("RGB")
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

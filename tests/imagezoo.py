@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from capray import synthetic
@@ -25,8 +26,14 @@ def halves(size: tuple[int, int] = (300, 200)) -> Image.Image:
     return img
 
 
+def gray16() -> np.ndarray:
+    """A 16-bit greyscale ramp, black to white: read with 8-bit rules it is nearly all white."""
+    return (np.arange(300 * 400, dtype=np.int64) * 65535 // (300 * 400 - 1)).reshape(300, 400).astype(np.uint16)
+
+
 def good_images() -> dict[str, bytes]:
-    """Inputs that must decode: plain JPEG, grayscale, RGBA PNG, CMYK, EXIF-rotated, odd key."""
+    """Inputs that must decode: plain JPEG, grayscale, 16-bit grayscale PNG, RGBA PNG, CMYK,
+    EXIF-rotated, odd key."""
     scene = synthetic.render(seed=5, index=0)[0]
     rgba = Image.new("RGBA", (120, 80), (0, 200, 0, 255))
     rgba.paste((0, 0, 0, 0), (0, 0, 60, 80))  # left half fully transparent
@@ -35,6 +42,7 @@ def good_images() -> dict[str, bytes]:
     return {
         "scene.jpg": _encode(scene, "JPEG", quality=95),
         "gray.jpg": _encode(scene.convert("L"), "JPEG"),
+        "gray16.png": _encode(Image.fromarray(gray16()), "PNG"),
         "alpha.png": _encode(rgba, "PNG"),
         "cmyk.jpg": _encode(scene.convert("CMYK"), "JPEG"),
         "rotated.jpg": _encode(halves(), "JPEG", exif=exif.tobytes(), quality=95),
