@@ -4,11 +4,12 @@
 On each store: one object of --mb megabytes read by `capray.storage.read_bytes`, and a prefix of
 --objects objects listed by `capray.listing.walk` (streamed page by page), wall time of each. On
 S3 also pyarrow's input stream and input file `read()` (capray's reads before issue 12 and before
-2026-11-30), with the GET requests of each.
+2026-11-30), with the requests (GET and HEAD) of each, and --small image-sized objects read by 8 threads
+through the input file and through read_bytes.
 The emulators share this machine's CPUs with the client: the figures compare capray's paths on
 each store, not the services.
 
-    .venv/bin/python bench/storage_read.py [--mb 88] [--objects 10000] [--stores s3,gcs,azure]
+    .venv/bin/python bench/storage_read.py [--mb 88] [--objects 10000] [--small 1000] [--stores s3,gcs,azure]
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from capray.config import load_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from emulators import Emulator
 
+SMALL = 135_000  # bytes: the Flickr photos' average size
 
-def s3_reads(uri: str, cfg, data: bytes, gets) -> None:
+
+def s3_reads(uri: str, cfg, data: bytes, requests_seen) -> None:
     """The same object read three ways: pyarrow's S3 input stream and input file, and
     `read_bytes` (one botocore GET of the whole object, the one version-safe read)."""
     fs, path = storage.filesystem(uri, cfg.storage)
@@ -51,14 +54,45 @@ def s3_reads(uri: str, cfg, data: bytes, gets) -> None:
         ("pyarrow input file read()", file),
         ("read_bytes (one GET)", lambda: storage.read_bytes(uri, cfg.storage)),
     ):
-        gets.count = 0
+        requests_seen.count = 0
         t0 = time.perf_counter()
         got = read()
         times[name] = time.perf_counter() - t0
         assert got == data
-        print(f"  s3 {name:30s} {times[name]:7.2f} s  {gets.count:4d} GET requests")
+        print(f"  s3 {name:30s} {times[name]:7.2f} s  {requests_seen.count:4d} requests")
     stream_s, file_s, one_s = times.values()
     print(f"  s3 stream / read_bytes time: {stream_s / one_s:.1f}x; input file / read_bytes: {file_s / one_s:.2f}x")
+
+
+def s3_small_reads(bucket: str, cfg, keys: list[str], requests_seen, threads: int = 8) -> None:
+    """Image-sized objects read by `threads` threads, as a caption actor's I/O pool reads them:
+    pyarrow's input file (a HEAD and a GET each) against `read_bytes` (one GET), best of 2 each."""
+    fs, _ = storage.filesystem(bucket, cfg.storage)
+
+    def file(uri: str) -> bytes:
+        with fs.open_input_file(uri[len("s3://") :]) as f:
+            return f.read()
+
+    best: dict[str, float] = {}
+    requests: dict[str, int] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(2):
+            for name, read in (
+                ("pyarrow input file read()", file),
+                ("read_bytes (one GET)", lambda uri: storage.read_bytes(uri, cfg.storage)),
+            ):
+                requests_seen.count = 0
+                t0 = time.perf_counter()
+                assert all(len(b) == SMALL for b in pool.map(read, keys))
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+                requests[name] = requests_seen.count
+    for name, s in best.items():
+        print(
+            f"  s3 {len(keys)} objects of {SMALL // 1000} kB, {threads} threads, {name:26s}"
+            f" {len(keys) / s:6.0f} objects/s  {requests[name]} requests"
+        )
+    file_s, one_s = best.values()
+    print(f"  s3 small objects: read_bytes / input file objects/s: {file_s / one_s:.2f}x")
 
 
 def measure(store: str, bucket: str, cfg, data: bytes, objects: int) -> tuple[float, float]:
@@ -93,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=88, help="object size (88 MB: an InceptionV3 .h5)")
     parser.add_argument("--objects", type=int, default=10_000, help="objects under the listed prefix")
+    parser.add_argument("--small", type=int, default=1000, help="image-sized S3 objects read by 8 threads")
     parser.add_argument("--stores", default="s3,gcs,azure")
     args = parser.parse_args()
     print(f"cpu: {cpu_model()} ({os.cpu_count()} CPUs)")
@@ -102,10 +137,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for store in args.stores.split(","):
             if store == "s3":
-                with moto_server(lambda msg: "GET /" in msg) as (endpoint, gets):
+                with moto_server(lambda msg: "GET /" in msg or "HEAD /" in msg) as (endpoint, requests_seen):
                     cfg = load_config(None, bench_settings(endpoint))
                     results[store] = measure(store, "s3://bench", cfg, data, args.objects)
-                    s3_reads("s3://bench/object.bin", cfg, data, gets)
+                    s3_reads("s3://bench/object.bin", cfg, data, requests_seen)
+                    small = [f"s3://bench/small/{i:04d}.jpg" for i in range(args.small)]
+                    put = storage.s3_client(cfg.storage).put_object
+                    body = os.urandom(SMALL)
+                    for uri in small:
+                        put(Bucket="bench", Key=uri[len("s3://bench/") :], Body=body)
+                    s3_small_reads("s3://bench", cfg, small, requests_seen)
                 continue
             server = Emulator(store, Path(tmp) / store).start()
             try:
