@@ -58,6 +58,17 @@ def unreadable_csv(uri: str, e: Exception) -> InputError:
     return InputError(f"{uri}: not a readable CSV file ({e})")
 
 
+# Quoted values may hold newlines (a caption over two lines). Without this pyarrow cuts its blocks
+# at every newline, and a value across a block boundary failed the whole file ("parser got out of
+# sync with chunker"); on a 79 MB manifest it read no slower.
+CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+def csv_names(f: Any) -> list[str]:
+    """A CSV file's column names (its header), from its first block."""
+    return pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16), parse_options=CSV_PARSE).schema.names
+
+
 @dataclass(frozen=True)
 class Shard:
     """One unit of work: a chunk of a listing, a file of the input, or a range of its row groups."""
@@ -238,6 +249,7 @@ def _schema(uri: str, cfg: Config) -> tuple[pa.Schema, bool]:
             csv = pacsv.open_csv(
                 f,
                 read_options=pacsv.ReadOptions(block_size=1 << 16),
+                parse_options=CSV_PARSE,
                 convert_options=pacsv.ConvertOptions(column_types={KEY: pa.string()}),
             )
             try:
@@ -254,6 +266,11 @@ def _file_kind(uri: str, cfg: Config) -> tuple[str, bool]:
     """manifest | csv | parquet_bytes for one .csv/.parquet file, from its schema, and whether it
     has any row; errors name the file."""
     schema, has_rows = _schema(uri, cfg)
+    repeated = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if repeated:
+        raise InputError(
+            f"{uri}: column(s) {', '.join(map(repr, repeated))} appear more than once; give each its own name"
+        )
     col = cfg.inputs.bytes_column
     if uri.lower().endswith(".parquet") and col in schema.names and KEY not in schema.names:
         typ = schema.field(col).type
@@ -429,7 +446,7 @@ def split_csv(uri: str, out_dir: str, cfg: Config) -> list[tuple[str, int]]:
     streamed; returns [(file, rows)]."""
     fs, path = storage.filesystem(uri, cfg.storage)
     with fs.open_input_file(path) as f:
-        names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+        names = csv_names(f)
     n = cfg.inputs.shard_rows
     out: list[tuple[str, int]] = []
     buf: list[Any] = []
@@ -447,6 +464,7 @@ def split_csv(uri: str, out_dir: str, cfg: Config) -> list[tuple[str, int]]:
             reader = pacsv.open_csv(
                 f,
                 read_options=pacsv.ReadOptions(block_size=4 << 20),
+                parse_options=CSV_PARSE,
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
             )
             pending = 0

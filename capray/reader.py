@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from capray import storage
-from capray.inputs import DATA, KEY, URI, Shard, unreadable_csv
+from capray.inputs import CSV_PARSE, DATA, KEY, URI, Shard, csv_names, unreadable_csv
 from capray.listing import stem, suffixes
 
 if TYPE_CHECKING:
@@ -136,10 +136,12 @@ def read_shard(shard: Shard, cfg: Config, batch_rows: int) -> Iterator[pa.Table]
         try:
             with fs.open_input_file(path) as f:
                 # Every column as text: types stay the same from one batch (and shard) to the next.
-                names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+                names = csv_names(f)
             with fs.open_input_file(path) as f:
                 table = pacsv.read_csv(
-                    f, convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+                    f,
+                    parse_options=CSV_PARSE,
+                    convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
                 )
         except pa.ArrowInvalid as e:  # past the block the plan read
             raise unreadable_csv(shard.uri, e) from None

@@ -106,6 +106,30 @@ def test_a_csv_that_is_not_utf8_is_named_by_the_plan_or_the_reader(tmp_path: Pat
         _read_all(shard, cfg)
 
 
+def test_quoted_values_over_several_lines_are_read_past_any_block(tmp_path: Path) -> None:
+    """pyarrow reads a CSV in blocks cut at newlines: a caption over two lines that crossed the
+    plan's 64 KiB block, or the split's 4 MiB one, failed the whole file."""
+    rows = [(f"img/{i:06d}.jpg", f"a caption of image {i},\non two lines") for i in range(80_000)]
+    text = "image,caption\n" + "".join(f'{image},"{caption}"\n' for image, caption in rows)
+    (tmp_path / "lines.csv").write_text(text)
+    assert len(text) > 4 << 20
+    cfg = _cfg(tmp_path, "inputs.shard_rows=100000")  # under the size at which a CSV is split
+    table = _read_all(inputs.plan(cfg, str(tmp_path / "lines.csv"), "unused").shards[0], cfg, rows=100_000)
+    assert table["caption"].to_pylist() == [c for _, c in rows]
+    # The same file split into Parquet parts, as a Ray task does for a large CSV.
+    cfg = _cfg(tmp_path, "inputs.shard_rows=25000")
+    parts = inputs.split_csv(str(tmp_path / "lines.csv"), str(tmp_path / "parts"), cfg)
+    assert [n for _, n in parts] == [25_000, 25_000, 25_000, 5_000]
+    captions = [c for part, _ in parts for c in pq.read_table(part)["caption"].to_pylist()]
+    assert captions == [c for _, c in rows]
+
+
+def test_a_column_named_twice_is_named(tmp_path: Path) -> None:
+    (tmp_path / "twice.csv").write_text("image,id,image\na.jpg,1,b.jpg\n")
+    with pytest.raises(InputError, match=r"twice\.csv: column\(s\) 'image' appear more than once"):
+        inputs.plan(_cfg(tmp_path), str(tmp_path / "twice.csv"), "unused")
+
+
 def test_a_blank_image_field_is_an_error_row_not_the_working_directory(tmp_path: Path) -> None:
     from capray.images import error_class
     from capray.worker import load_image
