@@ -276,13 +276,28 @@ def _file_kind(uri: str, cfg: Config) -> tuple[str, bool]:
         typ = schema.field(col).type
         if not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
             raise InputError(f"{uri}: column {col!r} (inputs.bytes_column) is {typ}, expected binary image bytes")
+        key = cfg.inputs.key_column
+        if key in schema.names and not _is_text(schema.field(key).type):
+            raise InputError(f"{uri}: column {key!r} (inputs.key_column) is {schema.field(key).type}, expected text")
         return "parquet_bytes", has_rows
     if KEY not in schema.names:
         raise InputError(
             f"{uri}: no {KEY!r} column (found: {', '.join(schema.names)}); a manifest needs an image path/URI "
             f"column named {KEY!r}, Parquet with image bytes a binary column {col!r} (inputs.bytes_column)"
         )
+    if not _is_text(schema.field(KEY).type):
+        raise InputError(
+            f"{uri}: column {KEY!r} is {schema.field(KEY).type}, expected text (image paths or URIs); image bytes "
+            f"go in a binary column named by inputs.bytes_column (now {col!r}), beside no {KEY!r} column"
+        )
     return "manifest" if uri.lower().endswith(".parquet") else "csv", has_rows
+
+
+def _is_text(typ: pa.DataType) -> bool:
+    """A column type the readers turn into names: text, or whole numbers (ids), maybe dictionary-encoded."""
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)
 
 
 def _glob(uri: str, cfg: Config) -> list[listing.Entry]:

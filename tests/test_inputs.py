@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -168,6 +169,36 @@ def test_a_bytes_column_of_the_wrong_type_is_named(tmp_path: Path) -> None:
         InputError, match=r"bad\.parquet: column 'jpg' \(inputs.bytes_column\) is string, expected binary"
     ):
         inputs.plan(_cfg(tmp_path), str(tmp_path / "bad.parquet"), "unused")
+
+
+def test_a_key_column_of_the_wrong_type_is_named(tmp_path: Path) -> None:
+    _parquet(tmp_path / "bad.parquet", pa.table({"key": [[1, 2]], "jpg": [b"bytes"]}))
+    with pytest.raises(
+        InputError, match=r"bad\.parquet: column 'key' \(inputs.key_column\) is list<element: int64>, expected text"
+    ):
+        inputs.plan(_cfg(tmp_path), str(tmp_path / "bad.parquet"), "unused")
+
+
+@pytest.mark.parametrize(
+    "column, read",
+    [
+        (pa.array(["a.jpg", None]).dictionary_encode(), ["a.jpg", ""]),
+        (pa.array(["a.jpg", "b.jpg"], pa.large_string()), ["a.jpg", "b.jpg"]),
+        (pa.array([7, 8]), ["7", "8"]),
+        (pa.array([b"a.jpg", b"\xff"]), "binary"),
+        (pa.array([["a.jpg"], ["b.jpg"]]), "list<element: string>"),
+    ],
+    ids=["dictionary", "large_string", "int", "binary", "list"],
+)
+def test_an_image_column_is_read_as_text_or_its_type_is_named(tmp_path: Path, column: pa.Array, read) -> None:
+    uri = _parquet(tmp_path / "m.parquet", pa.table({"image": column}))
+    cfg = _cfg(tmp_path)
+    if isinstance(read, str):  # was an Arrow cast error in a worker, without the file's name
+        with pytest.raises(InputError, match=rf"m\.parquet: column 'image' is {re.escape(read)}, expected text"):
+            inputs.plan(cfg, uri, "unused")
+        return
+    table = _read_all(inputs.plan(cfg, uri, "unused").shards[0], cfg)
+    assert [os.path.basename(name) for name in table["image"].to_pylist()] == read
 
 
 def test_webdataset_members_become_rows_and_a_truncated_tar_ends_in_an_error_row(tmp_path: Path) -> None:
