@@ -30,6 +30,17 @@ def clean(caption: str) -> list[str]:
     return _FILTER_RE.sub(" ", caption.lower()).split()
 
 
+def caption_words(caption: str) -> list[str]:
+    """A caption's words: `clean`, without the `<start>`/`<end>` of a caption already wrapped as
+    the seed wraps them ("<start> a dog <end>"), so that it is not wrapped twice."""
+    tokens = clean(caption)
+    if tokens[:1] == [START]:
+        tokens = tokens[1:]
+    if tokens[-1:] == [END]:
+        tokens = tokens[:-1]
+    return tokens
+
+
 def count_words(captions: Iterable[str], ordinals: Iterable[int]) -> tuple[dict[str, list[int]], int]:
     """Each word of the captions -> [count, first appearance] and the longest caption in tokens
     (+2 for `<start>`/`<end>`); `ordinals` are the captions' positions in the whole training
@@ -38,7 +49,7 @@ def count_words(captions: Iterable[str], ordinals: Iterable[int]) -> tuple[dict[
     counts: dict[str, list[int]] = {}
     longest = 0
     for caption, ordinal in zip(captions, ordinals):
-        tokens = clean(caption)
+        tokens = caption_words(caption)
         longest = max(longest, len(tokens) + 2)
         base = int(ordinal) << POSITION_BITS
         for position, word in enumerate(tokens):
@@ -77,7 +88,7 @@ class Tokenizer:
         counts: Counter[str] = Counter()
         longest = 0
         for caption in captions:
-            tokens = clean(caption)
+            tokens = caption_words(caption)
             counts.update(tokens)
             longest = max(longest, len(tokens) + 2)
         for special in SPECIALS:
@@ -99,7 +110,9 @@ class Tokenizer:
 
     def encode(self, caption: str) -> list[int]:
         """`<start>` words `<end>` as ids (unpadded), truncated to max_length keeping `<end>`."""
-        ids = [self.index.get(w, self.unk_id) for w in clean(caption)]
+        # A marker a caption spells ("a sign saying <end>") is <unk>: as its own id, <end> or
+        # <pad> mid-caption would end the sequence or drop the word from the loss.
+        ids = [self.unk_id if w in SPECIALS else self.index.get(w, self.unk_id) for w in caption_words(caption)]
         ids = ids[: self.max_length - 2]
         return [self.start_id, *ids, self.end_id]
 

@@ -88,7 +88,7 @@ def test_without_java_meteor_is_skipped_with_a_note(tmp_path: Path, monkeypatch:
     m = evaluate.score(PREDICTIONS, REFERENCES)
     assert "meteor" not in m
     assert m["notes"] == [evaluate.NO_JAVA] and "METEOR skipped: no Java" in m["notes"][0]
-    # Without the PTB tokenizer, the same pycocoevalcap scorers run on capray.text.clean's tokens,
+    # Without the PTB tokenizer, the same pycocoevalcap scorers run on capray.text.caption_words' tokens,
     # with every reference of each image.
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -100,6 +100,14 @@ def test_out_of_vocabulary_words_encode_as_unk() -> None:
 # --- encoding and padding ---------------------------------------------------------------------
 
 
+def test_captions_already_wrapped_are_not_wrapped_twice_and_other_markers_are_unk() -> None:
+    tok = Tokenizer.fit(CAPTIONS, max_length=20)
+    a, dog = tok.index["a"], tok.index["dog"]
+    assert tok.encode("<start> a dog <end>") == tok.encode("a dog") == [2, a, dog, 3]
+    # Spelled inside a caption, a marker would end it (<end>) or leave the loss (<pad>).
+    assert tok.encode("a <end> dog <pad> <start>") == [2, a, 1, dog, 1, 1, 3]
+
+
 def test_encode_adds_start_and_end() -> None:
     tok = Tokenizer.fit(CAPTIONS)
     ids = tok.encode("The cat sleeps.")

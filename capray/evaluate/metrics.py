@@ -2,7 +2,7 @@
 
 PTB tokenisation, BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D), every reference of each image used.
 The tokenizer and METEOR run on Java; without `java` on PATH METEOR is skipped and captions are
-tokenised by capray's own `clean`, and the results say so in `notes`. SPICE is not computed (it
+tokenised by capray's own `caption_words`, and the results say so in `notes`. SPICE is not computed (it
 downloads CoreNLP models).
 """
 
@@ -15,18 +15,18 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from capray.text import clean
+from capray.text import caption_words
 
 # Order of the metrics in tables and JSON.
 METRICS = ("exact_match", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 NO_JAVA = (
     "METEOR skipped: no Java (`java` is not on PATH; install a JRE, e.g. apt-get install default-jre-headless); "
-    "captions tokenised with capray.text.clean instead of the PTB tokenizer"
+    "captions tokenised with capray.text.caption_words instead of the PTB tokenizer"
 )
 
 
 def _norm(caption: str) -> str:
-    return " ".join(clean(caption))
+    return " ".join(caption_words(caption))
 
 
 def java_available() -> bool:
