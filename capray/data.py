@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -28,6 +29,10 @@ from capray import storage
 if TYPE_CHECKING:
     from capray.schema import Config
     from capray.text import Tokenizer
+
+
+# A line of the Flickr datasets' own token files: `1000268201_693b08cb0e.jpg#0<TAB>A child in ...`.
+_TOKEN_LINE = re.compile(r"^([^\t]+)#\d+\t(.*)$")
 
 
 class DataError(ValueError):
@@ -94,7 +99,10 @@ def _read_table(uri: str, storage_cfg: Any) -> pd.DataFrame:
             return pq.read_table(io.BytesIO(_read_bytes(uri, storage_cfg))).to_pandas()
         except pa.ArrowException as e:
             raise DataError(f"{uri}: not a readable Parquet file ({e})") from None
-    text = _read_text(uri, storage_cfg)
+    return _read_csv(uri, _read_text(uri, storage_cfg))
+
+
+def _read_csv(uri: str, text: str) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             # Without index_col=False a first row with one field too many (an unquoted comma in a
@@ -107,8 +115,22 @@ def _read_table(uri: str, storage_cfg: Any) -> pd.DataFrame:
 
 
 def read_flickr(annotations: str, images: str, storage_cfg: Any = None) -> pd.DataFrame:
-    """Flickr8k/30k CSV with header `image,caption`; names resolved against `images`."""
-    return _finish(_read_table(annotations, storage_cfg), annotations, images)
+    """Flickr8k/30k captions, names resolved against `images`: a CSV with header `image,caption`
+    (Kaggle's captions.txt), or the datasets' own token file (`Flickr8k.token.txt`,
+    `results_20130124.token`: `<image>#<n><TAB><caption>` per line)."""
+    if annotations.lower().endswith(".parquet"):
+        return _finish(_read_table(annotations, storage_cfg), annotations, images)
+    text = _read_text(annotations, storage_cfg)
+    if not _TOKEN_LINE.match(text.split("\n", 1)[0].rstrip("\r")):
+        return _finish(_read_csv(annotations, text), annotations, images)
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            match = _TOKEN_LINE.match(line)
+            if match is None:
+                raise DataError(f"{annotations}: line {number} is not <image>#<n><TAB><caption>, as the first line is")
+            rows.append(match.groups())
+    return _finish(pd.DataFrame(rows, columns=["image", "caption"]), annotations, images)
 
 
 def read_table(path: str, images: str = "", storage_cfg: Any = None) -> pd.DataFrame:

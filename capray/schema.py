@@ -17,7 +17,7 @@ class DataConfig:
 
     # synthetic | coco | flickr | table
     format: str = "synthetic"
-    # coco: captions_*.json; flickr: captions.csv; table: CSV/Parquet with image,caption columns.
+    # coco: captions_*.json; flickr: captions.csv (image,caption) or the token file (Flickr8k.token.txt); table: CSV/Parquet with image,caption columns.
     annotations: str = ""
     # Folder (or s3://, gs://, az:// prefix) that relative image names are resolved against.
     images: str = ""

@@ -48,6 +48,21 @@ def test_read_flickr_csv(tmp_path: Path) -> None:
     assert df["caption"][0] == "A child, in pink."
 
 
+def test_read_flickr_token_file_as_the_datasets_ship_it(tmp_path: Path) -> None:
+    token = _write(
+        tmp_path / "Flickr8k.token.txt",
+        '1.jpg#0\tA child, in pink .\r\n1.jpg#1\tGirl\r\n2.jpg#0\tDog # 1\t"Spot"\r\n\r\n',
+    )
+    csv = _write(
+        tmp_path / "captions.csv", 'image,caption\n1.jpg,"A child, in pink ."\n1.jpg,Girl\n2.jpg,"Dog # 1\t""Spot"""\n'
+    )
+    images = str(tmp_path / "images")
+    assert data.read_flickr(token, images).equals(data.read_flickr(csv, images))
+    bad = _write(tmp_path / "mixed.token", "1.jpg#0\tA dog\n2.jpg,A cat\n")
+    with pytest.raises(DataError, match=r"mixed\.token: line 2 is not <image>#<n><TAB><caption>, as the first line is"):
+        data.read_flickr(bad, images)
+
+
 def test_read_manifest_csv_and_parquet_resolution(tmp_path: Path) -> None:
     rows = pd.DataFrame({"image": ["rel/a.jpg", "/abs/b.jpg", "s3://bkt/c.jpg"], "caption": ["x", "y", "z"]})
     rows.to_csv(tmp_path / "m.csv", index=False)
