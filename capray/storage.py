@@ -155,6 +155,7 @@ def s3_client(storage: Any = None) -> Any:
     list at once). Its own retries are off: `storage.retries` is the one count (`retrying`)."""
 
     def build(storage: Any) -> Any:
+        import botocore
         import botocore.session
         from botocore.config import Config
 
@@ -172,7 +173,13 @@ def s3_client(storage: Any = None) -> Any:
                 )
         # A connection per I/O thread (inputs.io_threads) without "pool is full" discards.
         config = Config(retries={"total_max_attempts": 1}, max_pool_connections=64)
-        return botocore.session.get_session().create_client("s3", config=config, **kwargs)
+        session = botocore.session.get_session()
+        if "aws_access_key_id" not in kwargs and session.get_credentials() is None:
+            # No credentials anywhere: unsigned requests (a public bucket), as pyarrow's client
+            # sends them; botocore would refuse with NoCredentialsError instead.
+            config = config.merge(Config(signature_version=botocore.UNSIGNED))
+            log.info("storage: no AWS credentials found; S3 requests go unsigned (public buckets only)")
+        return session.create_client("s3", config=config, **kwargs)
 
     return _client("botocore", storage, build)
 

@@ -51,6 +51,27 @@ def test_one_s3_client_per_process_however_many_reads(s3, tmp_path: Path) -> Non
     assert storage.filesystems_built() - before <= 2
 
 
+def test_without_credentials_a_public_bucket_is_read_and_listed_unsigned(
+    s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow's S3 client sends unsigned requests when it finds no credentials; botocore's raised
+    NoCredentialsError, so reads and listings of a public bucket failed where pyarrow's did not."""
+    from capray import listing
+    from capray.config import load_config
+
+    bucket = s3.bucket("public")
+    storage.write_bytes(f"{bucket}/a/x.txt", b"open data", s3.config().storage)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance profile to ask
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})
+    anonymous = load_config(None, [f"storage.endpoint_url={s3.endpoint_url}", "storage.region=us-east-1"]).storage
+    assert storage.read_bytes(f"{bucket}/a/x.txt", anonymous) == b"open data"
+    assert [e.uri for e in listing.walk(f"{bucket}/a", anonymous)] == [f"{bucket}/a/x.txt"]
+
+
 def test_transient_errors_are_retried_and_others_are_not() -> None:
     cfg = S3("http://127.0.0.1:1").config("storage.retries=3", "storage.retry_wait_s=0.01").storage
     calls = []
