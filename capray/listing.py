@@ -149,11 +149,19 @@ def _walk_s3(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
     args = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
 
     def pages() -> Iterator[Page]:
-        paginator = storage.s3_client(storage_cfg).get_paginator("list_objects_v2")
-        for page in paginator.paginate(**args, PaginationConfig={"PageSize": PAGE_SIZE}):
+        # ListObjectsV2 a page per request, each tried again on its own (`storage.retries`).
+        token: dict[str, str] = {}
+        while True:
+            request = partial(
+                storage.s3_request, uri, storage_cfg, "list_objects_v2", MaxKeys=PAGE_SIZE, **args, **token
+            )
+            page = storage.retrying(request, f"listing {uri}", storage_cfg)
             yield [(p["Prefix"], None) for p in page.get("CommonPrefixes", ())] + [
                 (o["Key"], (int(o["Size"]), str(o.get("ETag", "")).strip('"'))) for o in page.get("Contents", ())
             ]
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
 
     yield from _entries(root, pages())
 
@@ -245,7 +253,7 @@ def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
     if storage.is_remote(uri):
         bucket, _, key = uri[len("s3://") :].partition("/")
         head = storage.retrying(
-            lambda: storage.s3_client(storage_cfg).head_object(Bucket=bucket, Key=key),
+            partial(storage.s3_request, uri, storage_cfg, "head_object", Bucket=bucket, Key=key),
             f"reading the size and ETag of {uri}",
             storage_cfg,
         )

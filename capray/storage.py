@@ -151,8 +151,8 @@ def _client(kind: str, storage: Any, build: Callable[[Any], Any]) -> Any:
 
 def s3_client(storage: Any = None) -> Any:
     """The process's botocore S3 client: whole-object reads (one GET, `read_bytes`) and listings
-    (its paginator streams 1,000 keys per request; pyarrow's recursive listing returns the whole
-    list at once). Its own retries are off: `storage.retries` is the one count (`retrying`)."""
+    (1,000 keys per request, page by page; pyarrow's recursive listing returns the whole list at
+    once). Its own retries are off: `storage.retries` is the one count (`retrying`)."""
 
     def build(storage: Any) -> Any:
         import botocore
@@ -340,12 +340,18 @@ def read_bytes(uri: str, storage: Any = None) -> bytes:
 
 
 def _get_s3(uri: str, storage: Any) -> bytes:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    # botocore checks the body against the response's Content-Length (IncompleteReadError).
+    return s3_request(uri, storage, "get_object", Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_request(uri: str, storage: Any, operation: str, **params: Any) -> Any:
+    """One request of the botocore client (`get_object`, `head_object`, `list_objects_v2`...),
+    its refusals raised as the OSErrors pyarrow raises (`s3_error`); not retried."""
     from botocore.exceptions import ClientError
 
-    bucket, _, key = uri[len("s3://") :].partition("/")
     try:
-        # botocore checks the body against the response's Content-Length (IncompleteReadError).
-        return s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()
+        return getattr(s3_client(storage), operation)(**params)
     except ClientError as e:
         raise s3_error(uri, e) from None
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from emulators import Emulator
+from emulators import S3, Emulator, free_port
 
 from capray import listing, storage
 from capray.config import to_yaml
@@ -137,6 +137,48 @@ def test_a_dropped_connection_is_retried_until_the_store_answers(
     finally:
         again.stop()
     assert result["data"] == b"kept"
+
+
+@pytest.mark.parametrize("operation", ["read", "listing"])
+def test_an_s3_read_or_listing_is_retried_until_the_store_answers(operation: str, monkeypatch) -> None:
+    """As above on S3, whose botocore client retries nothing itself: the port first drops the
+    connection, then a moto server takes it over (moto keeps its objects in this process)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    first = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    first.start()
+    try:
+        server = S3(f"http://127.0.0.1:{port}")
+        bucket = server.bucket(f"fault-{operation}")
+        cfg = server.config("storage.retries=6", "storage.retry_wait_s=0.2")
+        storage.write_bytes(f"{bucket}/p/x.bin", b"kept", cfg.storage)
+    finally:
+        first.stop()
+    monkeypatch.setattr(storage, "_FILESYSTEMS", {})  # a fresh client, as a new process has
+    dropper = socket.socket()
+    dropper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    dropper.bind(("127.0.0.1", port))
+    dropper.listen()
+    result: dict = {}
+    if operation == "read":
+        work = lambda: result.update(got=storage.read_bytes(f"{bucket}/p/x.bin", cfg.storage))
+    else:
+        work = lambda: result.update(got=[e.uri for e in listing.walk(f"{bucket}/p", cfg.storage)])
+    worker = threading.Thread(target=work)
+    worker.start()
+    conn, _ = dropper.accept()  # the request reached the store: drop it, and hand the port over
+    conn.close()
+    dropper.close()
+    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    again.start()
+    try:
+        worker.join(timeout=120)
+        assert not worker.is_alive()
+    finally:
+        again.stop()
+    assert result["got"] == (b"kept" if operation == "read" else [f"{bucket}/p/x.bin"])
+    assert storage.retried() > 0
 
 
 def test_each_stores_transient_errors_are_recognised() -> None:
