@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from emulators import S3, Emulator, free_port
@@ -120,23 +123,30 @@ def test_a_dropped_connection_is_retried_until_the_store_answers(
     finally:
         first.stop()
     monkeypatch.setattr(storage, "_FILESYSTEMS", {})  # a fresh client, as a new process has
+    read = partial(storage.read_bytes, f"{bucket}/x.bin", cfg.storage)
+    assert _through_a_dropped_connection(first.port, read, Emulator(kind, first.data, first.port).start) == b"kept"
+
+
+def _through_a_dropped_connection(port: int, work: Callable[[], Any], take_over: Callable[[], Any]) -> Any:
+    """`work()`, run while the store's port first drops the connection it gets and then
+    `take_over()` starts the store on it again (returning what has `stop`); work's result."""
     dropper = socket.socket()
-    dropper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the emulator's closed connections linger
-    dropper.bind(("127.0.0.1", first.port))
+    dropper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the store's closed connections linger
+    dropper.bind(("127.0.0.1", port))
     dropper.listen()
     result: dict = {}
-    reader = threading.Thread(target=lambda: result.update(data=storage.read_bytes(f"{bucket}/x.bin", cfg.storage)))
-    reader.start()
-    conn, _ = dropper.accept()  # the read reached the store: drop it, and hand the port over
+    worker = threading.Thread(target=lambda: result.update(got=work()))
+    worker.start()
+    conn, _ = dropper.accept()  # the request reached the store: drop it, and hand the port over
     conn.close()
     dropper.close()
-    again = Emulator(kind, first.data, first.port).start()
+    server = take_over()
     try:
-        reader.join(timeout=120)
-        assert not reader.is_alive()
+        worker.join(timeout=120)
+        assert not worker.is_alive()
     finally:
-        again.stop()
-    assert result["data"] == b"kept"
+        server.stop()
+    return result["got"]
 
 
 @pytest.mark.parametrize("operation", ["read", "listing"])
@@ -149,36 +159,26 @@ def test_an_s3_read_or_listing_is_retried_until_the_store_answers(operation: str
     first = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     first.start()
     try:
-        server = S3(f"http://127.0.0.1:{port}")
-        bucket = server.bucket(f"fault-{operation}")
-        cfg = server.config("storage.retries=6", "storage.retry_wait_s=0.2")
+        store = S3(f"http://127.0.0.1:{port}")
+        bucket = store.bucket(f"fault-{operation}")
+        cfg = store.config("storage.retries=6", "storage.retry_wait_s=0.2")
         storage.write_bytes(f"{bucket}/p/x.bin", b"kept", cfg.storage)
     finally:
         first.stop()
     monkeypatch.setattr(storage, "_FILESYSTEMS", {})  # a fresh client, as a new process has
-    dropper = socket.socket()
-    dropper.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    dropper.bind(("127.0.0.1", port))
-    dropper.listen()
-    result: dict = {}
     if operation == "read":
-        work = lambda: result.update(got=storage.read_bytes(f"{bucket}/p/x.bin", cfg.storage))
+        work, expected = partial(storage.read_bytes, f"{bucket}/p/x.bin", cfg.storage), b"kept"
     else:
-        work = lambda: result.update(got=[e.uri for e in listing.walk(f"{bucket}/p", cfg.storage)])
-    worker = threading.Thread(target=work)
-    worker.start()
-    conn, _ = dropper.accept()  # the request reached the store: drop it, and hand the port over
-    conn.close()
-    dropper.close()
-    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    again.start()
-    try:
-        worker.join(timeout=120)
-        assert not worker.is_alive()
-    finally:
-        again.stop()
-    assert result["got"] == (b"kept" if operation == "read" else [f"{bucket}/p/x.bin"])
-    assert storage.retried() > 0
+        work, expected = lambda: [e.uri for e in listing.walk(f"{bucket}/p", cfg.storage)], [f"{bucket}/p/x.bin"]
+
+    def take_over() -> ThreadedMotoServer:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        return server
+
+    retried = storage.retried()
+    assert _through_a_dropped_connection(port, work, take_over) == expected
+    assert storage.retried() > retried  # by capray.storage: botocore's client retries nothing
 
 
 def test_each_stores_transient_errors_are_recognised() -> None:
