@@ -159,6 +159,7 @@ def _list_images(cfg: Config, uri: str, cache_dir: str) -> Plan:
             f"no images under {uri} (files ending in {exts}"
             + (f", matching {cfg.inputs.glob!r}" if cfg.inputs.glob else "")
             + ")"
+            + (f"; other files: {listing.passed_summary(current.passed_over)}" if current.passed_over else "")
         )
     changes = None
     if before is not None:
@@ -171,6 +172,7 @@ def _list_images(cfg: Config, uri: str, cache_dir: str) -> Plan:
         "reused": reused,
         "changes": changes,
         "before_taken_at": before.taken_at if before is not None else None,
+        "passed_over": current.passed_over,
     }
     return Plan("files", _listing_shards(current.chunks, cfg), uri, info)
 
@@ -181,7 +183,7 @@ def _chunked_once(out_dir: str, what: str, cfg: Config, make: Any) -> Plan:
         chunks = listing.load(out_dir, cfg.storage).chunks
     else:
         chunks = make()
-        listing.save(out_dir, what, 0.0, chunks, cfg.storage)
+        listing.save(what, listing.Listing(out_dir, 0.0, chunks), cfg.storage)
     return Plan("files", _listing_shards(chunks, cfg), what)
 
 

@@ -31,7 +31,7 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -320,11 +320,38 @@ class ChunkWriter:
         return out
 
 
+# How many file extensions a listing counts apart among the files it passes over; the rest are
+# counted together as "(other)", so that the count stays small whatever the bucket holds.
+PASSED_KINDS = 20
+
+
+def pass_over(passed: dict[str, int], uri: str) -> None:
+    """Count a listed file that is not an image to process under its extension (`passed`: the
+    counts so far). Hidden files (.DS_Store, .keep) are not counted."""
+    base = posixpath.basename(uri)
+    if not base.startswith("."):
+        count_passed(passed, posixpath.splitext(base)[1].lower() or "(no extension)")
+
+
+def count_passed(passed: dict[str, int], kind: str, n: int = 1) -> None:
+    """Add `n` files of extension `kind` to `passed`, past PASSED_KINDS extensions as "(other)"."""
+    if kind not in passed and len(passed) >= PASSED_KINDS:
+        kind = "(other)"
+    passed[kind] = passed.get(kind, 0) + n
+
+
+def passed_summary(passed: dict[str, int]) -> str:
+    """`1200 .txt, 30 .avif`: the files a listing passed over, most first."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(passed.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
     """Ray task: the top level of `uri` in key order, as segments: ["chunks", [chunk...]] for a
-    run of image files (written here) and ["folders", [uri...]] for a run of sub-folders."""
+    run of image files (written here) and ["folders", [uri...]] for a run of sub-folders; last
+    ["passed", {extension: files}], the files that are not images to process."""
     writer = ChunkWriter(out_dir, "top", cfg.inputs.shard_rows, cfg.storage)
     segments: list[list[Any]] = []
+    passed: dict[str, int] = {}
     for e in walk(uri, cfg.storage, recursive=False):
         if e.is_dir:
             writer.cut()  # the folder's keys sort between this run of files and the next
@@ -336,21 +363,29 @@ def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
                 segments.append(["folders", [e.uri]])
         elif is_image(e.uri, cfg):
             writer.add(e.uri, f"{e.size}:{e.version}")
+        else:
+            pass_over(passed, e.uri)
     writer.cut()
     if writer.chunks:
         segments.append(["chunks", writer.take()])
-    return segments
+    return [*segments, ["passed", passed]]
 
 
-def list_folders(folders: list[str], out_dir: str, group: int, cfg: Config) -> list[dict[str, Any]]:
-    """Ray task: the image files under consecutive sub-folders, recursively, as chunks."""
+def list_folders(
+    folders: list[str], out_dir: str, group: int, cfg: Config
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Ray task: the image files under consecutive sub-folders, recursively, as chunks; and the
+    files passed over, by extension."""
     writer = ChunkWriter(out_dir, f"g{group:05d}", cfg.inputs.shard_rows, cfg.storage)
+    passed: dict[str, int] = {}
     for folder in folders:
         for e in walk(folder, cfg.storage, recursive=True):
             if is_image(e.uri, cfg):
                 writer.add(e.uri, f"{e.size}:{e.version}")
+            else:
+                pass_over(passed, e.uri)
     writer.cut()
-    return writer.chunks
+    return writer.chunks, passed
 
 
 def chunk_names(table_uri: str, column: str, out_dir: str, cfg: Config) -> list[dict[str, Any]]:
@@ -378,11 +413,13 @@ def chunk_list(names: list[str], out_dir: str, cfg: Config) -> list[dict[str, An
 
 @dataclass
 class Listing:
-    """A saved listing: its chunks in key order, where and when it was taken."""
+    """A saved listing: its chunks in key order, where and when it was taken, and the files it
+    passed over (not images to process), by extension."""
 
     folder: str
     taken_at: float
     chunks: list[dict[str, Any]]
+    passed_over: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -414,15 +451,15 @@ def _saved(folder: str, storage_cfg: Any) -> list[str]:
     return [s for s in subs if storage.exists(storage.join(s, LISTING), storage_cfg)]
 
 
-def save(folder: str, input_uri: str, taken_at: float, chunks: list[dict[str, Any]], storage_cfg: Any) -> None:
+def save(input_uri: str, listed: Listing, storage_cfg: Any) -> None:
     """Write `_listing.json`, last: a listing folder without it is incomplete and ignored."""
-    body = {"input": input_uri, "taken_at": taken_at, "chunks": chunks}
-    storage.write_bytes(storage.join(folder, LISTING), json.dumps(body).encode(), storage_cfg)
+    body = {"input": input_uri, "taken_at": listed.taken_at, "chunks": listed.chunks, "passed_over": listed.passed_over}
+    storage.write_bytes(storage.join(listed.folder, LISTING), json.dumps(body).encode(), storage_cfg)
 
 
 def load(folder: str, storage_cfg: Any) -> Listing:
     saved = json.loads(storage.read_bytes(storage.join(folder, LISTING), storage_cfg))
-    return Listing(folder, saved["taken_at"], saved["chunks"])
+    return Listing(folder, saved["taken_at"], saved["chunks"], saved.get("passed_over", {}))
 
 
 def home(cfg: Config, uri: str, cache_dir: str) -> str:
@@ -455,21 +492,31 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
     n_folders = sum(len(items) for kind, items in top if kind == "folders")
     per_group = max(1, -(-n_folders // MAX_GROUPS))
     task = ray.remote(num_cpus=0.5)(list_folders)
-    parts: list[Any] = []  # in key order: chunk lists, or the ObjectRef of a group's chunks
+    parts: list[Any] = []  # in key order: chunk lists, or the ObjectRef of a group's (chunks, passed)
+    passed: dict[str, int] = {}
     group = 0
     for kind, items in top:
         if kind == "chunks":
             parts.append(items)
-            continue
-        for k in range(0, len(items), per_group):
-            group += 1
-            parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg))
-    chunks = [c for part in parts for c in (part if isinstance(part, list) else ray.get(part))]
+        elif kind == "passed":
+            passed = items
+        else:
+            for k in range(0, len(items), per_group):
+                group += 1
+                parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg))
+    chunks: list[dict[str, Any]] = []
+    for part in parts:
+        if not isinstance(part, list):
+            part, more = ray.get(part)
+            for kind, n in more.items():
+                count_passed(passed, kind, n)
+        chunks.extend(part)
     _check_order(chunks, uri)
-    save(out_dir, uri, started, chunks, cfg.storage)
+    listed = Listing(out_dir, started, chunks, passed)
+    save(uri, listed, cfg.storage)
     for stale in older[: max(0, len(older) - (KEEP_LISTINGS - 1))]:
         storage.delete_dir(stale, cfg.storage)
-    return Listing(out_dir, started, chunks)
+    return listed
 
 
 def _read_range(uri: str, lo: str, hi: str, storage_cfg: Any) -> dict[str, str | None]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from capray import progress, shards
+from capray import listing, progress, shards
 from capray.inputs import InputError, Plan
 from capray.shards import output_name
 from capray.worker import ERROR_EXAMPLES, ShardWorker
@@ -267,6 +267,11 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
     else:
         head = f"listed {plan.input} now ({when}; inputs.relist=false would reuse the saved listing)"
     lines = [f"{label}: {head}: {plan.rows} images in {len(plan.shards)} shards"]
+    if info.get("passed_over"):
+        lines.append(
+            f"{label}: passed over {sum(info['passed_over'].values())} other files, not images by "
+            f"inputs.extensions/inputs.glob: {listing.passed_summary(info['passed_over'])}"
+        )
     c = info.get("changes")
     if info.get("before_taken_at") is None:
         lines.append(f"{label}: no earlier listing of this input to compare with")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, tar_shard
 
-from capray import extraction, featurestore, inputs, reader, storage
+from capray import extraction, featurestore, inputs, pipeline, reader, storage
 from capray.captioning import caption
 from capray.config import load_config, output_paths
 from capray.images import error_class
@@ -184,7 +184,7 @@ def test_missing_and_empty_inputs_fail_clearly(tmp_path: Path, ray_local) -> Non
         inputs.plan(cfg, str(tmp_path / "nothing-here"), str(tmp_path / "inputs"))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    with pytest.raises(InputError, match=r"no images under .*empty \(files ending in jpg"):
+    with pytest.raises(InputError, match=r"no images under .*empty \(files ending in jpg.*\); other files: 1 \.txt$"):
         inputs.plan(cfg, str(tmp_path / "empty"), str(tmp_path / "inputs"))
 
 
@@ -193,16 +193,23 @@ def test_a_folder_is_listed_by_ray_tasks_and_the_saved_listing_reused_on_request
         (tmp_path / "img" / d).mkdir(parents=True, exist_ok=True)
         for i in range(3):
             (tmp_path / "img" / d / f"{i}.jpg").write_bytes(b"")
+        (tmp_path / "img" / d / "2.txt").write_text("a caption beside its image, not an image")
     cfg = _cfg(tmp_path, "inputs.shard_rows=2")
     cache = str(tmp_path / "inputs")
     plan = inputs.plan(cfg, str(tmp_path / "img"), cache)
     listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
     assert sorted(listed) == sorted(str(p) for p in (tmp_path / "img").rglob("*.jpg")) and len(listed) == 9
     assert max(s.rows for s in plan.shards) <= 4 and plan.rows == 9  # about shard_rows, at most twice
+    # The files that are not images are counted, from the top level and the sub-folders' tasks alike.
+    assert plan.listing["passed_over"] == {".txt": 3}
+    assert "caption: passed over 3 other files, not images by inputs.extensions/inputs.glob: 3 .txt" in (
+        pipeline.listing_lines("caption", plan)
+    )
     (tmp_path / "img" / "late.jpg").write_bytes(b"")
     cfg.inputs.relist = False  # the saved listing: the new image is not seen
     again = inputs.plan(cfg, str(tmp_path / "img"), cache)
     assert [s.id for s in again.shards] == [s.id for s in plan.shards] and again.rows == 9 and again.listing["reused"]
+    assert again.listing["passed_over"] == {".txt": 3}
     cfg.inputs.relist = True
     fresh = inputs.plan(cfg, str(tmp_path / "img"), cache)
     assert fresh.rows == 10 and fresh.listing["changes"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 9}

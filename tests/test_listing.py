@@ -53,19 +53,33 @@ def test_chunk_boundaries_depend_on_the_keys_so_an_insertion_changes_one_chunk(t
 def test_listing_a_folder_with_files_around_sub_folders_writes_every_chunk_once(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     names = ["a.jpg", "b/1.jpg", "b/2.jpg", "c.jpg", "d.jpg", "e/3.jpg", "f.jpg"]
-    for name in names:
+    others = ["a.txt", "b/1.json", "b/2.json", "e/README", "e/.DS_Store", "f.avif"]  # the last two: at the top
+    for name in names + others:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
     cfg = _cfg(tmp_path, "inputs.shard_rows=1")
     segments = listing.list_top(str(root), str(tmp_path / "out"), cfg)
-    assert [kind for kind, _ in segments] == ["chunks", "folders", "chunks", "folders", "chunks"]
+    assert [kind for kind, _ in segments] == ["chunks", "folders", "chunks", "folders", "chunks", "passed"]
+    assert segments[-1][1] == {".txt": 1, ".avif": 1}  # the top level's files that are not images
     chunks = [c for kind, items in segments if kind == "chunks" for c in items]
     files = [c["file"] for c in chunks]
     assert len(set(files)) == len(files)  # a chunk after a sub-folder never overwrites an earlier one
     folders = [f for kind, items in segments if kind == "folders" for f in items]
-    chunks += [c for i, f in enumerate(folders) for c in listing.list_folders([f], str(tmp_path / "out"), i + 1, cfg)]
+    listed_folders = [listing.list_folders([f], str(tmp_path / "out"), i + 1, cfg) for i, f in enumerate(folders)]
+    chunks += [c for got, _ in listed_folders for c in got]
     listed = sorted(k for c in chunks for k in pq.read_table(c["file"])["image"].to_pylist())
     assert listed == sorted(str(root / n) for n in names)
+    # Hidden files are not counted: .DS_Store is nobody's image.
+    assert [passed for _, passed in listed_folders] == [{".json": 2}, {"(no extension)": 1}]
+
+
+def test_files_passed_over_are_counted_by_extension_up_to_a_bound() -> None:
+    passed: dict[str, int] = {}
+    for i in range(listing.PASSED_KINDS + 5):
+        listing.pass_over(passed, f"s3://b/file.k{i:02d}")
+    listing.count_passed(passed, ".k00", 3)  # a kind already counted keeps its own count
+    assert len(passed) == listing.PASSED_KINDS + 1 and passed["(other)"] == 5 and passed[".k00"] == 4
+    assert listing.passed_summary({".txt": 2, ".avif": 7, ".json": 2}) == "7 .avif, 2 .json, 2 .txt"
 
 
 def test_overlaps_find_every_old_range_a_new_one_covers() -> None:
