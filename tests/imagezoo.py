@@ -13,7 +13,7 @@ from capray import synthetic
 TEST_MAX_PIXELS = 1_000_000
 
 
-def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
@@ -40,24 +40,24 @@ def good_images() -> dict[str, bytes]:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     return {
-        "scene.jpg": _encode(scene, "JPEG", quality=95),
-        "gray.jpg": _encode(scene.convert("L"), "JPEG"),
-        "gray16.png": _encode(Image.fromarray(gray16()), "PNG"),
-        "alpha.png": _encode(rgba, "PNG"),
-        "cmyk.jpg": _encode(scene.convert("CMYK"), "JPEG"),
-        "rotated.jpg": _encode(halves(), "JPEG", exif=exif.tobytes(), quality=95),
-        "dir with space/ünïcode café.jpg": _encode(scene, "JPEG"),
+        "scene.jpg": encode(scene, "JPEG", quality=95),
+        "gray.jpg": encode(scene.convert("L"), "JPEG"),
+        "gray16.png": encode(Image.fromarray(gray16()), "PNG"),
+        "alpha.png": encode(rgba, "PNG"),
+        "cmyk.jpg": encode(scene.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encode(halves(), "JPEG", exif=exif.tobytes(), quality=95),
+        "dir with space/ünïcode café.jpg": encode(scene, "JPEG"),
     }
 
 
 def bad_images() -> dict[str, tuple[bytes, str]]:
     """Inputs that must fail, with a fragment of the expected error."""
-    full = _encode(synthetic.render(seed=5, index=1)[0], "JPEG")
+    full = encode(synthetic.render(seed=5, index=1)[0], "JPEG")
     return {
         "truncated.jpg": (full[: len(full) // 2], "cannot decode"),
         "empty.jpg": (b"", "empty file"),
         "notes.jpg": (b"this is a text file, not a JPEG\n", "cannot decode"),
-        "huge.png": (_encode(Image.new("L", (1500, 1000)), "PNG"), "too large"),
+        "huge.png": (encode(Image.new("L", (1500, 1000)), "PNG"), "too large"),
     }
 
 

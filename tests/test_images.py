@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from imagezoo import TEST_MAX_PIXELS, bad_images, good_images, gray16
+from imagezoo import TEST_MAX_PIXELS, bad_images, encode, good_images, gray16
 
 from capray.images import ImageDecodeError, decode
 
@@ -36,23 +36,19 @@ def test_cmyk_matches_the_rgb_original() -> None:
     assert np.abs(rgb - cmyk).mean() < 12
 
 
-def _png(values: np.ndarray, fmt: str = "PNG") -> bytes:
-    import io
-
+def _encoded(values: np.ndarray, fmt: str = "PNG") -> bytes:
     from PIL import Image
 
-    out = io.BytesIO()
-    Image.fromarray(values).save(out, fmt)
-    return out.getvalue()
+    return encode(Image.fromarray(values), fmt)
 
 
 def test_16_bit_grayscale_reads_by_its_top_8_bits_as_tensorflow_does() -> None:
     # PIL's convert("RGB") clips 16-bit values to 255: this ramp came out 254.5 grey on average.
-    eight = decode(_png((gray16() >> 8).astype(np.uint8)), TEST_MAX_PIXELS)
+    eight = decode(_encoded((gray16() >> 8).astype(np.uint8)), TEST_MAX_PIXELS)
     assert 120 < eight.mean() < 135
     assert (decode(good_images()["gray16.png"], TEST_MAX_PIXELS) == eight).all()
     # A 32-bit integer TIFF of 16-bit values (PIL mode I) reads the same.
-    assert (decode(_png(gray16().astype(np.int32), "TIFF"), TEST_MAX_PIXELS) == eight).all()
+    assert (decode(_encoded(gray16().astype(np.int32), "TIFF"), TEST_MAX_PIXELS) == eight).all()
 
 
 @pytest.mark.parametrize(
@@ -60,7 +56,7 @@ def test_16_bit_grayscale_reads_by_its_top_8_bits_as_tensorflow_does() -> None:
 )
 def test_pixels_without_a_defined_8_bit_range_are_refused(values: np.ndarray) -> None:
     with pytest.raises(ImageDecodeError, match=r"^cannot decode image: 32-bit .* have no defined 8-bit range"):
-        decode(_png(values, "TIFF"), TEST_MAX_PIXELS)
+        decode(_encoded(values, "TIFF"), TEST_MAX_PIXELS)
 
 
 @pytest.mark.parametrize("name", sorted(bad_images()))
