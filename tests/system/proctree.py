@@ -1,10 +1,13 @@
 """Process trees from /proc, for the system tests that kill part of a Ray instance: the
-processes below a job or a node's raylet, which of them are a given kind of Ray worker, and the
-end of a killed job's Ray instance."""
+processes below a job or a node's raylet, which of them are a given kind of Ray worker, the kill
+of a whole job, and the end of a killed job's Ray instance."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +27,37 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def in_session(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        if int(session) == sid and state not in "ZX":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a job started with `start_new_session=True` and every process of its session, and
+    return once none is left. Killing only its process group is not the whole job: Ray puts each
+    worker (a Train controller or worker, a Data actor) in a process group of its own, and such a
+    worker outlives its driver by a moment, long enough to register a checkpoint or publish a
+    file after "the kill"."""
+    deadline = time.monotonic() + 60
+    while pids := in_session(proc.pid):
+        assert time.monotonic() < deadline, f"processes {pids} of the killed job are still alive"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)  # their exit is another process tree's: there is nothing to wait on
+    proc.wait()
 
 
 def titled(pids: list[int], title: bytes) -> list[int]:

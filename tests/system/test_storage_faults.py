@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from proctree import wait_for_ray_to_exit
+from proctree import kill_job, wait_for_ray_to_exit
 
 from capray import synthetic
 from capray.progress import read_heartbeat
@@ -117,7 +116,7 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
     seen = _images(after_outage)
     assert 0 < len(seen) == len(set(seen)) <= N_IMAGES
 
-    # A re-run killed (SIGKILL, its whole process group) once its driver has written its
+    # A re-run killed (SIGKILL, every process of it) once its driver has written its
     # heartbeat, before it gives out shards: seen an hour later, the job is lost, not alive, and
     # its shards done are the files in the bucket. (The outage leaves shards to do: a job that
     # cannot write cannot finish.)
@@ -137,9 +136,7 @@ def test_outage_mid_write_leaves_only_complete_files_and_a_rerun_finishes_exactl
             time.sleep(0.2)  # polling the bucket: the heartbeat object is the event
         assert killed.poll() is None, f"the re-run ended before it was killed: {killed_log.read_text()[-2000:]}"
     finally:
-        os.killpg(killed.pid, signal.SIGKILL)
-        killed.wait()
-    wait_for_ray_to_exit(killed_log)
+        kill_job(killed)  # returns once its Ray instance is gone too
     kept = _objects(s3, "outage", "captions/")
     files = [k for k in kept if k.endswith(".parquet") and not any(part.startswith("_") for part in k.split("/"))]
     kept_images = _images(kept)

@@ -93,8 +93,7 @@ def _run_and_kill_a_worker(
         proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proctree.kill_job(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), ""), killed_at
 
 
