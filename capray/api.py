@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from capray.images import NUM_CELLS, ImageDecodeError
+from capray.schema import CaptionConfig, DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from capray.decoder import Caption
@@ -41,13 +42,13 @@ class Captioner:
     def __init__(
         self,
         checkpoint: str,
-        strategy: str = "greedy",
-        beam_size: int = 3,
-        length_alpha: float = 0.7,
-        max_length: int = 0,
-        batch_size: int = 16,
-        precision: str = "float32",
-        max_pixels: int = 64_000_000,
+        strategy: str = CaptionConfig.strategy,
+        beam_size: int = CaptionConfig.beam_size,
+        length_alpha: float = CaptionConfig.length_alpha,
+        max_length: int = CaptionConfig.max_length,
+        batch_size: int = CaptionConfig.batch_size,
+        precision: str = ModelConfig.precision,
+        max_pixels: int = DataConfig.max_pixels,
         storage: Mapping[str, Any] | DictConfig | None = None,
     ):
         from capray.captioning import CaptionPredictor
@@ -67,7 +68,7 @@ class Captioner:
         self.checkpoint, self.strategy, self.tokenizer = checkpoint, self.predictor.strategy, self.predictor.tokenizer
 
     @classmethod
-    def load(cls, checkpoint: str, strategy: str = "greedy", **kwargs: Any) -> Captioner:
+    def load(cls, checkpoint: str, strategy: str = CaptionConfig.strategy, **kwargs: Any) -> Captioner:
         """Load a checkpoint (local or s3://, gs://, az://): `strategy` greedy or beam; see `__init__` for the rest."""
         return cls(checkpoint, strategy, **kwargs)
 

@@ -57,7 +57,7 @@ class ImageBatchModel:
 
     image_column = "image"
     storage_cfg: Any = None
-    max_pixels = 64_000_000
+    max_pixels: int  # data.max_pixels, set by the subclass's constructor
 
     def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
         """The model's rows for decoded images (`errors[i]` non-empty: no image, an error row)."""

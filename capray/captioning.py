@@ -19,6 +19,7 @@ import pyarrow as pa
 from capray import inputs, pipeline, storage
 from capray.batch_model import ImageBatchModel
 from capray.inputs import InputError
+from capray.schema import CaptionConfig, DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from capray.schema import Config
@@ -63,16 +64,16 @@ class CaptionPredictor(ImageBatchModel):
     def __init__(
         self,
         checkpoint: str,
-        strategy: str = "greedy",
-        beam_size: int = 3,
-        length_alpha: float = 0.7,
-        max_length: int = 0,
-        attention: bool = False,
-        precision: str = "float32",
-        jit_compile: bool = False,
+        strategy: str = CaptionConfig.strategy,
+        beam_size: int = CaptionConfig.beam_size,
+        length_alpha: float = CaptionConfig.length_alpha,
+        max_length: int = CaptionConfig.max_length,
+        attention: bool = CaptionConfig.attention,
+        precision: str = ModelConfig.precision,
+        jit_compile: bool = ModelConfig.jit_compile,
         storage: Any = None,
         image_column: str = "image",
-        max_pixels: int = 64_000_000,
+        max_pixels: int = DataConfig.max_pixels,
     ):
         from capray import checkpoint as ckpt
         from capray.decoder import Decoder

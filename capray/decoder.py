@@ -46,10 +46,10 @@ class Decoder:
         self,
         model: ShowAttendTell,
         tokenizer: Tokenizer,
-        strategy: str = "greedy",
-        max_length: int = 0,
-        beam_size: int = 3,
-        length_alpha: float = 0.7,
+        strategy: str,
+        max_length: int,
+        beam_size: int,
+        length_alpha: float,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"decoding strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")

@@ -17,6 +17,7 @@ from capray import inputs, pipeline, storage
 from capray.batch_model import ImageBatchModel
 from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_file_list, write_file_list
 from capray.inputs import Plan
+from capray.schema import BackboneConfig, DataConfig, ExtractConfig, ModelConfig
 
 if TYPE_CHECKING:
     from capray.schema import Config
@@ -40,14 +41,14 @@ class FeatureExtractor(ImageBatchModel):
 
     def __init__(
         self,
-        weights: str = "imagenet",
-        seed: int = 0,
+        weights: str = BackboneConfig.weights,
+        seed: int = BackboneConfig.seed,
         storage: Any = None,
-        dtype: str = "float16",
-        precision: str = "float32",
-        jit_compile: bool = False,
+        dtype: str = ExtractConfig.dtype,
+        precision: str = ModelConfig.precision,
+        jit_compile: bool = ModelConfig.jit_compile,
         image_column: str = "image",
-        max_pixels: int = 64_000_000,
+        max_pixels: int = DataConfig.max_pixels,
     ):
         from capray.model import Backbone, gpu_memory_growth, set_precision  # TF in the actor, not the driver
 
@@ -56,6 +57,19 @@ class FeatureExtractor(ImageBatchModel):
         self.storage_cfg, self.image_column, self.max_pixels = storage, image_column, max_pixels
         self.backbone = Backbone(weights, seed, storage, jit_compile=jit_compile, dtype=dtype)
         self.dtype = np.dtype(dtype)
+
+    @staticmethod
+    def arguments(cfg: Config) -> dict[str, Any]:
+        """Constructor arguments from a job config (its backbone, extract, model, data and storage sections)."""
+        return dict(
+            weights=cfg.backbone.weights,
+            seed=cfg.backbone.seed,
+            storage=cfg.storage,
+            dtype=cfg.extract.dtype,
+            precision=cfg.model.precision,
+            jit_compile=cfg.model.jit_compile,
+            max_pixels=cfg.data.max_pixels,
+        )
 
     def rows(self, keys: list[str | None], pixels: np.ndarray, errors: list[str]) -> pa.Table:
         """One feature row per image; an image with an error gets the error and empty features."""
@@ -136,15 +150,7 @@ def extract(cfg: Config, images: list[str] | Plan, features_dir: str) -> dict[st
     plan = (
         images if isinstance(images, Plan) else inputs.images_plan(images, output_paths(cfg)["inputs"], cfg, "images")
     )
-    kwargs = dict(
-        weights=cfg.backbone.weights,
-        seed=cfg.backbone.seed,
-        storage=cfg.storage,
-        dtype=cfg.extract.dtype,
-        precision=cfg.model.precision,
-        jit_compile=cfg.model.jit_compile,
-        max_pixels=cfg.data.max_pixels,
-    )
+    kwargs = FeatureExtractor.arguments(cfg)
     s = pipeline.run(
         cfg,
         plan,

@@ -3,6 +3,7 @@ Python functions (the in-process `Captioner` against the caption job: tests/test
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,35 @@ def test_job_configs_from_python_are_checked_like_the_cli(tmp_path: Path) -> Non
     assert (again.train.epochs, cfg.train.epochs) == (4, 3)  # the given config is not changed
     with pytest.raises(ConfigError, match="trian"):
         config(None, {"trian": {"epochs": 3}})
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def test_the_classes_keyword_defaults_are_the_configs() -> None:
+    """A keyword left out means what the same key left out of a job's config means: the schema is
+    the one home of every default, so a class cannot drift from the jobs."""
+    from omegaconf import OmegaConf
+
+    from capray.schema import Config
+
+    cfg = OmegaConf.structured(Config)
+    extractor = capray.FeatureExtractor.arguments(cfg)
+    predictor = capray.CaptionPredictor.arguments(cfg, "a checkpoint")
+    captioner = {k: v for k, v in predictor.items() if k in _defaults(capray.Captioner)}
+    captioner["batch_size"] = cfg.caption.batch_size
+    for cls, expected in [
+        (capray.FeatureExtractor, extractor),
+        (capray.CaptionPredictor, predictor),
+        (capray.Captioner, captioner),
+    ]:
+        expected = {k: v for k, v in expected.items() if k not in ("checkpoint", "storage")}
+        defaults = _defaults(cls)
+        assert {k: defaults.get(k, "(none)") for k in expected} == expected, cls.__name__
+        # Keywords with no config key: where to find the image column and storage settings.
+        assert set(defaults) - set(expected) <= {"image_column", "storage"}, cls.__name__
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
