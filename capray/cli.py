@@ -52,15 +52,34 @@ def one_line(command: str, error: BaseException) -> int | None:
     return code
 
 
+def output_argument(parser: argparse.ArgumentParser, output: str | None) -> str:
+    """The OUTPUT of `capray status` / `capray overview`: the folder itself, or `output=FOLDER` as
+    the jobs take it; a config file or another override in its place is named (exit code 2)."""
+    usage = f"give the job's output folder first: {parser.prog} OUTPUT [config.yaml ...] [key=value ...]"
+    if not output:
+        parser.error(usage)
+    key, eq, value = output.partition("=")
+    if eq and key == "output":
+        return value
+    if eq and "/" not in key and ":" not in key:
+        parser.error(f"{output!r} is an override: {usage}")
+    if output.endswith((".yaml", ".yml")):
+        parser.error(f"{output!r} is a config file: {usage}")
+    return output
+
+
 def status_main(argv: list[str]) -> int:
     """`capray status OUTPUT [config ...] [key=value ...] [--json]`: no Ray, nothing written."""
     import json
 
     parser = argparse.ArgumentParser(prog="capray status", description="how far a caption or extract job is")
-    parser.add_argument("output", help="the job's output folder (captions or features), local or s3://")
+    parser.add_argument(
+        "output", nargs="?", metavar="OUTPUT", help="the job's output folder (captions or features), local or s3://"
+    )
     parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, status.*)")
     parser.add_argument("--json", action="store_true", help="one JSON object (docs/cli.md#status)")
     args = parser.parse_intermixed_args(argv)
+    args.output = output_argument(parser, args.output)
     try:
         from capray.status import lines, run
 
@@ -81,10 +100,13 @@ def overview_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="capray overview", description="a caption output as one self-contained HTML page"
     )
-    parser.add_argument("output", help="the caption job's output folder, local or s3:// gs:// az://")
+    parser.add_argument(
+        "output", nargs="?", metavar="OUTPUT", help="the caption job's output folder, local or s3:// gs:// az://"
+    )
     parser.add_argument("config", nargs="*", help="YAML files and key=value overrides (storage.*, overview.*, ray.*)")
     parser.add_argument("--html", default="", help="the page's file (default <output>/_status/overview.html)")
     args = parser.parse_intermixed_args(argv)
+    args.output = output_argument(parser, args.output)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     restore_logging = install_cli_handler(logging.INFO)
     try:

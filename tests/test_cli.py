@@ -211,6 +211,26 @@ def test_flags_may_stand_before_between_or_after_the_overrides(tmp_path: Path, c
     assert "output folder not found" in capsys.readouterr().err
 
 
+def test_status_and_overview_take_the_output_folder_first_or_as_the_jobs_output_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # `output=FOLDER`, as the caption and extract jobs take it, is the folder.
+    assert cli.main(["status", f"output={tmp_path / 'none'}"]) == 3
+    assert f"output folder not found: {tmp_path / 'none'}\n" in capsys.readouterr().err
+    # Nothing, an override or a config file where the folder goes: named, with the usage.
+    for command in ("status", "overview"):
+        for argv, named in (
+            ([], ""),
+            (["storage.retries=1"], "'storage.retries=1' is an override: "),
+            ([DEMO, "storage.retries=1"], f"'{DEMO}' is a config file: "),
+        ):
+            with pytest.raises(SystemExit) as exited:
+                cli.main([command, *argv])
+            err = capsys.readouterr().err
+            assert exited.value.code == 2, err
+            assert f"{named}give the job's output folder first: capray {command} OUTPUT [config.yaml ...]" in err
+
+
 # --- TensorFlow's start-up banners ---------------------------------------------------------------
 
 
