@@ -11,6 +11,7 @@ A checkpoint is a directory (local or object storage) holding:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from capray import storage
+from capray import listing, storage
 from capray.config import from_yaml, to_yaml
 from capray.text import Tokenizer
 
@@ -78,7 +79,33 @@ def check(uri: str, storage_cfg: Any = None) -> None:
         raise CheckpointError(f"checkpoint not found: {uri}")
     missing = [f for f in REQUIRED if not storage.exists(storage.join(uri, f), storage_cfg)]
     if missing:
-        raise CheckpointError(f"{uri} is not a complete capray checkpoint: missing {', '.join(missing)}")
+        raise CheckpointError(
+            f"{uri} is not a complete capray checkpoint: missing {', '.join(missing)}{_checkpoints_below(uri, storage_cfg)}"
+        )
+
+
+def _checkpoints_below(uri: str, storage_cfg: Any, most: int = 5, entries: int = 1000) -> str:
+    """The best checkpoints below `uri` when it is the folder of a training run (`<run>/best`),
+    of the runs (`<name>/best`) or a work_dir (`runs/<name>/best`): the usual slip of giving a
+    folder above the checkpoint. Each folder's listing stops after `entries` entries: a bucket
+    of images given by mistake is not listed to its end."""
+    best = storage.join(uri, "best")
+    if storage.exists(storage.join(best, "state.json"), storage_cfg):
+        return f"; it is a training run's folder: its best checkpoint is {best}"
+    for parent in (uri, storage.join(uri, "runs")):
+        try:
+            folders = [
+                e.uri for e in itertools.islice(listing.walk(parent, storage_cfg, recursive=False), entries) if e.is_dir
+            ]
+        except OSError:  # no such folder
+            continue
+        found = [
+            b for f in folders if storage.exists(storage.join(b := storage.join(f, "best"), "state.json"), storage_cfg)
+        ]
+        if found:
+            more = f" and {len(found) - most} more" if len(found) > most else ""
+            return f"; the best checkpoints of the training runs below it: {', '.join(found[:most])}{more}"
+    return ""
 
 
 def localize(uri: str, storage_cfg: Any = None) -> tuple[str, tempfile.TemporaryDirectory | None]:

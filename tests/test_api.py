@@ -4,6 +4,7 @@ Python functions (the in-process `Captioner` against the caption job: tests/test
 from __future__ import annotations
 
 import inspect
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,25 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused_naming_what_is_missing(tmp
         capray.Captioner.load(str(tmp_path))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         capray.Captioner.load(str(tmp_path / "nowhere"))
+
+
+def test_a_folder_above_checkpoints_names_the_best_ones_below_it(tiny_checkpoint: str, tmp_path: Path) -> None:
+    from capray.checkpoint import CheckpointError
+
+    runs = tmp_path / "work" / "runs"
+    for name in ("a", "b"):
+        shutil.copytree(tiny_checkpoint, runs / name / "best")
+    (runs / "c").mkdir()  # a run without a best checkpoint yet
+    for given, named in [
+        (runs / "a", f"; it is a training run's folder: its best checkpoint is {runs / 'a' / 'best'}"),
+        (runs, f"; the best checkpoints of the training runs below it: {runs / 'a' / 'best'}, {runs / 'b' / 'best'}"),
+        (
+            tmp_path / "work",
+            f"; the best checkpoints of the training runs below it: {runs / 'a' / 'best'}, {runs / 'b' / 'best'}",
+        ),
+    ]:
+        with pytest.raises(CheckpointError) as e:
+            capray.Captioner.load(str(given))
+        assert str(e.value).endswith(
+            f"is not a complete capray checkpoint: missing model.weights.h5, tokenizer.json, config.yaml, state.json{named}"
+        )
