@@ -122,6 +122,7 @@ class Plan:
     shards: list[Shard] = field(default_factory=list)
     input: str = ""
     listing: dict[str, Any] | None = None
+    left_out: list[str] = field(default_factory=list)  # the job's own folders inside the input
 
     @property
     def rows(self) -> int | None:
@@ -174,7 +175,7 @@ def _list_images(cfg: Config, uri: str, cache_dir: str) -> Plan:
         "before_taken_at": before.taken_at if before is not None else None,
         "passed_over": current.passed_over,
     }
-    return Plan("files", _listing_shards(current.chunks, cfg), uri, info)
+    return Plan("files", _listing_shards(current.chunks, cfg), uri, info, current.left_out)
 
 
 def _chunked_once(out_dir: str, what: str, cfg: Config, make: Any) -> Plan:
@@ -322,11 +323,23 @@ def _expand(uri: str, cfg: Config, wanted: tuple[str, ...]) -> list[listing.Entr
         return [e for e in _glob(uri, cfg) if e.uri.lower().endswith(wanted)]
     if uri.lower().endswith(wanted):
         return [listing.Entry(uri, False, *listing.stat(uri, cfg.storage))]
+    # Not the job's own folders: a caption output inside a folder of Parquet inputs would be read
+    # as a manifest of its own images.
+    own = listing.own_folders(cfg, uri)
     return [
         e
         for e in walk(uri, cfg.storage, recursive=True)
-        if e.uri.lower().endswith(wanted) and not posixpath.basename(e.uri).startswith(("_", "."))
+        if e.uri.lower().endswith(wanted)
+        and not posixpath.basename(e.uri).startswith(("_", "."))
+        and not listing.is_in(e.uri, own)
     ]
+
+
+def _left_out(uri: str, cfg: Config) -> list[str]:
+    """The job's own folders that `_expand` leaves out of folder `uri` (none for a glob or a file)."""
+    if any(c in uri for c in _GLOB_CHARS) or uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar")):
+        return []
+    return listing.own_folders(cfg, uri)
 
 
 def _detect(uri: str, cfg: Config) -> str:
@@ -416,6 +429,7 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
                     for t in tars
                 ],
                 uri,
+                left_out=_left_out(uri, cfg),
             )
         files = _expand(uri, cfg, MANIFEST_SUFFIXES)
         if not files:
@@ -451,7 +465,9 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
             return _parquet_shards(f, cfg, k)
 
         shards = [s for group in ThreadPoolExecutor(16).map(shards_of, files, kinds) for s in group]
-        return Plan("parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri)
+        return Plan(
+            "parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri, left_out=_left_out(uri, cfg)
+        )
     except Exception as e:
         if storage.is_storage_error(e):  # unreachable endpoint, bad credentials, no permission...
             raise InputError(f"cannot list {uri}: {e}") from None

@@ -95,6 +95,26 @@ def is_image(name: str, cfg: Config) -> bool:
     return not cfg.inputs.glob or fnmatch.fnmatch(base, cfg.inputs.glob)
 
 
+def own_folders(cfg: Config, uri: str) -> list[str]:
+    """The job's own folders that lie inside input `uri`: its `work_dir` (features, listings,
+    checkpoints, reports with their PNG figures) and its caption output. A listing leaves them
+    out, so that an input folder that holds them (`caption.input=s3://bucket/` with
+    `work_dir=s3://bucket/capray`) never takes the job's own files for input images."""
+    from capray.config import output_paths
+
+    def norm(u: str) -> str:
+        return u.rstrip("/") if storage.is_remote(u) else os.path.abspath(u)
+
+    root = norm(uri)
+    found = {norm(f) for f in (cfg.work_dir, output_paths(cfg)["captions"]) if f}
+    return sorted(f for f in found if f.startswith(root.rstrip("/") + "/"))
+
+
+def is_in(key: str, folders: list[str]) -> bool:
+    """Whether `key` is one of `folders` or below one."""
+    return any(key == f or key.startswith(f + "/") for f in folders)
+
+
 # --- walking a folder/prefix in key order ----------------------------------------------------
 
 
@@ -352,7 +372,10 @@ def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
     writer = ChunkWriter(out_dir, "top", cfg.inputs.shard_rows, cfg.storage)
     segments: list[list[Any]] = []
     passed: dict[str, int] = {}
+    skip = own_folders(cfg, uri)
     for e in walk(uri, cfg.storage, recursive=False):
+        if is_in(e.uri, skip):
+            continue
         if e.is_dir:
             writer.cut()  # the folder's keys sort between this run of files and the next
             if writer.chunks:
@@ -372,14 +395,17 @@ def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
 
 
 def list_folders(
-    folders: list[str], out_dir: str, group: int, cfg: Config
+    folders: list[str], out_dir: str, group: int, cfg: Config, skip: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Ray task: the image files under consecutive sub-folders, recursively, as chunks; and the
-    files passed over, by extension."""
+    files passed over, by extension. Files in the folders `skip` (the job's own) are left out."""
     writer = ChunkWriter(out_dir, f"g{group:05d}", cfg.inputs.shard_rows, cfg.storage)
     passed: dict[str, int] = {}
+    skip = skip or []
     for folder in folders:
         for e in walk(folder, cfg.storage, recursive=True):
+            if is_in(e.uri, skip):
+                continue
             if is_image(e.uri, cfg):
                 writer.add(e.uri, f"{e.size}:{e.version}")
             else:
@@ -420,6 +446,7 @@ class Listing:
     taken_at: float
     chunks: list[dict[str, Any]]
     passed_over: dict[str, int] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # the job's own folders inside the input
 
     @property
     def rows(self) -> int:
@@ -453,13 +480,19 @@ def _saved(folder: str, storage_cfg: Any) -> list[str]:
 
 def save(input_uri: str, listed: Listing, storage_cfg: Any) -> None:
     """Write `_listing.json`, last: a listing folder without it is incomplete and ignored."""
-    body = {"input": input_uri, "taken_at": listed.taken_at, "chunks": listed.chunks, "passed_over": listed.passed_over}
+    body = {
+        "input": input_uri,
+        "taken_at": listed.taken_at,
+        "chunks": listed.chunks,
+        "passed_over": listed.passed_over,
+        "left_out": listed.left_out,
+    }
     storage.write_bytes(storage.join(listed.folder, LISTING), json.dumps(body).encode(), storage_cfg)
 
 
 def load(folder: str, storage_cfg: Any) -> Listing:
     saved = json.loads(storage.read_bytes(storage.join(folder, LISTING), storage_cfg))
-    return Listing(folder, saved["taken_at"], saved["chunks"], saved.get("passed_over", {}))
+    return Listing(folder, saved["taken_at"], saved["chunks"], saved.get("passed_over", {}), saved.get("left_out", []))
 
 
 def home(cfg: Config, uri: str, cache_dir: str) -> str:
@@ -503,7 +536,7 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
         else:
             for k in range(0, len(items), per_group):
                 group += 1
-                parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg))
+                parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg, own_folders(cfg, uri)))
     chunks: list[dict[str, Any]] = []
     for part in parts:
         if not isinstance(part, list):
@@ -512,7 +545,7 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
                 count_passed(passed, kind, n)
         chunks.extend(part)
     _check_order(chunks, uri)
-    listed = Listing(out_dir, started, chunks, passed)
+    listed = Listing(out_dir, started, chunks, passed, own_folders(cfg, uri))
     save(uri, listed, cfg.storage)
     for stale in older[: max(0, len(older) - (KEEP_LISTINGS - 1))]:
         storage.delete_dir(stale, cfg.storage)

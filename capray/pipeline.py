@@ -257,9 +257,14 @@ def age(seconds: float) -> str:
 
 def listing_lines(label: str, plan: Plan) -> list[str]:
     """The job's first lines for a listed folder/prefix: which listing, how old, what changed."""
+    own = (
+        [f"{label}: left out of the input, as this job's own folders: {', '.join(plan.left_out)}"]
+        if plan.left_out
+        else []
+    )
     info = plan.listing
     if not info:
-        return []
+        return own
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["taken_at"]))
     old = age(time.time() - info["taken_at"])
     if info["reused"]:
@@ -272,6 +277,7 @@ def listing_lines(label: str, plan: Plan) -> list[str]:
             f"{label}: passed over {sum(info['passed_over'].values())} other files, not images by "
             f"inputs.extensions/inputs.glob: {listing.passed_summary(info['passed_over'])}"
         )
+    lines.extend(own)
     c = info.get("changes")
     if info.get("before_taken_at") is None:
         lines.append(f"{label}: no earlier listing of this input to compare with")

@@ -215,6 +215,43 @@ def test_a_folder_is_listed_by_ray_tasks_and_the_saved_listing_reused_on_request
     assert fresh.rows == 10 and fresh.listing["changes"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 9}
 
 
+def test_the_jobs_own_folders_inside_the_input_are_left_out(tmp_path: Path, ray_local) -> None:
+    # A work_dir and a caption output inside the input folder (as with caption.input=s3://bucket/
+    # and work_dir=s3://bucket/capray): their PNG figures are no input images, their Parquet files
+    # no manifests, at the top level and deeper.
+    photos = tmp_path / "photos"
+    for name in ("a.jpg", "sub/b.jpg", "sub/work/reports/attention.png", "captions/thumb.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+    own = [str(photos / "captions"), str(photos / "sub" / "work")]
+    cfg = load_config(None, [f"work_dir={own[1]}", f"output={own[0]}"])
+    cache = str(photos / "sub" / "work" / "inputs")
+    for relist in (True, False):  # taken, then the saved listing reused
+        cfg.inputs.relist = relist
+        plan = inputs.plan(cfg, str(photos), cache)
+        listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
+        assert sorted(listed) == [str(photos / "a.jpg"), str(photos / "sub" / "b.jpg")], relist
+        assert plan.left_out == own and plan.listing["reused"] is not relist
+        assert plan.listing["passed_over"] == {}  # the listing files in work_dir are not counted either
+        assert f"caption: left out of the input, as this job's own folders: {own[0]}, {own[1]}" in (
+            pipeline.listing_lines("caption", plan)
+        )
+
+    # A folder of manifests holding the caption output (Parquet files with an `image` column).
+    tables = tmp_path / "tables"
+    (tables / "captions").mkdir(parents=True)
+    pq.write_table(pa.table({"image": [str(photos / "a.jpg")]}), tables / "m.parquet")
+    pq.write_table(
+        pa.table({"image": [str(photos / "a.jpg")], "caption": ["a dog"]}), tables / "captions" / "s.parquet"
+    )
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", f"output={tables / 'captions'}"])
+    plan = inputs.plan(cfg, str(tables), str(tmp_path / "work" / "inputs"))
+    assert [s.source for s in plan.shards] == [str(tables / "m.parquet")]
+    assert plan.left_out == [str(tables / "captions")]
+    # Outside the input, nothing is left out.
+    assert inputs.plan(cfg, str(tables / "m.parquet"), str(tmp_path / "work" / "inputs")).left_out == []
+
+
 def _cfg(tmp_path: Path, *extra: str):
     return load_config(None, [f"work_dir={tmp_path / 'work'}", *extra])
 
