@@ -414,6 +414,18 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
     try:
         require(uri, cfg)
         kind = _detect(uri, cfg)
+        own = listing.own_key_at(cfg, uri)
+        if own == "work_dir":
+            raise InputError(
+                f"input {uri} is the work_dir too: the job's own files there (features, listings, checkpoints "
+                f"and their PNG figures) would be read as input; set work_dir to another folder, or one inside "
+                f"it (e.g. work_dir={storage.join(uri, 'capray')})"
+            )
+        if own == "output" and kind != "files":
+            raise InputError(
+                f"input {uri} is the caption output too: the caption files written there would be read as "
+                f"manifests; set output to another folder, or one inside it (e.g. output={storage.join(uri, 'captions')})"
+            )
         if kind == "files":
             return _list_images(cfg, uri, cache_dir)
         if kind == "webdataset":

@@ -95,19 +95,29 @@ def is_image(name: str, cfg: Config) -> bool:
     return not cfg.inputs.glob or fnmatch.fnmatch(base, cfg.inputs.glob)
 
 
-def own_folders(cfg: Config, uri: str) -> list[str]:
-    """The job's own folders that lie inside input `uri`: its `work_dir` (features, listings,
-    checkpoints, reports with their PNG figures) and its caption output. A listing leaves them
-    out, so that an input folder that holds them (`caption.input=s3://bucket/` with
-    `work_dir=s3://bucket/capray`) never takes the job's own files for input images."""
+def _norm(uri: str) -> str:
+    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def _own(cfg: Config) -> dict[str, str]:
+    """The job's own folders by the key that sets them: `work_dir` (features, listings,
+    checkpoints and their PNG figures) and the caption `output`."""
     from capray.config import output_paths
 
-    def norm(u: str) -> str:
-        return u.rstrip("/") if storage.is_remote(u) else os.path.abspath(u)
+    return {"work_dir": _norm(cfg.work_dir), "output": _norm(output_paths(cfg)["captions"])}
 
-    root = norm(uri)
-    found = {norm(f) for f in (cfg.work_dir, output_paths(cfg)["captions"]) if f}
-    return sorted(f for f in found if f.startswith(root.rstrip("/") + "/"))
+
+def own_folders(cfg: Config, uri: str) -> list[str]:
+    """The job's own folders that lie inside input `uri`. A listing leaves them out, so that an
+    input folder that holds them (`caption.input=s3://bucket/` with `work_dir=s3://bucket/capray`)
+    never takes the job's own files for input images or manifests."""
+    root = _norm(uri).rstrip("/") + "/"
+    return sorted({f for f in _own(cfg).values() if f.startswith(root)})
+
+
+def own_key_at(cfg: Config, uri: str) -> str | None:
+    """The key (`work_dir`, `output`) that makes input folder `uri` itself one of the job's own."""
+    return next((k for k, f in _own(cfg).items() if f == _norm(uri)), None)
 
 
 def is_in(key: str, folders: list[str]) -> bool:

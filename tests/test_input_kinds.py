@@ -250,6 +250,11 @@ def test_the_jobs_own_folders_inside_the_input_are_left_out(tmp_path: Path, ray_
     assert plan.left_out == [str(tables / "captions")]
     # Outside the input, nothing is left out.
     assert inputs.plan(cfg, str(tables / "m.parquet"), str(tmp_path / "work" / "inputs")).left_out == []
+    # The input folder itself as the output of captions it would read back, or as the work_dir.
+    with pytest.raises(InputError, match=rf"^input {tables} is the caption output too: .*output={tables}/captions\)$"):
+        inputs.plan(load_config(None, [f"output={tables}"]), str(tables), str(tmp_path / "work" / "inputs"))
+    with pytest.raises(InputError, match=rf"^input {photos} is the work_dir too: .*work_dir={photos}/capray\)$"):
+        inputs.plan(load_config(None, [f"work_dir={photos}"]), str(photos), str(tmp_path / "work" / "inputs"))
 
 
 def _cfg(tmp_path: Path, *extra: str):
