@@ -162,7 +162,8 @@ def job_plan(cfg: Config) -> inputs.Plan:
     """The caption job's input (`caption.input`) as shards."""
     from capray.config import output_paths
 
-    return inputs.plan(cfg, cfg.caption.input, output_paths(cfg)["inputs"])
+    paths = output_paths(cfg)
+    return inputs.plan(cfg, cfg.caption.input, paths["inputs"], paths["captions"])
 
 
 def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> di
     checkpoint.check(checkpoint_uri, cfg.storage)
     if cfg.caption.overwrite and not cfg.inputs.dry_run:
         storage.delete_dir(output, cfg.storage)
-    plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"])
+    plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"], output)
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.caption.attention else SCHEMA
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
     summary = pipeline.run(

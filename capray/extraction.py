@@ -123,7 +123,7 @@ def job_plan(cfg: Config) -> Plan:
 
     paths = output_paths(cfg)
     if cfg.extract.input:
-        return inputs.plan(cfg, cfg.extract.input, paths["inputs"])
+        return inputs.plan(cfg, cfg.extract.input, paths["inputs"], paths["features"])
     from capray.data import prepare_split
     from capray.synthetic import ensure
 

@@ -147,11 +147,11 @@ def _listing_shards(chunks: list[dict[str, Any]], cfg: Config) -> list[Shard]:
     ]
 
 
-def _list_images(cfg: Config, uri: str, cache_dir: str) -> Plan:
-    """Plan of a folder/prefix of images: listed by Ray tasks (or the saved listing reused, with
-    inputs.relist=false), compared with the listing before it."""
+def _list_images(cfg: Config, uri: str, cache_dir: str, own: list[str]) -> Plan:
+    """Plan of a folder/prefix of images: listed by Ray tasks without the job's own folders `own`
+    (or the saved listing reused, with inputs.relist=false), compared with the listing before it."""
     try:
-        current, before, reused = listing.obtain(cfg, uri, cache_dir)
+        current, before, reused = listing.obtain(cfg, uri, cache_dir, own)
     except ListingError as e:
         raise InputError(str(e)) from None
     if not current.chunks:
@@ -316,16 +316,15 @@ def _glob(uri: str, cfg: Config) -> list[listing.Entry]:
     ]
 
 
-def _expand(uri: str, cfg: Config, wanted: tuple[str, ...]) -> list[listing.Entry]:
-    """The files a manifest/tar input names (one file, a glob, or a folder recursively), each
-    with its size and version."""
+def _expand(uri: str, cfg: Config, wanted: tuple[str, ...], own: list[str]) -> list[listing.Entry]:
+    """The files a manifest/tar input names (one file, a glob, or a folder recursively but not
+    the job's own folders `own`), each with its size and version."""
     if any(c in uri for c in _GLOB_CHARS):
         return [e for e in _glob(uri, cfg) if e.uri.lower().endswith(wanted)]
     if uri.lower().endswith(wanted):
         return [listing.Entry(uri, False, *listing.stat(uri, cfg.storage))]
     # Not the job's own folders: a caption output inside a folder of Parquet inputs would be read
     # as a manifest of its own images.
-    own = listing.own_folders(cfg, uri)
     return [
         e
         for e in walk(uri, cfg.storage, recursive=True)
@@ -333,13 +332,6 @@ def _expand(uri: str, cfg: Config, wanted: tuple[str, ...]) -> list[listing.Entr
         and not posixpath.basename(e.uri).startswith(("_", "."))
         and not listing.is_in(e.uri, own)
     ]
-
-
-def _left_out(uri: str, cfg: Config) -> list[str]:
-    """The job's own folders that `_expand` leaves out of folder `uri` (none for a glob or a file)."""
-    if any(c in uri for c in _GLOB_CHARS) or uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar")):
-        return []
-    return listing.own_folders(cfg, uri)
 
 
 def _detect(uri: str, cfg: Config) -> str:
@@ -408,28 +400,31 @@ def require(uri: str, cfg: Config) -> None:
     )
 
 
-def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
+def plan(cfg: Config, uri: str, cache_dir: str, output: str = "") -> Plan:
     """The shards of input `uri` (any kind above); fails with InputError before any work.
-    `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs."""
+    `cache_dir` (`<work_dir>/inputs`) keeps the listings of image folders and split CSVs; `output`
+    is the job's output folder: like the work_dir, left out of an input folder that holds it."""
     try:
         require(uri, cfg)
         kind = _detect(uri, cfg)
-        own = listing.own_key_at(cfg, uri)
-        if own == "work_dir":
+        if listing.same_folder(uri, cfg.work_dir):
             raise InputError(
                 f"input {uri} is the work_dir too: the job's own files there (features, listings, checkpoints "
                 f"and their PNG figures) would be read as input; set work_dir to another folder, or one inside "
                 f"it (e.g. work_dir={storage.join(uri, 'capray')})"
             )
-        if own == "output" and kind != "files":
+        if listing.same_folder(uri, output) and kind != "files":
             raise InputError(
-                f"input {uri} is the caption output too: the caption files written there would be read as "
-                f"manifests; set output to another folder, or one inside it (e.g. output={storage.join(uri, 'captions')})"
+                f"input {uri} is the job's output folder too: the files written there would be read as "
+                f"manifests; write the output to another folder, or one inside it ({storage.join(uri, 'captions')})"
             )
+        # A glob or one file names its inputs; a folder's are listed, without the job's own.
+        folder = not any(c in uri for c in _GLOB_CHARS) and not uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar"))
+        own = listing.inside(uri, [cfg.work_dir, output]) if folder else []
         if kind == "files":
-            return _list_images(cfg, uri, cache_dir)
+            return _list_images(cfg, uri, cache_dir, own)
         if kind == "webdataset":
-            tars = _expand(uri, cfg, (".tar",))
+            tars = _expand(uri, cfg, (".tar",), own)
             if not tars:
                 raise InputError(f"no .tar shards under {uri}")
             return Plan(
@@ -441,9 +436,9 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
                     for t in tars
                 ],
                 uri,
-                left_out=_left_out(uri, cfg),
+                left_out=own,
             )
-        files = _expand(uri, cfg, MANIFEST_SUFFIXES)
+        files = _expand(uri, cfg, MANIFEST_SUFFIXES, own)
         if not files:
             raise InputError(f"no .csv or .parquet manifest under {uri}")
         kinds, has_rows = zip(*ThreadPoolExecutor(16).map(lambda f: _file_kind(f.uri, cfg), files))
@@ -477,9 +472,7 @@ def plan(cfg: Config, uri: str, cache_dir: str) -> Plan:
             return _parquet_shards(f, cfg, k)
 
         shards = [s for group in ThreadPoolExecutor(16).map(shards_of, files, kinds) for s in group]
-        return Plan(
-            "parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri, left_out=_left_out(uri, cfg)
-        )
+        return Plan("parquet_bytes" if kinds[0] == "parquet_bytes" else "manifest", shards, uri, left_out=own)
     except Exception as e:
         if storage.is_storage_error(e):  # unreachable endpoint, bad credentials, no permission...
             raise InputError(f"cannot list {uri}: {e}") from None

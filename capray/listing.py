@@ -99,25 +99,17 @@ def _norm(uri: str) -> str:
     return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(uri)
 
 
-def _own(cfg: Config) -> dict[str, str]:
-    """The job's own folders by the key that sets them: `work_dir` (features, listings,
-    checkpoints and their PNG figures) and the caption `output`."""
-    from capray.config import output_paths
-
-    return {"work_dir": _norm(cfg.work_dir), "output": _norm(output_paths(cfg)["captions"])}
-
-
-def own_folders(cfg: Config, uri: str) -> list[str]:
-    """The job's own folders that lie inside input `uri`. A listing leaves them out, so that an
-    input folder that holds them (`caption.input=s3://bucket/` with `work_dir=s3://bucket/capray`)
-    never takes the job's own files for input images or manifests."""
+def inside(uri: str, folders: list[str]) -> list[str]:
+    """Those of `folders` that lie inside folder `uri` (below it, not it), normalised as a
+    listing names them. A listing leaves out the job's own folders found inside its input
+    (`caption.input=s3://bucket/` with `work_dir=s3://bucket/capray`), so that the job's own
+    files are never taken for input images or manifests."""
     root = _norm(uri).rstrip("/") + "/"
-    return sorted({f for f in _own(cfg).values() if f.startswith(root)})
+    return sorted({_norm(f) for f in folders if f and _norm(f).startswith(root)})
 
 
-def own_key_at(cfg: Config, uri: str) -> str | None:
-    """The key (`work_dir`, `output`) that makes input folder `uri` itself one of the job's own."""
-    return next((k for k, f in _own(cfg).items() if f == _norm(uri)), None)
+def same_folder(a: str, b: str) -> bool:
+    return bool(a and b) and _norm(a) == _norm(b)
 
 
 def is_in(key: str, folders: list[str]) -> bool:
@@ -375,14 +367,15 @@ def passed_summary(passed: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(passed.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def list_top(uri: str, out_dir: str, cfg: Config) -> list[list[Any]]:
+def list_top(uri: str, out_dir: str, cfg: Config, skip: list[str] | None = None) -> list[list[Any]]:
     """Ray task: the top level of `uri` in key order, as segments: ["chunks", [chunk...]] for a
     run of image files (written here) and ["folders", [uri...]] for a run of sub-folders; last
-    ["passed", {extension: files}], the files that are not images to process."""
+    ["passed", {extension: files}], the files that are not images to process. The folders
+    `skip` (the job's own) and what is in them are left out."""
     writer = ChunkWriter(out_dir, "top", cfg.inputs.shard_rows, cfg.storage)
     segments: list[list[Any]] = []
     passed: dict[str, int] = {}
-    skip = own_folders(cfg, uri)
+    skip = skip or []
     for e in walk(uri, cfg.storage, recursive=False):
         if is_in(e.uri, skip):
             continue
@@ -510,20 +503,25 @@ def home(cfg: Config, uri: str, cache_dir: str) -> str:
     return storage.join(cache_dir, f"{stem(uri)}-{digest(uri, list(cfg.inputs.extensions), cfg.inputs.glob)}")
 
 
-def obtain(cfg: Config, uri: str, cache_dir: str) -> tuple[Listing, Listing | None, bool]:
+def obtain(
+    cfg: Config, uri: str, cache_dir: str, skip: list[str] | None = None
+) -> tuple[Listing, Listing | None, bool]:
     """(the listing to use, the one before it or None, whether it was reused): a new listing
-    unless `inputs.relist` is false and one is saved."""
+    (without the folders `skip`) unless `inputs.relist` is false and one is saved."""
     saved = _saved(home(cfg, uri, cache_dir), cfg.storage)
     if saved and not cfg.inputs.relist:
         return load(saved[-1], cfg.storage), (load(saved[-2], cfg.storage) if len(saved) > 1 else None), True
     before = load(saved[-1], cfg.storage) if saved else None
-    return take(cfg, uri, cache_dir), before, False
+    return take(cfg, uri, cache_dir, skip), before, False
 
 
-def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
-    """List `uri` now, in Ray tasks (the top level, then groups of sub-folders in parallel), and
-    save the listing; older listings beyond the previous one are deleted."""
+def take(cfg: Config, uri: str, cache_dir: str, skip: list[str] | None = None) -> Listing:
+    """List `uri` now, in Ray tasks (the top level, then groups of sub-folders in parallel),
+    without the folders `skip` (the job's own), and save the listing; older listings beyond the
+    previous one are deleted."""
     import ray
+
+    skip = skip or []
 
     base = home(cfg, uri, cache_dir)
     older = _saved(base, cfg.storage)
@@ -531,7 +529,7 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
     # Named by the time taken (to the microsecond), so that names sort oldest first.
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f"{int(started * 1e6) % 1_000_000:06d}"
     out_dir = storage.join(base, f"{stamp}-{uuid.uuid4().hex[:8]}")
-    top = ray.get(ray.remote(num_cpus=0.5)(list_top).remote(uri, out_dir, cfg))
+    top = ray.get(ray.remote(num_cpus=0.5)(list_top).remote(uri, out_dir, cfg, skip))
     n_folders = sum(len(items) for kind, items in top if kind == "folders")
     per_group = max(1, -(-n_folders // MAX_GROUPS))
     task = ray.remote(num_cpus=0.5)(list_folders)
@@ -546,7 +544,7 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
         else:
             for k in range(0, len(items), per_group):
                 group += 1
-                parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg, own_folders(cfg, uri)))
+                parts.append(task.remote(items[k : k + per_group], out_dir, group, cfg, skip))
     chunks: list[dict[str, Any]] = []
     for part in parts:
         if not isinstance(part, list):
@@ -555,7 +553,7 @@ def take(cfg: Config, uri: str, cache_dir: str) -> Listing:
                 count_passed(passed, kind, n)
         chunks.extend(part)
     _check_order(chunks, uri)
-    listed = Listing(out_dir, started, chunks, passed, own_folders(cfg, uri))
+    listed = Listing(out_dir, started, chunks, passed, skip)
     save(uri, listed, cfg.storage)
     for stale in older[: max(0, len(older) - (KEEP_LISTINGS - 1))]:
         storage.delete_dir(stale, cfg.storage)

@@ -224,11 +224,11 @@ def test_the_jobs_own_folders_inside_the_input_are_left_out(tmp_path: Path, ray_
         (photos / name).parent.mkdir(parents=True, exist_ok=True)
         (photos / name).write_bytes(b"")
     own = [str(photos / "captions"), str(photos / "sub" / "work")]
-    cfg = load_config(None, [f"work_dir={own[1]}", f"output={own[0]}"])
+    cfg = load_config(None, [f"work_dir={own[1]}"])
     cache = str(photos / "sub" / "work" / "inputs")
     for relist in (True, False):  # taken, then the saved listing reused
         cfg.inputs.relist = relist
-        plan = inputs.plan(cfg, str(photos), cache)
+        plan = inputs.plan(cfg, str(photos), cache, own[0])
         listed = [u for s in plan.shards for u in pq.read_table(s.uri)["image"].to_pylist()]
         assert sorted(listed) == [str(photos / "a.jpg"), str(photos / "sub" / "b.jpg")], relist
         assert plan.left_out == own and plan.listing["reused"] is not relist
@@ -244,17 +244,18 @@ def test_the_jobs_own_folders_inside_the_input_are_left_out(tmp_path: Path, ray_
     pq.write_table(
         pa.table({"image": [str(photos / "a.jpg")], "caption": ["a dog"]}), tables / "captions" / "s.parquet"
     )
-    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", f"output={tables / 'captions'}"])
-    plan = inputs.plan(cfg, str(tables), str(tmp_path / "work" / "inputs"))
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}"])
+    cache = str(tmp_path / "work" / "inputs")
+    plan = inputs.plan(cfg, str(tables), cache, str(tables / "captions"))
     assert [s.source for s in plan.shards] == [str(tables / "m.parquet")]
     assert plan.left_out == [str(tables / "captions")]
-    # Outside the input, nothing is left out.
-    assert inputs.plan(cfg, str(tables / "m.parquet"), str(tmp_path / "work" / "inputs")).left_out == []
+    # A manifest named on its own: nothing is listed, nothing left out.
+    assert inputs.plan(cfg, str(tables / "m.parquet"), cache, str(tables / "captions")).left_out == []
     # The input folder itself as the output of captions it would read back, or as the work_dir.
-    with pytest.raises(InputError, match=rf"^input {tables} is the caption output too: .*output={tables}/captions\)$"):
-        inputs.plan(load_config(None, [f"output={tables}"]), str(tables), str(tmp_path / "work" / "inputs"))
+    with pytest.raises(InputError, match=rf"^input {tables} is the job's output folder too: .*\({tables}/captions\)$"):
+        inputs.plan(cfg, str(tables), cache, str(tables))
     with pytest.raises(InputError, match=rf"^input {photos} is the work_dir too: .*work_dir={photos}/capray\)$"):
-        inputs.plan(load_config(None, [f"work_dir={photos}"]), str(photos), str(tmp_path / "work" / "inputs"))
+        inputs.plan(load_config(None, [f"work_dir={photos}"]), str(photos), cache)
 
 
 def _cfg(tmp_path: Path, *extra: str):
