@@ -94,8 +94,29 @@ def require_index(output: str, storage_cfg: Any, job: str) -> tuple[list[dict[st
         # Only here: on S3 a folder's existence is a listing, which a server may make O(all its keys).
         if not storage.exists(output, storage_cfg):
             raise InputError(f"output folder not found: {output}")
-        raise InputError(f"{output} has no {INDEX}: not the output folder of a {job} job (or it has not started)")
+        raise InputError(
+            f"{output} has no {INDEX}: not the output folder of a {job} job (or it has not started)"
+            + _outputs_below(output, storage_cfg, ("captions",) if job == "caption" else ("captions", "features"))
+        )
     return entries, meta
+
+
+def _outputs_below(folder: str, storage_cfg: Any, names: tuple[str, ...]) -> str:
+    """What `folder` is instead, when it is a work_dir (job outputs at `captions/`, `features/`:
+    `names`) or a training run's folder: a few existence checks, no listing."""
+    found = [
+        storage.join(folder, name) for name in names if storage.exists(storage.join(folder, name, INDEX), storage_cfg)
+    ]
+    if found:
+        return f"; the job output folders below it: {', '.join(found)}"
+    if storage.exists(storage.join(folder, "best.json"), storage_cfg) or storage.exists(
+        storage.join(folder, "tensorboard"), storage_cfg
+    ):
+        return (
+            "; it is a training run's folder: its best checkpoint is in best.json, its curves in "
+            f"TensorBoard (tensorboard --logdir {storage.join(folder, 'tensorboard')})"
+        )
+    return ""
 
 
 def write_index(output: str, storage_cfg: Any, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:

@@ -104,3 +104,18 @@ def test_a_folder_that_is_no_job_output_is_one_line_with_exit_code_3(
     assert "no _shards.parquet" in capsys.readouterr().err
     assert cli.main(["status", str(tmp_path / "nothing")]) == 3
     assert "output folder not found" in capsys.readouterr().err
+    # A work_dir, or a training run's folder, given in place of a job's output: what it is instead.
+    for name in ("captions", "features"):
+        (tmp_path / "work" / name).mkdir(parents=True)
+        (tmp_path / "work" / name / "_shards.parquet").write_bytes(b"")
+    (tmp_path / "work" / "runs" / "r" / "tensorboard").mkdir(parents=True)
+    assert cli.main(["status", str(tmp_path / "work")]) == 3
+    work = tmp_path / "work"
+    assert capsys.readouterr().err.endswith(
+        f"; the job output folders below it: {work / 'captions'}, {work / 'features'}\n"
+    )
+    assert cli.main(["status", str(work / "runs" / "r")]) == 3
+    assert capsys.readouterr().err.endswith(
+        f"; it is a training run's folder: its best checkpoint is in best.json, its curves in TensorBoard "
+        f"(tensorboard --logdir {work / 'runs' / 'r' / 'tensorboard'})\n"
+    )
