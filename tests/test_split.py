@@ -5,6 +5,7 @@ earlier capray saved still load."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def test_old_split_file_and_tokenizer_keep_loading(ray_local, tmp_path: Path) ->
     assert sorted(r["image"] for r in kept) == ["img1.jpg", "img2.jpg", "img3.jpg"]
 
 
-def test_split_made_by_a_task_then_reused(ray_local, tmp_path: Path) -> None:
+def test_split_made_by_a_task_then_reused(ray_local, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     csv = tmp_path / "captions.csv"
     rows = [(f"img{i}.jpg", f"caption {i} {j}") for i in range(20) for j in range(2)]
     pd.DataFrame(rows, columns=["image", "caption"]).to_csv(csv, index=False)
@@ -137,10 +138,22 @@ def test_split_made_by_a_task_then_reused(ray_local, tmp_path: Path) -> None:
     footer = pq.ParquetFile(uri).schema_arrow.metadata
     assert json.loads(footer[data.SPLIT_ROWS_KEY]) == {"train": len(first[0]), "val": len(first[1])}
     assert (data.split_rows(uri, None, "train"), data.split_rows(uri, None, "val")) == (len(first[0]), len(first[1]))
-    pd.DataFrame(rows[:10], columns=["image", "caption"]).to_csv(csv, index=False)  # the dataset changes
-    assert data.prepare_split(cfg) == uri
+    with caplog.at_level(logging.WARNING, logger="capray.data"):
+        assert data.prepare_split(cfg) == uri
+    assert not caplog.records  # reused, nothing changed
+    # The dataset and a data.* key change: the split is kept as it is (a run keeps its data),
+    # and the run says so, naming what changed.
+    pd.DataFrame(rows[:10], columns=["image", "caption"]).to_csv(csv, index=False)
+    cfg.data.num_examples = 0
+    with caplog.at_level(logging.WARNING, logger="capray.data"):
+        assert data.prepare_split(cfg) == uri
     second = data.load_split(uri)
     assert first[0].equals(second[0]) and first[1].equals(second[1])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{uri} is reused as it is, though the data it was made from differs now (data.num_examples: 30 -> 0; "
+        "data.annotations: the file has changed since): a run keeps the split it started with; for a split of "
+        "the data as it is now, give another work_dir (or delete split.parquet, tokenizer.json and features/ there)"
+    ]
 
 
 def test_split_task_errors_are_data_errors(ray_local, tmp_path: Path) -> None:
