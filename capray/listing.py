@@ -105,7 +105,8 @@ def inside(uri: str, folders: list[str]) -> list[str]:
     (`caption.input=s3://bucket/` with `work_dir=s3://bucket/capray`), so that the job's own
     files are never taken for input images or manifests."""
     root = _norm(uri).rstrip("/") + "/"
-    return sorted({_norm(f) for f in folders if f and _norm(f).startswith(root)})
+    found = {_norm(f) for f in folders if f and _norm(f).startswith(root)}
+    return sorted(f for f in found if not is_in(f, sorted(found - {f})))  # not one inside another
 
 
 def same_folder(a: str, b: str) -> bool:

@@ -98,3 +98,11 @@ def test_overlaps_find_every_old_range_a_new_one_covers() -> None:
         return (not b[1] or a[0] < b[1]) and (not a[1] or b[0] < a[1])
 
     assert found == [sorted(j for j, o in enumerate(old) if meet(n, o)) for n in new]
+
+
+def test_the_jobs_own_folders_inside_an_input_are_named_once(tmp_path: Path) -> None:
+    # The work_dir and an output inside it: the work_dir alone; the input itself and folders
+    # outside it, or beside it under a longer name, are not inside it.
+    own = ["s3://b/in/w/", "s3://b/in/w/features", "s3://b/in", "s3://b/input/x", "gs://b/in/y"]
+    assert listing.inside("s3://b/in/", own) == ["s3://b/in/w"]
+    assert listing.inside(str(tmp_path), [str(tmp_path / "w"), "w"]) == [str(tmp_path / "w")]
