@@ -418,9 +418,8 @@ def plan(cfg: Config, uri: str, cache_dir: str, output: str = "") -> Plan:
                 f"input {uri} is the job's output folder too: the files written there would be read as "
                 f"manifests; write the output to another folder, or one inside it ({storage.join(uri, 'captions')})"
             )
-        # A glob or one file names its inputs; a folder's are listed, without the job's own.
-        folder = not any(c in uri for c in _GLOB_CHARS) and not uri.lower().endswith((*MANIFEST_SUFFIXES, ".tar"))
-        own = listing.inside(uri, [cfg.work_dir, output]) if folder else []
+        # A folder's inputs are listed without the job's own folders (a glob or one file has none inside).
+        own = listing.inside(uri, [cfg.work_dir, output])
         if kind == "files":
             return _list_images(cfg, uri, cache_dir, own)
         if kind == "webdataset":

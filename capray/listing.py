@@ -96,7 +96,7 @@ def is_image(name: str, cfg: Config) -> bool:
 
 
 def _norm(uri: str) -> str:
-    return uri.rstrip("/") if storage.is_remote(uri) else os.path.abspath(uri)
+    return storage.resolve(uri).rstrip("/")  # a local path absolute, as a listing names it
 
 
 def inside(uri: str, folders: list[str]) -> list[str]:
