@@ -312,7 +312,7 @@ def _glob(uri: str, cfg: Config) -> list[listing.Entry]:
     return [
         e
         for e in walk(parent, cfg.storage, recursive=False)
-        if not e.is_dir and fnmatch.fnmatch(posixpath.basename(e.uri), pattern)
+        if not e.is_dir and not e.note and fnmatch.fnmatch(posixpath.basename(e.uri), pattern)
     ]
 
 
@@ -329,6 +329,7 @@ def _expand(uri: str, cfg: Config, wanted: tuple[str, ...], own: list[str]) -> l
         e
         for e in walk(uri, cfg.storage, recursive=True)
         if e.uri.lower().endswith(wanted)
+        and not e.note
         and not posixpath.basename(e.uri).startswith(("_", "."))
         and not listing.is_in(e.uri, own)
     ]
@@ -359,7 +360,7 @@ def _detect(uri: str, cfg: Config) -> str:
         if seen >= 1000:  # a peek, not a listing
             break
         low = e.uri.lower()
-        if not e.is_dir:
+        if not e.is_dir and not e.note:
             kinds.add(
                 "tar"
                 if low.endswith(".tar")

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import posixpath
+import stat as stat_module
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,6 +66,7 @@ class Entry(NamedTuple):
     is_dir: bool
     size: int = 0
     version: str = ""  # S3 ETag, or local mtime in ns
+    note: str = ""  # set: not a file to read (a local link loop, a FIFO...), counted as passed over
 
 
 def digest(*parts: Any) -> str:
@@ -249,21 +251,68 @@ def _walk_azure(uri: str, storage_cfg: Any, recursive: bool) -> Iterator[Entry]:
     yield from _entries(root, pages())
 
 
-def _walk_local(path: str, recursive: bool) -> Iterator[Entry]:
+def _walk_local(path: str, recursive: bool, above: frozenset[tuple[int, int]] | None = None) -> Iterator[Entry]:
+    """A local folder's entries in key order. Links are followed, as a user who links a folder of
+    photos into the input means its photos: a link to a folder is a folder (its keys under the
+    link's path), a link to a file is that file (its version the file's). A link back to the folder
+    it is in or one above it (a loop) and what is not a regular file (a FIFO named x.jpg would block
+    its reader) are entries with a `note`, counted among the files passed over. A broken link is a
+    file of its own version: named as an image, it becomes an error row, as a missing image does.
+    `above`: (device, inode) of `path` and of every folder above it, the loops' targets."""
+    if above is None:
+        above = _folders_above(path)
     with os.scandir(path) as it:
-        entries = sorted(((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name), e) for e in it)
+        entries = sorted(((e.name + "/" if _is_folder(e) else e.name), e) for e in it)
     for name, e in entries:
         if name.endswith("/"):
-            if recursive:
-                yield from _walk_local(e.path, True)
-            else:
-                yield Entry(e.path, True)
-        else:
             try:
                 st = e.stat()
             except FileNotFoundError:  # removed while listing: not part of this listing
                 continue
+            if (st.st_dev, st.st_ino) in above:
+                yield Entry(e.path, False, note="(link to a folder above it)")
+            elif recursive:
+                yield from _walk_local(e.path, True, above | {(st.st_dev, st.st_ino)})
+            else:
+                yield Entry(e.path, True)
+            continue
+        try:
+            st = e.stat()
+        except FileNotFoundError:
+            if not e.is_symlink():  # removed while listing: not part of this listing
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)  # a broken link: read as a missing image
+            except FileNotFoundError:
+                continue
+            yield Entry(e.path, False, st.st_size, f"link:{st.st_mtime_ns}")
+            continue
+        if not stat_module.S_ISREG(st.st_mode):
+            yield Entry(e.path, False, note="(not a regular file)")
+        else:
             yield Entry(e.path, False, st.st_size, str(st.st_mtime_ns))
+
+
+def _is_folder(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir()  # a link to a folder too
+    except OSError:  # a link loop that the system itself refuses to follow (ELOOP)
+        return False
+
+
+def _folders_above(path: str) -> frozenset[tuple[int, int]]:
+    """(device, inode) of `path` and of each folder above it, as reached through `path`'s links."""
+    found, p = set(), path
+    while True:
+        try:
+            st = os.stat(p)
+            found.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        parent = os.path.dirname(p)
+        if parent == p:
+            return frozenset(found)
+        p = parent
 
 
 def stat(uri: str, storage_cfg: Any = None) -> tuple[int, str]:
@@ -388,6 +437,8 @@ def list_top(uri: str, out_dir: str, cfg: Config, skip: list[str] | None = None)
                 segments[-1][1].append(e.uri)
             else:
                 segments.append(["folders", [e.uri]])
+        elif e.note:
+            count_passed(passed, e.note)
         elif is_image(e.uri, cfg):
             writer.add(e.uri, f"{e.size}:{e.version}")
         else:
@@ -410,7 +461,9 @@ def list_folders(
         for e in walk(folder, cfg.storage, recursive=True):
             if is_in(e.uri, skip):
                 continue
-            if is_image(e.uri, cfg):
+            if e.note:
+                count_passed(passed, e.note)
+            elif is_image(e.uri, cfg):
                 writer.add(e.uri, f"{e.size}:{e.version}")
             else:
                 pass_over(passed, e.uri)

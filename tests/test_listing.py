@@ -106,3 +106,52 @@ def test_the_jobs_own_folders_inside_an_input_are_named_once(tmp_path: Path) -> 
     own = ["s3://b/in/w/", "s3://b/in/w/features", "s3://b/in", "s3://b/input/x", "gs://b/in/y"]
     assert listing.inside("s3://b/in/", own) == ["s3://b/in/w"]
     assert listing.inside(str(tmp_path), [str(tmp_path / "w"), "w"]) == [str(tmp_path / "w")]
+
+
+def test_local_links_are_followed_except_loops_and_what_is_no_regular_file(tmp_path: Path) -> None:
+    import os
+
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (root / "real").mkdir(parents=True)
+    (elsewhere / "deep").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"a")
+    (root / "real" / "r.jpg").write_bytes(b"rr")
+    (elsewhere / "deep" / "e.jpg").write_bytes(b"eee")
+    (elsewhere / "deep" / "up").symlink_to(elsewhere)  # a loop below a linked folder
+    (root / "linked").symlink_to(elsewhere)  # a folder of photos linked into the input
+    (root / "b.jpg").symlink_to(elsewhere / "deep" / "e.jpg")  # a linked file: the file's size
+    (root / "real" / "back").symlink_to(root)  # a loop to the input itself
+    (root / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")  # broken: read (and failed) as a missing image
+    os.mkfifo(root / "pipe.jpg")  # reading it would block the reader for ever
+    cfg = _cfg(tmp_path, "inputs.shard_rows=1")
+
+    walked = {Path(e.uri).relative_to(root).as_posix(): e for e in listing.walk(str(root), recursive=True)}
+    assert sorted(walked) == [
+        "a.jpg", "b.jpg", "gone.jpg", "linked/deep/e.jpg", "linked/deep/up", "pipe.jpg", "real/back", "real/r.jpg"
+    ]  # fmt: skip
+    assert [e.size for e in (walked["b.jpg"], walked["linked/deep/e.jpg"])] == [3, 3]
+    assert walked["gone.jpg"].version.startswith("link:") and not walked["gone.jpg"].note
+    notes = {k: e.note for k, e in walked.items() if e.note}
+    assert notes == {
+        "linked/deep/up": "(link to a folder above it)",
+        "pipe.jpg": "(not a regular file)",
+        "real/back": "(link to a folder above it)",
+    }
+
+    # The listing's Ray tasks: the top level, then each sub-folder from its own path.
+    segments = listing.list_top(str(root), str(tmp_path / "out"), cfg)
+    top = sorted(
+        k
+        for kind, items in segments
+        if kind == "chunks"
+        for c in items
+        for k in pq.read_table(c["file"])["image"].to_pylist()
+    )
+    assert top == sorted(str(root / n) for n in ("a.jpg", "b.jpg", "gone.jpg"))
+    assert segments[-1] == ["passed", {"(not a regular file)": 1}]
+    folders = [f for kind, items in segments if kind == "folders" for f in items]
+    assert folders == [str(root / "linked"), str(root / "real")]
+    below = [listing.list_folders([f], str(tmp_path / "out"), i + 1, cfg) for i, f in enumerate(folders)]
+    keys = [sorted(k for c in chunks for k in pq.read_table(c["file"])["image"].to_pylist()) for chunks, _ in below]
+    assert keys == [[str(root / "linked/deep/e.jpg")], [str(root / "real/r.jpg")]]
+    assert [passed for _, passed in below] == [{"(link to a folder above it)": 1}] * 2
