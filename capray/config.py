@@ -246,8 +246,12 @@ _PATH_KEYS = (
 
 
 def _absolute_paths(cfg: DictConfig) -> None:
+    from capray.storage import unsupported
+
     for key in _PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if value and (why := unsupported(value)):
+            raise ConfigError(f"{key}={why}")
         if not value or "://" in value or (key == "backbone.weights" and not value.endswith(".h5")):
             continue
         OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))

@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import threading
 import time
 import uuid
@@ -29,6 +30,38 @@ T = TypeVar("T")
 
 # URI prefix -> store. abfs:// is adlfs's name for the same Azure Blob containers as az://.
 STORES = {"s3://": "s3", "gs://": "gcs", "az://": "azure", "abfs://": "azure"}
+# Any other `scheme://` would be taken for a local relative path (`./https:/host/a.jpg`): written
+# to as one, or reported "not found" as one. Such a URI is refused by name, with what to give.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_WEB = "capray reads no web URLs: copy it to local disk or object storage first (images: img2dataset downloads them)"
+_INSTEAD = {
+    "http://": _WEB,
+    "https://": _WEB,
+    "file://": "give the local path without file://",
+    "gcs://": "write it gs://",
+    "s3a://": "write it s3://",
+    "s3n://": "write it s3://",
+    "abfss://": "write it abfs:// or az://",
+    "wasb://": "write it az://<container>/...",
+    "wasbs://": "write it az://<container>/...",
+}
+
+
+class UnsupportedURI(OSError):
+    """A URI of a scheme capray does not read: an OSError, so that an image named so in a manifest
+    is an error row, as an unreadable one is."""
+
+
+def unsupported(uri: str) -> str:
+    """Why `uri` cannot be read or written ("" when it can: a local path or an object-storage URI)."""
+    found = _SCHEME.match(uri)
+    if not found or found.group(0) in STORES:
+        return ""
+    prefix = found.group(0).lower()
+    instead = _INSTEAD.get(prefix) or (f"write it {prefix}" if prefix in STORES else "")
+    return f"{uri}: not a local path or an s3://, gs://, az:// or abfs:// URI" + (f": {instead}" if instead else "")
+
+
 # The optional extra that installs each fsspec store (`pip install capray[gcs]`).
 EXTRAS = {"gcs": ("gcsfs", "gcs"), "azure": ("adlfs", "azure")}
 # The config keys that pick each store's client (a client per distinct value set).
@@ -112,18 +145,25 @@ def dirname(uri: str) -> str:
 def resolve(name: str, base: str = "") -> str:
     """An image name as the jobs key it: a URI as it is; a relative path joined to `base`; a local
     path absolute (keys must not depend on the directory a job ran from)."""
-    if not name or is_remote(name):
-        return name
+    if not name or is_remote(name) or unsupported(name):
+        return name  # an unsupported URI as given: its error row names it
     if not os.path.isabs(name) and base:
         name = join(base, name)
     return name if is_remote(name) else os.path.abspath(name)
+
+
+def _local(uri: str) -> str:
+    """A local path made absolute; UnsupportedURI for a URI of another scheme (`https://...`)."""
+    if why := unsupported(uri):
+        raise UnsupportedURI(why)
+    return os.path.abspath(uri)
 
 
 def filesystem(uri: str, storage: Any = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for `uri` and the path inside it (`bucket/key`)."""
     prefix = scheme(uri)
     if not prefix:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), _local(uri)
     kind = STORES[prefix]
     fs = _client(kind, storage, {"s3": _s3, "gcs": _gcs, "azure": _azure}[kind])
     return fs, uri[len(prefix) :]
@@ -326,7 +366,7 @@ def exists(uri: str, storage: Any = None) -> bool:
 def read_bytes(uri: str, storage: Any = None) -> bytes:
     """The whole content of one file, one version of it even while it is being rewritten."""
     if not is_remote(uri):
-        with open(os.path.abspath(uri), "rb") as f:
+        with open(_local(uri), "rb") as f:
             return f.read()
     # One GET of the whole object: a response holds one version. A file opened for random access
     # (pyarrow's, fsspec's) takes the size from one request and reads the bytes with others, so an
@@ -457,7 +497,7 @@ def upload_dir(local_dir: str, uri: str, storage: Any = None) -> None:
     if not is_remote(uri):
         import shutil
 
-        target = os.path.abspath(uri)
+        target = _local(uri)
         staging = f"{target}.{uuid.uuid4().hex}.tmp"
         shutil.copytree(local_dir, staging)
         old = f"{target}.{uuid.uuid4().hex}.old"

@@ -363,6 +363,23 @@ def test_local_paths_become_absolute_so_workers_agree(tmp_path: Path, monkeypatc
     assert load_config(None, ["caption.input=~/photos"]).caption.input == str(tmp_path / "home" / "photos")
 
 
+@pytest.mark.parametrize(
+    "override, then",
+    [
+        ("caption.input=https://example.com/photos/", "capray reads no web URLs"),
+        ("extract.input=file:///data/photos", "give the local path without file://"),
+        ("work_dir=S3://bucket/work", "write it s3://"),
+        ("output=s3a://bucket/out", "write it s3://"),
+        ("checkpoint=gcs://bucket/best", "write it gs://"),
+        ("backbone.weights=hdfs://nn/w.h5", "URI$"),
+    ],
+)
+def test_a_uri_of_another_scheme_is_refused_not_taken_for_a_local_folder(override: str, then: str) -> None:
+    # Taken for a relative path, `work_dir=S3://b/w` was written to ./S3:/b/w without a word.
+    with pytest.raises(ConfigError, match=f"^{re.escape(override)}: not a local path or an s3://, .*{then}"):
+        load_config(None, [override])
+
+
 def test_auto_precision_is_decided_where_the_config_is_loaded() -> None:
     from capray.hardware import cpu_bf16
 

@@ -144,6 +144,21 @@ def test_a_blank_image_field_is_an_error_row_not_the_working_directory(tmp_path:
         assert pixels is None and error == "empty image path/URI" and error_class(error) == "empty"
 
 
+def test_a_manifest_row_of_another_scheme_is_an_error_row_naming_it(tmp_path: Path) -> None:
+    from capray.images import error_class
+    from capray.worker import load_image
+
+    (tmp_path / "list.csv").write_text("image\nhttps://example.com/a.jpg\nfile:///data/b.jpg\nc.jpg\n")
+    cfg = _cfg(tmp_path)
+    table = _read_all(inputs.plan(cfg, str(tmp_path / "list.csv"), "unused").shards[0], cfg)
+    # The URIs as given, not joined to the manifest's folder as relative paths.
+    assert table["image"].to_pylist() == ["https://example.com/a.jpg", "file:///data/b.jpg", str(tmp_path / "c.jpg")]
+    errors = [load_image(uri, cfg.storage, cfg.data.max_pixels)[1] for uri in table["_uri"].to_pylist()]
+    assert errors[0].startswith("cannot read file: https://example.com/a.jpg: not a local path") and "web" in errors[0]
+    assert "give the local path without file://" in errors[1] and "not found" in errors[2]
+    assert [error_class(e) for e in errors] == ["storage", "storage", "not_found"]
+
+
 def test_parquet_with_image_bytes(tmp_path: Path) -> None:
     jpgs = list(good_images().values())[:3]
     path = _parquet(
