@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ JOBS = {
 LOCAL_JOBS = {"export"}
 
 
-def _output_writable(uri: str) -> None:
+def _output_writable(uri: str, what: str = "the output folder") -> None:
     """InputError unless the job could create files in the local folder `uri` (object storage is not probed)."""
     from capray import storage
     from capray.inputs import InputError
@@ -40,7 +41,13 @@ def _output_writable(uri: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write the output folder {uri}: {existing} is not a writable folder")
+        raise InputError(f"cannot write {what} {uri}: {existing} is not a writable folder")
+    # os.access says yes to root everywhere, and knows nothing of read-only mounts or of /proc:
+    # a file created and removed in the nearest existing folder tells, before Ray starts.
+    try:
+        tempfile.TemporaryFile(dir=existing, prefix=".capray-probe-").close()
+    except OSError as e:
+        raise InputError(f"cannot write {what} {uri}: {existing} takes no new file ({e.strerror or e})") from None
 
 
 def _checkpoint_backbone(cfg: Config) -> None:
@@ -76,6 +83,7 @@ def preflight(job: str, cfg: Config) -> None:
         require_input(cfg)
         inputs.require(cfg.caption.input, cfg)
         _output_writable(p["captions"])
+        _output_writable(cfg.work_dir, "the work_dir (input listings)")
         _checkpoint_backbone(cfg)
     elif job == "train":
         from capray.featurestore import FeatureError

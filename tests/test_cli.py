@@ -193,6 +193,26 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
     _one_line_failure(done, "caption", 3, f"InputError: cannot write the output folder {tmp_path / 'file' / 'caps'}")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_file_is_refused_for_the_output_and_the_work_dir(tmp_path: Path) -> None:
+    # /proc passes os.access for root, as a read-only mount does: only a file made there tells.
+    done = _capray("extract", DEMO, "work_dir=/proc/capray-test", f"extract.input={tmp_path}")
+    _one_line_failure(
+        done, "extract", 3, "cannot write the output folder /proc/capray-test/features: /proc takes no new file"
+    )
+    (tmp_path / "file").write_text("")
+    done = _capray(
+        "caption",
+        DEMO,
+        f"work_dir={tmp_path / 'file' / 'w'}",
+        f"caption.input={tmp_path}",
+        f"output={tmp_path / 'caps'}",
+    )
+    _one_line_failure(
+        done, "caption", 3, f"InputError: cannot write the work_dir (input listings) {tmp_path / 'file' / 'w'}"
+    )
+
+
 def test_print_config_and_module_entry() -> None:
     done = _capray("train", DEMO, "train.epochs=3", "--print-config")
     assert done.returncode == 0 and "epochs: 3" in done.stdout, done.stderr[-2000:]
