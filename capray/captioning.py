@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from capray import inputs, pipeline, storage
+from capray import inputs, pipeline, shards, storage
 from capray.batch_model import ImageBatchModel
 from capray.inputs import InputError
 from capray.schema import CaptionConfig, DataConfig, ModelConfig
@@ -174,7 +174,7 @@ def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> di
     # Everything that can make the job impossible is checked before any work starts.
     checkpoint.check(checkpoint_uri, cfg.storage)
     if cfg.caption.overwrite and not cfg.inputs.dry_run:
-        storage.delete_dir(output, cfg.storage)
+        shards.clear(output, overwrite_keeps(cfg, input_uri, checkpoint_uri), cfg.storage, "caption.overwrite")
     plan = inputs.plan(cfg, input_uri, output_paths(cfg)["inputs"], output)
     schema = SCHEMA.append(ATTENTION_FIELD) if cfg.caption.attention else SCHEMA
     kwargs = CaptionPredictor.arguments(cfg, checkpoint_uri)
@@ -193,6 +193,11 @@ def caption(cfg: Config, checkpoint_uri: str, input_uri: str, output: str) -> di
     if not summary.get("dry_run"):
         summary["captioned"] = summary["written"] - summary["failed"]
     return summary
+
+
+def overwrite_keeps(cfg: Config, input_uri: str, checkpoint_uri: str) -> dict[str, str]:
+    """What `caption.overwrite` must never delete with the output folder."""
+    return {"caption.input": input_uri, "work_dir": cfg.work_dir, "checkpoint": checkpoint_uri}
 
 
 def require_input(cfg: Config) -> None:

@@ -85,6 +85,12 @@ def check_output(output: str, storage_cfg: Any = None, overwrite: bool = False) 
     found = storage.exists(output, storage_cfg)
     if found and not overwrite:
         raise ExportError(f"{output} exists: choose another output, or pass --overwrite to replace it")
+    # --overwrite deletes the folder: only an earlier export, never a work_dir or anyone's files.
+    if found and not storage.exists(storage.join(output, "saved_model.pb"), storage_cfg):
+        raise ExportError(
+            f"{output} exists and is no SavedModel (no saved_model.pb): --overwrite replaces an earlier export "
+            "only; choose another output"
+        )
     return found
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from capray import inputs, pipeline, storage
+from capray import inputs, pipeline, shards, storage
 from capray.batch_model import ImageBatchModel
 from capray.featurestore import FEATURE_SHAPE, SCHEMA, FeatureError, read_file_list, write_file_list
 from capray.inputs import Plan
@@ -137,7 +137,7 @@ def extract(cfg: Config, images: list[str] | Plan, features_dir: str) -> dict[st
     """Extract features for `images` (URIs, or a plan of any input kind) into `features_dir`,
     one file per shard; shards already there are skipped unless `extract.overwrite`."""
     if cfg.extract.overwrite and not cfg.inputs.dry_run:
-        storage.delete_dir(features_dir, cfg.storage)
+        shards.clear(features_dir, {"extract.input": cfg.extract.input}, cfg.storage, "extract.overwrite")
     file_list = read_file_list(features_dir, cfg.storage)
     if file_list and file_list["dtype"] != cfg.extract.dtype:
         # Training decodes a batch with one dtype; never mix them in one folder.

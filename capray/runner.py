@@ -76,6 +76,10 @@ def preflight(job: str, cfg: Config) -> None:
 
             require_annotations(cfg)
         _output_writable(p["features"])
+        if cfg.extract.overwrite:
+            from capray.shards import check_clearable
+
+            check_clearable(p["features"], {"extract.input": cfg.extract.input}, cfg.storage, "extract.overwrite")
         backbone.check(cfg.backbone.weights, cfg.storage)
     elif job == "caption":
         from capray.captioning import require_input
@@ -84,6 +88,12 @@ def preflight(job: str, cfg: Config) -> None:
         inputs.require(cfg.caption.input, cfg)
         _output_writable(p["captions"])
         _output_writable(cfg.work_dir, "the work_dir (input listings)")
+        if cfg.caption.overwrite:
+            from capray.captioning import overwrite_keeps
+            from capray.shards import check_clearable
+
+            keeps = overwrite_keeps(cfg, cfg.caption.input, cfg.checkpoint)
+            check_clearable(p["captions"], keeps, cfg.storage, "caption.overwrite")
         _checkpoint_backbone(cfg)
     elif job == "train":
         from capray.featurestore import FeatureError

@@ -138,7 +138,8 @@ class ExtractConfig:
     # the same CPU (~1 ms per image) and reads faster (bench/feature_codec.py); none when CPUs,
     # not storage, are the limit (GPU nodes with few vCPUs).
     compression: str = "zstd"
-    # Recompute every feature (deletes the features folder first); also --overwrite.
+    # Recompute every feature (deletes the features folder first); also --overwrite. Refused when
+    # that folder holds the input or files capray did not write there.
     overwrite: bool = False
     # Any input kind (see `inputs`) to featurize into `<work_dir>/features`, with its columns
     # (e.g. captions) passed through; "" = the images of the training split (data.*).
@@ -204,7 +205,8 @@ class CaptionConfig:
     length_alpha: float = 0.7
     # Also write each word's 64 attention weights (`attention` column).
     attention: bool = False
-    # Redo every caption in the output folder (deletes its shard files first); also --overwrite.
+    # Redo every caption in the output folder (deletes the folder first); also --overwrite. Refused
+    # when the folder is or holds the input, work_dir or checkpoint, or files capray did not write there.
     # Without it, an output folder made from another input or with other settings is refused.
     overwrite: bool = False
 
@@ -263,7 +265,8 @@ class EvaluateConfig:
 class ExportConfig:
     """`capray export`: the checkpoint as a TensorFlow SavedModel (in `output`)."""
 
-    # Replace an existing SavedModel folder (the CLI's --overwrite); otherwise it is refused.
+    # Replace an existing SavedModel folder (the CLI's --overwrite); otherwise it is refused, as a
+    # folder that is no SavedModel is even with it.
     overwrite: bool = False
 
 

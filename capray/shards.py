@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,39 @@ def _outputs_below(folder: str, storage_cfg: Any, names: tuple[str, ...]) -> str
             f"TensorBoard (tensorboard --logdir {storage.join(folder, 'tensorboard')})"
         )
     return ""
+
+
+def _is_output_entry(e: listing.Entry) -> bool:
+    """A shard file or one of capray's own entries (`_shards.parquet`, `_status/`...); hidden ones too."""
+    name = posixpath.basename(e.uri.rstrip("/"))
+    return name.startswith(("_", ".")) or (not e.is_dir and name.endswith(".parquet"))
+
+
+def check_clearable(output: str, keep: dict[str, str], storage_cfg: Any, option: str) -> None:
+    """InputError unless `option` (`caption.overwrite`...) may delete the folder `output`: it must
+    not be, or hold, any of `keep` (what the job reads or keeps: its input, work_dir, checkpoint;
+    by name), and may hold only what capray writes there (shard files, `_` entries), so that a
+    wrong `output=` deletes nobody's images. One listing of the folder's top level (O(shards))."""
+    for name, uri in keep.items():
+        if uri and (listing.same_folder(uri, output) or listing.inside(output, [uri])):
+            raise InputError(
+                f"{option}=true would delete {output}, which is or holds the {name} {uri}: "
+                "give the job an output folder of its own"
+            )
+    if not storage.exists(output, storage_cfg):
+        return
+    other = [e.uri for e in listing.walk(output, storage_cfg, recursive=False) if not _is_output_entry(e)]
+    if other:
+        raise InputError(
+            f"{option}=true would delete {output}, which holds more than capray's output ({len(other)} other "
+            f"entries, e.g. {other[0]}): give the job an output folder of its own, or empty this one yourself"
+        )
+
+
+def clear(output: str, keep: dict[str, str], storage_cfg: Any, option: str) -> None:
+    """Delete the output folder for `option`, once `check_clearable` allows it."""
+    check_clearable(output, keep, storage_cfg, option)
+    storage.delete_dir(output, storage_cfg)
 
 
 def write_index(output: str, storage_cfg: Any, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:

@@ -213,6 +213,23 @@ def test_a_folder_that_takes_no_new_file_is_refused_for_the_output_and_the_work_
     )
 
 
+def test_overwrite_never_deletes_the_input_or_a_folder_that_is_no_output(tmp_path: Path) -> None:
+    # `--overwrite` deletes the output folder first: given the photos' folder as output, it
+    # deleted the photos.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    done = _capray(
+        "caption", DEMO, f"work_dir={tmp_path / 'w'}", f"caption.input={photos}", f"output={photos}", "--overwrite"
+    )
+    _one_line_failure(
+        done, "caption", 3, f"caption.overwrite=true would delete {photos}, which is or holds the caption.input"
+    )
+    done = _capray("export", DEMO, f"work_dir={tmp_path / 'w'}", f"output={photos}", "--overwrite")
+    _one_line_failure(done, "export", 9, f"{photos} exists and is no SavedModel (no saved_model.pb)")
+    assert [p.name for p in photos.iterdir()] == ["a.jpg"]
+
+
 def test_print_config_and_module_entry() -> None:
     done = _capray("train", DEMO, "train.epochs=3", "--print-config")
     assert done.returncode == 0 and "epochs: 3" in done.stdout, done.stderr[-2000:]

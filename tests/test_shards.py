@@ -134,3 +134,34 @@ def test_failed_rows_are_retried_on_request_from_the_files_own_rows(tmp_path: Pa
     again = shards.reconcile(_cfg(tmp_path, "inputs.retry_failed=true"), plan, str(out), {})
     assert [(s.id, s.sources) for s in again.todo] == [(plan.shards[1].id, (shards.output_name(plan.shards[1].id),))]
     assert [s.id for s in again.done] == [plan.shards[0].id]
+
+
+def test_overwrite_deletes_an_output_folder_only_when_it_holds_nothing_but_capray_output(tmp_path: Path) -> None:
+    from capray.inputs import InputError
+
+    photos, work, out = tmp_path / "photos", tmp_path / "work", tmp_path / "out"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"a")
+    (work / "runs/r/best").mkdir(parents=True)
+    keeps = {"caption.input": str(photos / "sub"), "work_dir": str(work), "checkpoint": str(work / "runs/r/best")}
+
+    def refused(output: Path, keep: dict[str, str], message: str) -> None:
+        with pytest.raises(InputError, match=message):
+            shards.clear(str(output), keep, None, "caption.overwrite")
+        assert output.is_dir()  # nothing deleted
+
+    # `caption.input=photos output=photos --overwrite` deleted the photos.
+    refused(photos / "sub", keeps, r"caption.overwrite=true would delete .*sub, which is or holds the caption.input")
+    refused(photos, keeps, "which is or holds the caption.input")
+    refused(tmp_path, {"work_dir": str(work)}, "which is or holds the work_dir")
+    refused(work / "runs", {"checkpoint": keeps["checkpoint"]}, "which is or holds the checkpoint")
+    refused(photos, {}, r"holds more than capray's output \(2 other entries, e\.g\. .*a\.jpg\)")
+    assert (photos / "a.jpg").read_bytes() == b"a"
+
+    # What capray writes there: shard files, its index, `_status/`, its config; hidden files.
+    (out / "_status").mkdir(parents=True)
+    for name in ("list-0123.abcd.parquet", "_shards.parquet", "_capray_config.yaml", ".DS_Store"):
+        (out / name).write_bytes(b"x")
+    shards.clear(str(out), keeps, None, "caption.overwrite")
+    assert not out.exists()
+    shards.clear(str(out), keeps, None, "caption.overwrite")  # nothing to delete
