@@ -203,6 +203,26 @@ def _groups(items: list[Any], sizes: Sequence[float], target: int) -> list[list[
     return groups
 
 
+def _clear_report(report_dir: str, storage_cfg: Any) -> None:
+    """Delete an earlier report in the caller's `report_dir`; a folder holding anything else is
+    refused, not deleted (a report_dir given by mistake must not cost anyone's files)."""
+    from capray import listing
+
+    if not storage.exists(report_dir, storage_cfg):
+        return
+    own = {*KINDS, "report.json"}
+    other = [
+        e.uri
+        for e in listing.walk(report_dir, storage_cfg, recursive=False)
+        if e.uri.rstrip("/").rsplit("/", 1)[-1] not in own
+    ]
+    if other:
+        raise InputError(
+            f"{report_dir} holds more than an audit report (e.g. {other[0]}): give the report a folder of its own"
+        )
+    storage.delete_dir(report_dir, storage_cfg)
+
+
 def audit(cfg: Config, plan: Plan, output: str, report_dir: str | None = None, input_uri: str = "") -> dict[str, Any]:
     """Audit `output` (the folder a caption or extract job wrote for `plan`) into `report_dir`
     (default `<output>/_audit`, replaced): `report.json` (written last) and the keys of each
@@ -214,9 +234,12 @@ def audit(cfg: Config, plan: Plan, output: str, report_dir: str | None = None, i
     t0 = time.time()
     if not storage.exists(output, cfg.storage):
         raise InputError(f"output folder not found: {output}: nothing to audit")
-    report_dir = report_dir or storage.join(output, "_audit")
     files = output_files(output, cfg.storage)
-    storage.delete_dir(report_dir, cfg.storage)
+    if report_dir:
+        _clear_report(report_dir, cfg.storage)
+    else:  # capray's own folder in the output: replaced whole
+        report_dir = storage.join(output, "_audit")
+        storage.delete_dir(report_dir, cfg.storage)
 
     # Rows are known for most inputs (listings, Parquet footers), not for a tar or a small CSV.
     shard_rows = [s.rows if s.rows >= 0 else max(cfg.inputs.shard_rows, UNKNOWN_SHARD_ROWS) for s in plan.shards]

@@ -14,6 +14,7 @@ from imagezoo import good_images
 
 from capray import audit, cli, inputs, storage
 from capray.config import load_config, output_paths
+from capray.inputs import InputError
 
 STALE = "s3://elsewhere/gone.jpg"
 
@@ -109,6 +110,10 @@ def test_audit_local_folder_caption_and_features_outputs(tmp_path: Path, ray_loc
     cfg = load_config(None, [f"work_dir={tmp_path / 'work'}"])
     plan = inputs.plan(cfg, str(tmp_path / "images"), output_paths(cfg)["inputs"])
     _clean_then_planted(cfg, plan, keys, str(tmp_path / "captions"))
+    # A report folder of the caller's replaces an earlier report only, never other files.
+    with pytest.raises(InputError, match=r"images holds more than an audit report \(e\.g\. "):
+        audit.audit(cfg, plan, str(tmp_path / "captions"), report_dir=str(tmp_path / "images"))
+    assert sorted(str(p) for p in (tmp_path / "images").rglob("*") if p.is_file()) == keys
     # The extract job's files: the same keys, a features column that the audit does not read.
     _clean_then_planted(cfg, plan, keys, str(tmp_path / "features"), features_output=True)
 
