@@ -220,6 +220,28 @@ class Work:
         return sum(1 for s in self.todo if s.sources)
 
 
+def _refuse_foreign(output: str, ids: list[str], storage_cfg: Any) -> None:
+    """InputError when files of `output` that no index lists (`ids`) are not capray's: an earlier
+    capray's output has its `image` and `error` columns, and is redone and deleted; any other
+    Parquet file is somebody's data, which a run must neither mix with its own nor delete.
+    One footer per such file, in threads (none at all for a folder capray made)."""
+    fs, path = storage.filesystem(output, storage_cfg)
+
+    def foreign(shard_id: str) -> bool:
+        try:
+            names = pq.read_schema(f"{path.rstrip('/')}/{output_name(shard_id)}", filesystem=fs).names
+        except (OSError, pa.ArrowException):
+            return True
+        return not {"image", "error"} <= set(names)
+
+    found = [i for i, bad in zip(ids, ThreadPoolExecutor(16).map(foreign, ids)) if bad] if ids else []
+    if found:
+        raise InputError(
+            f"{output} holds {len(found)} Parquet file(s) that capray did not write (e.g. {output_name(found[0])}, "
+            "without its image and error columns): give the job an output folder of its own"
+        )
+
+
 def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any], write: bool = True) -> Work:
     """Compare the plan with what `output` holds; write the index of both before any work
     (unless not `write`: a dry run leaves the folder as it is)."""
@@ -231,6 +253,7 @@ def reconcile(cfg: Config, plan: Plan, output: str, settings: dict[str, Any], wr
     current = {s.id for s in plan.shards}
     others = sorted(present - current)
     legacy = [i for i in others if i not in entries]
+    _refuse_foreign(output, legacy, cfg.storage)
     old = [entries[i] for i in others if i in entries]
     superseded: dict[str, list[str]] = {}
     sources: dict[str, list[str]] = defaultdict(list)

@@ -14,7 +14,7 @@ import pytest
 from capray import shards
 from capray.config import load_config
 from capray.featurestore import FeatureError, verify
-from capray.inputs import Plan, Shard
+from capray.inputs import InputError, Plan, Shard
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -99,6 +99,13 @@ def test_files_of_removed_inputs_are_pruned_or_kept_and_earlier_outputs_redone(t
     assert work.legacy == ["list-00000-00000-abcdef1234"]
     shards.finish(cfg, only_a, str(out), work, {})
     assert shards.done_ids(str(out)) == {a.id}
+    # Anybody else's Parquet file in the output folder: refused, never deleted as a legacy one.
+    pq.write_table(pa.table({"id": [1], "price": [2.0]}), out / "sales.parquet")
+    with pytest.raises(
+        InputError, match=r"holds 1 Parquet file\(s\) that capray did not write \(e\.g\. sales\.parquet"
+    ):
+        shards.reconcile(cfg, only_a, str(out), {})
+    assert (out / "sales.parquet").exists()
 
 
 def test_other_settings_or_another_input_are_refused_naming_the_difference(tmp_path: Path) -> None:
@@ -137,8 +144,6 @@ def test_failed_rows_are_retried_on_request_from_the_files_own_rows(tmp_path: Pa
 
 
 def test_overwrite_deletes_an_output_folder_only_when_it_holds_nothing_but_capray_output(tmp_path: Path) -> None:
-    from capray.inputs import InputError
-
     photos, work, out = tmp_path / "photos", tmp_path / "work", tmp_path / "out"
     (photos / "sub").mkdir(parents=True)
     (photos / "a.jpg").write_bytes(b"a")
