@@ -145,6 +145,15 @@ def check_clearable(output: str, keep: dict[str, str], storage_cfg: Any, option:
             f"{option}=true would delete {output}, which holds more than capray's output ({len(other)} other "
             f"entries, e.g. {other[0]}): give the job an output folder of its own, or empty this one yourself"
         )
+    # The other image job's output (features for captions, or the reverse): hours of work, not this job's.
+    job = option.split(".")[0]
+    _, meta = read_index(output, storage_cfg)
+    made_by = {key.split(".")[0] for key in (meta or {}).get("settings", {})} & {"caption", "extract"}
+    if made_by and job not in made_by:
+        raise InputError(
+            f"{option}=true would delete {output}, which holds the {made_by.pop()} job's output: "
+            f"give the {job} job an output folder of its own"
+        )
 
 
 def clear(output: str, keep: dict[str, str], storage_cfg: Any, option: str) -> None:

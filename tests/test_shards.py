@@ -167,6 +167,16 @@ def test_overwrite_deletes_an_output_folder_only_when_it_holds_nothing_but_capra
     (out / "_status").mkdir(parents=True)
     for name in ("list-0123.abcd.parquet", "_shards.parquet", "_capray_config.yaml", ".DS_Store"):
         (out / name).write_bytes(b"x")
+    shards.write_index(
+        str(out), None, [], {"format": shards.FORMAT, "input": "in", "settings": {"extract.dtype": "float16"}}
+    )
+    refused(out, keeps, "caption.overwrite=true would delete .*out, which holds the extract job's output")
+    shards.clear(str(out), keeps, None, "extract.overwrite")
+    assert not out.exists()
+    (out / "_status").mkdir(parents=True)
+    shards.write_index(
+        str(out), None, [], {"format": shards.FORMAT, "input": "in", "settings": {"caption.strategy": "greedy"}}
+    )
     shards.clear(str(out), keeps, None, "caption.overwrite")
     assert not out.exists()
     shards.clear(str(out), keeps, None, "caption.overwrite")  # nothing to delete
