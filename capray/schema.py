@@ -139,7 +139,7 @@ class ExtractConfig:
     # not storage, are the limit (GPU nodes with few vCPUs).
     compression: str = "zstd"
     # Recompute every feature (deletes the features folder first); also --overwrite. Refused when
-    # that folder holds the input or files capray did not write there.
+    # that folder holds the input, a caption output or others' files.
     overwrite: bool = False
     # Any input kind (see `inputs`) to featurize into `<work_dir>/features`, with its columns
     # (e.g. captions) passed through; "" = the images of the training split (data.*).
@@ -206,7 +206,7 @@ class CaptionConfig:
     # Also write each word's 64 attention weights (`attention` column).
     attention: bool = False
     # Redo every caption in the output folder (deletes the folder first); also --overwrite. Refused
-    # when the folder is or holds the input, work_dir or checkpoint, or files capray did not write there.
+    # when the folder is or holds the input, work_dir or checkpoint, the features, or others' files.
     # Without it, an output folder made from another input or with other settings is refused.
     overwrite: bool = False
 
