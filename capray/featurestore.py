@@ -234,38 +234,6 @@ def side_features(features: ray.data.Dataset, split_uri: str, storage_cfg: Any, 
     return features.map_batches(fn, batch_size=CAPTION_BATCH)
 
 
-def _captions_per_side(batch: dict[str, Any], split_uri: str, storage_cfg: Any) -> dict[str, Any]:
-    from capray.data import captions_of
-
-    images = batch["image"]
-    return {
-        "train": np.array([captions_of(images, split_uri, storage_cfg, "train").num_rows]),
-        "val": np.array([captions_of(images, split_uri, storage_cfg, "val").num_rows]),
-        "first": np.array([min(images) if len(images) else ""], dtype=object),
-    }
-
-
-def captions_with_features(features_dir: str, split_uri: str, storage_cfg: Any) -> dict[str, Any]:
-    """How many captions on each side of the split have an image with features (not failed),
-    and the features' first key: one pass by tasks over the features' `image` and `error`
-    columns only, what training will iterate over before it starts."""
-    fs, path = storage.filesystem(features_dir, storage_cfg)
-    file_list = read_file_list(features_dir, storage_cfg)
-    with footer_readers_for(len(file_list["files"]) if file_list else None):
-        keys = ray.data.read_parquet(path, filesystem=fs, columns=["image", "error"])
-    fn = partial(_captions_per_side, split_uri=split_uri, storage_cfg=storage_cfg)
-    found: dict[str, Any] = {"train": 0, "val": 0, "first": ""}
-    for part in (
-        keys.filter(expr=col("error").is_null()).map_batches(fn, batch_size=CAPTION_BATCH).iter_batches(batch_size=None)
-    ):
-        found["train"] += int(part["train"].sum())
-        found["val"] += int(part["val"].sum())
-        firsts = [f for f in part["first"] if f]
-        if firsts:
-            found["first"] = min([found["first"], *firsts]) if found["first"] else min(firsts)
-    return found
-
-
 def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
     x = decode_features(batch["features"], batch["dtype"][0]).reshape(-1, FEATURE_SHAPE[1]).astype(np.float64)
     return {"n": np.array([len(x)]), "s": x.sum(0)[None], "ss": (x * x).sum(0)[None]}

@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from builders import checkpoint_states, feature_overrides, reuse_features
@@ -226,41 +225,6 @@ def test_feature_statistics_are_taken_once_per_features_and_split(
     # Features without a file list (an extraction killed before its end) are never reused.
     file_list.unlink()
     assert not np.allclose(job.prepare_feature_stats(halved, subset, split)[0], mean, rtol=1e-3)
-
-
-def test_training_refuses_a_split_without_features_and_counts_a_partial_one(
-    ray_local, synthetic_features: Path, tmp_path: Path, caplog
-) -> None:
-    # With no caption's image in the features (features of other images, or all failed), training
-    # ran 0 steps and kept a "best" checkpoint of val_loss 0.0 (model.feature_norm=none), or failed
-    # in its workers on a shape error (channel); with some missing, it said nothing.
-    import logging
-
-    import pytest
-
-    from capray.data import load_split, save_split
-    from capray.featurestore import FeatureError
-    from capray.train import job
-
-    work = reuse_features(synthetic_features, tmp_path / "work")
-    cfg = load_config(REPO / "configs/demo.yaml", [*work, "train.batch_size=8"])
-    split = job.prepare_split(cfg)
-    train_rows, val_rows = load_split(split)
-    caplog.set_level(logging.WARNING, logger="capray")
-    assert job.covered_captions(cfg, split) == len(train_rows) and not caplog.text
-
-    moved = train_rows.assign(image=[f"/elsewhere/{i}.jpg" for i in range(len(train_rows))])
-    half = len(train_rows) // 2
-    save_split(pd.concat([train_rows[:half], moved[half:]]), val_rows, split)
-    assert job.covered_captions(cfg, split) == half
-    assert f"train: {half} of the split's {len(train_rows)} train captions have an image with features" in caplog.text
-
-    save_split(moved, val_rows, split)
-    with pytest.raises(FeatureError, match=f"none of the split's {len(train_rows)} train captions has an image with"):
-        job.covered_captions(cfg, split)
-    save_split(train_rows[:3], val_rows, split)
-    with pytest.raises(FeatureError, match=r"3 training captions have features: fewer than one batch"):
-        job.covered_captions(cfg, split)
 
 
 def test_every_extraction_writes_a_new_version_of_the_file_list_on_s3(s3) -> None:

@@ -30,7 +30,6 @@ from capray.data import count_vocabulary, prepare_split, split_rows
 from capray.featurestore import (
     FeatureError,
     caption_dataset,
-    captions_with_features,
     feature_stats,
     file_list_uri,
     read_features,
@@ -110,46 +109,14 @@ def checked_features(cfg: Config) -> Dataset:
     return read_features(uri, cfg.storage)
 
 
-def covered_captions(cfg: Config, split_uri: str) -> int:
-    """The split's training captions whose image has features, which is what an epoch iterates
-    over. FeatureError when a side has none, or too few for one batch: training on nothing
-    would save a "best" checkpoint whose validation loss is 0. A warning when some lack them."""
-    features = output_paths(cfg)["features"]
-    found = captions_with_features(features, split_uri, cfg.storage)
-    wanted = {side: split_rows(split_uri, cfg.storage, side) for side in ("train", "val")}
-    for side in ("train", "val"):
-        if wanted[side] and not found[side]:
-            raise FeatureError(
-                f"none of the split's {wanted[side]} {side} captions has an image with features in {features} "
-                f"(the features' first image: {found['first'] or 'none, every row failed'}): the features are of other "
-                f"images than data.* names, or all failed; extract them with the same config (extract.input empty)"
-            )
-    if found["train"] < cfg.train.batch_size:
-        raise FeatureError(
-            f"{found['train']} training captions have features: fewer than one batch (train.batch_size="
-            f"{cfg.train.batch_size}); use more data (data.num_examples) or a smaller batch"
-        )
-    for side in ("train", "val"):
-        if found[side] < wanted[side]:
-            log.warning(
-                f"train: {found[side]} of the split's {wanted[side]} {side} captions have an image with features; "
-                f"the others' images failed or were not extracted (capray status {features}): training uses "
-                "the rest"
-            )
-    return int(found["train"])
-
-
-def build_datasets(
-    cfg: Config, features: Dataset, split_uri: str, tokenizer: Tokenizer, train_captions: int | None = None
-) -> tuple[dict, dict]:
+def build_datasets(cfg: Config, features: Dataset, split_uri: str, tokenizer: Tokenizer) -> tuple[dict, dict]:
     """The training and validation Ray datasets (caption ids + features) and the workers' loop
     config. The split reaches the tasks as its file's URI: each pairs its features with their
-    captions read from the split file, so what a task receives does not grow with the captions.
-    `train_captions`: how many an epoch has (`covered_captions`); default the split's count."""
+    captions read from the split file, so what a task receives does not grow with the captions."""
     loop_config: dict[str, Any] = {
         "cfg": to_yaml(cfg),
         "tokenizer": tokenizer.to_json(),
-        "train_captions": split_rows(split_uri, cfg.storage, "train") if train_captions is None else train_captions,
+        "train_captions": split_rows(split_uri, cfg.storage, "train"),
         # The saved config has no credentials; workers get them in memory only.
         "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
     }
@@ -205,8 +172,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
     split_uri = prepare_split(cfg)
     tokenizer = prepare_tokenizer(cfg, split_uri)
-    features = checked_features(cfg)
-    data, loop_config = build_datasets(cfg, features, split_uri, tokenizer, covered_captions(cfg, split_uri))
+    data, loop_config = build_datasets(cfg, checked_features(cfg), split_uri, tokenizer)
     fit(cfg, build_trainer(cfg, data, loop_config))
     summary = json.loads(storage.read_bytes(output_paths(cfg)["best"], cfg.storage))
     summary["loss_plot"] = write_loss_plot(cfg, summary["checkpoint"])
