@@ -79,6 +79,16 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("min_actors must not exceed max_actors (extract.*, caption.*)")
 
 
+def check_training(cfg: Any) -> None:
+    """What only training needs of a config (other jobs may share it with other ray.num_workers):
+    each worker takes an equal part of every global batch."""
+    if cfg.train.batch_size % cfg.ray.num_workers:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by ray.num_workers={cfg.ray.num_workers} "
+            "(each worker takes an equal part of every batch)"
+        )
+
+
 def current_key(key: str) -> str:
     """A dotted key as named today (`caption.strategy` -> `caption.strategy`), for configs and
     settings recorded by an earlier capray."""

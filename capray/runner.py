@@ -96,7 +96,10 @@ def preflight(job: str, cfg: Config) -> None:
             check_clearable(p["captions"], keeps, cfg.storage, "caption.overwrite")
         _checkpoint_backbone(cfg)
     elif job == "train":
+        from capray.config import check_training
         from capray.featurestore import FeatureError
+
+        check_training(cfg)
 
         if not storage.exists(p["features"], cfg.storage):
             raise FeatureError(f"no features at {p['features']}: run `capray extract` with the same config first")
@@ -110,6 +113,9 @@ def preflight(job: str, cfg: Config) -> None:
         _output_writable(cfg.output)
         _checkpoint_backbone(cfg)
     elif job == "demo":
+        from capray.config import check_training
+
+        check_training(cfg)
         _output_writable(cfg.work_dir)
         backbone.check(cfg.backbone.weights, cfg.storage)
     elif job == "audit":

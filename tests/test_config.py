@@ -143,6 +143,16 @@ def test_bad_overrides_are_refused_naming_the_key(override: str, names: str) -> 
         load_config(None, [override])
 
 
+def test_a_batch_the_training_workers_cannot_share_is_refused_before_training_only() -> None:
+    # It failed in every training worker (a ValueError each), after Ray and the datasets started.
+    from capray.config import check_training
+
+    cfg = load_config(None, ["train.batch_size=77", "ray.num_workers=2"])  # extract and caption may share it
+    with pytest.raises(ConfigError, match=r"train\.batch_size=77 must be divisible by ray\.num_workers=2"):
+        check_training(cfg)
+    check_training(load_config(None, ["train.batch_size=78", "ray.num_workers=2"]))
+
+
 def test_a_scalar_for_a_list_is_refused_with_the_list_syntax() -> None:
     with pytest.raises(ConfigError, match=r"key 'inputs\.extensions'\): expected a list, e\.g\. \[jpg, png\]"):
         load_config(None, ["inputs.extensions=jpg"])

@@ -92,7 +92,9 @@ def _validate_checkpoint(config: dict) -> None:
                 yield features, captions
 
     inputs = RecordingInput(None, ray.train.get_dataset_shard("val"), cfg.train.cache_mb)
-    reporter = loop.Reporter(cfg, config["storage"], model, None, tokenizer, inputs, rank, strategy)
+    reporter = loop.Reporter(
+        cfg, config["storage"], model, None, tokenizer, inputs, rank, strategy, config["val_captions"]
+    )
     losses, cached = [], []
     for _ in range(2):
         passes.append([])
@@ -225,6 +227,48 @@ def test_feature_statistics_are_taken_once_per_features_and_split(
     # Features without a file list (an extraction killed before its end) are never reused.
     file_list.unlink()
     assert not np.allclose(job.prepare_feature_stats(halved, subset, split)[0], mean, rtol=1e-3)
+
+
+def test_a_split_whose_images_lack_features_is_refused_by_the_side_it_leaves_empty(
+    ray_local, synthetic_features: Path, tmp_path: Path
+) -> None:
+    # Training ran 0 steps on captions whose images had no features and kept a "best" checkpoint
+    # of val_loss 0.0 (model.feature_norm=none), or failed in its workers on a shape error
+    # (channel); with some of them missing it said nothing. A split too small for one batch ran
+    # 0 steps too.
+    import pandas as pd
+    import pytest
+
+    from capray.data import DataError, load_split, save_split
+    from capray.featurestore import FeatureError
+    from capray.train import job, loop
+
+    work = reuse_features(synthetic_features, tmp_path / "work")
+    tiny = ["model.embedding_dim=16", "model.units=32", "model.feature_norm=none", "train.epochs=1"]
+    cfg = load_config(REPO / "configs/demo.yaml", [*work, *tiny, "train.batch_size=8", "ray.num_workers=1"])
+    split = job.prepare_split(cfg)
+    train_rows, val_rows = load_split(split)
+    too_big = load_config(REPO / "configs/demo.yaml", [*work, *tiny, f"train.batch_size={len(train_rows) + 2}"])
+    with pytest.raises(DataError, match=f"{len(train_rows)} training and {len(val_rows)} validation captions"):
+        job.train(too_big)
+
+    # Half the training captions and every validation caption name images that were never
+    # extracted: the epoch runs on the other half (a warning), then validation has nothing.
+    elsewhere = lambda rows: rows.assign(image=[f"/elsewhere/{i}.jpg" for i in range(len(rows))])
+    half = len(train_rows) // 2
+    save_split(pd.concat([train_rows[:half], elsewhere(train_rows[half:])]), elsewhere(val_rows), split)
+    with pytest.raises(FeatureError, match=f"none of the split's {len(val_rows)} validation captions has an image"):
+        job.train(cfg)
+
+    # The same check, by side and count (each worker applies it to its equal shard or the sum).
+    features = "w/features"
+    assert loop.coverage("train", 5, 5, 40, features, 8) is None
+    assert "after 2 of its 5 steps of 8 captions, so about 16 of the split's 40" in loop.coverage(
+        "train", 2, 5, 40, features, 8
+    )
+    with pytest.raises(FeatureError, match="no training step: fewer than train.batch_size=8 of the split's 40"):
+        loop.coverage("train", 0, 5, 40, features, 8)
+    assert "validation: 3 of the split's 10 validation captions" in loop.coverage("val", 3, 10, 10, features)
 
 
 def test_every_extraction_writes_a_new_version_of_the_file_list_on_s3(s3) -> None:

@@ -25,8 +25,8 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from capray import checkpoint as ckpt
 from capray import storage
-from capray.config import output_paths, to_yaml
-from capray.data import count_vocabulary, prepare_split, split_rows
+from capray.config import check_training, output_paths, to_yaml
+from capray.data import DataError, count_vocabulary, prepare_split, split_rows
 from capray.featurestore import (
     FeatureError,
     caption_dataset,
@@ -109,14 +109,33 @@ def checked_features(cfg: Config) -> Dataset:
     return read_features(uri, cfg.storage)
 
 
+def split_captions(split_uri: str, storage_cfg: Any) -> dict[str, int]:
+    """The split's number of captions on each side (from its footer)."""
+    return {side: split_rows(split_uri, storage_cfg, side) for side in ("train", "val")}
+
+
+def check_split_size(cfg: Config, split_uri: str) -> None:
+    """A split too small to train on stops the job before any work: fewer training captions than
+    one batch run no step (the workers drop a short last batch), and no validation caption gives
+    a validation loss of 0."""
+    captions = split_captions(split_uri, cfg.storage)
+    if captions["train"] < cfg.train.batch_size or not captions["val"]:
+        raise DataError(
+            f"{split_uri}: {captions['train']} training and {captions['val']} validation captions: training needs "
+            f"at least train.batch_size={cfg.train.batch_size} and validation one (data.val_fraction, or more captions)"
+        )
+
+
 def build_datasets(cfg: Config, features: Dataset, split_uri: str, tokenizer: Tokenizer) -> tuple[dict, dict]:
     """The training and validation Ray datasets (caption ids + features) and the workers' loop
     config. The split reaches the tasks as its file's URI: each pairs its features with their
     captions read from the split file, so what a task receives does not grow with the captions."""
+    captions = split_captions(split_uri, cfg.storage)
     loop_config: dict[str, Any] = {
         "cfg": to_yaml(cfg),
         "tokenizer": tokenizer.to_json(),
-        "train_captions": split_rows(split_uri, cfg.storage, "train"),
+        "train_captions": captions["train"],
+        "val_captions": captions["val"],
         # The saved config has no credentials; workers get them in memory only.
         "storage": OmegaConf.create(OmegaConf.to_container(cfg.storage)),
     }
@@ -160,6 +179,11 @@ def fit(cfg: Config, job: TensorflowTrainer) -> None:
     try:
         job.fit()
     except ray.train.TrainingFailedError as e:
+        # A worker that found the features do not cover the split (capray.train.loop.coverage):
+        # the same on a re-run, so its own one line, not "resume from the last checkpoint".
+        for failure in getattr(e, "worker_failures", {}).values():
+            if isinstance(failure, FeatureError):
+                raise FeatureError(str(failure)) from None
         last = latest_checkpoint(cfg)
         raise TrainingError(
             f"training run '{cfg.name}' failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -170,7 +194,9 @@ def fit(cfg: Config, job: TensorflowTrainer) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train on the extracted features of the split; returns the best checkpoint and its metrics."""
+    check_training(cfg)
     split_uri = prepare_split(cfg)
+    check_split_size(cfg, split_uri)
     tokenizer = prepare_tokenizer(cfg, split_uri)
     data, loop_config = build_datasets(cfg, checked_features(cfg), split_uri, tokenizer)
     fit(cfg, build_trainer(cfg, data, loop_config))

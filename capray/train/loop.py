@@ -26,8 +26,8 @@ from ray.train import Checkpoint
 
 from capray import checkpoint as ckpt
 from capray import storage
-from capray.config import from_yaml, output_paths
-from capray.featurestore import FEATURE_SHAPE, decode_features
+from capray.config import check_training, from_yaml, output_paths
+from capray.featurestore import FEATURE_SHAPE, FeatureError, decode_features
 
 # capray.model first: it imports TensorFlow with its start-up log noise filtered.
 from capray.model import (
@@ -364,6 +364,7 @@ class Reporter:
         inputs: WorkerInput,
         rank: int,
         strategy: tf.distribute.Strategy,
+        val_captions: int,
     ):
         self.cfg, self.storage_cfg, self.model, self.optimizer, self.tokenizer = (
             cfg,
@@ -372,7 +373,8 @@ class Reporter:
             optimizer,
             tokenizer,
         )
-        self.inputs, self.rank = inputs, rank
+        self.inputs, self.rank, self.val_captions = inputs, rank, val_captions
+        self.warned: set[str] = set()  # each shortfall once per worker, not at every epoch
         self.eval_step = make_eval_step(model)
         self.all_reduce, self.replicas = make_all_reduce(strategy), strategy.num_replicas_in_sync
         self.paths = output_paths(cfg)
@@ -395,7 +397,16 @@ class Reporter:
         summed = self.all_reduce([loss_sum, tokens, captions, *self.inputs.cache_state()])
         self.inputs.agree(summed[3:], self.replicas)
         loss_sum, tokens, captions = summed[:3]
+        self.shortfall("val", int(captions), self.val_captions, self.val_captions)
         return loss_sum / max(tokens, 1.0), loss_sum / max(captions, 1.0)
+
+    def shortfall(self, side: str, got: int, expected: int, split_captions: int, batch: int = 0) -> None:
+        """`coverage`'s check: raises on every worker alike (each has the same counts: summed, or
+        equal training shards); rank 0 warns, once per side."""
+        warning = coverage(side, got, expected, split_captions, self.paths["features"], batch)
+        if warning and self.rank == 0 and side not in self.warned:
+            self.warned.add(side)
+            log.warning(warning)
 
     def report(
         self, epochs_done: int, epoch_step: int, step: int, train_loss: float, captions_per_s: float, input_wait: float
@@ -448,6 +459,37 @@ class Reporter:
         storage.write_bytes(self.paths["best"], json.dumps(record, indent=2).encode("utf-8"), self.storage_cfg)
 
 
+def coverage(side: str, got: int, expected: int, split_captions: int, features: str, batch: int = 0) -> str | None:
+    """What a worker says when fewer of the split's captions on one side reached it than the
+    split holds: the captions of images without features (never extracted, or failed) never do.
+
+    `got` and `expected` count training steps of `batch` captions (this pass) or validation
+    captions. None when nothing is missing; a warning's text when some are; a FeatureError when
+    none are left to train or validate on (it used to run 0 steps and keep a val_loss of 0.0)."""
+    if got >= expected:
+        return None
+    hint = f"the others' images have no features in {features} (not extracted, or failed: `capray status {features}`)"
+    if side == "val":
+        if got == 0:
+            raise FeatureError(
+                f"none of the split's {split_captions} validation captions has an image with features in "
+                f"{features}: were the features extracted from the split's images (`capray extract` with this config)?"
+            )
+        return (
+            f"validation: {got} of the split's {split_captions} validation captions have an image with features; {hint}"
+        )
+    if got == 0:
+        raise FeatureError(
+            f"no training step: fewer than train.batch_size={batch} of the split's {split_captions} training captions "
+            f"have an image with features in {features}: were the features extracted from the split's images "
+            "(`capray extract` with this config)?"
+        )
+    return (
+        f"training: the pass ended after {got} of its {expected} steps of {batch} captions, so about {got * batch} of "
+        f"the split's {split_captions} training captions have an image with features; {hint}"
+    )
+
+
 def _learning_rate(optimizer: Any) -> float:
     """The rate of the optimizer's next step (schedules included; a loss-scale wrapper's inner one)."""
     rate = getattr(optimizer, "inner_optimizer", optimizer).learning_rate
@@ -478,8 +520,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     global_batch, every = cfg.train.batch_size, cfg.train.checkpoint_every_steps
-    if global_batch % world:
-        raise ValueError(f"train.batch_size={global_batch} must be divisible by ray.num_workers={world}")
+    check_training(cfg)  # the driver checked it too; a caller of build_trainer may not have
     local_batch, steps_per_epoch = global_batch // world, config["train_captions"] // global_batch
     tf.keras.utils.set_random_seed(cfg.train.shuffle_seed)
 
@@ -515,7 +556,9 @@ def train_loop_per_worker(config: dict) -> None:
     inputs = WorkerInput(
         ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), cfg.train.cache_mb, announce=rank == 0
     )
-    reporter = Reporter(cfg, config["storage"], model, optimizer, tokenizer, inputs, rank, strategy)
+    reporter = Reporter(
+        cfg, config["storage"], model, optimizer, tokenizer, inputs, rank, strategy, config["val_captions"]
+    )
 
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -524,7 +567,7 @@ def train_loop_per_worker(config: dict) -> None:
             # interrupted run would have seen; the step count and optimizer state are.
             epoch_step = skip_steps if epoch == start_epoch else 0
             seed = cfg.train.shuffle_seed + 1000 * epoch + rank if cfg.train.shuffle else None
-            meter = EpochMeter(global_batch)
+            meter, first_step = EpochMeter(global_batch), epoch_step
             for feats, caps in inputs.training(local_batch, seed, cfg.train.shuffle, whole_pass=epoch_step == 0):
                 meter.got_batch()
                 if epoch_step >= steps_per_epoch:
@@ -534,6 +577,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if every and step % every == 0 and epoch_step < steps_per_epoch:
                     reporter.report(epoch, epoch_step, step, *meter.summary())
                 meter.asking()
+            else:  # the input ended before the epoch's steps: captions whose image has no features
+                ran, expected = epoch_step - first_step, steps_per_epoch - first_step
+                reporter.shortfall("train", ran, expected, config["train_captions"], global_batch)
             inputs.end_epoch()
             reporter.report(epoch + 1, 0, step, *meter.summary())
     finally:
