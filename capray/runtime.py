@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,9 @@ def setup_worker() -> None:
 
     tfquiet.install()
     logs.worker_logging(os.environ.get(logs.WORKER_ENV))
+    # Ray Train's own dataset set-up (its DatasetManager actor) sets this option of Ray Data's
+    # and warns of it on the job's console, once per training run: nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
 def init_ray(cfg: Config) -> None:
@@ -106,4 +110,7 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault(FOOTER_ACTORS, FOOTER_ACTORS_DEFAULT)
     ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # Ray Data's progress bars need tqdm, which capray does not install: asked for, they only
+    # print "tqdm is not installed" and "A new progress UI is available" lines. The jobs print
+    # their own progress (capray.progress).
+    ctx.enable_progress_bars = False

@@ -20,8 +20,17 @@ BANNER_MARKS = [
     "oneDNN custom operations are on",
     "failed call to cuInit",
 ]
-# Ray Train's per-report INFO lines from the training workers (one per epoch and checkpoint).
-TRAIN_NOISE = ["Checkpoint successfully created", "Reporting training result"]
+# Ray Train's per-report INFO lines from the training workers (one per epoch and checkpoint);
+# Ray Data's progress bars without tqdm and Ray Train's use of a deprecated option of Ray Data
+# (once per run); TensorFlow's deprecated event-file reader (the loss curves).
+TRAIN_NOISE = [
+    "Checkpoint successfully created",
+    "Reporting training result",
+    "tqdm is not installed",
+    "A new progress UI is available",
+    "ExecutionOptions.exclude_resources",
+    "tf_record_iterator",
+]
 
 
 def write_tiny_checkpoint(directory: Path, units: int = 16) -> str:

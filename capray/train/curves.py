@@ -14,13 +14,10 @@ import io
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from capray import storage
 from capray.model import tf  # TensorFlow, quietly
-
-if TYPE_CHECKING:
-    pass
 
 TAGS = ("train_loss", "val_loss", "learning_rate", "captions_per_s")
 
@@ -56,6 +53,8 @@ class CurveWriter:
 
 def read(uri: str, storage_cfg: Any = None) -> dict[str, list[tuple[int, float]]]:
     """Every tag's (step, value) points from the event files under `uri`, sorted by step."""
+    from tensorflow.core.util import event_pb2
+
     if not storage.exists(uri, storage_cfg):
         return {}
     points: dict[str, dict[int, tuple[float, float]]] = {}
@@ -66,7 +65,10 @@ def read(uri: str, storage_cfg: Any = None) -> dict[str, list[tuple[int, float]]
             local = os.path.join(tmp, f"{i}.tfevents")
             with open(local, "wb") as out:
                 out.write(storage.read_bytes(f, storage_cfg))
-            for event in tf.compat.v1.train.summary_iterator(local):
+            # tf.data rather than tf.compat.v1.train.summary_iterator: that one prints a
+            # deprecation warning on the job's console.
+            for record in tf.data.TFRecordDataset(local):
+                event = event_pb2.Event.FromString(record.numpy())
                 for v in event.summary.value:
                     value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
                     seen = points.setdefault(v.tag, {})

@@ -1,5 +1,6 @@
 """What a job prints, on its console and in its Ray workers' log files: capray's own lines, not
-TensorFlow's start-up banners nor Ray Train's per-report INFO lines (capray.tfquiet, capray.logs)."""
+TensorFlow's start-up banners nor Ray Train's per-report INFO lines (capray.tfquiet, capray.logs),
+nor warnings a user can do nothing about (tests/builders.py's TRAIN_NOISE)."""
 
 from __future__ import annotations
 
