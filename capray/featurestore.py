@@ -241,12 +241,14 @@ def _partial_moments(batch: dict[str, Any]) -> dict[str, Any]:
 
 def feature_stats(features: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel mean and std over every cell of every image, in one streaming pass, and the
-    number of images."""
+    number of images (none: a mean of 0, a std of 1 and 0 images)."""
     n, s, ss = 0, np.zeros(()), np.zeros(())
     for part in features.map_batches(_partial_moments, batch_size=64).iter_batches(batch_size=None):
         n += part["n"].sum()
         s = s + part["s"].sum(0)
         ss = ss + part["ss"].sum(0)
+    if not n:
+        return np.zeros(FEATURE_SHAPE[1], np.float32), np.ones(FEATURE_SHAPE[1], np.float32), 0
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
     return mean.astype(np.float32), std.astype(np.float32), int(n) // FEATURE_SHAPE[0]

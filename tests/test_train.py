@@ -259,6 +259,12 @@ def test_a_split_whose_images_lack_features_is_refused_by_the_side_it_leaves_emp
     save_split(pd.concat([train_rows[:half], elsewhere(train_rows[half:])]), elsewhere(val_rows), split)
     with pytest.raises(FeatureError, match=f"none of the split's {len(val_rows)} validation captions has an image"):
         job.train(cfg)
+    # With none of the training images, the feature statistics (model.feature_norm=channel) are
+    # of nothing: the driver stops there (the workers failed on a shape error).
+    save_split(elsewhere(train_rows), val_rows, split)
+    channel = load_config(REPO / "configs/demo.yaml", [*work, *tiny, "model.feature_norm=channel"])
+    with pytest.raises(FeatureError, match="none of the split's training images has features in"):
+        job.prepare_feature_stats(channel, job.checked_features(channel), split)
 
     # The same check, by side and count (each worker applies it to its equal shard or the sum).
     features = "w/features"

@@ -93,6 +93,11 @@ def prepare_feature_stats(cfg: Config, features: Dataset, split_uri: str) -> tup
             log.info(f"train: feature statistics of {saved['images']} training images reused from {uri}")
             return np.array(saved["mean"], np.float32), np.array(saved["std"], np.float32)
     mean, std, images = feature_stats(side_features(features, split_uri, cfg.storage, "train"))
+    if not images:  # the workers would fail on statistics of nothing, before their own check
+        raise FeatureError(
+            f"none of the split's training images has features in {output_paths(cfg)['features']}: were the "
+            "features extracted from the split's images (`capray extract` with this config)?"
+        )
     if file_list:
         saved = {"format": STATS_FORMAT, "source": source, "images": images, "mean": mean.tolist(), "std": std.tolist()}
         storage.write_bytes(uri, json.dumps(saved).encode("utf-8"), cfg.storage)

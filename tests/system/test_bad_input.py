@@ -141,7 +141,9 @@ def test_truncated_shard_is_named_before_training_starts(tmp_path: Path) -> None
     shards = _features_dir(work, images)
     whole = (shards / "part-b.parquet").read_bytes()
     (shards / "part-b.parquet").write_bytes(whole[: len(whole) // 2])
-    cfg = load_config(None, [f"work_dir={work}", "data.format=table", f"data.annotations={tmp_path / 'captions.csv'}"])
+    data = [f"work_dir={work}", "data.format=table", f"data.annotations={tmp_path / 'captions.csv'}"]
+    # A batch the 3 training captions fill: a smaller split is refused before the features are read.
+    cfg = load_config(None, [*data, "train.batch_size=2"])
     with pytest.raises(FeatureError, match=f"{shards / 'part-b.parquet'}: not a readable Parquet file"):
         train.train(cfg)
 
