@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray.util.debug import log_once
 
 from capray import logs
 
@@ -89,6 +90,8 @@ def setup_worker() -> None:
     # Ray Train's own dataset set-up (its DatasetManager actor) sets this option of Ray Data's
     # and warns of it on the job's console, once per training run: nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+    # The workers that run Ray Data (Ray Train's split coordinators) say it as the driver does (init_ray).
+    log_once("ray_data_progress_manager_disabled")
 
 
 def init_ray(cfg: Config) -> None:
@@ -112,5 +115,7 @@ def init_ray(cfg: Config) -> None:
     ctx = ray.data.DataContext.get_current()
     # Ray Data's progress bars need tqdm, which capray does not install: asked for, they only
     # print "tqdm is not installed" and "A new progress UI is available" lines. The jobs print
-    # their own progress (capray.progress).
+    # their own progress (capray.progress). Ray says once per process that they are off ("To
+    # enable, set ..."): marked as said, since a user who did would get those lines again.
     ctx.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")

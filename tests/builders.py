@@ -27,6 +27,7 @@ TRAIN_NOISE = [
     "Checkpoint successfully created",
     "Reporting training result",
     "tqdm is not installed",
+    "Progress bars disabled",
     "A new progress UI is available",
     "ExecutionOptions.exclude_resources",
     "tf_record_iterator",
