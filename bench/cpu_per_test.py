@@ -36,7 +36,7 @@ _title: dict[tuple[int, str], str] = {}
 _cpu: collections.Counter[str] = collections.Counter()
 
 
-def _processes() -> dict[int, tuple[int, float, str]]:
+def processes() -> dict[int, tuple[int, float, str]]:
     """pid -> (parent pid, CPU-s used, start time) of every process."""
     out = {}
     for entry in os.listdir("/proc"):
@@ -52,7 +52,7 @@ def _processes() -> dict[int, tuple[int, float, str]]:
 
 
 def _sample() -> None:
-    procs = _processes()
+    procs = processes()
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, (parent, _, _) in procs.items():
         children[parent].append(pid)
