@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from cpu_per_test import HZ, processes
+from cpu_per_test import HZ, processes, title
 
 
 def busy_seconds() -> float:
@@ -40,23 +40,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return f"{os.cpu_count()} cores, {line.split(':', 1)[1].strip()}"
     return f"{os.cpu_count()} cores"
-
-
-def title(pid: int) -> str:
-    """A short name for a process: Ray's title, or the program and its first arguments without
-    their folders (no machine's path is printed)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return ""
-    argv = [a for a in argv if a]
-    if not argv:
-        return ""
-    if argv[0].startswith("ray::") or " " in argv[0]:  # a title the process set (Ray's workers, its dashboard's)
-        return argv[0].split()[0]
-    # The program, then its first two arguments that are not options (a script, a module, a jar).
-    words = [argv[0], *[a for a in argv[1:] if not a.startswith("-")][:2]]
-    return " ".join(os.path.basename(w) for w in words)[:70]
 
 
 def uptime() -> float:

@@ -51,6 +51,23 @@ def processes() -> dict[int, tuple[int, float, str]]:
     return out
 
 
+def title(pid: int) -> str:
+    """A short name for a process: Ray's title, or the program and its first arguments without
+    their folders (no machine's path is printed)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    argv = [a for a in argv if a]
+    if not argv:
+        return ""
+    if argv[0].startswith("ray::") or " " in argv[0]:  # a title the process set (Ray's workers, its dashboard's)
+        return argv[0].split()[0]
+    # The program, then its first two arguments that are not options (a script, a module, a jar).
+    words = [argv[0], *[a for a in argv[1:] if not a.startswith("-")][:2]]
+    return " ".join(os.path.basename(w) for w in words)[:70]
+
+
 def _sample() -> None:
     procs = processes()
     children: dict[int, list[int]] = collections.defaultdict(list)
@@ -71,12 +88,9 @@ def _sample() -> None:
             if key not in _seen:
                 _seen[key] = cpu if pid == ME else 0.0  # this process: from now on
                 _born[key] = test
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                cmd = ""
-            if cmd:  # Ray renames its workers (`ray::IDLE`, then the actor's or task's name)
-                _title[key] = cmd.split()[0] if cmd.startswith("ray::") else cmd[:60]
+            name = title(pid)
+            if name:  # Ray renames its workers (`ray::IDLE`, then the actor's or task's name)
+                _title[key] = name
             if cpu > _seen[key]:
                 _cpu[test] += cpu - _seen[key]
                 _seen[key] = cpu
