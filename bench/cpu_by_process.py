@@ -4,7 +4,7 @@
 
 Every 0.25 s it reads the CPU time of each process that started after it (the command, Ray's
 daemons and workers, subprocess jobs, Java...) and, at the end, prints the CPU-s by title with the
-number of processes: `ray::MapWorker(...)`, `ray::RayTrainWorker`, `java -jar meteor-1.5.jar`...
+number of processes: `ray::MapWorker(...)`, `ray::RayTrainWorker`, `java meteor-1.5.jar`...
 Ray renames a worker when it takes an actor or a task, so a process is counted under its last
 title (an actor's start-up with the actor; a worker that stayed `ray::IDLE` under that). It also
 prints the machine's busy time from /proc/stat over the same span, which includes processes that
