@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +87,17 @@ def linked(paths: list[str], copies: int, folder: str) -> str:
     return folder
 
 
-def parse_args(doc: str) -> tuple[argparse.Namespace, list[str]]:
-    """The caption benchmarks' command line (--checkpoint, --images, --batch-size) and the JPEGs."""
+def parse_args(
+    doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """The caption benchmarks' command line (--checkpoint, --images, --batch-size, and what `extra`
+    adds) and the JPEGs."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(REPO / "outputs/demo/runs/demo/best"))
     ap.add_argument("--images", default=str(DEFAULT_IMAGES))
     ap.add_argument("--batch-size", type=int, default=16)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     if not os.path.isdir(args.checkpoint):
         raise SystemExit(f"no checkpoint at {args.checkpoint}: run `make demo` or pass --checkpoint")

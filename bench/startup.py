@@ -12,14 +12,18 @@ other (a Ray actor runs the same steps, plus its process start):
 
 Each step's wall time and CPU time (its threads together; on 2 cores the forward pass uses both).
 `ONEDNN_MAX_CPU_ISA=AVX2` before the command limits oneDNN's kernels to AVX2, the widest vectors of
-the machines without AVX-512.
+the machines without AVX-512. `--precision` and `--jit-compile` build the backbone as
+`model.precision` and `model.jit_compile` do in the jobs: with XLA the first batch also compiles
+the whole InceptionV3.
 
 Usage: python bench/startup.py [--checkpoint DIR] [--images DIR] [--batch-size 16]
+                               [--precision float32|mixed_float16|mixed_bfloat16] [--jit-compile]
 Default checkpoint: outputs/demo/runs/demo/best (run `make demo` first).
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
 import subprocess
 import sys
@@ -45,9 +49,15 @@ def timed(label: str, fn: Callable[..., Any], *args: Any) -> Any:
     return out
 
 
+def options(ap: argparse.ArgumentParser) -> None:
+    """This benchmark's own options, beside the caption benchmarks' command line."""
+    ap.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
+    ap.add_argument("--jit-compile", action="store_true", help="compile the backbone with XLA")
+
+
 def main() -> None:
     """Time each start-up step of a caption actor."""
-    args, paths = parse_args(__doc__)
+    args, paths = parse_args(__doc__, options)
     # The child inherits KERAS_BACKEND and TF_CPP_MIN_LOG_LEVEL, set by `import capray` via caption.py.
     cold_import = [sys.executable, "-c", "import tensorflow, keras"]
     timed("import tensorflow, keras (cold)", lambda: subprocess.run(cold_import, check=True))
@@ -57,7 +67,7 @@ def main() -> None:
 
     from capray import checkpoint
     from capray.images import decode
-    from capray.model import FEATURE_DIM, NUM_CELLS, Backbone
+    from capray.model import FEATURE_DIM, NUM_CELLS, Backbone, set_precision
 
     data = [Path(p).read_bytes() for p in paths]
     start = time.perf_counter()
@@ -65,7 +75,9 @@ def main() -> None:
     print(f"{'decode (per image)':34s} {1000 * (time.perf_counter() - start) / len(data):6.2f} ms", flush=True)
     batch = pixels[: args.batch_size]
 
-    backbone = timed("backbone built", Backbone, "random")
+    set_precision(args.precision)  # before any layer is built, as an actor does
+    print(f"precision {args.precision}, jit_compile {args.jit_compile}", flush=True)
+    backbone = timed("backbone built", lambda: Backbone("random", jit_compile=args.jit_compile))
     model, tokenizer, _, _ = timed("checkpoint loaded", checkpoint.load, args.checkpoint)
     features = timed("backbone first batch", backbone, batch)
     timed("backbone later batch", backbone, batch)
