@@ -6,10 +6,10 @@ Every 0.25 s it reads the CPU time of each process that started after it (the co
 daemons and workers, subprocess jobs, Java...) and, at the end, prints the CPU-s by title with the
 number of processes: `ray::MapWorker(...)`, `ray::RayTrainWorker`, `java meteor-1.5.jar`...
 Ray renames a worker when it takes an actor or a task, so a process is counted under its last
-title (an actor's start-up with the actor; a worker that stayed `ray::IDLE` under that). It also
-prints the machine's busy time from /proc/stat over the same span, which includes processes that
-started before it; on an otherwise idle machine the two agree to within a few percent (a process
-that starts and ends between two samples is missed). The command's exit code is returned.
+title (an actor's start-up with the actor; a worker idle at its last sample under `ray::IDLE`,
+with any tasks it ran before). It also prints the machine's busy time from /proc/stat over the
+same span, which includes processes that started before it; on an otherwise idle machine the two
+agree to within a few percent (a process that starts and ends between two samples is missed). The command's exit code is returned.
 
 Linux only (/proc). Not a test: it measures tests and jobs (docs/testing.md#where-cis-time-goes).
 """
